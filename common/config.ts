@@ -1,0 +1,303 @@
+// Loads and validates mailha.yaml: one typed object for the whole cluster, checked at
+// the edge. Every problem names the key path, what was expected and what was found;
+// secret files must exist, be mode 0600 (or stricter) and belong to the running user.
+import { readFileSync, statSync } from "node:fs";
+import { dirname, isAbsolute, resolve } from "node:path";
+import { parseDocument } from "yaml";
+import { z } from "zod";
+import { ConfigError, type ConfigProblem } from "./errors.ts";
+
+const NAME_RE = /^[a-z][a-z0-9-]{0,30}$/;
+const NODE_ID_RE = /^[a-z][a-z0-9]{0,7}$/;
+const HOSTNAME_RE = /^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z][a-z0-9-]{0,61}[a-z0-9]$/;
+const SIZE_RE = /^(\d+)\s*(B|KiB|MiB|GiB|TiB)$/;
+const SIZE_UNITS: Record<string, number> = { B: 1, KiB: 1024, MiB: 1024 ** 2, GiB: 1024 ** 3, TiB: 1024 ** 4 };
+
+const ipv4 = () => z.ipv4({ error: "an IPv4 address such as 10.77.0.1" });
+const ipv6 = () => z.ipv6({ error: "an IPv6 address such as fd00::1" });
+const hostname = () => z.string({ error: "a DNS name such as mail.example.org" }).regex(HOSTNAME_RE, { error: "a lower-case DNS name such as mail.example.org" });
+const int = (what: string, min: number, max: number) =>
+  z.number({ error: `${what} (an integer from ${min} to ${max})` }).int({ error: `${what} (an integer from ${min} to ${max})` }).min(min, { error: `${what} (an integer from ${min} to ${max})` }).max(max, { error: `${what} (an integer from ${min} to ${max})` });
+const port = () => int("a TCP/UDP port", 1, 65535);
+const ms = (min: number, max: number) => int("milliseconds", min, max);
+const filePath = (what: string) => z.string({ error: `a path to ${what}` }).min(1, { error: `a path to ${what}` });
+const absPath = (what: string) => z.string({ error: `an absolute path to ${what}` }).refine((p) => isAbsolute(p), { error: `an absolute path to ${what}` });
+const oneOf = <const T extends readonly [string, ...string[]]>(values: T) =>
+  z.enum(values, { error: `one of ${values.map((v) => JSON.stringify(v)).join(", ")}` });
+const size = () =>
+  z
+    .string({ error: 'a size such as "1GiB" (units B, KiB, MiB, GiB, TiB)' })
+    .regex(SIZE_RE, { error: 'a size such as "1GiB" (units B, KiB, MiB, GiB, TiB)' })
+    .transform((s) => {
+      const m = SIZE_RE.exec(s)!;
+      return Number(m[1]) * SIZE_UNITS[m[2]!]!;
+    });
+
+export const SPLIT_BRAIN_POLICIES = ["disconnect", "discard-zero-changes", "discard-least-changes", "discard-younger-primary", "preserve"] as const;
+export const FENCING_AGENTS = ["command", "lab", "none"] as const;
+
+const heartbeatLink = z.strictObject({
+  name: z.string({ error: "a link name such as service or replication" }).regex(NAME_RE, { error: "a link name such as service or replication" }),
+  address: ipv4(),
+});
+
+const node = z.strictObject({
+  id: z.string({ error: "a node id: a lower-case letter, then up to 7 letters or digits" }).regex(NODE_ID_RE, { error: "a node id: a lower-case letter, then up to 7 letters or digits" }),
+  service_address: ipv4(),
+  service_address6: ipv6().optional(),
+  replication_address: ipv4(),
+  heartbeat_links: z.array(heartbeatLink, { error: "a list of heartbeat links" }).min(1, { error: "at least one heartbeat link" }).max(4, { error: "at most 4 heartbeat links" }),
+});
+
+const schema = z
+  .strictObject({
+    cluster: z.strictObject({
+      name: z.string({ error: "a cluster name: lower-case letters, digits and '-'" }).regex(NAME_RE, { error: "a cluster name: lower-case letters, digits and '-'" }),
+      preferred_node: z.string({ error: "the id of one of the nodes" }),
+      auto_failback: z.boolean({ error: "true or false" }).default(false),
+    }),
+    nodes: z.array(node, { error: "a list of exactly two nodes" }).length(2, { error: "exactly two nodes" }),
+    mail: z.strictObject({
+      domains: z.array(hostname(), { error: "a list of mail domains" }).min(1, { error: "at least one mail domain" }),
+      host: hostname(),
+      mx: z
+        .array(z.strictObject({ name: hostname(), node: z.string({ error: "the id of one of the nodes" }), preference: int("an MX preference", 0, 65535) }), { error: "a list of MX hosts" })
+        .min(1, { error: "at least one MX host" }),
+      mail_uid: int("a uid for mail files", 500, 2 ** 31 - 2).default(5000),
+      mail_gid: int("a gid for mail files", 500, 2 ** 31 - 2).default(5000),
+      message_size_max_bytes: int("a byte count", 1024, 2 ** 31 - 1).default(25 * 1024 * 1024),
+    }),
+    timers: z
+      .strictObject({
+        keepalive_ms: ms(10, 60_000).default(200),
+        warntime_ms: ms(10, 600_000).default(1000),
+        deadtime_ms: ms(10, 600_000).default(2000),
+        initdead_ms: ms(10, 3_600_000).default(6000),
+      })
+      .prefault({}),
+    quorum: z
+      .strictObject({
+        ping_targets: z.array(ipv4(), { error: "a list of IPv4 addresses" }).max(8, { error: "at most 8 ping targets" }).default([]),
+        witness: z.strictObject({ address: ipv4(), port: port().default(7790) }).optional(),
+      })
+      .prefault({}),
+    fencing: z
+      .strictObject({
+        agent: oneOf(FENCING_AGENTS).default("none"),
+        command: z.string({ error: "a command line" }).min(1, { error: "a command line" }).optional(),
+        timeout_ms: ms(100, 600_000).default(30_000),
+      })
+      .prefault({}),
+    heartbeat: z.strictObject({
+      port: port().default(694),
+      key_file: filePath("the heartbeat key file (mode 0600)"),
+    }),
+    volume: z.strictObject({
+      size: size(),
+      block_size_bytes: z.literal([4096], { error: "4096" }).default(4096),
+      protocol: oneOf(["C", "A"] as const).default("C"),
+      split_brain_policy: oneOf(SPLIT_BRAIN_POLICIES).default("preserve"),
+      port: port().default(7789),
+      secret_file: filePath("the replication secret file (mode 0600)"),
+      activity_log_extents: int("a number of extents", 1, 65536).default(64),
+      resync_rate_max_bytes_per_s: int("bytes per second", 1024, 2 ** 40).default(100 * 1024 * 1024),
+    }),
+    dns: z.strictObject({
+      server: ipv4(),
+      port: port().default(53),
+      zone: hostname(),
+      tsig_key_file: filePath("the TSIG key file (mode 0600), as tsig-keygen writes it"),
+      ttl: z
+        .strictObject({
+          mail_host_s: int("seconds", 1, 86_400).default(60),
+          mx_s: int("seconds", 1, 604_800).default(3600),
+        })
+        .prefault({}),
+    }),
+    paths: z.strictObject({ state_dir: absPath("the node's state directory") }).prefault({ state_dir: "/var/lib/mailha" }),
+    lab: z
+      .strictObject({
+        name: z.string({ error: "a lab name: 1 to 6 lower-case letters or digits" }).regex(/^[a-z0-9]{1,6}$/, { error: "a lab name: 1 to 6 lower-case letters or digits" }),
+        dir: absPath("the lab's directory"),
+        witness_address: ipv4(),
+        operator_address: ipv4(),
+        prefix_len: int("a prefix length", 8, 30).default(24),
+        test_user: z.strictObject({ address: z.email({ error: "an e-mail address" }), password: z.string({ error: "a password" }).min(8, { error: "a password of at least 8 characters" }) }),
+      })
+      .optional(),
+  })
+  .superRefine((c, ctx) => {
+    const ids = c.nodes.map((n) => n.id);
+    if (ids.length === 2 && ids[0] === ids[1]) ctx.addIssue({ code: "custom", path: ["nodes", 1, "id"], message: `a node id different from "${ids[0]}"`, input: ids[1] });
+    if (!ids.includes(c.cluster.preferred_node)) ctx.addIssue({ code: "custom", path: ["cluster", "preferred_node"], message: `one of the node ids (${ids.join(", ")})`, input: c.cluster.preferred_node });
+    c.mail.mx.forEach((mx, i) => {
+      if (!ids.includes(mx.node)) ctx.addIssue({ code: "custom", path: ["mail", "mx", i, "node"], message: `one of the node ids (${ids.join(", ")})`, input: mx.node });
+    });
+    const [a, b] = c.nodes;
+    if (a && b) {
+      const la = a.heartbeat_links.map((l) => l.name).sort().join(",");
+      const lb = b.heartbeat_links.map((l) => l.name).sort().join(",");
+      if (la !== lb) ctx.addIssue({ code: "custom", path: ["nodes", 1, "heartbeat_links"], message: `the same link names as node ${a.id} (${la})`, input: lb });
+    }
+    const t = c.timers;
+    if (t.warntime_ms <= t.keepalive_ms) ctx.addIssue({ code: "custom", path: ["timers", "warntime_ms"], message: `more than keepalive_ms (${t.keepalive_ms})`, input: t.warntime_ms });
+    if (t.deadtime_ms <= t.warntime_ms) ctx.addIssue({ code: "custom", path: ["timers", "deadtime_ms"], message: `more than warntime_ms (${t.warntime_ms})`, input: t.deadtime_ms });
+    if (t.initdead_ms < t.deadtime_ms) ctx.addIssue({ code: "custom", path: ["timers", "initdead_ms"], message: `at least deadtime_ms (${t.deadtime_ms})`, input: t.initdead_ms });
+    if (c.fencing.agent === "command" && !c.fencing.command) ctx.addIssue({ code: "custom", path: ["fencing", "command"], message: 'a command line (required when agent is "command")', input: undefined });
+    if (c.volume.size % c.volume.block_size_bytes !== 0 || c.volume.size < 16 * 1024 * 1024)
+      ctx.addIssue({ code: "custom", path: ["volume", "size"], message: "a whole number of blocks, at least 16MiB", input: c.volume.size });
+    if (c.lab && c.lab.test_user && !c.mail.domains.includes(c.lab.test_user.address.split("@")[1]!))
+      ctx.addIssue({ code: "custom", path: ["lab", "test_user", "address"], message: `an address in one of the mail domains (${c.mail.domains.join(", ")})`, input: c.lab.test_user.address });
+  });
+
+type Parsed = z.infer<typeof schema>;
+export type NodeConfig = Parsed["nodes"][number];
+
+/** The validated cluster configuration, with secret paths made absolute. */
+export type MailhaConfig = Parsed & { readonly file: string };
+
+export interface LoadOptions {
+  /** Check the secret files' presence, mode and owner (default true). */
+  readonly checkSecrets?: boolean;
+}
+
+/** The secret files a configuration names, by purpose. */
+export function secretFiles(c: MailhaConfig): { purpose: string; key: string; path: string }[] {
+  return [
+    { purpose: "heartbeat key", key: "heartbeat.key_file", path: c.heartbeat.key_file },
+    { purpose: "replication secret", key: "volume.secret_file", path: c.volume.secret_file },
+    { purpose: "TSIG key", key: "dns.tsig_key_file", path: c.dns.tsig_key_file },
+  ];
+}
+
+/** Reads, parses and validates FILE; throws ConfigError listing every problem. */
+export function loadConfig(file: string, opts: LoadOptions = {}): MailhaConfig {
+  let text: string;
+  try {
+    text = readFileSync(file, "utf8");
+  } catch (err) {
+    throw new ConfigError(file, [{ path: "(file)", expected: "a readable YAML file", found: (err as Error).message }]);
+  }
+  return parseConfig(text, file, opts);
+}
+
+/** Validates configuration text; FILE is used for messages and to resolve relative paths. */
+export function parseConfig(text: string, file: string, opts: LoadOptions = {}): MailhaConfig {
+  const doc = parseDocument(text, { prettyErrors: true });
+  if (doc.errors.length > 0) {
+    throw new ConfigError(
+      file,
+      doc.errors.map((e) => ({ path: `(line ${e.linePos?.[0]?.line ?? "?"})`, expected: "valid YAML", found: e.message.split("\n")[0] ?? e.code })),
+    );
+  }
+  const raw: unknown = doc.toJS();
+  const result = schema.safeParse(raw ?? {});
+  if (!result.success) throw new ConfigError(file, result.error.issues.flatMap((i) => toProblems(i, raw)));
+  const base = dirname(resolve(file));
+  const abs = (p: string) => (isAbsolute(p) ? p : resolve(base, p));
+  const c = result.data;
+  const config: MailhaConfig = {
+    ...c,
+    file: resolve(file),
+    heartbeat: { ...c.heartbeat, key_file: abs(c.heartbeat.key_file) },
+    volume: { ...c.volume, secret_file: abs(c.volume.secret_file) },
+    dns: { ...c.dns, tsig_key_file: abs(c.dns.tsig_key_file) },
+  };
+  if (opts.checkSecrets ?? true) {
+    const problems = secretFiles(config).flatMap((s) => checkSecretFile(s.key, s.path, s.purpose));
+    if (problems.length > 0) throw new ConfigError(file, problems);
+  }
+  return config;
+}
+
+/** Problems with one secret file: missing, not a file, readable by others, wrong owner. */
+export function checkSecretFile(key: string, path: string, purpose: string): ConfigProblem[] {
+  let st;
+  try {
+    st = statSync(path);
+  } catch {
+    return [{ path: key, expected: `an existing ${purpose} file (make one with: mailha secret generate --config FILE)`, found: `nothing at ${path}` }];
+  }
+  const problems: ConfigProblem[] = [];
+  if (!st.isFile()) problems.push({ path: key, expected: `a regular file holding the ${purpose}`, found: `something else at ${path}` });
+  const mode = st.mode & 0o777;
+  if ((mode & 0o077) !== 0)
+    problems.push({ path: key, expected: `${purpose} file ${path} with mode 0600 (chmod 600 ${path})`, found: `mode 0${mode.toString(8)}` });
+  const uid = process.geteuid?.();
+  if (uid !== undefined && st.uid !== uid)
+    problems.push({ path: key, expected: `${purpose} file ${path} owned by the user running mailha (uid ${uid})`, found: `owner uid ${st.uid}` });
+  return problems;
+}
+
+function toProblems(issue: z.core.$ZodIssue, raw: unknown): ConfigProblem[] {
+  const path = formatPath(issue.path);
+  if (issue.code === "unrecognized_keys") {
+    return issue.keys.map((k) => ({
+      path: formatPath([...issue.path, k]),
+      expected: `one of the known keys (${knownKeys(issue.path).join(", ") || "none"})`,
+      found: `unknown key "${k}"`,
+    }));
+  }
+  const value = "input" in issue && issue.input !== undefined ? issue.input : valueAt(raw, issue.path);
+  let expected = issue.message;
+  if (expected.startsWith("Invalid input")) expected = issue.code === "invalid_type" ? `a value of type ${issue.expected}` : "a valid value";
+  return [{ path, expected, found: describe(value) }];
+}
+
+function knownKeys(path: readonly PropertyKey[]): string[] {
+  let s: z.ZodType = schema as unknown as z.ZodType;
+  for (const seg of path) {
+    s = unwrap(s);
+    if (s instanceof z.ZodObject) s = (s.shape as Record<string, z.ZodType>)[String(seg)] ?? s;
+    else if (s instanceof z.ZodArray) s = s.element as z.ZodType;
+  }
+  s = unwrap(s);
+  return s instanceof z.ZodObject ? Object.keys(s.shape) : [];
+}
+
+function unwrap(s: z.ZodType): z.ZodType {
+  for (let i = 0; i < 8; i++) {
+    const def = (s as unknown as { _zod: { def: { innerType?: z.ZodType; in?: z.ZodType } } })._zod.def;
+    if (def.innerType) s = def.innerType;
+    else if (def.in) s = def.in;
+    else break;
+  }
+  return s;
+}
+
+function formatPath(path: readonly PropertyKey[]): string {
+  if (path.length === 0) return "(top level)";
+  return path.map((p, i) => (typeof p === "number" ? `[${p}]` : i === 0 ? String(p) : `.${String(p)}`)).join("");
+}
+
+function valueAt(raw: unknown, path: readonly PropertyKey[]): unknown {
+  let v: unknown = raw;
+  for (const seg of path) {
+    if (v === null || typeof v !== "object") return undefined;
+    v = (v as Record<PropertyKey, unknown>)[seg];
+  }
+  return v;
+}
+
+function describe(v: unknown): string {
+  if (v === undefined) return "nothing (the key is missing)";
+  if (v === null) return "null";
+  if (Array.isArray(v)) return `a list of ${v.length}`;
+  if (typeof v === "object") return "a mapping";
+  const s = JSON.stringify(v);
+  return s.length > 80 ? `${s.slice(0, 77)}...` : s;
+}
+
+/** The node with this id; throws a usage-style error naming the known ids. */
+export function nodeById(c: MailhaConfig, id: string): NodeConfig {
+  const n = c.nodes.find((x) => x.id === id);
+  if (!n) throw new ConfigError(c.file, [{ path: "nodes", expected: `a node with id "${id}"`, found: c.nodes.map((x) => x.id).join(", ") }]);
+  return n;
+}
+
+/** The other node of the pair. */
+export function peerOf(c: MailhaConfig, id: string): NodeConfig {
+  const n = c.nodes.find((x) => x.id !== id);
+  if (!n) throw new Error(`no peer of ${id}`);
+  return n;
+}

@@ -1,0 +1,146 @@
+// The daemon runner: starts an external server (MariaDB, Redis, Dovecot, BIND...) as a
+// detached child in its own session, waits for it to answer within a bound, and stops
+// it by PID with SIGTERM, then SIGKILL after a bound. A start that fails reports the
+// tail of the daemon's log. PIDs are checked against the process start time recorded
+// at launch, so a reused PID is never signalled.
+import { spawn } from "node:child_process";
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, statSync } from "node:fs";
+import { dirname } from "node:path";
+import { sleep } from "./exec.ts";
+
+export interface DaemonSpec {
+  /** Human name, e.g. "mariadb@a". */
+  readonly name: string;
+  readonly command: string;
+  readonly args: readonly string[];
+  /** Run inside this network namespace (nsenter --net, so host mounts stay shared). */
+  readonly netns?: string;
+  readonly env?: NodeJS.ProcessEnv;
+  readonly cwd?: string;
+  /** Where the daemon's stdout and stderr go (appended). */
+  readonly logFile: string;
+  /** Other log files worth showing when the start fails (e.g. MariaDB's error log). */
+  readonly extraLogs?: readonly string[];
+  /** True once the daemon answers. Must itself be quick; it is polled. */
+  readonly ready: () => Promise<boolean>;
+  readonly readyTimeoutMs: number;
+  readonly stopTimeoutMs: number;
+}
+
+/** What is kept about a started daemon so that any later process can stop it. */
+export interface DaemonRecord {
+  readonly name: string;
+  readonly pid: number;
+  /** Field 22 of /proc/PID/stat at launch: guards against PID reuse. */
+  readonly startTicks: string;
+  readonly argv: readonly string[];
+  readonly logFile: string;
+  readonly stopTimeoutMs: number;
+}
+
+export class DaemonStartError extends Error {
+  constructor(name: string, reason: string, readonly logTail: string) {
+    super(`${name} did not start: ${reason}${logTail ? `\n--- last lines of its log ---\n${logTail}` : ""}`);
+    this.name = "DaemonStartError";
+  }
+}
+
+const LOG_TAIL_LINES = 25;
+const POLL_MS = 50;
+
+/** Starts the daemon and resolves once `ready()` is true; kills it and throws otherwise. */
+export async function startDaemon(spec: DaemonSpec): Promise<DaemonRecord> {
+  mkdirSync(dirname(spec.logFile), { recursive: true });
+  const argv = spec.netns ? ["nsenter", `--net=/run/netns/${spec.netns}`, "--", spec.command, ...spec.args] : [spec.command, ...spec.args];
+  const fd = openSync(spec.logFile, "a");
+  let exited: string | null = null;
+  let child;
+  try {
+    child = spawn(argv[0]!, argv.slice(1), { detached: true, stdio: ["ignore", fd, fd], env: spec.env ?? process.env, cwd: spec.cwd });
+  } finally {
+    closeSync(fd);
+  }
+  child.on("error", (err) => (exited = `could not run ${argv[0]}: ${err.message}`));
+  child.on("exit", (code, signal) => (exited = signal ? `exited on signal ${signal}` : `exited with code ${code}`));
+  child.unref();
+  const pid = child.pid;
+  const record = pid ? { name: spec.name, pid, startTicks: startTicksOf(pid) ?? "", argv, logFile: spec.logFile, stopTimeoutMs: spec.stopTimeoutMs } : null;
+  const deadline = Date.now() + spec.readyTimeoutMs;
+  for (;;) {
+    if (exited || !record) throw new DaemonStartError(spec.name, exited ?? "no pid", logTail(spec));
+    let ok = false;
+    try {
+      ok = await spec.ready();
+    } catch {
+      ok = false;
+    }
+    if (ok) return record;
+    if (Date.now() >= deadline) {
+      await stopDaemon(record);
+      throw new DaemonStartError(spec.name, `not ready after ${spec.readyTimeoutMs} ms`, logTail(spec));
+    }
+    await sleep(POLL_MS);
+  }
+}
+
+export type StopOutcome = "absent" | "stopped" | "killed";
+
+/** Stops the daemon by PID: SIGTERM, wait up to its bound, then SIGKILL. */
+export async function stopDaemon(rec: DaemonRecord, timeoutMs = rec.stopTimeoutMs): Promise<StopOutcome> {
+  if (!isAlive(rec)) return "absent";
+  signal(rec.pid, "SIGTERM");
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    if (!isAlive(rec)) return "stopped";
+    await sleep(POLL_MS);
+  }
+  signal(rec.pid, "SIGKILL");
+  for (let i = 0; i < 100 && isAlive(rec); i++) await sleep(POLL_MS);
+  return "killed";
+}
+
+/** True while the recorded process (same PID and start time) exists and is not a zombie. */
+export function isAlive(rec: Pick<DaemonRecord, "pid" | "startTicks">): boolean {
+  const ticks = startTicksOf(rec.pid);
+  if (ticks === null) return false;
+  if (rec.startTicks && ticks !== rec.startTicks) return false;
+  return procState(rec.pid) !== "Z";
+}
+
+function signal(pid: number, sig: NodeJS.Signals): void {
+  try {
+    process.kill(pid, sig);
+  } catch {
+    // already gone
+  }
+}
+
+function statFields(pid: number): string[] | null {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    // comm (field 2) may hold spaces; fields after the last ')' are fixed.
+    return stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  } catch {
+    return null;
+  }
+}
+
+/** Process start time in clock ticks since boot, or null when there is no such process. */
+export function startTicksOf(pid: number): string | null {
+  return statFields(pid)?.[19] ?? null;
+}
+
+function procState(pid: number): string | null {
+  return statFields(pid)?.[0] ?? null;
+}
+
+/** The last lines of the daemon's own output and its extra logs. */
+function logTail(spec: DaemonSpec): string {
+  const parts: string[] = [];
+  for (const f of [spec.logFile, ...(spec.extraLogs ?? [])]) {
+    if (!existsSync(f) || statSync(f).size === 0) continue;
+    const lines = readFileSync(f, "utf8").trimEnd().split("\n").slice(-LOG_TAIL_LINES);
+    parts.push(`[${f}]\n${lines.join("\n")}`);
+  }
+  return parts.join("\n");
+}

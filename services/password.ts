@@ -1,0 +1,91 @@
+// Password hashes Dovecot understands: SHA512-CRYPT (the $6$ scheme of crypt(3), as
+// specified by Ulrich Drepper), stored as "{SHA512-CRYPT}$6$salt$hash". Written here
+// from the specification so that account tools need no native module.
+import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
+
+const ITOA64 = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+const ROUNDS_DEFAULT = 5000;
+const ROUNDS_MIN = 1000;
+const ROUNDS_MAX = 999_999_999;
+const SALT_MAX = 16;
+
+// The byte order in which the 64-byte digest is encoded, three bytes at a time.
+const ORDER: readonly (readonly [number, number, number])[] = [
+  [0, 21, 42], [22, 43, 1], [44, 2, 23], [3, 24, 45], [25, 46, 4], [47, 5, 26], [6, 27, 48],
+  [28, 49, 7], [50, 8, 29], [9, 30, 51], [31, 52, 10], [53, 11, 32], [12, 33, 54], [34, 55, 13],
+  [56, 14, 35], [15, 36, 57], [37, 58, 16], [59, 17, 38], [18, 39, 60], [40, 61, 19], [62, 20, 41],
+];
+
+function sha512(...parts: Buffer[]): Buffer {
+  const h = createHash("sha512");
+  for (const p of parts) h.update(p);
+  return h.digest();
+}
+
+/** `len` bytes made of `block` repeated. */
+function repeatTo(block: Buffer, len: number): Buffer {
+  const out = Buffer.alloc(len);
+  for (let i = 0; i < len; i += block.length) block.copy(out, i, 0, Math.min(block.length, len - i));
+  return out;
+}
+
+function encode24(b2: number, b1: number, b0: number, n: number): string {
+  let w = (b2 << 16) | (b1 << 8) | b0;
+  let s = "";
+  for (let i = 0; i < n; i++) {
+    s += ITOA64[w & 0x3f];
+    w >>>= 6;
+  }
+  return s;
+}
+
+/** crypt(3) SHA-512: returns "$6$[rounds=N$]salt$hash". */
+export function sha512Crypt(password: string, salt: string, rounds = ROUNDS_DEFAULT): string {
+  const r = Math.min(ROUNDS_MAX, Math.max(ROUNDS_MIN, Math.floor(rounds)));
+  const p = Buffer.from(password, "utf8");
+  const s = Buffer.from(salt.slice(0, SALT_MAX), "utf8");
+
+  const b = sha512(p, s, p);
+  const a = createHash("sha512").update(p).update(s);
+  a.update(repeatTo(b, p.length));
+  for (let n = p.length; n > 0; n >>= 1) a.update(n & 1 ? b : p);
+  const aDigest = a.digest();
+
+  const dp = sha512(...Array.from({ length: p.length }, () => p));
+  const pBytes = repeatTo(dp, p.length);
+  const ds = sha512(...Array.from({ length: 16 + aDigest[0]! }, () => s));
+  const sBytes = repeatTo(ds, s.length);
+
+  let c = aDigest;
+  for (let i = 0; i < r; i++) {
+    const h = createHash("sha512");
+    h.update(i & 1 ? pBytes : c);
+    if (i % 3) h.update(sBytes);
+    if (i % 7) h.update(pBytes);
+    h.update(i & 1 ? c : pBytes);
+    c = h.digest();
+  }
+
+  let out = "";
+  for (const [x, y, z] of ORDER) out += encode24(c[x]!, c[y]!, c[z]!, 4);
+  out += encode24(0, 0, c[63]!, 2);
+  const roundsPart = rounds === ROUNDS_DEFAULT ? "" : `rounds=${r}$`;
+  return `$6$${roundsPart}${s.toString("utf8")}$${out}`;
+}
+
+/** A fresh salted hash in Dovecot's "{SHA512-CRYPT}..." form. */
+export function hashPassword(password: string): string {
+  let salt = "";
+  for (const byte of randomBytes(SALT_MAX)) salt += ITOA64[byte & 0x3f];
+  return `{SHA512-CRYPT}${sha512Crypt(password, salt)}`;
+}
+
+/** Checks a password against a "{SHA512-CRYPT}$6$..." hash. */
+export function verifyPassword(password: string, stored: string): boolean {
+  const m = /^\{SHA512-CRYPT\}\$6\$(?:rounds=(\d+)\$)?([^$]{0,16})\$([./0-9A-Za-z]{86})$/.exec(stored);
+  if (!m) return false;
+  const again = sha512Crypt(password, m[2]!, m[1] ? Number(m[1]) : ROUNDS_DEFAULT);
+  const want = Buffer.from(stored.slice("{SHA512-CRYPT}".length));
+  const got = Buffer.from(again);
+  return want.length === got.length && timingSafeEqual(want, got);
+}
