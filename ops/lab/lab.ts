@@ -3,8 +3,8 @@
 // how to connect; `down` stops every process it started (by PID), removes mounts, loop
 // devices, namespaces, links and its directory, and works after a crash by finding
 // leftovers by the lab's own names. `status` shows what is there.
-import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { join, resolve, sep } from "node:path";
+import { chmodSync, existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { dirname, join, resolve, sep } from "node:path";
 import { ImapFlow } from "imapflow";
 import { loadConfig, type MailhaConfig } from "../../common/config.ts";
 import { isAlive, startDaemon, stopDaemon, type DaemonRecord, type DaemonSpec } from "../../common/daemon.ts";
@@ -71,6 +71,15 @@ function assertSafeDir(dir: string): void {
   if (abs.split(sep).filter(Boolean).length < 2) throw new UsageError(`lab.dir ${dir} is too close to / to be removed safely; use a directory like /var/lib/mailha-lab`);
 }
 
+/** Daemons that drop privileges (Dovecot, the mail uid) must be able to reach lab.dir. */
+function assertTraversable(dir: string): void {
+  for (let d = dirname(resolve(dir)); ; d = dirname(d)) {
+    if (existsSync(d) && (statSync(d).mode & 0o001) === 0)
+      throw new UsageError(`lab.dir ${dir} lies under ${d}, which others cannot enter (mode 0${(statSync(d).mode & 0o777).toString(8)}); Dovecot and the mail uid need to: chmod o+x ${d}, or choose another lab.dir`);
+    if (d === dirname(d)) break;
+  }
+}
+
 function readState(dir: string): LabState | null {
   const f = join(dir, STATE_FILE);
   if (!existsSync(f)) return null;
@@ -106,6 +115,7 @@ export async function labUp(configFile: string, progress: Progress, opts: { keep
   let c = requireLab(loadConfig(configFile, { checkSecrets: false }));
   if (process.getuid?.() !== 0) throw new UsageError("the lab needs root (network namespaces, mounts): run it with sudo");
   assertSafeDir(c.lab.dir);
+  assertTraversable(c.lab.dir);
   const layout = labLayout(c);
   const present = await labNamespaces(c.lab.name);
   if (present.length > 0) throw new UsageError(`lab "${c.lab.name}" is already up (namespaces: ${present.join(", ")}); run: mailha lab down --config ${configFile}`);
@@ -114,7 +124,8 @@ export async function labUp(configFile: string, progress: Progress, opts: { keep
   const pk = await ensurePackages((line) => progress("packages", { note: line }));
   if (pk.installed.length) progress("packages", { installed: pk.installed });
 
-  mkdirSync(c.lab.dir, { recursive: true, mode: 0o700 });
+  mkdirSync(c.lab.dir, { recursive: true, mode: 0o755 });
+  chmodSync(c.lab.dir, 0o755); // daemons drop privileges (dovecot, mail uid) and must traverse it
   writeFileSync(join(c.lab.dir, MARKER), `mailha lab ${c.lab.name}\n`);
   const secrets = generateSecrets(c);
   if (secrets.some((s) => s.created)) progress("secrets", { created: secrets.filter((s) => s.created).map((s) => s.path) });

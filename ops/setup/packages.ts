@@ -25,6 +25,7 @@ export const DEBIAN_PACKAGES: Readonly<Record<string, string>> = {
   swaks: "SMTP test client",
   postfix: "smtp-source load generator (postfix itself is never started)",
   iproute2: "network namespaces for the lab",
+  "iputils-ping": "reachability checks (lab tests, ping targets)",
   "util-linux": "losetup, nsenter, setsid",
   e2fsprogs: "mkfs.ext4 and e2fsck for the volume's file system",
   procps: "process inspection",
