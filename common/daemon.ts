@@ -4,7 +4,7 @@
 // tail of the daemon's log. PIDs are checked against the process start time recorded
 // at launch, so a reused PID is never signalled.
 import { spawn } from "node:child_process";
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, statSync } from "node:fs";
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readSync, statSync } from "node:fs";
 import { dirname } from "node:path";
 import { sleep } from "./exec.ts";
 
@@ -46,6 +46,7 @@ export class DaemonStartError extends Error {
 }
 
 const LOG_TAIL_LINES = 25;
+const LOG_TAIL_BYTES_MAX = 16 * 1024;
 const POLL_MS = 50;
 
 /** Starts the daemon and resolves once `ready()` is true; kills it and throws otherwise. */
@@ -138,8 +139,18 @@ function procState(pid: number): string | null {
 function logTail(spec: DaemonSpec): string {
   const parts: string[] = [];
   for (const f of [spec.logFile, ...(spec.extraLogs ?? [])]) {
-    if (!existsSync(f) || statSync(f).size === 0) continue;
-    const lines = readFileSync(f, "utf8").trimEnd().split("\n").slice(-LOG_TAIL_LINES);
+    if (!existsSync(f)) continue;
+    const size = statSync(f).size;
+    if (size === 0) continue;
+    const len = Math.min(size, LOG_TAIL_BYTES_MAX);
+    const buf = Buffer.alloc(len);
+    const fd = openSync(f, "r");
+    try {
+      readSync(fd, buf, 0, len, size - len);
+    } finally {
+      closeSync(fd);
+    }
+    const lines = buf.toString("utf8").trimEnd().split("\n").slice(-LOG_TAIL_LINES);
     parts.push(`[${f}]\n${lines.join("\n")}`);
   }
   return parts.join("\n");

@@ -3,9 +3,9 @@
 // base_dir, state_dir and logs, Maildirs on the node's data directory, and accounts
 // from MariaDB through a read-only SQL user. Mail files belong to the mail uid.
 import { chmodSync, chownSync, existsSync, mkdirSync, writeFileSync } from "node:fs";
-import { createConnection } from "node:net";
 import { join } from "node:path";
 import type { DaemonSpec } from "../common/daemon.ts";
+import { probeLine } from "../common/probe.ts";
 import type { NodePaths } from "../common/paths.ts";
 import { DATABASE } from "./accounts.ts";
 import type { TlsFiles } from "./tls.ts";
@@ -188,19 +188,5 @@ export function dovecotSpec(name: string, o: DovecotOptions, d: DovecotPaths, ne
 
 /** True when HOST:PORT answers with an IMAP "* OK" greeting. */
 export function imapGreets(host: string, port: number, timeoutMs = 1000): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = createConnection({ host, port });
-    let buf = "";
-    const done = (ok: boolean) => {
-      clearTimeout(t);
-      s.destroy();
-      resolve(ok);
-    };
-    const t = setTimeout(() => done(false), timeoutMs);
-    s.on("error", () => done(false));
-    s.on("data", (b) => {
-      buf += b.toString("latin1");
-      if (buf.includes("\r\n")) done(buf.startsWith("* OK"));
-    });
-  });
+  return probeLine({ connect: { host, port }, expect: "* OK", timeoutMs });
 }

@@ -2,9 +2,9 @@
 // (so a queued job survives a failover exactly as an SMTP 250 does), bound to loopback
 // inside the node and to a unix socket for local clients.
 import { mkdirSync } from "node:fs";
-import { createConnection } from "node:net";
 import { join } from "node:path";
 import type { DaemonSpec } from "../common/daemon.ts";
+import { probeLine } from "../common/probe.ts";
 import type { NodePaths } from "../common/paths.ts";
 
 export interface RedisPaths {
@@ -44,20 +44,5 @@ export function redisSpec(name: string, r: RedisPaths, netns?: string): DaemonSp
 
 /** Sends PING over the unix socket; true on +PONG within a second. */
 export function pingRedis(socket: string, timeoutMs = 1000): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = createConnection({ path: socket });
-    let buf = "";
-    const done = (ok: boolean) => {
-      clearTimeout(t);
-      s.destroy();
-      resolve(ok);
-    };
-    const t = setTimeout(() => done(false), timeoutMs);
-    s.on("error", () => done(false));
-    s.on("connect", () => s.write("PING\r\n"));
-    s.on("data", (d) => {
-      buf += d.toString("latin1");
-      if (buf.includes("\r\n")) done(buf.startsWith("+PONG"));
-    });
-  });
+  return probeLine({ connect: { path: socket }, send: "PING", expect: "+PONG", timeoutMs });
 }

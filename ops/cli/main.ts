@@ -152,7 +152,7 @@ function program(): Command {
           `lab "${s.name}": ${s.up ? "up" : s.hosts.some((h) => h.present) ? "DEGRADED" : "down"}`,
           table([
             ["host", "namespace", "links", "processes"],
-            ...s.hosts.map((h) => [h.id, h.present ? h.netns : `${h.netns} (absent)`, h.links.map((l) => `${l.dev} ${l.state} ${l.addresses.join(",")}`).join("; ") || "-", String(h.processes)]),
+            ...s.hosts.map((h) => [h.id, h.present ? h.netns : `${h.netns} (absent)`, h.links.map((l) => `${l.dev} ${l.state} ${l.addresses.join(",")}`).join("; ") || "-", summarize(h.processes)]),
           ]),
           ...(s.daemons.length ? ["daemons:", ...s.daemons.map((d) => `  ${d.name.padEnd(14)} pid ${d.pid} ${d.alive ? "running" : "NOT RUNNING"}`)] : []),
         ].join("\n"),
@@ -173,6 +173,13 @@ function program(): Command {
 
   for (const cmd of [p, ...allCommands(p)]) cmd.exitOverride();
   return p;
+}
+
+/** "mariadbd(1) dovecot(5)": process names in a namespace with their counts. */
+function summarize(ps: readonly { command: string }[]): string {
+  const n = new Map<string, number>();
+  for (const p of ps) n.set(p.command, (n.get(p.command) ?? 0) + 1);
+  return [...n].map(([c, k]) => `${c}(${k})`).join(" ") || "-";
 }
 
 function allCommands(c: Command): Command[] {

@@ -383,10 +383,18 @@ export interface StatusResult {
     netns: string;
     present: boolean;
     links: LinkState[];
-    processes: number;
+    processes: { pid: number; command: string }[];
   }[];
   readonly daemons: { name: string; pid: number; alive: boolean }[];
   readonly hostLinks: string[];
+}
+
+function commandOf(pid: number): string {
+  try {
+    return readFileSync(`/proc/${pid}/comm`, "utf8").trim();
+  } catch {
+    return "?";
+  }
 }
 
 export async function labStatus(configFile: string): Promise<StatusResult> {
@@ -400,7 +408,7 @@ export async function labStatus(configFile: string): Promise<StatusResult> {
       netns: h.netns,
       present: present.has(h.netns),
       links: present.has(h.netns) ? await namespaceLinks(h.netns) : [],
-      processes: present.has(h.netns) ? (await namespacePids(h.netns)).length : 0,
+      processes: present.has(h.netns) ? (await namespacePids(h.netns)).map((pid) => ({ pid, command: commandOf(pid) })) : [],
     })),
   );
   const daemons = (state?.daemons ?? []).map((d) => ({ name: d.name, pid: d.pid, alive: isAlive(d) }));

@@ -49,12 +49,20 @@ describe("the lab", { skip: process.getuid?.() !== 0 ? "needs root" : false }, (
   test("lab status shows three hosts, both networks and running daemons", async () => {
     const r = await mailha(["lab", "status", "--config", lab.configFile, "--json"]);
     assert.equal(r.code, 0, r.stderr);
-    const s = JSON.parse(r.stdout) as { up: boolean; hosts: { id: string; links: { dev: string; state: string; addresses: string[] }[] }[]; daemons: { name: string; alive: boolean }[] };
+    const s = JSON.parse(r.stdout) as {
+      up: boolean;
+      hosts: { id: string; links: { dev: string; state: string; addresses: string[] }[]; processes: { command: string }[] }[];
+      daemons: { name: string; alive: boolean }[];
+    };
     assert.equal(s.up, true);
     const a = s.hosts.find((h) => h.id === "a")!;
     assert.deepEqual(a.links.map((l) => [l.dev, l.state]).sort(), [["rep0", "UP"], ["svc0", "UP"]]);
     const w = s.hosts.find((h) => h.id === "w")!;
     assert.deepEqual(w.links.map((l) => l.dev), ["svc0"], "the third host is not on the replication network");
+    const commands = (id: string) => new Set(s.hosts.find((h) => h.id === id)!.processes.map((p) => p.command));
+    for (const c of ["mariadbd", "redis-server", "dovecot"]) assert.ok(commands("a").has(c), `${c} runs in node a's namespace`);
+    assert.ok(commands("w").has("named"), "named runs on the third host");
+    assert.equal(commands("b").size, 0, "node b runs nothing yet");
     assert.deepEqual(s.daemons.map((d) => d.name).sort(), ["dovecot@a", "mariadb@a", "named@w", "redis@a"]);
     assert.ok(s.daemons.every((d) => d.alive));
   });
