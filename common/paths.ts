@@ -2,6 +2,7 @@
 // datadir, Redis's AOF, the Maildirs); today a plain directory under the state dir,
 // the replicated volume's mount point once the volume resource mounts it there.
 import { join } from "node:path";
+import type { MailhaConfig } from "./config.ts";
 
 export interface NodePaths {
   readonly state: string;
@@ -23,4 +24,14 @@ export function nodePaths(stateDir: string): NodePaths {
     etc: join(stateDir, "etc"),
     data: join(stateDir, "data"),
   };
+}
+
+/** A node's state directory: lab.dir/ID in the lab, paths.state_dir on a real node. */
+export function nodeStateDir(c: MailhaConfig, nodeId: string): string {
+  return c.lab ? join(c.lab.dir, nodeId) : c.paths.state_dir;
+}
+
+/** The network namespace a lab node's processes run in (none on a real node). */
+export function nodeNetns(c: MailhaConfig, nodeId: string): string | undefined {
+  return c.lab ? `mailha-${c.lab.name}-${nodeId}` : undefined;
 }

@@ -127,6 +127,8 @@ interface VerifyState {
 
 const RESYNC_WINDOW_BYTES = 8 * 1024 * 1024;
 const RESYNC_CHUNK_BLOCKS = 32;
+/** Bound on bytes read per pump (zero blocks skipped for a fresh target cost reads too). */
+const RESYNC_SCAN_BYTES_MAX = 32 * 1024 * 1024;
 const VERIFY_OUTSTANDING_MAX = 4;
 const BARRIER_EVERY_BYTES = 4 * 1024 * 1024;
 const HANDSHAKE_QUEUE_MAX = 4096;
@@ -609,7 +611,8 @@ export class VolumeMachine {
     if (r.tokens <= 0 && r.inflight.length === 0 && r.sent === 0) r.tokens = RESYNC_CHUNK_BLOCKS * BLOCK_SIZE;
     r.lastRefillMs = now;
     let sentNow = 0;
-    while (r.inflightBytes < RESYNC_WINDOW_BYTES && r.tokens > 0) {
+    let scanned = 0;
+    while (r.inflightBytes < RESYNC_WINDOW_BYTES && r.tokens > 0 && scanned < RESYNC_SCAN_BYTES_MAX) {
       const b = r.set.nextSet(r.cursor);
       if (b < 0) break;
       const n = r.set.runLength(b, RESYNC_CHUNK_BLOCKS);
@@ -617,6 +620,7 @@ export class VolumeMachine {
       const offset = b * BLOCK_SIZE;
       const length = Math.min(n * BLOCK_SIZE, this.meta.sizeBytes - offset);
       const data = this.store.read(offset, length);
+      scanned += length;
       if (r.targetFresh && isZero(data)) {
         r.set.clearBlocks(b, n);
         this.bitmap.clearBlocks(b, n);

@@ -10,6 +10,7 @@ import { labCheck, labDown, labStatus, labUp, requireLab } from "../lab/lab.ts";
 import { generateSecrets } from "../secrets.ts";
 import { ensurePackages, missingPackages, DEBIAN_PACKAGES } from "../setup/packages.ts";
 import { createOutput, table } from "./output.ts";
+import { volumeCommand } from "./volume-cmd.ts";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 const VERSION = (JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8")) as { version: string }).version;
@@ -89,10 +90,11 @@ function program(): Command {
     .description("build the lab (namespaces a, b, w; service and replication networks), start its daemons, prove they answer")
     .addOption(configOption(DEFAULT_LAB_CONFIG))
     .option("--keep-on-failure", "leave what was built when a step fails (for debugging)")
+    .option("--no-services", "network and replicated volumes only (node a primary, ext4 mounted); no mail services")
     .addOption(jsonOption())
-    .action(async (o: { config: string; json?: boolean; keepOnFailure?: boolean }) => {
+    .action(async (o: { config: string; json?: boolean; keepOnFailure?: boolean; services: boolean }) => {
       const out = createOutput(!!o.json);
-      const r = await labUp(o.config, out.progress, { keepOnFailure: o.keepOnFailure });
+      const r = await labUp(o.config, out.progress, { keepOnFailure: o.keepOnFailure, noServices: !o.services });
       out.result(r, () =>
         [
           `lab "${r.name}" is up (${r.seconds.toFixed(1)} s)`,
@@ -170,6 +172,8 @@ function program(): Command {
       out.result(checks, () => checks.map((c) => `${c.ok ? "ok  " : "FAIL"} ${c.check.padEnd(8)} ${c.detail}`).join("\n"));
       if (checks.some((c) => !c.ok)) process.exitCode = EXIT_FAILURE;
     });
+
+  p.addCommand(volumeCommand(DEFAULT_CONFIG));
 
   for (const cmd of [p, ...allCommands(p)]) cmd.exitOverride();
   return p;

@@ -19,6 +19,11 @@ import { connectMariadb, initMariadbDatadir, mariadbPaths, mariadbSpec } from ".
 import { pingRedis, redisPaths, redisSpec } from "../../services/redis.ts";
 import { ensureSelfSignedCert } from "../../services/tls.ts";
 import { ensurePackages } from "../setup/packages.ts";
+import { createVolume } from "../../replication/store.ts";
+import { newGenId } from "../../replication/gi.ts";
+import { mountVolume } from "../../replication/filesystem.ts";
+import { FILE_NAME } from "../../replication/fuse-export.ts";
+import { engineSpec, startEngine, volumeCall, volumeContext, waitForVolume } from "../volume.ts";
 import { generateSecrets } from "../secrets.ts";
 import { buildNetwork, labHostLinks, labNamespaces, namespaceLinks, namespacePids, nsPrefix, teardownNetwork, type LabLayout, type LinkState } from "./network.ts";
 import { randomBytes } from "node:crypto";
@@ -110,7 +115,13 @@ export interface UpResult {
 }
 
 /** Builds the lab. On failure everything made so far is removed, unless keepOnFailure. */
-export async function labUp(configFile: string, progress: Progress, opts: { keepOnFailure?: boolean } = {}): Promise<UpResult> {
+export interface UpOptions {
+  readonly keepOnFailure?: boolean;
+  /** Build network and volumes only (node a primary with ext4 mounted), no mail services. */
+  readonly noServices?: boolean;
+}
+
+export async function labUp(configFile: string, progress: Progress, opts: UpOptions = {}): Promise<UpResult> {
   const t0 = Date.now();
   let c = requireLab(loadConfig(configFile, { checkSecrets: false }));
   if (process.getuid?.() !== 0) throw new UsageError("the lab needs root (network namespaces, mounts): run it with sudo");
@@ -155,7 +166,31 @@ export async function labUp(configFile: string, progress: Progress, opts: { keep
     const peer = c.nodes.find((n) => n.id !== active.id)!;
     const ns = layout.hosts.find((h) => h.id === active.id)!.netns;
     const np = labHostPaths(c, active.id);
-    for (const d of [np.run, np.log, np.etc, np.data]) mkdirSync(d, { recursive: true });
+    for (const n of c.nodes) for (const d of Object.values(labHostPaths(c, n.id))) mkdirSync(d, { recursive: true });
+
+    // The replicated volume: created on both nodes (the preferred one holds the data),
+    // both engines started, the preferred node promoted, ext4 mounted on its data dir.
+    const vols = c.nodes.map((n) => volumeContext(c, n.id));
+    for (const v of vols) {
+      if (!existsSync(v.paths.volumeDir)) createVolume(v.paths.volumeDir, { nodeId: v.nodeId, sizeBytes: c.volume.size, primary: v.nodeId === active.id, newId: () => newGenId() });
+      const spec = engineSpec(v);
+      progress("start", { daemon: spec.name });
+      const rec = await startEngine(v);
+      state.daemons.push(rec);
+      writeState(c.lab.dir, state);
+      progress("ready", { daemon: spec.name, pid: rec.pid });
+    }
+    const va = vols.find((v) => v.nodeId === active.id)!;
+    await waitForVolume(va, (s) => s.peer.node !== null && (s.connection === "connected" || s.connection === "sync-source"), 30_000, "connecting to the peer");
+    await volumeCall(va, "primary", {});
+    const vs = await waitForVolume(va, (s) => s.connection === "connected" && s.export.mounted, 120_000, "the initial sync");
+    progress("volume", { primary: active.id, connection: vs.connection, disk: vs.disk, peer_disk: vs.peer.disk });
+    const fs = await mountVolume(va.stateDir, join(va.paths.exportDir, FILE_NAME), va.mountpoint, { mkfsIfBlank: vs.fresh });
+    progress("filesystem", { loop: fs.loop, mountpoint: fs.mountpoint, created: fs.created, fsck: fs.fsck });
+    for (const d of [np.data]) mkdirSync(d, { recursive: true });
+    if (opts.noServices) {
+      return { name: c.lab.name, seconds: (Date.now() - t0) / 1000, layout, daemons: state.daemons.map((d) => ({ name: d.name, pid: d.pid })), checks: [], connect: connectHints(c, np, configFile) };
+    }
 
     const mp = mariadbPaths(np);
     if (await initMariadbDatadir(mp)) progress("mariadb", { note: "datadir initialised", datadir: mp.datadir });
@@ -302,11 +337,17 @@ export async function labDown(configFile: string, progress: Progress): Promise<D
   const dir = resolve(c.lab.dir);
   const state = readState(dir);
   const stopped: DownResult["stopped"] = [];
-  for (const rec of [...(state?.daemons ?? [])].reverse()) {
+  const stop = async (rec: DaemonRecord) => {
     const outcome = await stopDaemon(rec);
     stopped.push({ name: rec.name, pid: rec.pid, outcome });
     progress("stop", { daemon: rec.name, pid: rec.pid, outcome });
-  }
+  };
+  const daemons = [...(state?.daemons ?? [])].reverse();
+  // Services first, then the file systems on the volumes, then the volume engines.
+  for (const rec of daemons.filter((d) => !d.name.startsWith("volume@"))) await stop(rec);
+  const unmounted = await unmountUnder(dir, (m) => !m.type.startsWith("fuse"));
+  const loops = await detachLoopsUnder(dir);
+  for (const rec of daemons.filter((d) => d.name.startsWith("volume@"))) await stop(rec);
   // Anything else still running in a lab namespace (a crash left it, or a test).
   let strays = 0;
   const namespaces = await labNamespaces(c.lab.name);
@@ -330,8 +371,8 @@ export async function labDown(configFile: string, progress: Progress): Promise<D
     while (Date.now() < deadline && (await Promise.all(namespaces.map(namespacePids))).some((p) => p.length > 0)) await sleep(100);
   }
   if (strays) progress("stop", { stray_processes: strays });
-  const unmounted = await unmountUnder(dir);
-  const loops = await detachLoopsUnder(dir);
+  unmounted.push(...(await unmountUnder(dir, () => true)));
+  loops.push(...(await detachLoopsUnder(dir)));
   const net = await teardownNetwork(c.lab.name);
   progress("network", { removed_namespaces: net.namespaces, removed_links: net.links });
   let dirRemoved = false;
@@ -342,21 +383,21 @@ export async function labDown(configFile: string, progress: Progress): Promise<D
   return { name: c.lab.name, stopped, strayProcessesKilled: strays, unmounted, loopDevicesDetached: loops, namespacesRemoved: net.namespaces, linksRemoved: net.links, dirRemoved };
 }
 
-/** Mount points under DIR (deepest first), from the host's mount table. */
-export function mountsUnder(dir: string): string[] {
+/** Mounts under DIR (deepest first), from the host's mount table. */
+export function mountsUnder(dir: string): { mountpoint: string; type: string }[] {
   const lines = readFileSync("/proc/self/mounts", "utf8").split("\n");
   const unescape = (s: string) => s.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
   return lines
-    .map((l) => unescape(l.split(" ")[1] ?? ""))
-    .filter((m) => m === dir || m.startsWith(dir + "/"))
-    .sort((a, b) => b.length - a.length);
+    .map((l) => ({ mountpoint: unescape(l.split(" ")[1] ?? ""), type: l.split(" ")[2] ?? "" }))
+    .filter((m) => m.mountpoint === dir || m.mountpoint.startsWith(dir + "/"))
+    .sort((a, b) => b.mountpoint.length - a.mountpoint.length);
 }
 
-async function unmountUnder(dir: string): Promise<string[]> {
+async function unmountUnder(dir: string, which: (m: { mountpoint: string; type: string }) => boolean): Promise<string[]> {
   const done: string[] = [];
-  for (const m of mountsUnder(dir)) {
-    if (!(await tryRun("umount", [m]))) await tryRun("umount", ["-l", m]);
-    done.push(m);
+  for (const m of mountsUnder(dir).filter(which)) {
+    if (!(await tryRun("umount", [m.mountpoint], { timeoutMs: 60_000 }))) await tryRun("umount", ["-l", m.mountpoint]);
+    done.push(m.mountpoint);
   }
   return done;
 }

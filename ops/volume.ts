@@ -1,0 +1,128 @@
+// Operator-side handling of a node's volume: where its files are, starting and
+// stopping its engine as a daemon, asking it questions, waiting for a state.
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { networkInterfaces } from "node:os";
+import { fileURLToPath } from "node:url";
+import { dirname, join } from "node:path";
+import type { MailhaConfig } from "../common/config.ts";
+import { startDaemon, stopDaemon, isAlive, type DaemonRecord, type DaemonSpec } from "../common/daemon.ts";
+import { UsageError } from "../common/errors.ts";
+import { sleep } from "../common/exec.ts";
+import { nodeNetns, nodePaths, nodeStateDir } from "../common/paths.ts";
+import { controlCall } from "../replication/control.ts";
+import { enginePaths, type EnginePaths } from "../replication/engine.ts";
+
+const BIN = join(dirname(fileURLToPath(import.meta.url)), "bin", "mailha.mjs");
+
+export interface VolumeContext {
+  readonly config: MailhaConfig;
+  readonly nodeId: string;
+  readonly stateDir: string;
+  readonly paths: EnginePaths;
+  readonly netns: string | undefined;
+  /** Where the file system on the volume is mounted: the node's data directory. */
+  readonly mountpoint: string;
+  readonly engineRecord: string;
+}
+
+/** The node this command acts for: --node, else the node whose address is local. */
+export function resolveNode(c: MailhaConfig, node: string | undefined): string {
+  if (node) {
+    if (!c.nodes.some((n) => n.id === node)) throw new UsageError(`no node "${node}" in ${c.file} (nodes: ${c.nodes.map((n) => n.id).join(", ")})`);
+    return node;
+  }
+  const local = new Set(Object.values(networkInterfaces()).flatMap((l) => (l ?? []).map((a) => a.address)));
+  const mine = c.nodes.filter((n) => local.has(n.service_address) || local.has(n.replication_address));
+  if (mine.length === 1) return mine[0]!.id;
+  throw new UsageError(`cannot tell which node this is (no local address matches exactly one node); say --node ${c.nodes.map((n) => n.id).join("|")}`);
+}
+
+export function volumeContext(c: MailhaConfig, nodeId: string): VolumeContext {
+  const stateDir = nodeStateDir(c, nodeId);
+  return {
+    config: c,
+    nodeId,
+    stateDir,
+    paths: enginePaths(stateDir),
+    netns: nodeNetns(c, nodeId),
+    mountpoint: nodePaths(stateDir).data,
+    engineRecord: join(stateDir, "run", "volume-engine.json"),
+  };
+}
+
+export function engineSpec(v: VolumeContext): DaemonSpec {
+  return {
+    name: `volume@${v.nodeId}`,
+    command: process.execPath,
+    args: [BIN, "volume", "run", "--config", v.config.file, "--node", v.nodeId],
+    netns: v.netns,
+    logFile: join(v.stateDir, "log", "volume-engine.log"),
+    ready: async () => existsSync(v.paths.controlSocket) && !!(await controlCall(v.paths.controlSocket, "status", {}, 1000)),
+    readyTimeoutMs: 20_000,
+    stopTimeoutMs: 10_000,
+  };
+}
+
+export async function startEngine(v: VolumeContext): Promise<DaemonRecord> {
+  const prev = readEngineRecord(v);
+  if (prev && isAlive(prev)) throw new UsageError(`the volume engine of node ${v.nodeId} already runs (pid ${prev.pid})`);
+  const rec = await startDaemon(engineSpec(v));
+  writeFileSync(v.engineRecord, JSON.stringify(rec));
+  return rec;
+}
+
+export function readEngineRecord(v: VolumeContext): DaemonRecord | null {
+  return existsSync(v.engineRecord) ? (JSON.parse(readFileSync(v.engineRecord, "utf8")) as DaemonRecord) : null;
+}
+
+export async function stopEngine(v: VolumeContext): Promise<string> {
+  const rec = readEngineRecord(v);
+  if (!rec) return "absent";
+  return stopDaemon(rec);
+}
+
+export type VolumeStatus = {
+  node: string;
+  role: string;
+  connection: string;
+  disk: string;
+  peer: { role: string; disk: string; node: string | null };
+  protocol: string;
+  sizeBytes: number;
+  outOfSyncBytes: number;
+  unackedBytes: number;
+  fresh: boolean;
+  gi: { current: string; bitmap: string; history: string[] };
+  resync: { side: string; full: boolean; totalBytes: number; doneBytes: number; bytesPerS: number; etaS: number | null } | null;
+  verify: { extents: number; checked: number; mismatched: number } | null;
+  preserved: { path: string; atMs: number; changedBlocks: number; reason: string }[];
+  lastHandshake: { kind: string; reason: string } | null;
+  link: { up: boolean; authFailures: number; connects: number; disconnects: number; bytesSent: number };
+  export: { mounted: boolean; file: string | null; inUse: boolean };
+  stats: { writes: number; writeBytes: number; resyncedBytes: number; flushes: number };
+  pid: number;
+};
+
+export function volumeCall(v: VolumeContext, op: string, args: Record<string, unknown> = {}, timeoutMs?: number): Promise<unknown> {
+  return controlCall(v.paths.controlSocket, op, args, timeoutMs);
+}
+
+export async function volumeStatus(v: VolumeContext): Promise<VolumeStatus> {
+  return (await volumeCall(v, "status")) as VolumeStatus;
+}
+
+/** Polls the engine's status until `pred` holds; throws with the last status after the bound. */
+export async function waitForVolume(v: VolumeContext, pred: (s: VolumeStatus) => boolean, timeoutMs: number, what: string): Promise<VolumeStatus> {
+  const deadline = Date.now() + timeoutMs;
+  let last: VolumeStatus | null = null;
+  for (;;) {
+    try {
+      last = await volumeStatus(v);
+      if (pred(last)) return last;
+    } catch {
+      // engine not answering yet
+    }
+    if (Date.now() > deadline) throw new Error(`node ${v.nodeId}: ${what} did not happen within ${timeoutMs} ms (last status: ${last ? `${last.role}/${last.connection}/${last.disk}` : "no answer"})`);
+    await sleep(100);
+  }
+}

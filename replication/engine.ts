@@ -1,0 +1,219 @@
+// The volume engine process (`mailha volume run`): wires the protocol core to the
+// local store, the replication link, the FUSE export, the control socket and the
+// event log. One process per node, started in its own session and deaf to SIGHUP; it
+// must never touch the file system it exports.
+import { appendFileSync, mkdirSync, readFileSync } from "node:fs";
+import type { Socket } from "node:net";
+import type { Server } from "node:net";
+import { join } from "node:path";
+import type { MailhaConfig } from "../common/config.ts";
+import { createLogger } from "../common/log.ts";
+import { serveControl, type ControlRequest } from "./control.ts";
+import { FuseExport } from "./fuse-export.ts";
+import { newGenId } from "./gi.ts";
+import { VolumeMachine, type Action, type AdminCmd, type Event } from "./machine.ts";
+import { FileStore } from "./store.ts";
+import { PeerLink } from "./transport.ts";
+
+export interface EnginePaths {
+  readonly volumeDir: string;
+  readonly exportDir: string;
+  readonly controlSocket: string;
+  readonly eventLog: string;
+}
+
+export function enginePaths(stateDir: string): EnginePaths {
+  return {
+    volumeDir: join(stateDir, "volume"),
+    exportDir: join(stateDir, "volume-export"),
+    controlSocket: join(stateDir, "run", "volume.sock"),
+    eventLog: join(stateDir, "log", "volume-events.jsonl"),
+  };
+}
+
+const TICK_MS = 100;
+const IN_FLIGHT_MAX_BYTES = 16 * 1024 * 1024;
+const PING_INTERVAL_MS = 250;
+const PING_TIMEOUT_MS = 1500;
+const AUTH_TIMEOUT_MS = 5000;
+
+export interface EngineOptions {
+  readonly config: MailhaConfig;
+  readonly nodeId: string;
+  readonly stateDir: string;
+}
+
+export async function runEngine(o: EngineOptions): Promise<void> {
+  const c = o.config;
+  const me = c.nodes.find((n) => n.id === o.nodeId);
+  const peer = c.nodes.find((n) => n.id !== o.nodeId);
+  if (!me || !peer) throw new Error(`node ${o.nodeId} is not in ${c.file}`);
+  const p = enginePaths(o.stateDir);
+  mkdirSync(join(o.stateDir, "run"), { recursive: true });
+  mkdirSync(join(o.stateDir, "log"), { recursive: true });
+  const log = createLogger(`volume@${o.nodeId}`);
+  const secret = Buffer.from(readFileSync(c.volume.secret_file, "utf8").trim());
+
+  const store = new FileStore(p.volumeDir);
+  const meta = store.loadMeta();
+  if (meta.nodeId !== o.nodeId) throw new Error(`the volume in ${p.volumeDir} belongs to node ${meta.nodeId}, not ${o.nodeId}`);
+  if (meta.sizeBytes !== c.volume.size) log.warn({ meta: meta.sizeBytes, config: c.volume.size }, "volume size differs from the config; using the volume's");
+  const machine = new VolumeMachine(meta, store.loadBitmap(), store.loadAL(), store, {
+    nodeId: o.nodeId,
+    protocol: c.volume.protocol,
+    splitBrainPolicy: c.volume.split_brain_policy,
+    alExtents: c.volume.activity_log_extents,
+    resyncRateBytesPerS: c.volume.resync_rate_max_bytes_per_s,
+    inFlightMaxBytes: IN_FLIGHT_MAX_BYTES,
+    now: Date.now,
+    newId: () => newGenId(),
+  });
+
+  const link = new PeerLink({
+    nodeId: o.nodeId,
+    peerId: peer.id,
+    cluster: c.cluster.name,
+    secret,
+    listen: { host: me.replication_address, port: c.volume.port },
+    peer: { host: peer.replication_address, port: c.volume.port },
+    pingIntervalMs: PING_INTERVAL_MS,
+    pingTimeoutMs: PING_TIMEOUT_MS,
+    authTimeoutMs: AUTH_TIMEOUT_MS,
+    log,
+  });
+
+  const waiting = new Map<number, (error?: string, result?: unknown) => void>();
+  let nextReq = 1;
+  const subscribers = new Set<Socket>();
+  let exportOp: Promise<void> = Promise.resolve();
+
+  const fuse = new FuseExport(p.exportDir, {
+    sizeBytes: store.sizeBytes,
+    readInto: (buf, len, pos) => store.readInto(buf, len, pos),
+    write: async (offset, data) => (await request({ t: "write", req: 0, offset, data })).error ?? null,
+    flush: async () => (await request({ t: "flush", req: 0 })).error ?? null,
+  }, o.nodeId);
+
+  function emitEvent(ev: Record<string, unknown>): void {
+    const line = JSON.stringify({ time: new Date().toISOString(), node: o.nodeId, ...ev });
+    appendFileSync(p.eventLog, line + "\n");
+    log.info({ volumeEvent: ev }, String(ev.type));
+    for (const s of subscribers) s.write(line + "\n");
+  }
+
+  function act(a: Action): void {
+    switch (a.t) {
+      case "send":
+        link.send(a.msg);
+        break;
+      case "reply": {
+        const w = waiting.get(a.req);
+        waiting.delete(a.req);
+        w?.(a.error, a.result);
+        break;
+      }
+      case "event":
+        emitEvent(a.ev);
+        break;
+      case "drop":
+        link.drop(a.reason);
+        break;
+      case "allow-connect":
+        link.setAllowed(a.on);
+        break;
+      case "export":
+        exportOp = exportOp.then(() => (a.on ? fuse.mount() : fuse.unmount())).then(
+          () => emitEvent({ type: "export", on: a.on, file: a.on ? fuse.file : null }),
+          (err: Error) => emitEvent({ type: "export-failed", on: a.on, error: err.message }),
+        );
+        break;
+    }
+  }
+
+  function dispatch(ev: Event): void {
+    for (const a of machine.handle(ev)) act(a);
+  }
+
+  /** Sends an event that carries a request id; resolves with the core's answer. */
+  function request(ev: Event): Promise<{ error?: string; result?: unknown }> {
+    return new Promise((resolve) => {
+      const req = nextReq++;
+      waiting.set(req, (error, result) => resolve({ error, result }));
+      dispatch({ ...ev, req } as Event);
+    });
+  }
+
+  async function admin(cmd: AdminCmd): Promise<unknown> {
+    const r = await request({ t: "admin", req: 0, cmd });
+    if (r.error !== undefined) throw new Error(r.error);
+    return r.result;
+  }
+
+  function status() {
+    return { ...machine.status(), link: { up: link.up, ...link.stats }, export: { mounted: fuse.mounted, file: fuse.mounted ? fuse.file : null, inUse: fuse.busy }, pid: process.pid };
+  }
+
+  async function handle(req: ControlRequest, sock: Socket): Promise<unknown> {
+    const args = req.args ?? {};
+    switch (req.op) {
+      case "status":
+        return status();
+      case "events":
+        subscribers.add(sock);
+        sock.on("close", () => subscribers.delete(sock));
+        return undefined;
+      case "primary": {
+        const r = await admin({ op: "primary", force: args.force === true });
+        await exportOp;
+        return { ...(r as object), export: fuse.mounted ? fuse.file : null };
+      }
+      case "secondary": {
+        const r = await admin({ op: "secondary", exportBusy: fuse.busy });
+        await exportOp;
+        return r;
+      }
+      case "verify":
+        return admin({ op: "verify" });
+      case "outdate":
+        return admin({ op: "outdate" });
+      case "connect":
+        return admin({ op: "connect" });
+      case "disconnect":
+        return admin({ op: "disconnect" });
+      case "resolve":
+        if (args.keep !== "local" && args.keep !== "peer") throw new Error('resolve needs keep: "local" or "peer"');
+        return admin({ op: "resolve", keep: args.keep });
+      default:
+        throw new Error(`unknown operation "${req.op}"`);
+    }
+  }
+
+  link.on("up", () => dispatch({ t: "connected" }));
+  link.on("down", (reason: string) => dispatch({ t: "disconnected", reason }));
+  link.on("msg", (msg) => dispatch({ t: "msg", msg }));
+  link.on("auth-failed", (info: { remote: string; why: string }) => emitEvent({ type: "auth-failed", ...info }));
+
+  const control: Server = await serveControl(p.controlSocket, handle);
+  await link.start();
+  const tick = setInterval(() => dispatch({ t: "tick" }), TICK_MS);
+  emitEvent({ type: "engine-started", pid: process.pid, role: machine.role, disk: machine.disk, gi: machine.meta.gi });
+
+  let stopping = false;
+  const stop = async (sig: string) => {
+    if (stopping) return;
+    stopping = true;
+    emitEvent({ type: "engine-stopping", signal: sig, role: machine.role });
+    clearInterval(tick);
+    link.stop();
+    await exportOp.catch(() => {});
+    await fuse.unmount().catch(() => {});
+    control.close();
+    store.close();
+    process.exit(0);
+  };
+  process.on("SIGHUP", () => {});
+  process.on("SIGTERM", () => void stop("SIGTERM"));
+  process.on("SIGINT", () => void stop("SIGINT"));
+  // Runs until a signal stops it (stop() exits the process).
+  await new Promise<never>(() => {});
+}

@@ -1,0 +1,80 @@
+// The filesystem step on top of the exported volume: attach the FUSE file to a loop
+// device (direct I/O, so the page cache is not doubled), replay the ext4 journal with
+// `fsck -p`, mount; and the reverse. Run by the operator's command or the resource
+// manager, never by the engine (which must not touch the file system it serves).
+import { existsSync, mkdirSync, readFileSync, unlinkSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { run, tryRun } from "../common/exec.ts";
+
+export interface FsState {
+  readonly loop: string;
+  readonly file: string;
+  readonly mountpoint: string;
+}
+
+function stateFile(stateDir: string): string {
+  return join(stateDir, "run", "filesystem.json");
+}
+
+export function readFsState(stateDir: string): FsState | null {
+  const f = stateFile(stateDir);
+  return existsSync(f) ? (JSON.parse(readFileSync(f, "utf8")) as FsState) : null;
+}
+
+export function isMounted(mountpoint: string): boolean {
+  return readFileSync("/proc/self/mounts", "utf8").split("\n").some((l) => l.split(" ")[1] === mountpoint);
+}
+
+export interface MountResult extends FsState {
+  readonly created: boolean;
+  readonly fsck: string;
+}
+
+/** Loop + (mkfs when the volume is brand new) + fsck -p + mount. */
+export async function mountVolume(stateDir: string, file: string, mountpoint: string, opts: { mkfsIfBlank: boolean }): Promise<MountResult> {
+  if (isMounted(mountpoint)) throw new Error(`${mountpoint} is already mounted`);
+  if (!existsSync(file)) throw new Error(`${file} does not exist: is this node primary (mailha volume primary)?`);
+  const loop = (await run("losetup", ["--find", "--show", "--direct-io=on", file])).stdout.trim();
+  try {
+    const type = (await tryRun("blkid", ["-o", "value", "-s", "TYPE", loop]))?.stdout.trim() ?? "";
+    let created = false;
+    if (!type) {
+      if (!opts.mkfsIfBlank) throw new Error(`no file system on the volume (${loop}); refusing to create one on a volume that has been written`);
+      await run("mkfs.ext4", ["-q", "-F", "-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=0", "-L", "mailha", loop], { timeoutMs: 300_000 });
+      created = true;
+    } else if (type !== "ext4") throw new Error(`the volume holds a ${type} file system, not ext4`);
+    let fsck = "clean";
+    try {
+      await run("fsck.ext4", ["-p", loop], { timeoutMs: 600_000 });
+    } catch (err) {
+      const code = (err as { code?: unknown }).code;
+      // 1: errors corrected; 2: corrected, reboot advised (not for a loop device).
+      if (code === 1 || code === 2) fsck = "repaired";
+      else throw new Error(`fsck -p found problems it cannot fix alone on ${loop}; run fsck.ext4 by hand: ${(err as Error).message}`);
+    }
+    mkdirSync(mountpoint, { recursive: true });
+    await run("mount", ["-t", "ext4", "-o", "noatime", loop, mountpoint]);
+    const st: FsState = { loop, file, mountpoint };
+    writeFileSync(stateFile(stateDir), JSON.stringify(st));
+    return { ...st, created, fsck };
+  } catch (err) {
+    await tryRun("losetup", ["-d", loop]);
+    throw err;
+  }
+}
+
+/** Unmounts and detaches the loop device; lazily when the file system is already dead. */
+export async function unmountVolume(stateDir: string, mountpoint: string, opts: { lazy?: boolean } = {}): Promise<{ unmounted: boolean; detached: string | null }> {
+  const st = readFsState(stateDir);
+  let unmounted = false;
+  if (isMounted(mountpoint)) {
+    await run("umount", opts.lazy ? ["-l", mountpoint] : [mountpoint], { timeoutMs: 120_000 });
+    unmounted = true;
+  }
+  let detached: string | null = null;
+  if (st?.loop) {
+    if (await tryRun("losetup", ["-d", st.loop])) detached = st.loop;
+  }
+  if (existsSync(stateFile(stateDir))) unlinkSync(stateFile(stateDir));
+  return { unmounted, detached };
+}

@@ -1,0 +1,221 @@
+// A node's volume on its local disk: the sparse backing image, the metadata (JSON,
+// replaced atomically), the out-of-sync bitmap (only changed 4 KiB pages are
+// rewritten) and the activity log (one 4 KiB record). Every save is durable
+// (fdatasync) before it returns. Calls are synchronous: the engine is single-threaded
+// and the protocol core relies on their order.
+import { execFileSync } from "node:child_process";
+import {
+  closeSync, existsSync, fdatasyncSync, fsyncSync, ftruncateSync, mkdirSync, openSync, readFileSync, readSync, renameSync, statSync, writeFileSync, writeSync,
+} from "node:fs";
+import { dirname, join } from "node:path";
+import { Bitmap } from "./bitmap.ts";
+import type { Store } from "./machine.ts";
+import { BLOCK_SIZE, EMPTY_GI, type Meta } from "./types.ts";
+
+export interface VolumeFiles {
+  readonly dir: string;
+  readonly image: string;
+  readonly meta: string;
+  readonly bitmap: string;
+  readonly al: string;
+  readonly preserved: string;
+}
+
+export function volumeFiles(dir: string): VolumeFiles {
+  return { dir, image: join(dir, "image"), meta: join(dir, "meta.json"), bitmap: join(dir, "bitmap"), al: join(dir, "activity-log"), preserved: join(dir, "preserved") };
+}
+
+const PAGE = 4096;
+const AL_RECORD_BYTES = 4096;
+const AL_MAGIC = 0x6d68616c; // "mhal"
+
+/** Writes FILE atomically: temp file, fsync, rename, fsync of the directory. */
+function writeAtomic(file: string, data: string | Buffer): void {
+  const tmp = `${file}.tmp`;
+  const fd = openSync(tmp, "w", 0o600);
+  try {
+    writeSync(fd, typeof data === "string" ? Buffer.from(data) : data);
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+  renameSync(tmp, file);
+  const d = openSync(dirname(file), "r");
+  try {
+    fsyncSync(d);
+  } finally {
+    closeSync(d);
+  }
+}
+
+export interface CreateOptions {
+  readonly nodeId: string;
+  readonly sizeBytes: number;
+  /** This side holds the data from the start (`volume create --primary`). */
+  readonly primary: boolean;
+  readonly newId: () => string;
+}
+
+/** Makes a new volume in DIR; refuses to overwrite one. */
+export function createVolume(dir: string, o: CreateOptions): Meta {
+  const f = volumeFiles(dir);
+  if (existsSync(f.meta)) throw new Error(`a volume already exists in ${dir} (remove it first if you really mean to start over)`);
+  if (o.sizeBytes % BLOCK_SIZE !== 0) throw new Error(`volume size must be a multiple of ${BLOCK_SIZE}`);
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const img = openSync(f.image, "w", 0o600);
+  try {
+    ftruncateSync(img, o.sizeBytes); // sparse: no blocks allocated
+    fsyncSync(img);
+  } finally {
+    closeSync(img);
+  }
+  writeAtomic(f.bitmap, Buffer.alloc(Math.ceil(o.sizeBytes / BLOCK_SIZE / 8)));
+  writeAtomic(f.al, encodeAL([]));
+  const meta: Meta = {
+    version: 1,
+    nodeId: o.nodeId,
+    sizeBytes: o.sizeBytes,
+    blockSize: BLOCK_SIZE,
+    gi: o.primary ? { ...EMPTY_GI, current: o.newId() } : EMPTY_GI,
+    disk: o.primary ? "uptodate" : "inconsistent",
+    role: "secondary",
+    primarySinceMs: null,
+    fresh: true,
+    cleanShutdown: true,
+    crashedPrimary: false,
+    peerOutdated: false,
+    preserved: [],
+  };
+  writeAtomic(f.meta, JSON.stringify(meta, null, 2));
+  return meta;
+}
+
+function encodeAL(extents: readonly number[]): Buffer {
+  const b = Buffer.alloc(AL_RECORD_BYTES);
+  const max = AL_RECORD_BYTES / 4 - 2;
+  if (extents.length > max) throw new Error(`activity log holds at most ${max} extents`);
+  b.writeUInt32LE(AL_MAGIC, 0);
+  b.writeUInt32LE(extents.length, 4);
+  extents.forEach((e, i) => b.writeUInt32LE(e, 8 + i * 4));
+  return b;
+}
+
+function decodeAL(b: Buffer): number[] {
+  if (b.length < 8 || b.readUInt32LE(0) !== AL_MAGIC) throw new Error("activity log is damaged");
+  const n = b.readUInt32LE(4);
+  return Array.from({ length: n }, (_, i) => b.readUInt32LE(8 + i * 4));
+}
+
+export class FileStore implements Store {
+  readonly files: VolumeFiles;
+  readonly sizeBytes: number;
+  private readonly imageFd: number;
+  private readonly bitmapFd: number;
+  private readonly alFd: number;
+  private persisted: Uint8Array;
+
+  constructor(dir: string) {
+    this.files = volumeFiles(dir);
+    if (!existsSync(this.files.meta)) throw new Error(`no volume in ${dir}: run \`mailha volume create\` first`);
+    const meta = this.loadMeta();
+    this.sizeBytes = meta.sizeBytes;
+    if (statSync(this.files.image).size !== meta.sizeBytes) throw new Error(`image ${this.files.image} is not ${meta.sizeBytes} bytes long`);
+    this.imageFd = openSync(this.files.image, "r+");
+    this.bitmapFd = openSync(this.files.bitmap, "r+");
+    this.alFd = openSync(this.files.al, "r+");
+    this.persisted = new Uint8Array(readFileSync(this.files.bitmap));
+  }
+
+  loadMeta(): Meta {
+    return JSON.parse(readFileSync(this.files.meta, "utf8")) as Meta;
+  }
+
+  loadBitmap(): Bitmap {
+    return new Bitmap(Math.ceil(this.sizeBytes / BLOCK_SIZE), new Uint8Array(this.persisted));
+  }
+
+  loadAL(): number[] {
+    return decodeAL(readFileSync(this.files.al));
+  }
+
+  read(offset: number, length: number): Buffer {
+    const buf = Buffer.allocUnsafe(length);
+    this.readInto(buf, length, offset);
+    return buf;
+  }
+
+  /** Reads into a caller's buffer (the FUSE read path), filling to `length`. */
+  readInto(buf: Buffer, length: number, offset: number): number {
+    let done = 0;
+    while (done < length) {
+      const n = readSync(this.imageFd, buf, done, length - done, offset + done);
+      if (n === 0) {
+        buf.fill(0, done, length);
+        break;
+      }
+      done += n;
+    }
+    return length;
+  }
+
+  write(offset: number, data: Buffer): void {
+    let done = 0;
+    while (done < data.length) done += writeSync(this.imageFd, data, done, data.length - done, offset + done);
+  }
+
+  sync(): void {
+    fdatasyncSync(this.imageFd);
+  }
+
+  saveMeta(meta: Meta): void {
+    writeAtomic(this.files.meta, JSON.stringify(meta, null, 2));
+  }
+
+  /** Rewrites only the 4 KiB pages that changed since the last save. */
+  saveBitmap(bitmap: Bitmap): void {
+    const cur = bitmap.bytes;
+    let wrote = false;
+    for (let off = 0; off < cur.length; off += PAGE) {
+      const end = Math.min(off + PAGE, cur.length);
+      let same = true;
+      for (let i = off; i < end; i++) {
+        if (cur[i] !== this.persisted[i]) {
+          same = false;
+          break;
+        }
+      }
+      if (same) continue;
+      writeSync(this.bitmapFd, cur, off, end - off, off);
+      this.persisted.set(cur.subarray(off, end), off);
+      wrote = true;
+    }
+    if (wrote) fdatasyncSync(this.bitmapFd);
+  }
+
+  saveAL(extents: readonly number[]): void {
+    writeSync(this.alFd, encodeAL(extents), 0, AL_RECORD_BYTES, 0);
+    fdatasyncSync(this.alFd);
+  }
+
+  /** Copies image (sparse, reflink where the file system can), meta and bitmap aside. */
+  preserve(reason: string): string {
+    const stamp = new Date().toISOString().replace(/[:.]/g, "-");
+    const dest = join(this.files.preserved, stamp);
+    mkdirSync(dest, { recursive: true, mode: 0o700 });
+    this.sync();
+    execFileSync("cp", ["--reflink=auto", "--sparse=always", this.files.image, join(dest, "image")]);
+    execFileSync("cp", [this.files.meta, this.files.bitmap, dest]);
+    writeFileSync(join(dest, "REASON"), `${reason}\n`);
+    return dest;
+  }
+
+  close(): void {
+    for (const fd of [this.imageFd, this.bitmapFd, this.alFd]) {
+      try {
+        closeSync(fd);
+      } catch {
+        // already closed
+      }
+    }
+  }
+}

@@ -1,0 +1,248 @@
+// The replication link: one authenticated TCP connection between the two replication
+// addresses. The node with the lower id connects (retrying with a bounded backoff);
+// the other accepts, only from the peer's address. Both sides ping; a link silent for
+// pingTimeoutMs is declared down (TCP alone takes minutes to notice a pulled cable).
+import { EventEmitter } from "node:events";
+import { createConnection, createServer, type Server, type Socket } from "node:net";
+import type { Logger } from "pino";
+import { makeNonce, proof, verifyProof } from "./auth.ts";
+import type { Msg } from "./types.ts";
+import { Decoder, encode, type Frame } from "./wire.ts";
+
+export interface LinkOptions {
+  readonly nodeId: string;
+  readonly peerId: string;
+  readonly cluster: string;
+  readonly secret: Buffer;
+  readonly listen: { readonly host: string; readonly port: number };
+  readonly peer: { readonly host: string; readonly port: number };
+  readonly pingIntervalMs: number;
+  readonly pingTimeoutMs: number;
+  readonly authTimeoutMs: number;
+  readonly log: Logger;
+}
+
+const BACKOFF_MIN_MS = 100;
+const BACKOFF_MAX_MS = 2000;
+
+interface Conn {
+  readonly sock: Socket;
+  readonly decoder: Decoder;
+  readonly nonce: string;
+  peerNonce: string | null;
+  authed: boolean;
+  lastRecvMs: number;
+}
+
+export interface LinkStats {
+  authFailures: number;
+  connects: number;
+  disconnects: number;
+  refusedAddresses: number;
+  bytesSent: number;
+}
+
+export class PeerLink extends EventEmitter {
+  private server: Server | null = null;
+  private session: Conn | null = null;
+  private pending = new Set<Conn>();
+  private allowed = true;
+  private stopped = false;
+  private retryTimer: NodeJS.Timeout | null = null;
+  private pingTimer: NodeJS.Timeout | null = null;
+  private backoffMs = BACKOFF_MIN_MS;
+  readonly stats: LinkStats = { authFailures: 0, connects: 0, disconnects: 0, refusedAddresses: 0, bytesSent: 0 };
+
+  constructor(private readonly o: LinkOptions) {
+    super();
+  }
+
+  get up(): boolean {
+    return this.session !== null;
+  }
+
+  private get connector(): boolean {
+    return this.o.nodeId < this.o.peerId;
+  }
+
+  async start(): Promise<void> {
+    this.server = createServer((sock) => this.accept(sock));
+    await new Promise<void>((resolve, reject) => {
+      this.server!.once("error", reject);
+      this.server!.listen(this.o.listen.port, this.o.listen.host, () => resolve());
+    });
+    this.server.on("error", (err) => this.o.log.error({ err }, "replication listener error"));
+    this.pingTimer = setInterval(() => this.pingAll(), this.o.pingIntervalMs);
+    if (this.connector) this.dial();
+  }
+
+  stop(): void {
+    this.stopped = true;
+    if (this.retryTimer) clearTimeout(this.retryTimer);
+    if (this.pingTimer) clearInterval(this.pingTimer);
+    this.server?.close();
+    for (const c of [...this.pending, ...(this.session ? [this.session] : [])]) c.sock.destroy();
+  }
+
+  /** Stop (false) or resume (true) connecting; stopping also closes the session. */
+  setAllowed(on: boolean): void {
+    this.allowed = on;
+    if (!on) this.drop("standalone");
+    else if (this.connector && !this.session) this.dial();
+  }
+
+  drop(reason: string): void {
+    if (this.session) this.close(this.session, reason);
+  }
+
+  send(msg: Msg): boolean {
+    const s = this.session;
+    if (!s) return false;
+    this.write(s, { kind: "msg", msg });
+    return true;
+  }
+
+  /** Bytes queued in the socket but not yet handed to the kernel. */
+  get writeBacklog(): number {
+    return this.session?.sock.writableLength ?? 0;
+  }
+
+  private write(c: Conn, f: Frame): void {
+    const bufs = encode(f);
+    c.sock.cork();
+    for (const b of bufs) {
+      c.sock.write(b);
+      this.stats.bytesSent += b.length;
+    }
+    c.sock.uncork();
+  }
+
+  private dial(): void {
+    if (this.stopped || !this.allowed || this.session || this.retryTimer) return;
+    const sock = createConnection({ host: this.o.peer.host, port: this.o.peer.port, localAddress: this.o.listen.host });
+    const c = this.track(sock);
+    sock.once("connect", () => this.startAuth(c));
+  }
+
+  private scheduleDial(): void {
+    if (this.stopped || !this.allowed || !this.connector || this.session || this.retryTimer) return;
+    this.retryTimer = setTimeout(() => {
+      this.retryTimer = null;
+      this.dial();
+    }, this.backoffMs);
+    this.backoffMs = Math.min(BACKOFF_MAX_MS, this.backoffMs * 2);
+  }
+
+  private accept(sock: Socket): void {
+    const remote = (sock.remoteAddress ?? "").replace(/^::ffff:/, "");
+    if (remote !== this.o.peer.host || !this.allowed || this.stopped) {
+      if (remote !== this.o.peer.host) {
+        this.stats.refusedAddresses++;
+        this.o.log.warn({ remote }, "replication connection from an address that is not the peer's; refused");
+      }
+      sock.destroy();
+      return;
+    }
+    this.startAuth(this.track(sock));
+  }
+
+  private track(sock: Socket): Conn {
+    sock.setNoDelay(true);
+    const c: Conn = { sock, decoder: new Decoder(), nonce: makeNonce(), peerNonce: null, authed: false, lastRecvMs: Date.now() };
+    this.pending.add(c);
+    const authTimer = setTimeout(() => {
+      if (!c.authed) this.close(c, "authentication timed out");
+    }, this.o.authTimeoutMs);
+    sock.on("data", (chunk: Buffer) => {
+      c.lastRecvMs = Date.now();
+      let frames: Frame[];
+      try {
+        frames = c.decoder.push(chunk);
+      } catch (err) {
+        return this.close(c, `protocol error: ${(err as Error).message}`);
+      }
+      for (const f of frames) {
+        if (sock.destroyed) return;
+        this.onFrame(c, f);
+      }
+    });
+    sock.on("error", () => {});
+    sock.on("close", () => {
+      clearTimeout(authTimer);
+      this.closed(c, "connection closed");
+    });
+    return c;
+  }
+
+  private startAuth(c: Conn): void {
+    this.write(c, { kind: "auth", body: { t: "auth-hello", node: this.o.nodeId, cluster: this.o.cluster, nonce: c.nonce } });
+  }
+
+  private onFrame(c: Conn, f: Frame): void {
+    if (f.kind === "ping") return this.write(c, { kind: "pong" });
+    if (f.kind === "pong") return;
+    if (f.kind === "auth") return this.onAuth(c, f.body);
+    if (!c.authed || c !== this.session) return this.close(c, "message before authentication");
+    this.emit("msg", f.msg);
+  }
+
+  private onAuth(c: Conn, body: Record<string, unknown>): void {
+    if (body.t === "auth-hello") {
+      if (body.node !== this.o.peerId || body.cluster !== this.o.cluster || typeof body.nonce !== "string") {
+        this.authFailed(c, `peer introduced itself as node ${String(body.node)} of cluster ${String(body.cluster)}`);
+        return;
+      }
+      c.peerNonce = body.nonce;
+      this.write(c, { kind: "auth", body: { t: "auth-proof", mac: proof(this.o.secret, this.o.cluster, this.o.nodeId, body.nonce, c.nonce) } });
+      return;
+    }
+    if (body.t === "auth-proof") {
+      if (!c.peerNonce || !verifyProof(this.o.secret, this.o.cluster, this.o.peerId, c.nonce, c.peerNonce, String(body.mac))) {
+        this.write(c, { kind: "auth", body: { t: "auth-refused" } });
+        this.authFailed(c, "wrong replication secret");
+        return;
+      }
+      c.authed = true;
+      this.pending.delete(c);
+      if (this.session) this.close(this.session, "replaced by a newer connection");
+      this.session = c;
+      this.backoffMs = BACKOFF_MIN_MS;
+      this.stats.connects++;
+      this.o.log.info({ peer: this.o.peerId, remote: c.sock.remoteAddress }, "replication link up");
+      this.emit("up");
+      return;
+    }
+    if (body.t === "auth-refused") this.authFailed(c, "the peer refused our proof (wrong replication secret?)");
+  }
+
+  private authFailed(c: Conn, why: string): void {
+    this.stats.authFailures++;
+    this.o.log.warn({ remote: c.sock.remoteAddress, why }, "replication authentication failed");
+    this.emit("auth-failed", { remote: c.sock.remoteAddress, why });
+    this.close(c, `authentication failed: ${why}`);
+  }
+
+  private close(c: Conn, reason: string): void {
+    this.closed(c, reason);
+    c.sock.destroy();
+  }
+
+  private closed(c: Conn, reason: string): void {
+    this.pending.delete(c);
+    if (this.session === c) {
+      this.session = null;
+      this.stats.disconnects++;
+      this.o.log.warn({ reason }, "replication link down");
+      this.emit("down", reason);
+    }
+    this.scheduleDial();
+  }
+
+  private pingAll(): void {
+    const now = Date.now();
+    const s = this.session;
+    if (!s) return;
+    if (now - s.lastRecvMs > this.o.pingTimeoutMs) return this.close(s, `no answer for ${this.o.pingTimeoutMs} ms`);
+    this.write(s, { kind: "ping" });
+  }
+}
