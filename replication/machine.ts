@@ -988,7 +988,12 @@ export class VolumeMachine {
 
   // ---- small helpers --------------------------------------------------------------------
 
+  /**
+   * Makes the bitmap durable. Local data is synced first: a cleared bit says "the
+   * peer has what I have", which must stay true if this node then loses its cache.
+   */
   private persistBitmap(): void {
+    this.store.sync();
     this.store.saveBitmap(this.bitmap);
     this.bitmapDirty = false;
   }

@@ -107,6 +107,8 @@ export interface SimOptions {
   readonly protocol: Protocol;
   readonly policy: SplitBrainPolicy;
   readonly splitBrains: boolean;
+  /** Keep the whole log (for replay) instead of the last lines. */
+  readonly trace?: boolean;
 }
 
 export interface SimResult {
@@ -149,7 +151,7 @@ export function runSimulation(o: SimOptions): SimResult {
   const queues = new Map<SimNode, { at: number; msg: Msg }[]>([[nodes[0], []], [nodes[1], []]]);
 
   const fail = (what: string): never => {
-    throw new InvariantError(`seed ${o.seed}: ${what}\n--- last steps ---\n${log.slice(-400).join("\n")}`);
+    throw new InvariantError(`seed ${o.seed}: ${what}\n--- last steps ---\n${log.slice(o.trace ? 0 : -40).join("\n")}`);
   };
 
   const start = (n: SimNode) => {
@@ -240,6 +242,8 @@ export function runSimulation(o: SimOptions): SimResult {
       const q = queues.get(n)!;
       const m = q.shift()!;
       if (m.at > now) now = m.at;
+      if (o.trace && (m.msg.t === "data" || m.msg.t === "resync-data")) log.push(`${n.id} recv ${m.msg.t} blocks ${m.msg.offset / BLOCK_SIZE}+${m.msg.data.length / BLOCK_SIZE} v${m.msg.data.readDoubleLE(0)}`);
+      else if (o.trace && m.msg.t !== "hello") log.push(`${n.id} recv ${JSON.stringify(m.msg)}`);
       apply(n, { t: "msg", msg: m.msg });
     }
   };
@@ -255,6 +259,7 @@ export function runSimulation(o: SimOptions): SimResult {
     for (let i = 0; i < count; i++) data.writeDoubleLE(v, i * BLOCK_SIZE);
     n.writes.set(id, { blocks: Array.from({ length: count }, (_, i) => first + i), version: v });
     stats.writes++;
+    if (o.trace) log.push(`${n.id} app-write v${v} blocks ${first}+${count}`);
     apply(n, { t: "write", req: id, offset: first * BLOCK_SIZE, data });
   };
 
