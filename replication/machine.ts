@@ -318,8 +318,9 @@ export class VolumeMachine {
       }
       return this.reply(req);
     }
-    if (this.bitmapDirty) this.persistBitmap();
-    this.store.sync();
+    // Degraded: the written blocks' bits must be durable before the flush returns.
+    if (this.bitmapDirty) this.persistBitmap(); // syncs the image first
+    else this.store.sync();
     this.reply(req);
   }
 

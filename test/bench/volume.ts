@@ -1,0 +1,166 @@
+// The volume benchmark: the same workloads on (a) ext4 on a plain loop file, (b) the
+// replicated volume while disconnected, (c) replicating with protocol C to the peer's
+// namespace, (d) the same with protocol A. Figures are ratios to (a) from this run.
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, dirname } from "node:path";
+import { parseDocument } from "yaml";
+import { run, sleep, tryRun } from "../../common/exec.ts";
+import { ROOT, mailha } from "../helpers/cli.ts";
+import { writeTestLabConfig } from "../helpers/lab.ts";
+import { deliveries, sequential } from "./workloads.ts";
+
+const DELIVERIES = Number(process.env.BENCH_DELIVERIES ?? 1000);
+const SEQ_BYTES = 64 * 1024 * 1024;
+const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
+
+type Setup = "a" | "b" | "c" | "d";
+const SETUP_NAMES: Record<Setup, string> = {
+  a: "ext4 on a plain loop file",
+  b: "volume, not connected",
+  c: "volume, protocol C to the peer",
+  d: "volume, protocol A to the peer",
+};
+
+interface Figures {
+  deliveries: number;
+  deliveriesDirFsync: number;
+  seqMBps: number;
+}
+
+function best(f: () => number): number {
+  let b = 0;
+  for (let i = 0; i < ROUNDS; i++) b = Math.max(b, f());
+  return b;
+}
+
+function measure(dir: string): Figures {
+  return {
+    deliveries: best(() => deliveries(dir, DELIVERIES, false)),
+    deliveriesDirFsync: best(() => deliveries(dir, DELIVERIES, true)),
+    seqMBps: best(() => sequential(dir, SEQ_BYTES)),
+  };
+}
+
+async function plainLoop(): Promise<Figures> {
+  const base = mkdtempSync(join(tmpdir(), "mailha-bench-plain-"));
+  const img = join(base, "image");
+  const mnt = join(base, "mnt");
+  mkdirSync(mnt);
+  await run("truncate", ["-s", "256M", img]);
+  const loop = (await run("losetup", ["--find", "--show", "--direct-io=on", img])).stdout.trim();
+  try {
+    await run("mkfs.ext4", ["-q", "-F", "-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=0", loop]);
+    await run("mount", ["-t", "ext4", "-o", "noatime", loop, mnt]);
+    try {
+      return measure(mnt);
+    } finally {
+      await tryRun("umount", [mnt]);
+    }
+  } finally {
+    await tryRun("losetup", ["-d", loop]);
+    rmSync(base, { recursive: true, force: true });
+  }
+}
+
+async function cli(args: string[]): Promise<void> {
+  const r = await mailha(args);
+  if (r.code !== 0) throw new Error(`mailha ${args.join(" ")}: ${r.stderr}`);
+}
+
+async function waitStatus(config: string, node: string, pred: (s: { connection: string; unackedBytes: number; link: { up: boolean } }) => boolean): Promise<void> {
+  for (let i = 0; i < 300; i++) {
+    const r = await mailha(["volume", "status", "--config", config, "--node", node, "--json"]);
+    if (r.code === 0 && pred(JSON.parse(r.stdout))) return;
+    await sleep(200);
+  }
+  throw new Error(`volume on ${node} did not reach the expected state`);
+}
+
+/** Setups (b) and (c) with protocol C, or (d) with protocol A, on a lab of their own. */
+async function volumeSetups(protocol: "A" | "C"): Promise<Partial<Record<Setup, Figures>>> {
+  const lab = writeTestLabConfig(protocol === "C" ? "bc" : "bd", protocol === "C" ? 83 : 85);
+  const doc = parseDocument(readFileSync(lab.configFile, "utf8"));
+  doc.setIn(["volume", "protocol"], protocol);
+  writeFileSync(lab.configFile, doc.toString());
+  const out: Partial<Record<Setup, Figures>> = {};
+  try {
+    await cli(["lab", "up", "--no-services", "--config", lab.configFile]);
+    const mnt = join(lab.dir, "a", "data");
+    if (protocol === "C") {
+      out.c = measure(mnt);
+      await cli(["volume", "disconnect", "--config", lab.configFile, "--node", "a"]);
+      await waitStatus(lab.configFile, "a", (s) => s.connection === "standalone");
+      out.b = measure(mnt);
+    } else out.d = measure(mnt);
+  } finally {
+    await mailha(["lab", "down", "--config", lab.configFile]);
+    rmSync(dirname(lab.configFile), { recursive: true, force: true });
+  }
+  return out;
+}
+
+export async function runVolumeBench(): Promise<void> {
+  const command = "npm run bench -- volume";
+  process.stderr.write(`volume benchmark: ${DELIVERIES} deliveries x ${ROUNDS} rounds (best), ${SEQ_BYTES / 1024 / 1024} MiB sequential, per setup\n`);
+  const res: Partial<Record<Setup, Figures>> = {};
+  process.stderr.write(`- (a) ${SETUP_NAMES.a}\n`);
+  res.a = await plainLoop();
+  process.stderr.write(`- (b), (c) ${SETUP_NAMES.b}; ${SETUP_NAMES.c}\n`);
+  Object.assign(res, await volumeSetups("C"));
+  process.stderr.write(`- (d) ${SETUP_NAMES.d}\n`);
+  Object.assign(res, await volumeSetups("A"));
+  const a = res.a!;
+  const lines: string[] = [];
+  const rows: string[][] = [];
+  for (const s of ["a", "b", "c", "d"] as Setup[]) {
+    const f = res[s]!;
+    lines.push(`volume.deliveries.${s} ${f.deliveries.toFixed(0)} per_s`);
+    lines.push(`volume.deliveries_dirfsync.${s} ${f.deliveriesDirFsync.toFixed(0)} per_s`);
+    lines.push(`volume.seq_write.${s} ${f.seqMBps.toFixed(1)} MiB_per_s`);
+    if (s !== "a") {
+      lines.push(`volume.deliveries.${s}_vs_plain ${(f.deliveries / a.deliveries).toFixed(2)} ratio`);
+      lines.push(`volume.deliveries_dirfsync.${s}_vs_plain ${(f.deliveriesDirFsync / a.deliveriesDirFsync).toFixed(2)} ratio`);
+      lines.push(`volume.seq_write.${s}_vs_plain ${(f.seqMBps / a.seqMBps).toFixed(2)} ratio`);
+    }
+    rows.push([
+      `(${s}) ${SETUP_NAMES[s]}`,
+      `${f.deliveries.toFixed(0)} (${(f.deliveries / a.deliveries).toFixed(2)})`,
+      `${f.deliveriesDirFsync.toFixed(0)} (${(f.deliveriesDirFsync / a.deliveriesDirFsync).toFixed(2)})`,
+      `${f.seqMBps.toFixed(0)} (${(f.seqMBps / a.seqMBps).toFixed(2)})`,
+    ]);
+  }
+  for (const l of lines) console.log(l);
+  writeSection("volume", [
+    `Command: \`${command}\` (run ${new Date().toISOString().slice(0, 10)}, ${DELIVERIES} deliveries, best of ${ROUNDS} rounds per figure).`,
+    "Deliveries: write 4 KiB into tmp/, fsync, rename into new/ (and fsync new/ in the second column). Sequential: 64 MiB written, then fsync. Each cell: the rate, and in brackets its ratio to (a) from the same run.",
+    "",
+    "| setup | deliveries/s | deliveries+dir fsync/s | sequential MiB/s |",
+    "|---|---|---|---|",
+    ...rows.map((r) => `| ${r.join(" | ")} |`),
+    "",
+    "```",
+    ...lines,
+    "```",
+  ]);
+}
+
+/** Replaces (or appends) the `## NAME` section of BENCHMARKS.md. */
+function writeSection(name: string, body: string[]): void {
+  const file = join(ROOT, "BENCHMARKS.md");
+  let text: string;
+  try {
+    text = readFileSync(file, "utf8");
+  } catch {
+    text = "# Benchmarks\n\nFigures from `npm run bench`, as ratios against a baseline measured in the same run: the machine is shared and noisy, so absolute numbers mean little.\n";
+  }
+  const head = `## ${name}`;
+  const section = `${head}\n\n${body.join("\n")}\n`;
+  const start = text.indexOf(`${head}\n`);
+  if (start < 0) text = `${text.trimEnd()}\n\n${section}`;
+  else {
+    const next = text.indexOf("\n## ", start + head.length);
+    text = text.slice(0, start) + section + (next < 0 ? "" : text.slice(next + 1));
+  }
+  writeFileSync(file, text);
+}
