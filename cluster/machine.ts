@@ -92,7 +92,6 @@ export class ClusterMachine {
   private peerState: PeerState = "unknown";
   private linkStates = new Map<string, LinkState>();
   private pingOk = false;
-  private lastPingMs = -Infinity;
   private leaseHeld = false;
   private leaseExpiresMs = 0;
   private lastLeaseAskMs = -Infinity;
@@ -201,7 +200,6 @@ export class ClusterMachine {
         break;
       case "ping":
         this.pingOk = ev.ok;
-        this.lastPingMs = ev.now;
         break;
       case "lease":
         this.leaseHeld = ev.held;
@@ -424,8 +422,8 @@ export class ClusterMachine {
 
   private selfFence(reason: string): void {
     this.emit({ type: "self-fence", reason });
+    // The lease is released only once the group has stopped (onGroupStopped).
     this.stop(reason, "passive", null);
-    if (this.o.witness) this.out.push({ t: "lease", op: "release" });
   }
 
   private migrate(reason: string): void {

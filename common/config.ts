@@ -78,7 +78,7 @@ const schema = z
     quorum: z
       .strictObject({
         ping_targets: z.array(ipv4(), { error: "a list of IPv4 addresses" }).max(8, { error: "at most 8 ping targets" }).default([]),
-        witness: z.strictObject({ address: ipv4(), port: port().default(7790) }).optional(),
+        witness: z.strictObject({ address: ipv4(), port: port().default(7790), lease_ms: ms(500, 600_000).default(5000) }).optional(),
       })
       .prefault({}),
     fencing: z
@@ -86,6 +86,15 @@ const schema = z
         agent: oneOf(FENCING_AGENTS).default("none"),
         command: z.string({ error: "a command line" }).min(1, { error: "a command line" }).optional(),
         timeout_ms: ms(100, 600_000).default(30_000),
+      })
+      .prefault({}),
+    manager: z
+      .strictObject({
+        monitor_interval_ms: ms(100, 600_000).default(2000),
+        max_restarts: int("a number of restarts", 0, 100).default(3),
+        restart_window_ms: ms(1000, 86_400_000).default(60_000),
+        self_fence_ms: ms(100, 600_000).default(3000),
+        metrics_port: port().default(9647),
       })
       .prefault({}),
     heartbeat: z.strictObject({
@@ -143,6 +152,11 @@ const schema = z
     if (t.warntime_ms <= t.keepalive_ms) ctx.addIssue({ code: "custom", path: ["timers", "warntime_ms"], message: `more than keepalive_ms (${t.keepalive_ms})`, input: t.warntime_ms });
     if (t.deadtime_ms <= t.warntime_ms) ctx.addIssue({ code: "custom", path: ["timers", "deadtime_ms"], message: `more than warntime_ms (${t.warntime_ms})`, input: t.deadtime_ms });
     if (t.initdead_ms < t.deadtime_ms) ctx.addIssue({ code: "custom", path: ["timers", "initdead_ms"], message: `at least deadtime_ms (${t.deadtime_ms})`, input: t.initdead_ms });
+    if (c.quorum.witness) {
+      const renew = c.quorum.witness.lease_ms / 4;
+      if (c.quorum.witness.lease_ms <= c.manager.self_fence_ms + renew)
+        ctx.addIssue({ code: "custom", path: ["quorum", "witness", "lease_ms"], message: `more than manager.self_fence_ms + a quarter of itself (${c.manager.self_fence_ms} + lease_ms/4): the active node must stop before its lease can expire`, input: c.quorum.witness.lease_ms });
+    }
     if (c.fencing.agent === "command" && !c.fencing.command) ctx.addIssue({ code: "custom", path: ["fencing", "command"], message: 'a command line (required when agent is "command")', input: undefined });
     if (c.volume.size % c.volume.block_size_bytes !== 0 || c.volume.size < 16 * 1024 * 1024)
       ctx.addIssue({ code: "custom", path: ["volume", "size"], message: "a whole number of blocks, at least 16MiB", input: c.volume.size });

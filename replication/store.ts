@@ -5,9 +5,10 @@
 // and the protocol core relies on their order.
 import { execFileSync } from "node:child_process";
 import {
-  closeSync, existsSync, fdatasyncSync, fsyncSync, ftruncateSync, mkdirSync, openSync, readFileSync, readSync, renameSync, statSync, writeFileSync, writeSync,
+  closeSync, existsSync, fdatasyncSync, fsyncSync, ftruncateSync, mkdirSync, openSync, readFileSync, readSync, statSync, writeFileSync, writeSync,
 } from "node:fs";
-import { dirname, join } from "node:path";
+import { join } from "node:path";
+import { writeFileDurable } from "../common/fsutil.ts";
 import { Bitmap } from "./bitmap.ts";
 import type { Store } from "./machine.ts";
 import { BLOCK_SIZE, EMPTY_GI, type Meta } from "./types.ts";
@@ -28,25 +29,6 @@ export function volumeFiles(dir: string): VolumeFiles {
 const PAGE = 4096;
 const AL_RECORD_BYTES = 4096;
 const AL_MAGIC = 0x6d68616c; // "mhal"
-
-/** Writes FILE atomically: temp file, fsync, rename, fsync of the directory. */
-function writeAtomic(file: string, data: string | Buffer): void {
-  const tmp = `${file}.tmp`;
-  const fd = openSync(tmp, "w", 0o600);
-  try {
-    writeSync(fd, typeof data === "string" ? Buffer.from(data) : data);
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
-  }
-  renameSync(tmp, file);
-  const d = openSync(dirname(file), "r");
-  try {
-    fsyncSync(d);
-  } finally {
-    closeSync(d);
-  }
-}
 
 export interface CreateOptions {
   readonly nodeId: string;
@@ -69,8 +51,8 @@ export function createVolume(dir: string, o: CreateOptions): Meta {
   } finally {
     closeSync(img);
   }
-  writeAtomic(f.bitmap, Buffer.alloc(Math.ceil(o.sizeBytes / BLOCK_SIZE / 8)));
-  writeAtomic(f.al, encodeAL([]));
+  writeFileDurable(f.bitmap, Buffer.alloc(Math.ceil(o.sizeBytes / BLOCK_SIZE / 8)));
+  writeFileDurable(f.al, encodeAL([]));
   const meta: Meta = {
     version: 1,
     nodeId: o.nodeId,
@@ -86,7 +68,7 @@ export function createVolume(dir: string, o: CreateOptions): Meta {
     peerOutdated: false,
     preserved: [],
   };
-  writeAtomic(f.meta, JSON.stringify(meta, null, 2));
+  writeFileDurable(f.meta, JSON.stringify(meta, null, 2));
   return meta;
 }
 
@@ -168,7 +150,7 @@ export class FileStore implements Store {
   }
 
   saveMeta(meta: Meta): void {
-    writeAtomic(this.files.meta, JSON.stringify(meta, null, 2));
+    writeFileDurable(this.files.meta, JSON.stringify(meta, null, 2));
   }
 
   /** Rewrites only the 4 KiB pages that changed since the last save. */

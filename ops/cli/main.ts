@@ -5,12 +5,14 @@ import { dirname, join, relative } from "node:path";
 import { readFileSync } from "node:fs";
 import { Command, CommanderError, Option } from "commander";
 import { loadConfig } from "../../common/config.ts";
-import { ConfigError, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, exitCodeOf } from "../../common/errors.ts";
+import { ConfigError, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError, exitCodeOf } from "../../common/errors.ts";
 import { labCheck, labDown, labStatus, labUp, requireLab } from "../lab/lab.ts";
 import { generateSecrets } from "../secrets.ts";
 import { ensurePackages, missingPackages, DEBIAN_PACKAGES } from "../setup/packages.ts";
 import { createOutput, table } from "./output.ts";
 import { volumeCommand } from "./volume-cmd.ts";
+import { FAULTS, labFault, type Fault } from "../lab/faults.ts";
+import { moveCommands, nodeCommandGroup, statusCommand, witnessCommand } from "./cluster-cmd.ts";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 const VERSION = (JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8")) as { version: string }).version;
@@ -174,6 +176,23 @@ function program(): Command {
     });
 
   p.addCommand(volumeCommand(DEFAULT_CONFIG));
+  p.addCommand(nodeCommandGroup(DEFAULT_CONFIG));
+  p.addCommand(witnessCommand(DEFAULT_CONFIG));
+  p.addCommand(statusCommand(DEFAULT_CONFIG));
+  for (const cmd of moveCommands(DEFAULT_CONFIG)) p.addCommand(cmd);
+
+  lab
+    .command("fault")
+    .description(`inject a fault: ${FAULTS.join(", ")} (kill-node N, boot-node N, freeze-node N, thaw-node N, cut-link N service|replication|both, partition, heal)`)
+    .argument("<fault>", FAULTS.join("|"))
+    .argument("[args...]", "node id, link")
+    .addOption(configOption(DEFAULT_LAB_CONFIG))
+    .addOption(jsonOption())
+    .action(async (fault: string, args: string[], o: { config: string; json?: boolean }) => {
+      if (!FAULTS.includes(fault as Fault)) throw new UsageError(`unknown fault "${fault}" (known: ${FAULTS.join(", ")})`);
+      const r = await labFault(o.config, fault as Fault, args);
+      createOutput(!!o.json).result(r, () => `${fault} ${args.join(" ")}: done at ${r.at}`);
+    });
 
   for (const cmd of [p, ...allCommands(p)]) cmd.exitOverride();
   return p;

@@ -11,7 +11,7 @@ import { controlEvents } from "../../replication/control.ts";
 import { mountVolume, unmountVolume } from "../../replication/filesystem.ts";
 import { FILE_NAME } from "../../replication/fuse-export.ts";
 import { join } from "node:path";
-import { resolveNode, startEngine, stopEngine, volumeCall, volumeContext, volumeStatus, waitForVolume, type VolumeStatus } from "../volume.ts";
+import { resolveNode, startEngine, stopEngine, volumeCall, volumeContext, volumeStatus, type VolumeStatus } from "../../replication/client.ts";
 import { createOutput } from "./output.ts";
 
 interface Common {

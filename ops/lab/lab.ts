@@ -13,27 +13,24 @@ import { sleep, tryRun } from "../../common/exec.ts";
 import { nodePaths, type NodePaths } from "../../common/paths.ts";
 import { bindPaths, bindSpec, writeBindConfig } from "../../dns/bind.ts";
 import { query } from "../../dns/query.ts";
-import { addDomain, grantReader, migrate, upsertUser } from "../../services/accounts.ts";
-import { dovecotPaths, dovecotSpec, writeDovecotConfig, type DovecotOptions } from "../../services/dovecot.ts";
-import { connectMariadb, initMariadbDatadir, mariadbPaths, mariadbSpec } from "../../services/mariadb.ts";
-import { pingRedis, redisPaths, redisSpec } from "../../services/redis.ts";
-import { ensureSelfSignedCert } from "../../services/tls.ts";
+import { upsertUser } from "../../services/accounts.ts";
+import { connectMariadb, mariadbPaths } from "../../services/mariadb.ts";
+import { pingRedis, redisPaths } from "../../services/redis.ts";
 import { ensurePackages } from "../setup/packages.ts";
 import { createVolume } from "../../replication/store.ts";
 import { newGenId } from "../../replication/gi.ts";
 import { mountVolume } from "../../replication/filesystem.ts";
 import { FILE_NAME } from "../../replication/fuse-export.ts";
-import { engineSpec, startEngine, volumeCall, volumeContext, waitForVolume } from "../volume.ts";
+import { engineSpec, startEngine, volumeCall, volumeContext, waitForVolume } from "../../replication/client.ts";
+import { nodeSpec, nodeStatus, witnessSpec } from "../../cluster/client.ts";
 import { generateSecrets } from "../secrets.ts";
 import { buildNetwork, labHostLinks, labNamespaces, namespaceLinks, namespacePids, nsPrefix, teardownNetwork, type LabLayout, type LinkState } from "./network.ts";
-import { randomBytes } from "node:crypto";
 
 export type Progress = (step: string, detail?: Record<string, unknown>) => void;
 
 const MARKER = ".mailha-lab";
 const STATE_FILE = "lab.json";
 const WITNESS_ID = "w";
-const DOVECOT_SQL_USER = "dovecot";
 const STRAY_TERM_WAIT_MS = 5000;
 
 export interface LabState {
@@ -163,8 +160,6 @@ export async function labUp(configFile: string, progress: Progress, opts: UpOpti
     await start(bindSpec(`named@${WITNESS_ID}`, c, bp, w.serviceAddress, w.netns));
 
     const active = c.nodes.find((n) => n.id === c.cluster.preferred_node)!;
-    const peer = c.nodes.find((n) => n.id !== active.id)!;
-    const ns = layout.hosts.find((h) => h.id === active.id)!.netns;
     const np = labHostPaths(c, active.id);
     for (const n of c.nodes) for (const d of Object.values(labHostPaths(c, n.id))) mkdirSync(d, { recursive: true });
 
@@ -173,58 +168,48 @@ export async function labUp(configFile: string, progress: Progress, opts: UpOpti
     const vols = c.nodes.map((n) => volumeContext(c, n.id));
     for (const v of vols) {
       if (!existsSync(v.paths.volumeDir)) createVolume(v.paths.volumeDir, { nodeId: v.nodeId, sizeBytes: c.volume.size, primary: v.nodeId === active.id, newId: () => newGenId() });
-      const spec = engineSpec(v);
-      progress("start", { daemon: spec.name });
-      const rec = await startEngine(v);
-      state.daemons.push(rec);
-      writeState(c.lab.dir, state);
-      progress("ready", { daemon: spec.name, pid: rec.pid });
     }
-    const va = vols.find((v) => v.nodeId === active.id)!;
-    await waitForVolume(va, (s) => s.peer.node !== null && (s.connection === "connected" || s.connection === "sync-source"), 30_000, "connecting to the peer");
-    await volumeCall(va, "primary", {});
-    const vs = await waitForVolume(va, (s) => s.connection === "connected" && s.export.mounted, 120_000, "the initial sync");
-    progress("volume", { primary: active.id, connection: vs.connection, disk: vs.disk, peer_disk: vs.peer.disk });
-    const fs = await mountVolume(va.stateDir, join(va.paths.exportDir, FILE_NAME), va.mountpoint, { mkfsIfBlank: vs.fresh });
-    progress("filesystem", { loop: fs.loop, mountpoint: fs.mountpoint, created: fs.created, fsck: fs.fsck });
-    for (const d of [np.data]) mkdirSync(d, { recursive: true });
+
     if (opts.noServices) {
+      // The volume alone: both engines, the preferred node primary, ext4 mounted.
+      for (const v of vols) {
+        const spec = engineSpec(v);
+        progress("start", { daemon: spec.name });
+        const rec = await startEngine(v);
+        state.daemons.push(rec);
+        writeState(c.lab.dir, state);
+        progress("ready", { daemon: spec.name, pid: rec.pid });
+      }
+      const va = vols.find((v) => v.nodeId === active.id)!;
+      await waitForVolume(va, (s) => s.peer.node !== null && (s.connection === "connected" || s.connection === "sync-source"), 30_000, "connecting to the peer");
+      await volumeCall(va, "primary", {});
+      const vs = await waitForVolume(va, (s) => s.connection === "connected" && s.export.mounted, 120_000, "the initial sync");
+      progress("volume", { primary: active.id, connection: vs.connection, disk: vs.disk, peer_disk: vs.peer.disk });
+      const fs = await mountVolume(va.stateDir, join(va.paths.exportDir, FILE_NAME), va.mountpoint, { mkfsIfBlank: vs.fresh });
+      progress("filesystem", { loop: fs.loop, mountpoint: fs.mountpoint, created: fs.created, fsck: fs.fsck });
       return { name: c.lab.name, seconds: (Date.now() - t0) / 1000, layout, daemons: state.daemons.map((d) => ({ name: d.name, pid: d.pid })), checks: [], connect: connectHints(c, np, configFile) };
     }
 
-    const mp = mariadbPaths(np);
-    if (await initMariadbDatadir(mp)) progress("mariadb", { note: "datadir initialised", datadir: mp.datadir });
-    await start(mariadbSpec(`mariadb@${active.id}`, mp, ns));
-    const sqlPassword = randomBytes(18).toString("base64url");
-    const db = await connectMariadb(mp.socket);
+    // The cluster: the witness on w, a node daemon on each node. The daemons start
+    // their volume engines, agree who is active, and run the resource group there.
+    if (c.quorum.witness) await start(witnessSpec(c, w.netns));
+    for (const n of c.nodes) await start(nodeSpec(c, n.id));
+    progress("cluster", { waiting_for: `node ${active.id} to become active` });
+    const deadline = Date.now() + 180_000;
+    for (;;) {
+      const st = await nodeStatus(c, active.id).catch(() => null);
+      if (st?.state === "active") break;
+      if (st?.state === "failed") throw new Error(`node ${active.id} failed to start the resource group; see ${join(np.log, "cluster-events.jsonl")}`);
+      if (Date.now() > deadline) throw new Error(`node ${active.id} did not become active within 180 s (state ${st?.state ?? "unknown"})`);
+      await sleep(200);
+    }
+    progress("cluster", { active: active.id });
+    const db = await connectMariadb(mariadbPaths(np).socket);
     try {
-      const applied = await migrate(db);
-      progress("mariadb", { migrations_applied: applied });
-      await grantReader(db, DOVECOT_SQL_USER, sqlPassword);
-      for (const d of c.mail.domains) await addDomain(db, d);
       await upsertUser(db, c.lab.test_user.address, c.lab.test_user.password);
     } finally {
       await db.end();
     }
-
-    await start(redisSpec(`redis@${active.id}`, redisPaths(np), ns));
-
-    const tls = await ensureSelfSignedCert(join(np.etc, "tls"), [c.mail.host, ...c.mail.mx.map((m) => m.name)]);
-    const dOpts: DovecotOptions = {
-      instance: `mailha-${c.lab.name}-${active.id}`,
-      listenAddress: active.service_address,
-      mailUid: c.mail.mail_uid,
-      mailGid: c.mail.mail_gid,
-      postmaster: `postmaster@${c.mail.domains[0]}`,
-      mariadbSocket: mp.socket,
-      sqlUser: DOVECOT_SQL_USER,
-      sqlPassword,
-      tls,
-      trustedProxies: [peer.service_address],
-    };
-    const dp = dovecotPaths(np);
-    writeDovecotConfig(dOpts, dp);
-    await start(dovecotSpec(`dovecot@${active.id}`, dOpts, dp, ns));
 
     progress("checks");
     const checks = await labCheck(c);
@@ -262,9 +247,18 @@ function connectHints(c: LabConfig, np: NodePaths, configFile: string): Record<s
   };
 }
 
+/** The node that runs the group now (the preferred one when nobody says). */
+export async function activeNode(c: LabConfig) {
+  for (const n of c.nodes) {
+    const st = await nodeStatus(c, n.id, 1000).catch(() => null);
+    if (st?.state === "active") return n;
+  }
+  return c.nodes.find((n) => n.id === c.cluster.preferred_node)!;
+}
+
 /** Proves the lab works, with real clients: SQL, Redis, an IMAP login, a DNS answer. */
 export async function labCheck(c: LabConfig): Promise<CheckResult[]> {
-  const active = c.nodes.find((n) => n.id === c.cluster.preferred_node)!;
+  const active = await activeNode(c);
   const np = labHostPaths(c, active.id);
   const checks: CheckResult[] = [];
   const attempt = async (check: string, fn: () => Promise<string>) => {

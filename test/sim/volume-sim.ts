@@ -22,11 +22,6 @@ const BLOCKS = 2048 + 512; // 10 MiB: three activity-log extents, the last one p
 const SIZE = BLOCKS * BLOCK_SIZE;
 
 /** Block contents are versions: 8 bytes at the start of the block, zero = never written. */
-function blockOf(version: number): Buffer {
-  const b = Buffer.alloc(BLOCK_SIZE);
-  if (version) b.writeDoubleLE(version, 0);
-  return b;
-}
 function versionOf(b: Buffer, at = 0): number {
   return b.readDoubleLE(at);
 }

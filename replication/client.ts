@@ -1,5 +1,6 @@
-// Operator-side handling of a node's volume: where its files are, starting and
-// stopping its engine as a daemon, asking it questions, waiting for a state.
+// The client side of a node's volume engine, for the operator command, the lab and the
+// cluster manager: where its files are, starting and stopping it as a daemon, asking it
+// questions, waiting for a state.
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { networkInterfaces } from "node:os";
 import { fileURLToPath } from "node:url";
@@ -9,10 +10,10 @@ import { startDaemon, stopDaemon, isAlive, type DaemonRecord, type DaemonSpec } 
 import { UsageError } from "../common/errors.ts";
 import { sleep } from "../common/exec.ts";
 import { nodeNetns, nodePaths, nodeStateDir } from "../common/paths.ts";
-import { controlCall } from "../replication/control.ts";
-import { enginePaths, type EnginePaths } from "../replication/engine.ts";
+import { controlCall } from "./control.ts";
+import { enginePaths, type EnginePaths } from "./engine.ts";
 
-const BIN = join(dirname(fileURLToPath(import.meta.url)), "bin", "mailha.mjs");
+const BIN = join(dirname(fileURLToPath(import.meta.url)), "..", "ops", "bin", "mailha.mjs");
 
 export interface VolumeContext {
   readonly config: MailhaConfig;
@@ -107,8 +108,8 @@ export function volumeCall(v: VolumeContext, op: string, args: Record<string, un
   return controlCall(v.paths.controlSocket, op, args, timeoutMs);
 }
 
-export async function volumeStatus(v: VolumeContext): Promise<VolumeStatus> {
-  return (await volumeCall(v, "status")) as VolumeStatus;
+export async function volumeStatus(v: VolumeContext, timeoutMs?: number): Promise<VolumeStatus> {
+  return (await volumeCall(v, "status", {}, timeoutMs)) as VolumeStatus;
 }
 
 /** Polls the engine's status until `pred` holds; throws with the last status after the bound. */

@@ -1,0 +1,362 @@
+// The node daemon (`mailha node run`): supervises this node's volume engine (with a
+// watchdog), sends and checks heartbeats on every link, pings the tie-breaker targets,
+// talks to the witness, fences the peer, runs the resource group and its monitors,
+// and feeds all of it to the node state machine, which decides. Serves a control
+// socket for the operator, a Prometheus endpoint, and writes the cluster event log.
+import { appendFileSync, existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { createSocket, type Socket as UdpSocket } from "node:dgram";
+import { createServer as createHttpServer } from "node:http";
+import type { Socket } from "node:net";
+import { join } from "node:path";
+import type { MailhaConfig } from "../common/config.ts";
+import { isAlive, type DaemonRecord } from "../common/daemon.ts";
+import { tryRun } from "../common/exec.ts";
+import { createLogger } from "../common/log.ts";
+import { nodeNetns, nodePaths, nodeStateDir } from "../common/paths.ts";
+import { readEngineRecord, startEngine, stopEngine, volumeCall, volumeContext, volumeStatus, type VolumeStatus } from "../replication/client.ts";
+import { serveControl, type ControlRequest } from "../replication/control.ts";
+import { isMounted, unmountVolume } from "../replication/filesystem.ts";
+import { commandAgent, labAgent, noneAgent, type FenceAgent } from "./fencing.ts";
+import { encodeHeartbeat, HeartbeatReceiver, type HeartbeatCounters } from "./heartbeat.ts";
+import { ClusterMachine, type Action, type Command, type Event } from "./machine.ts";
+import { GROUP, GroupRunner, type ResourceContext } from "./resources.ts";
+import { WitnessClient } from "./witness.ts";
+
+export function nodeControlSocket(c: MailhaConfig, nodeId: string): string {
+  return join(nodeStateDir(c, nodeId), "run", "node.sock");
+}
+
+export function clusterEventLog(c: MailhaConfig, nodeId: string): string {
+  return join(nodeStateDir(c, nodeId), "log", "cluster-events.jsonl");
+}
+
+const WATCHDOG_INTERVAL_MS = 1000;
+const WATCHDOG_TIMEOUT_MS = 2000;
+const WATCHDOG_MISSES_MAX = 3;
+const PING_INTERVAL_MS = 1000;
+const WITNESS_TIMEOUT_MS = 500;
+
+export async function runNode(o: { config: MailhaConfig; nodeId: string }): Promise<void> {
+  const c = o.config;
+  const me = c.nodes.find((n) => n.id === o.nodeId)!;
+  const peer = c.nodes.find((n) => n.id !== o.nodeId)!;
+  const stateDir = nodeStateDir(c, o.nodeId);
+  const paths = nodePaths(stateDir);
+  for (const d of [paths.run, paths.log, paths.etc, paths.data]) mkdirSync(d, { recursive: true });
+  const vol = volumeContext(c, o.nodeId);
+  const log = createLogger(`node@${o.nodeId}`);
+  const key = Buffer.from(readFileSync(c.heartbeat.key_file, "utf8").trim());
+  const inc = Date.now();
+  const eventLog = clusterEventLog(c, o.nodeId);
+  const subscribers = new Set<Socket>();
+
+  const emit = (ev: Record<string, unknown>) => {
+    const line = JSON.stringify({ time: new Date().toISOString(), node: o.nodeId, ...ev });
+    appendFileSync(eventLog, line + "\n");
+    log.info({ clusterEvent: ev }, String(ev.type));
+    for (const s of subscribers) s.write(line + "\n");
+  };
+
+  // ---- leftovers of a previous incarnation (a crash of this daemon = a reboot) -----
+  const daemonsFile = join(paths.run, "resources.json");
+  const daemons = new Map<string, DaemonRecord>();
+  if (existsSync(daemonsFile)) {
+    for (const rec of JSON.parse(readFileSync(daemonsFile, "utf8")) as DaemonRecord[]) {
+      if (isAlive(rec)) {
+        try {
+          process.kill(rec.pid, "SIGKILL");
+        } catch {
+          // gone
+        }
+        emit({ type: "orphan-killed", daemon: rec.name, pid: rec.pid });
+      }
+    }
+  }
+  writeFileSync(daemonsFile, "[]");
+  if (isMounted(vol.mountpoint)) {
+    await unmountVolume(vol.stateDir, vol.mountpoint, { lazy: true }).catch(() => {});
+    emit({ type: "orphan-unmounted", mountpoint: vol.mountpoint });
+  }
+
+  // ---- the volume engine, supervised ---------------------------------------------------
+  const engineRunning = () => {
+    const r = readEngineRecord(vol);
+    return !!r && isAlive(r);
+  };
+  if (!engineRunning()) await startEngine(vol);
+  // A previous incarnation may have left the volume primary: this node starts passive.
+  await volumeCall(vol, "secondary", {}, 10_000).catch((err: Error) => emit({ type: "volume-demote-failed", error: err.message }));
+  let lastVolume: VolumeStatus | null = null;
+  let watchdogMisses = 0;
+
+  // ---- the state machine -----------------------------------------------------------------
+  const m = new ClusterMachine(
+    {
+      nodeId: me.id,
+      peerId: peer.id,
+      preferred: c.cluster.preferred_node,
+      autoFailback: c.cluster.auto_failback,
+      links: me.heartbeat_links.map((l) => l.name),
+      keepaliveMs: c.timers.keepalive_ms,
+      warntimeMs: c.timers.warntime_ms,
+      deadtimeMs: c.timers.deadtime_ms,
+      initdeadMs: c.timers.initdead_ms,
+      witness: !!c.quorum.witness,
+      pingTargets: c.quorum.ping_targets.length > 0,
+      fencing: c.fencing.agent,
+      leaseMs: c.quorum.witness?.lease_ms ?? 0,
+      selfFenceMs: c.manager.self_fence_ms,
+      maxRestarts: c.manager.max_restarts,
+      restartWindowMs: c.manager.restart_window_ms,
+    },
+    Date.now(),
+  );
+  const waiting = new Map<number, (error?: string, result?: unknown) => void>();
+  let nextReq = 1;
+
+  const ctx: ResourceContext = {
+    config: c,
+    nodeId: o.nodeId,
+    paths,
+    vol,
+    log,
+    forcePromote: false,
+    daemons,
+    saveDaemons: () => writeFileSync(daemonsFile, JSON.stringify([...daemons.values()])),
+  };
+  const runner = new GroupRunner(GROUP, ctx, emit);
+  const fence: FenceAgent =
+    c.fencing.agent === "command" ? commandAgent(c.fencing.command!, c.fencing.timeout_ms) : c.fencing.agent === "lab" ? labAgent((id) => nodeNetns(c, id)!) : noneAgent();
+  const witness = c.quorum.witness ? new WitnessClient({ host: c.quorum.witness.address, port: c.quorum.witness.port, key, cluster: c.cluster.name, node: me.id, localAddress: me.service_address }) : null;
+
+  function dispatch(ev: Event): void {
+    for (const a of m.handle(ev)) act(a);
+  }
+
+  function act(a: Action): void {
+    switch (a.t) {
+      case "event":
+        emit(a.ev);
+        break;
+      case "reply": {
+        const w = waiting.get(a.req);
+        waiting.delete(a.req);
+        w?.(a.error, a.result);
+        break;
+      }
+      case "start-group":
+        emit({ type: "group-starting", forcePromote: a.forcePromote });
+        void runner.start(a.forcePromote).then((r) => dispatch({ t: "group-started", now: Date.now(), ok: r.ok, error: r.error }));
+        break;
+      case "stop-group":
+        runner.requestAbort();
+        void runner.stop().then((r) => dispatch({ t: "group-stopped", now: Date.now(), ok: r.ok, error: r.error }));
+        break;
+      case "kill-group":
+        void runner.kill().then((r) => dispatch({ t: "group-killed", now: Date.now(), ok: r.ok, error: r.error }));
+        break;
+      case "restart-resource":
+        void runner.restart(a.resource).then((ok) => dispatch({ t: "resource-restarted", now: Date.now(), resource: a.resource, ok }));
+        break;
+      case "fence-peer":
+        void fence.fence(peer.id).then((r) => dispatch({ t: "fenced", now: Date.now(), ok: r.ok, detail: r.detail }));
+        break;
+      case "lease":
+        if (!witness) break;
+        if (a.op === "release") void witness.request("release", WITNESS_TIMEOUT_MS);
+        else {
+          const sent = Date.now();
+          void witness.request("acquire", WITNESS_TIMEOUT_MS).then((ans) => {
+            if (ans) dispatch({ t: "lease", now: Date.now(), held: ans.granted, expiresMs: sent + c.quorum.witness!.lease_ms });
+          });
+        }
+        break;
+    }
+  }
+
+  // ---- heartbeats ----------------------------------------------------------------------------
+  const receiver = new HeartbeatReceiver(key, c.cluster.name, peer.id);
+  const sockets: { name: string; sock: UdpSocket; peerAddress: string }[] = [];
+  for (const l of me.heartbeat_links) {
+    const peerLink = peer.heartbeat_links.find((x) => x.name === l.name)!;
+    const sock = createSocket({ type: "udp4", reuseAddr: true });
+    sock.on("message", (msg) => {
+      const v = receiver.accept(msg, Date.now());
+      if (v.verdict === "ok" && v.hb) {
+        if (v.hb.link !== l.name) return; // a packet for another link: ignore, it counts there
+        dispatch({ t: "heartbeat", now: Date.now(), link: l.name, summary: v.hb.summary });
+      } else if (v.verdict !== "ok") log.warn({ link: l.name, verdict: v.verdict }, "heartbeat dropped");
+    });
+    sock.on("error", (err) => log.error({ err, link: l.name }, "heartbeat socket error"));
+    await new Promise<void>((resolve) => sock.bind(c.heartbeat.port, l.address, () => resolve()));
+    sockets.push({ name: l.name, sock, peerAddress: peerLink.address });
+  }
+  let seq = 0;
+  const sendHeartbeats = () => {
+    const summary = m.summary();
+    seq++;
+    for (const s of sockets) {
+      const pkt = encodeHeartbeat({ v: 1, cluster: c.cluster.name, node: me.id, inc, seq, ts: Date.now(), link: s.name, summary }, key);
+      s.sock.send(pkt, c.heartbeat.port, s.peerAddress, () => {});
+    }
+  };
+
+  // ---- timers ----------------------------------------------------------------------------------
+  const timers: NodeJS.Timeout[] = [];
+  timers.push(setInterval(sendHeartbeats, c.timers.keepalive_ms));
+  timers.push(setInterval(() => dispatch({ t: "tick", now: Date.now() }), Math.max(20, Math.floor(c.timers.keepalive_ms / 2))));
+  if (c.quorum.ping_targets.length) {
+    timers.push(
+      setInterval(() => {
+        void Promise.all(c.quorum.ping_targets.map((t) => tryRun("ping", ["-c", "1", "-W", "1", "-n", t], { timeoutMs: 2000 }))).then((rs) =>
+          dispatch({ t: "ping", now: Date.now(), ok: rs.some((x) => x !== null) }),
+        );
+      }, PING_INTERVAL_MS),
+    );
+  }
+  let monitoring = false;
+  timers.push(
+    setInterval(() => {
+      if (monitoring || m.nodeState !== "active") return;
+      monitoring = true;
+      void runner
+        .monitor()
+        .then((fails) => {
+          for (const f of fails) if (m.nodeState === "active") dispatch({ t: "monitor-failed", now: Date.now(), resource: f.resource, error: f.error });
+        })
+        .finally(() => (monitoring = false));
+    }, c.manager.monitor_interval_ms),
+  );
+  let watching = false;
+  timers.push(
+    setInterval(() => {
+      if (watching) return;
+      watching = true;
+      void volumeStatus(vol, WATCHDOG_TIMEOUT_MS)
+        .then(
+          (s) => {
+            watchdogMisses = 0;
+            lastVolume = s;
+            const inSync = s.connection === "connected" && s.disk === "uptodate" && s.peer.disk === "uptodate";
+            dispatch({ t: "volume", now: Date.now(), inSync });
+          },
+          async () => {
+            watchdogMisses++;
+            if (watchdogMisses < WATCHDOG_MISSES_MAX && engineRunning()) return;
+            // Hung or dead: kill the engine (never its clients) and start a new one.
+            const rec = readEngineRecord(vol);
+            if (rec && isAlive(rec)) {
+              try {
+                process.kill(rec.pid, "SIGKILL");
+              } catch {
+                // gone
+              }
+            }
+            emit({ type: "volume-engine-restart", reason: watchdogMisses >= WATCHDOG_MISSES_MAX ? `no answer ${watchdogMisses} times` : "not running" });
+            watchdogMisses = 0;
+            if (m.nodeState === "active") dispatch({ t: "monitor-failed", now: Date.now(), resource: "volume", error: "volume engine hung or died" });
+            await startEngine(vol).catch((err: Error) => emit({ type: "volume-engine-start-failed", error: err.message }));
+          },
+        )
+        .finally(() => (watching = false));
+    }, WATCHDOG_INTERVAL_MS),
+  );
+
+  // ---- operator interface ----------------------------------------------------------------------
+  const status = () => ({
+    ...m.status(),
+    pid: process.pid,
+    incarnation: inc,
+    resources: Object.fromEntries(runner.states),
+    heartbeats: receiver.counters,
+    volume: lastVolume,
+    timers: c.timers,
+  });
+
+  const control = await serveControl(nodeControlSocket(c, o.nodeId), async (req: ControlRequest, sock: Socket) => {
+    switch (req.op) {
+      case "status":
+        return status();
+      case "events":
+        subscribers.add(sock);
+        sock.on("close", () => subscribers.delete(sock));
+        return undefined;
+      case "command": {
+        const cmd = String(req.args?.cmd) as Command;
+        if (!["standby", "online", "takeover", "switchover", "failback"].includes(cmd)) throw new Error(`unknown command ${cmd}`);
+        return new Promise((resolve, reject) => {
+          const r = nextReq++;
+          waiting.set(r, (error, result) => (error ? reject(new Error(error)) : resolve(result)));
+          dispatch({ t: "command", now: Date.now(), req: r, cmd, force: req.args?.force === true });
+        });
+      }
+      default:
+        throw new Error(`unknown operation "${req.op}"`);
+    }
+  });
+
+  const metrics = createHttpServer((req, res) => {
+    if (req.url !== "/metrics") {
+      res.writeHead(404).end("see /metrics\n");
+      return;
+    }
+    res.writeHead(200, { "content-type": "text/plain; version=0.0.4" }).end(renderMetrics(o.nodeId, status()));
+  });
+  await new Promise<void>((resolve) => metrics.listen(c.manager.metrics_port, me.service_address, () => resolve()));
+
+  emit({ type: "node-started", pid: process.pid, incarnation: inc, links: me.heartbeat_links.map((l) => l.name), witness: !!witness, fencing: fence.name });
+
+  let stopping = false;
+  const shutdown = async (sig: string) => {
+    if (stopping) return;
+    stopping = true;
+    emit({ type: "node-stopping", signal: sig, state: m.nodeState });
+    for (const t of timers) clearInterval(t);
+    if (m.nodeState !== "passive" && m.nodeState !== "standby" && m.nodeState !== "starting") {
+      runner.requestAbort();
+      const r = await runner.stop();
+      if (!r.ok) await runner.kill();
+    }
+    if (witness) await witness.request("release", WITNESS_TIMEOUT_MS).catch(() => null);
+    for (const s of sockets) s.sock.close();
+    witness?.close();
+    control.close();
+    metrics.close();
+    await stopEngine(vol).catch(() => {});
+    process.exit(0);
+  };
+  process.on("SIGHUP", () => {});
+  process.on("SIGTERM", () => void shutdown("SIGTERM"));
+  process.on("SIGINT", () => void shutdown("SIGINT"));
+  await new Promise<never>(() => {});
+}
+
+type NodeStatus = ReturnType<ClusterMachine["status"]> & { resources: Record<string, string>; heartbeats: { [k: string]: number } | HeartbeatCounters; volume: VolumeStatus | null };
+
+/** Prometheus text format: roles, links, quorum, volume, resources, heartbeat counters. */
+export function renderMetrics(node: string, s: NodeStatus): string {
+  const lines: string[] = [];
+  const g = (name: string, help: string, samples: [Record<string, string>, number][]) => {
+    lines.push(`# HELP ${name} ${help}`, `# TYPE ${name} gauge`);
+    for (const [labels, v] of samples) {
+      const l = Object.entries({ node, ...labels }).map(([k, x]) => `${k}="${x}"`).join(",");
+      lines.push(`${name}{${l}} ${v}`);
+    }
+  };
+  const states = ["starting", "passive", "requesting", "activating", "active", "deactivating", "standby", "failed", "stop-failed"];
+  g("mailha_node_state", "1 for the node's current state", states.map((x) => [{ state: x }, s.state === x ? 1 : 0]));
+  g("mailha_node_active", "1 when this node runs the resource group", [[{}, s.state === "active" ? 1 : 0]]);
+  g("mailha_peer_up", "1 while the peer is heard on some link", [[{ peer: s.peer.node }, s.peer.state === "up" || s.peer.state === "late" ? 1 : 0]]);
+  g("mailha_link_up", "1 while the peer is heard on this link", Object.entries(s.links).map(([l, x]) => [{ link: l }, x === "up" ? 1 : 0]));
+  g("mailha_quorum", "1 while this node holds quorum", [[{}, s.quorum ? 1 : 0]]);
+  if (s.volume) {
+    g("mailha_volume_primary", "1 when the volume is primary here", [[{}, s.volume.role === "primary" ? 1 : 0]]);
+    g("mailha_volume_out_of_sync_bytes", "bytes that may differ from the peer", [[{}, s.volume.outOfSyncBytes]]);
+    g("mailha_volume_unacked_bytes", "written bytes the peer has not acknowledged", [[{}, s.volume.unackedBytes]]);
+    g("mailha_volume_connected", "1 while the replication link is connected", [[{}, s.volume.connection === "connected" || s.volume.connection === "sync-source" || s.volume.connection === "sync-target" ? 1 : 0]]);
+  }
+  g("mailha_resource_running", "1 while the resource runs here", Object.entries(s.resources).map(([r, x]) => [{ resource: r }, x === "running" ? 1 : 0]));
+  lines.push("# HELP mailha_heartbeat_packets_total heartbeat packets received, by verdict", "# TYPE mailha_heartbeat_packets_total counter");
+  for (const [k, v] of Object.entries(s.heartbeats)) if (k !== "received") lines.push(`mailha_heartbeat_packets_total{node="${node}",verdict="${k}"} ${v}`);
+  return lines.join("\n") + "\n";
+}

@@ -1,0 +1,393 @@
+// The resource group and its agents. Each agent has start, stop, monitor and kill,
+// each bounded by a timeout; the group starts them left to right and stops them right
+// to left: volume primary -> filesystem -> mariadb -> redis -> dovecot (smtp and dns
+// join when they exist). A start that fails stops what was started. A start can be
+// aborted between two resources (self-fencing during activation). The data of every
+// service lives on the replicated volume, mounted at the node's data directory.
+import { randomBytes } from "node:crypto";
+import { existsSync, mkdirSync, readFileSync } from "node:fs";
+import { fsyncPath, writeFileDurable } from "../common/fsutil.ts";
+import { join } from "node:path";
+import { ImapFlow } from "imapflow";
+import type { Logger } from "pino";
+import type { MailhaConfig } from "../common/config.ts";
+import { isAlive, startDaemon, stopDaemon, type DaemonRecord } from "../common/daemon.ts";
+import type { NodePaths } from "../common/paths.ts";
+import { probeLine } from "../common/probe.ts";
+import { addDomain, grantReader, migrate, upsertUser } from "../services/accounts.ts";
+import { dovecotPaths, dovecotSpec, writeDovecotConfig, type DovecotOptions } from "../services/dovecot.ts";
+import { connectMariadb, initMariadbDatadir, mariadbPaths, mariadbSpec, pingMariadb } from "../services/mariadb.ts";
+import { pingRedis, redisPaths, redisSpec } from "../services/redis.ts";
+import { ensureSelfSignedCert } from "../services/tls.ts";
+import { isMounted, mountVolume, unmountVolume } from "../replication/filesystem.ts";
+import { FILE_NAME } from "../replication/fuse-export.ts";
+import { volumeCall, volumeStatus, waitForVolume, type VolumeContext } from "../replication/client.ts";
+
+export type ResourceState = "stopped" | "starting" | "running" | "stopping" | "failed";
+
+export interface ResourceContext {
+  readonly config: MailhaConfig;
+  readonly nodeId: string;
+  readonly paths: NodePaths;
+  readonly vol: VolumeContext;
+  readonly log: Logger;
+  /** Promote the volume even though the peer's state is unknown (it was confirmed gone). */
+  forcePromote: boolean;
+  /** Daemons started by agents, persisted so a restarted node daemon can clean up. */
+  readonly daemons: Map<string, DaemonRecord>;
+  saveDaemons(): void;
+}
+
+export interface ResourceAgent {
+  readonly name: string;
+  readonly startTimeoutMs: number;
+  readonly stopTimeoutMs: number;
+  readonly monitorTimeoutMs: number;
+  start(ctx: ResourceContext): Promise<void>;
+  stop(ctx: ResourceContext): Promise<void>;
+  /** Throws when the resource does not work as a user needs it. */
+  monitor(ctx: ResourceContext): Promise<void>;
+  /** Hard stop after a failed stop: SIGKILL, lazy unmount. */
+  kill(ctx: ResourceContext): Promise<void>;
+}
+
+/** Files the services share through the volume (passwords, TLS), created once. */
+function dataSecret(ctx: ResourceContext, name: string): string {
+  const dir = join(ctx.paths.data, "etc");
+  if (!existsSync(dir)) {
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
+    fsyncPath(ctx.paths.data);
+  }
+  const f = join(dir, name);
+  if (!existsSync(f)) writeFileDurable(f, randomBytes(18).toString("base64url"));
+  return readFileSync(f, "utf8").trim();
+}
+
+export const MONITOR_LOCAL_PART = "mailha-monitor";
+const DOVECOT_SQL_USER = "dovecot";
+
+async function startDaemonResource(ctx: ResourceContext, spec: Parameters<typeof startDaemon>[0]): Promise<void> {
+  const prev = ctx.daemons.get(spec.name);
+  if (prev && isAlive(prev)) return;
+  const rec = await startDaemon(spec);
+  ctx.daemons.set(spec.name, rec);
+  ctx.saveDaemons();
+}
+
+async function stopDaemonResource(ctx: ResourceContext, name: string, sig: "stop" | "kill"): Promise<void> {
+  const rec = ctx.daemons.get(name);
+  if (!rec) return;
+  if (sig === "kill") {
+    try {
+      process.kill(rec.pid, "SIGKILL");
+    } catch {
+      // gone
+    }
+  } else await stopDaemon(rec);
+  ctx.daemons.delete(name);
+  ctx.saveDaemons();
+}
+
+const volumeAgent: ResourceAgent = {
+  name: "volume",
+  startTimeoutMs: 55_000,
+  stopTimeoutMs: 30_000,
+  monitorTimeoutMs: 5000,
+  async start(ctx) {
+    // With the peer alive, promote through the replication link (the peer agrees and
+    // keeps receiving); wait for it to be connected first. A forced promotion is for a
+    // peer confirmed gone.
+    if (!ctx.forcePromote) await waitForVolume(ctx.vol, (s) => s.peer.node !== null && s.connection !== "connecting", 25_000, "the replication link to connect");
+    await volumeCall(ctx.vol, "primary", { force: ctx.forcePromote }, 25_000);
+  },
+  async stop(ctx) {
+    const s = await volumeStatus(ctx.vol);
+    if (s.role === "secondary") return;
+    await volumeCall(ctx.vol, "secondary", {}, 25_000);
+  },
+  async monitor(ctx) {
+    const s = await volumeStatus(ctx.vol);
+    if (s.role !== "primary") throw new Error(`volume is ${s.role}`);
+    if (!s.export.mounted) throw new Error("volume export is not mounted");
+    if (s.disk !== "uptodate") throw new Error(`volume disk is ${s.disk}`);
+  },
+  async kill(ctx) {
+    await volumeCall(ctx.vol, "secondary", {}, 5000).catch(() => {});
+  },
+};
+
+const filesystemAgent: ResourceAgent = {
+  name: "filesystem",
+  startTimeoutMs: 120_000,
+  stopTimeoutMs: 60_000,
+  monitorTimeoutMs: 5000,
+  async start(ctx) {
+    if (isMounted(ctx.vol.mountpoint)) return;
+    const s = await volumeStatus(ctx.vol);
+    const r = await mountVolume(ctx.vol.stateDir, join(ctx.vol.paths.exportDir, FILE_NAME), ctx.vol.mountpoint, { mkfsIfBlank: s.fresh });
+    ctx.log.info({ loop: r.loop, fsck: r.fsck, created: r.created }, "file system mounted");
+  },
+  async stop(ctx) {
+    await unmountVolume(ctx.vol.stateDir, ctx.vol.mountpoint);
+  },
+  async monitor(ctx) {
+    if (!isMounted(ctx.vol.mountpoint)) throw new Error(`${ctx.vol.mountpoint} is not mounted`);
+  },
+  async kill(ctx) {
+    await unmountVolume(ctx.vol.stateDir, ctx.vol.mountpoint, { lazy: true }).catch(() => {});
+  },
+};
+
+const mariadbAgent: ResourceAgent = {
+  name: "mariadb",
+  startTimeoutMs: 90_000,
+  stopTimeoutMs: 35_000,
+  monitorTimeoutMs: 5000,
+  async start(ctx) {
+    const mp = mariadbPaths(ctx.paths);
+    await initMariadbDatadir(mp);
+    await startDaemonResource(ctx, mariadbSpec("mariadb", mp));
+    const db = await connectMariadb(mp.socket);
+    try {
+      await migrate(db);
+      await grantReader(db, DOVECOT_SQL_USER, dataSecret(ctx, "dovecot-sql.secret"));
+      for (const d of ctx.config.mail.domains) await addDomain(db, d);
+      await upsertUser(db, `${MONITOR_LOCAL_PART}@${ctx.config.mail.domains[0]}`, dataSecret(ctx, "monitor.secret"));
+    } finally {
+      await db.end();
+    }
+  },
+  async stop(ctx) {
+    await stopDaemonResource(ctx, "mariadb", "stop");
+  },
+  async monitor(ctx) {
+    if (!(await pingMariadb(mariadbPaths(ctx.paths).socket))) throw new Error("MariaDB does not answer SELECT 1");
+  },
+  async kill(ctx) {
+    await stopDaemonResource(ctx, "mariadb", "kill");
+  },
+};
+
+const redisAgent: ResourceAgent = {
+  name: "redis",
+  startTimeoutMs: 30_000,
+  stopTimeoutMs: 20_000,
+  monitorTimeoutMs: 3000,
+  async start(ctx) {
+    await startDaemonResource(ctx, redisSpec("redis", redisPaths(ctx.paths)));
+  },
+  async stop(ctx) {
+    await stopDaemonResource(ctx, "redis", "stop");
+  },
+  async monitor(ctx) {
+    if (!(await pingRedis(redisPaths(ctx.paths).socket))) throw new Error("Redis does not answer PING");
+  },
+  async kill(ctx) {
+    await stopDaemonResource(ctx, "redis", "kill");
+  },
+};
+
+function dovecotOptions(ctx: ResourceContext): DovecotOptions {
+  const me = ctx.config.nodes.find((n) => n.id === ctx.nodeId)!;
+  const peer = ctx.config.nodes.find((n) => n.id !== ctx.nodeId)!;
+  return {
+    instance: `mailha-${ctx.config.cluster.name}-${ctx.nodeId}`,
+    listenAddress: me.service_address,
+    mailUid: ctx.config.mail.mail_uid,
+    mailGid: ctx.config.mail.mail_gid,
+    postmaster: `postmaster@${ctx.config.mail.domains[0]}`,
+    mariadbSocket: mariadbPaths(ctx.paths).socket,
+    sqlUser: DOVECOT_SQL_USER,
+    sqlPassword: dataSecret(ctx, "dovecot-sql.secret"),
+    tls: { cert: join(ctx.paths.data, "etc", "tls", "tls.crt"), key: join(ctx.paths.data, "etc", "tls", "tls.key") },
+    trustedProxies: [peer.service_address],
+  };
+}
+
+const dovecotAgent: ResourceAgent = {
+  name: "dovecot",
+  startTimeoutMs: 30_000,
+  stopTimeoutMs: 15_000,
+  monitorTimeoutMs: 8000,
+  async start(ctx) {
+    // TLS material lives on the volume: both nodes present the same certificate.
+    await ensureSelfSignedCert(join(ctx.paths.data, "etc", "tls"), [ctx.config.mail.host, ...ctx.config.mail.mx.map((m) => m.name)]);
+    const o = dovecotOptions(ctx);
+    const dp = dovecotPaths(ctx.paths);
+    writeDovecotConfig(o, dp);
+    await startDaemonResource(ctx, dovecotSpec("dovecot", o, dp));
+  },
+  async stop(ctx) {
+    await stopDaemonResource(ctx, "dovecot", "stop");
+  },
+  async monitor(ctx) {
+    const me = ctx.config.nodes.find((n) => n.id === ctx.nodeId)!;
+    const client = new ImapFlow({
+      host: me.service_address,
+      port: 143,
+      secure: false,
+      doSTARTTLS: true,
+      tls: { rejectUnauthorized: false },
+      auth: { user: `${MONITOR_LOCAL_PART}@${ctx.config.mail.domains[0]}`, pass: dataSecret(ctx, "monitor.secret") },
+      logger: false,
+      connectionTimeout: 4000,
+      greetingTimeout: 4000,
+    });
+    await client.connect();
+    try {
+      await client.noop();
+    } finally {
+      await client.logout().catch(() => {});
+    }
+    if (!(await probeLine({ connect: { host: me.service_address, port: 110 }, expect: "+OK", timeoutMs: 3000 }))) throw new Error("POP3 does not greet");
+  },
+  async kill(ctx) {
+    await stopDaemonResource(ctx, "dovecot", "kill");
+  },
+};
+
+/** The ordered group; later issues add smtp and dns at the end. */
+export const GROUP: readonly ResourceAgent[] = [volumeAgent, filesystemAgent, mariadbAgent, redisAgent, dovecotAgent];
+
+function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  return new Promise((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error(`${what} timed out after ${ms} ms`)), ms);
+    p.then(
+      (v) => {
+        clearTimeout(t);
+        resolve(v);
+      },
+      (e: unknown) => {
+        clearTimeout(t);
+        reject(e instanceof Error ? e : new Error(String(e)));
+      },
+    );
+  });
+}
+
+export interface GroupResult {
+  readonly ok: boolean;
+  readonly error?: string;
+}
+
+/** Runs group operations one at a time, in order. */
+export class GroupRunner {
+  readonly states = new Map<string, ResourceState>();
+  private chain: Promise<unknown> = Promise.resolve();
+  private abort = false;
+
+  constructor(
+    private readonly agents: readonly ResourceAgent[],
+    private readonly ctx: ResourceContext,
+    private readonly onEvent: (ev: Record<string, unknown>) => void,
+  ) {
+    for (const a of agents) this.states.set(a.name, "stopped");
+  }
+
+  private enqueue<T>(fn: () => Promise<T>): Promise<T> {
+    const p = this.chain.then(fn, fn);
+    this.chain = p.catch(() => {});
+    return p;
+  }
+
+  private set(name: string, s: ResourceState, extra: Record<string, unknown> = {}): void {
+    this.states.set(name, s);
+    this.onEvent({ type: "resource", resource: name, state: s, ...extra });
+  }
+
+  /** Stops a start in progress at the next resource boundary. */
+  requestAbort(): void {
+    this.abort = true;
+  }
+
+  start(forcePromote: boolean): Promise<GroupResult> {
+    this.abort = false;
+    return this.enqueue(async () => {
+      this.ctx.forcePromote = forcePromote;
+      const started: ResourceAgent[] = [];
+      for (const a of this.agents) {
+        if (this.abort) {
+          await this.stopList([...started].reverse());
+          return { ok: false, error: "activation aborted" };
+        }
+        this.set(a.name, "starting");
+        const t0 = Date.now();
+        try {
+          await withTimeout(a.start(this.ctx), a.startTimeoutMs, `start of ${a.name}`);
+          started.push(a);
+          this.set(a.name, "running", { ms: Date.now() - t0 });
+        } catch (err) {
+          this.set(a.name, "failed", { error: (err as Error).message });
+          await this.stopList([...started].reverse());
+          return { ok: false, error: `${a.name}: ${(err as Error).message}` };
+        }
+      }
+      return { ok: true };
+    });
+  }
+
+  stop(): Promise<GroupResult> {
+    return this.enqueue(() => this.stopList([...this.agents].reverse()));
+  }
+
+  private async stopList(list: readonly ResourceAgent[]): Promise<GroupResult> {
+    let firstError: string | undefined;
+    for (const a of list) {
+      this.set(a.name, "stopping");
+      try {
+        await withTimeout(a.stop(this.ctx), a.stopTimeoutMs, `stop of ${a.name}`);
+        this.set(a.name, "stopped");
+      } catch (err) {
+        this.set(a.name, "failed", { error: (err as Error).message });
+        firstError ??= `${a.name}: ${(err as Error).message}`;
+      }
+    }
+    return firstError ? { ok: false, error: firstError } : { ok: true };
+  }
+
+  kill(): Promise<GroupResult> {
+    return this.enqueue(async () => {
+      for (const a of [...this.agents].reverse()) {
+        await withTimeout(a.kill(this.ctx), 10_000, `kill of ${a.name}`).catch(() => {});
+        this.set(a.name, "stopped", { killed: true });
+      }
+      return { ok: true };
+    });
+  }
+
+  /** Restarts one resource and everything started after it. */
+  restart(name: string): Promise<boolean> {
+    return this.enqueue(async () => {
+      const i = this.agents.findIndex((a) => a.name === name);
+      if (i < 0) return false;
+      const tail = this.agents.slice(i);
+      const stopped = await this.stopList([...tail].reverse());
+      if (!stopped.ok) return false;
+      for (const a of tail) {
+        this.set(a.name, "starting");
+        try {
+          await withTimeout(a.start(this.ctx), a.startTimeoutMs, `start of ${a.name}`);
+          this.set(a.name, "running");
+        } catch (err) {
+          this.set(a.name, "failed", { error: (err as Error).message });
+          return false;
+        }
+      }
+      return true;
+    });
+  }
+
+  /** Runs every monitor (not queued: monitors must not wait behind a long start). */
+  async monitor(): Promise<{ resource: string; error: string }[]> {
+    const failures: { resource: string; error: string }[] = [];
+    for (const a of this.agents) {
+      if (this.states.get(a.name) !== "running") continue;
+      try {
+        await withTimeout(a.monitor(this.ctx), a.monitorTimeoutMs, `monitor of ${a.name}`);
+      } catch (err) {
+        failures.push({ resource: a.name, error: (err as Error).message });
+      }
+    }
+    return failures;
+  }
+}
