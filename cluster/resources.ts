@@ -7,6 +7,7 @@
 import { randomBytes } from "node:crypto";
 import { existsSync, mkdirSync, readFileSync } from "node:fs";
 import { fsyncPath, writeFileDurable } from "../common/fsutil.ts";
+import { tryRun } from "../common/exec.ts";
 import { join } from "node:path";
 import { ImapFlow } from "imapflow";
 import type { Logger } from "pino";
@@ -215,6 +216,12 @@ const dovecotAgent: ResourceAgent = {
     const o = dovecotOptions(ctx);
     const dp = dovecotPaths(ctx.paths);
     writeDovecotConfig(o, dp);
+    // Dotlocks left by a Dovecot that died with the other node are stale by
+    // definition (no Dovecot runs on this volume yet); Dovecot itself would wait two
+    // minutes on each before breaking it.
+    const stale = await tryRun("find", [dp.mailRoot, "-name", "dovecot-uidlist.lock", "-type", "f", "-print", "-delete"], { timeoutMs: 60_000 });
+    const removed = stale?.stdout.split("\n").filter(Boolean).length ?? 0;
+    if (removed) ctx.log.info({ removed }, "removed stale Dovecot dotlocks");
     await startDaemonResource(ctx, dovecotSpec("dovecot", o, dp));
   },
   async stop(ctx) {

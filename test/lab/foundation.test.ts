@@ -60,10 +60,10 @@ describe("the lab", { skip: process.getuid?.() !== 0 ? "needs root" : false }, (
     const w = s.hosts.find((h) => h.id === "w")!;
     assert.deepEqual(w.links.map((l) => l.dev), ["svc0"], "the third host is not on the replication network");
     const commands = (id: string) => new Set(s.hosts.find((h) => h.id === id)!.processes.map((p) => p.command));
-    for (const c of ["mariadbd", "redis-server", "dovecot"]) assert.ok(commands("a").has(c), `${c} runs in node a's namespace`);
+    for (const c of ["mariadbd", "redis-server", "dovecot", "node"]) assert.ok(commands("a").has(c), `${c} runs in node a's namespace (a is active)`);
     assert.ok(commands("w").has("named"), "named runs on the third host");
-    assert.deepEqual([...commands("b")], ["node"], "node b runs only its volume engine");
-    assert.deepEqual(s.daemons.map((d) => d.name).sort(), ["dovecot@a", "mariadb@a", "named@w", "redis@a", "volume@a", "volume@b"]);
+    assert.deepEqual([...commands("b")], ["node"], "passive node b runs only its node daemon and volume engine");
+    assert.deepEqual(s.daemons.map((d) => d.name).sort(), ["named@w", "node@a", "node@b", "witness@w"]);
     assert.ok(s.daemons.every((d) => d.alive));
   });
 
@@ -154,7 +154,7 @@ describe("the lab", { skip: process.getuid?.() !== 0 ? "needs root" : false }, (
     const r = await mailha(["lab", "down", "--config", lab.configFile, "--json"]);
     assert.equal(r.code, 0, r.stderr);
     const body = JSON.parse(r.stdout) as { stopped: { outcome: string }[]; dirRemoved: boolean };
-    assert.equal(body.stopped.length, 6);
+    assert.equal(body.stopped.length, 4);
     assert.ok(body.stopped.every((s) => s.outcome === "stopped"), JSON.stringify(body.stopped));
     assert.deepEqual(await leftovers(), []);
     const again = await mailha(["lab", "down", "--config", lab.configFile]);
@@ -166,7 +166,7 @@ describe("the lab", { skip: process.getuid?.() !== 0 ? "needs root" : false }, (
     const up = await mailha(["lab", "up", "--config", lab.configFile]);
     assert.equal(up.code, 0, up.stderr);
     const state = JSON.parse(readFileSync(join(lab.dir, "lab.json"), "utf8")) as { daemons: { name: string; pid: number }[] };
-    process.kill(state.daemons.find((d) => d.name === "redis@a")!.pid, "SIGKILL");
+    process.kill(state.daemons.find((d) => d.name === "node@a")!.pid, "SIGKILL");
     unlinkSync(join(lab.dir, "lab.json"));
     const st = await mailha(["lab", "status", "--config", lab.configFile]);
     assert.equal(st.code, 1, "status must say the lab is not fully up");

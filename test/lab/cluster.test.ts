@@ -1,0 +1,208 @@
+// The cluster manager with real processes in the lab: power loss of the active node,
+// a pulled replication link, an isolated active node, planned moves under load, and
+// forged heartbeats. What a user sees: who is active, that the data is there, how
+// long it took, and that two nodes never run the services together.
+import { test, describe, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { createHmac } from "node:crypto";
+import { readFileSync, rmSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { ImapFlow } from "imapflow";
+import { run, sleep } from "../../common/exec.ts";
+import { connectMariadb, mariadbPaths } from "../../services/mariadb.ts";
+import { nodePaths } from "../../common/paths.ts";
+import { mailha, ROOT } from "../helpers/cli.ts";
+import { writeTestLabConfig, type TestLab } from "../helpers/lab.ts";
+import { config, events, fault, firstEvent, msBetween, status, waitNode } from "../helpers/cluster.ts";
+
+const skip = process.getuid?.() !== 0 ? "needs root" : false;
+const USER = "alice@mailha.test";
+const PASS = "lab-password-alice";
+
+async function up(lab: TestLab): Promise<void> {
+  const r = await mailha(["lab", "up", "--config", lab.configFile]);
+  assert.equal(r.code, 0, `lab up failed:\n${r.stderr}`);
+}
+async function down(lab: TestLab): Promise<void> {
+  await mailha(["lab", "down", "--config", lab.configFile]);
+  rmSync(dirname(lab.configFile), { recursive: true, force: true });
+}
+const sqlSocket = (lab: TestLab, node: string) => mariadbPaths(nodePaths(join(lab.dir, node))).socket;
+
+async function imap(host: string) {
+  const c = new ImapFlow({ host, port: 143, secure: false, doSTARTTLS: true, tls: { rejectUnauthorized: false }, auth: { user: USER, pass: PASS }, logger: false });
+  await c.connect();
+  return c;
+}
+
+describe("cluster: a pulled replication link, forged heartbeats, switchover and failback", { skip }, () => {
+  const lab = writeTestLabConfig("c", 87);
+  before(() => up(lab));
+  after(() => down(lab));
+
+  test("forged, foreign and replayed heartbeats sent from the third host are dropped and counted", async () => {
+    const c = config(lab);
+    const key = Buffer.from(readFileSync(c.heartbeat.key_file, "utf8").trim());
+    const body = (o: Record<string, unknown>) => Buffer.from(JSON.stringify({ v: 1, cluster: c.cluster.name, node: "b", inc: 1, seq: 1, ts: Date.now(), link: "service", summary: { state: "active" }, ...o }));
+    const sign = (b: Buffer, k: Buffer) => Buffer.concat([createHmac("sha256", k).update(b).digest(), b]).toString("hex");
+    const before = (await status(lab, "a"))!.heartbeats;
+    const packets = [
+      Buffer.from("not a heartbeat at all").toString("hex"),
+      sign(body({}), Buffer.from("a guessed key")),
+      sign(body({ inc: 1, seq: 999 }), key), // genuine key, but an incarnation older than b's: stale
+      sign(body({ node: "x" }), key),
+    ];
+    await run("nsenter", [`--net=/run/netns/mailha-${lab.name}-w`, process.execPath, "--import", "tsx", join(ROOT, "test", "helpers", "udp-send.ts"), lab.a, String(c.heartbeat.port), ...packets], { cwd: ROOT });
+    await sleep(500);
+    const s = (await status(lab, "a"))!;
+    assert.equal(s.heartbeats.forged - before.forged, 2, "garbage and a wrong key count as forged");
+    assert.equal(s.heartbeats.stale - before.stale, 1, "an old incarnation counts as stale");
+    assert.equal(s.heartbeats.foreign - before.foreign, 1, "another node id counts as foreign");
+    assert.equal(s.state, "active");
+    assert.equal(s.peer.state, "up", "the real peer is still up: forged packets changed nothing");
+  });
+
+  test("pulling only the replication link causes no failover; the volume resyncs when it returns", async () => {
+    const since = new Date().toISOString();
+    await fault(lab, "cut-link", "a", "replication");
+    await waitNode(lab, "a", "noticing the replication link is down", (s) => s.links.replication === "down");
+    await sleep(3 * config(lab).timers.deadtime_ms);
+    const a = (await status(lab, "a"))!;
+    const b = (await status(lab, "b"))!;
+    assert.equal(a.state, "active", "a stays active: the peer is alive on the service link");
+    assert.equal(b.state, "passive");
+    assert.equal(a.peer.state, "up");
+    assert.equal(a.volume?.connection, "connecting", "the volume reports the replication link down");
+    const db = await connectMariadb(sqlSocket(lab, "a"), "mailha");
+    try {
+      await db.query("CREATE TABLE IF NOT EXISTS degraded (id INT PRIMARY KEY)");
+      await db.query("INSERT INTO degraded VALUES (1), (2)");
+    } finally {
+      await db.end();
+    }
+    await sleep(500);
+    assert.ok(((await status(lab, "a"))!.volume?.outOfSyncBytes ?? 0) > 0, "writes while degraded are tracked as out of sync");
+    await fault(lab, "heal");
+    await waitNode(lab, "a", "volume resync", (s) => s.volume?.connection === "connected" && s.volume.outOfSyncBytes === 0 && s.volume.peer.disk === "uptodate", 60_000);
+    assert.equal(firstEvent(lab, "b", since, (e) => e.type === "state" && e.state === "activating"), undefined, "b never tried to take over");
+  });
+
+  test("switchover and failback while a client writes: every acknowledged write is kept", async () => {
+    const acked: number[] = [];
+    let stop = false;
+    let errors = 0;
+    const writer = (async () => {
+      let id = 0;
+      while (!stop) {
+        for (const node of ["a", "b"]) {
+          if (stop) break;
+          try {
+            const db = await connectMariadb(sqlSocket(lab, node), "mailha");
+            try {
+              await db.query("CREATE TABLE IF NOT EXISTS moves (id INT PRIMARY KEY)");
+              for (let i = 0; i < 20 && !stop; i++) {
+                const next = ++id;
+                await db.query("INSERT INTO moves VALUES (?)", [next]);
+                acked.push(next);
+              }
+            } finally {
+              await db.end().catch(() => {});
+            }
+          } catch {
+            errors++;
+            await sleep(100);
+          }
+        }
+      }
+    })();
+    await sleep(1000);
+    const sw = await mailha(["switchover", "--config", lab.configFile, "--json"]);
+    assert.equal(sw.code, 0, `switchover failed: ${sw.stderr}`);
+    await waitNode(lab, "b", "becoming active after the switchover", (s) => s.state === "active");
+    await sleep(1500);
+    const fb = await mailha(["failback", "--config", lab.configFile, "--json"]);
+    assert.equal(fb.code, 0, `failback failed: ${fb.stderr}`);
+    await waitNode(lab, "a", "becoming active after the failback", (s) => s.state === "active");
+    await sleep(1000);
+    stop = true;
+    await writer;
+    assert.ok(acked.length > 50, `the client wrote too little to mean anything (${acked.length})`);
+    const db = await connectMariadb(sqlSocket(lab, "a"), "mailha");
+    try {
+      const [rows] = await db.query("SELECT id FROM moves");
+      const present = new Set((rows as { id: number }[]).map((r) => r.id));
+      const lost = acked.filter((id) => !present.has(id));
+      assert.deepEqual(lost, [], `${lost.length} acknowledged inserts are missing after switchover and failback`);
+    } finally {
+      await db.end();
+    }
+    const refused = await mailha(["failback", "--config", lab.configFile]);
+    assert.notEqual(refused.code, 0, "failback on the preferred node is refused");
+    assert.ok(errors > 0, "the client saw the moves (errors while no node was active)");
+  });
+});
+
+describe("cluster: power loss of the active node", { skip }, () => {
+  const lab = writeTestLabConfig("p", 89);
+  before(() => up(lab));
+  after(() => down(lab));
+
+  test("b takes over: volume promoted, ext4 mounted, MariaDB, Redis and Dovecot serve the data written before", async (t) => {
+    const db = await connectMariadb(sqlSocket(lab, "a"), "mailha");
+    await db.query("CREATE TABLE before_crash (id INT PRIMARY KEY, note TEXT)");
+    await db.query("INSERT INTO before_crash VALUES (1, 'committed on a')");
+    await db.end();
+    await run("redis-cli", ["-s", join(lab.dir, "a", "run", "redis.sock"), "SET", "before-crash", "queued on a"]);
+    const client = await imap(lab.a);
+    await client.append("INBOX", "From: x@mailha.test\r\nSubject: before the crash\r\n\r\nhello\r\n");
+    await client.logout();
+
+    const { at } = await fault(lab, "kill-node", "a");
+    const s = await waitNode(lab, "b", "taking over", (x) => x.state === "active", 60_000);
+    const dead = firstEvent(lab, "b", at, (e) => e.type === "peer" && e.state === "dead")!;
+    const active = firstEvent(lab, "b", at, (e) => e.type === "state" && e.state === "active")!;
+    const detection = msBetween(at, dead.time);
+    const takeover = msBetween(at, active.time);
+    t.diagnostic(`detection ${detection} ms, takeover ${takeover} ms (keepalive ${config(lab).timers.keepalive_ms} ms, deadtime ${config(lab).timers.deadtime_ms} ms)`);
+    console.log(`power loss of a: detection ${detection} ms, takeover ${takeover} ms`);
+    assert.equal(s.resources.filesystem, "running", "ext4 is mounted on b");
+    await waitNode(lab, "b", "reporting its volume primary", (x) => x.volume?.role === "primary", 5000);
+
+    const db2 = await connectMariadb(sqlSocket(lab, "b"), "mailha");
+    const [rows] = await db2.query("SELECT note FROM before_crash");
+    await db2.end();
+    assert.deepEqual(rows, [{ note: "committed on a" }], "the row committed on a before the crash is served by b");
+    const v = (await run("redis-cli", ["-s", join(lab.dir, "b", "run", "redis.sock"), "GET", "before-crash"])).stdout.trim();
+    assert.equal(v, "queued on a", "Redis on b has the key written on a (AOF on the volume)");
+    const c2 = await imap(lab.b);
+    const box = await c2.mailboxOpen("INBOX");
+    const subjects: string[] = [];
+    for await (const m of c2.fetch("1:*", { envelope: true })) subjects.push(m.envelope?.subject ?? "");
+    await c2.logout();
+    assert.ok(box.exists >= 1 && subjects.includes("before the crash"), "Dovecot on b serves the message appended on a");
+
+    await fault(lab, "boot-node", "a");
+    await waitNode(lab, "a", "rejoining as passive with the volume in sync", (x) => x.state === "passive" && x.volume?.connection === "connected" && x.volume.disk === "uptodate", 90_000);
+    assert.equal((await status(lab, "b"))!.state, "active", "no automatic failback");
+  });
+});
+
+describe("cluster: the active node loses both links; the witness sees only b", { skip }, () => {
+  const lab = writeTestLabConfig("i", 91);
+  before(() => up(lab));
+  after(() => down(lab));
+
+  test("a demotes itself before b takes over; they are never active together", async (t) => {
+    const { at } = await fault(lab, "cut-link", "a", "both");
+    await waitNode(lab, "b", "taking over", (x) => x.state === "active", 60_000);
+    const aEvents = events(lab, "a").filter((e) => e.time >= at);
+    const selfFence = aEvents.find((e) => e.type === "self-fence");
+    assert.ok(selfFence, "a logged its self-fencing");
+    const aStopped = aEvents.find((e) => e.type === "state" && e.state === "passive" && e.time >= selfFence!.time);
+    assert.ok(aStopped, "a finished stopping its group");
+    const bActivating = firstEvent(lab, "b", at, (e) => e.type === "state" && e.state === "activating")!;
+    t.diagnostic(`a self-fenced after ${msBetween(at, selfFence!.time)} ms, stopped after ${msBetween(at, aStopped!.time)} ms; b activating after ${msBetween(at, bActivating.time)} ms`);
+    assert.ok(aStopped!.time < bActivating.time, `a stopped at ${aStopped!.time}, b started activating at ${bActivating.time}: they overlapped`);
+    await fault(lab, "heal");
+  });
+});
