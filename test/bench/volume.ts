@@ -6,7 +6,8 @@ import { tmpdir } from "node:os";
 import { join, dirname } from "node:path";
 import { parseDocument } from "yaml";
 import { run, sleep, tryRun } from "../../common/exec.ts";
-import { ROOT, mailha } from "../helpers/cli.ts";
+import { mailha } from "../helpers/cli.ts";
+import { writeSection } from "./report.ts";
 import { writeTestLabConfig } from "../helpers/lab.ts";
 import { deliveries, sequential } from "./workloads.ts";
 
@@ -143,24 +144,4 @@ export async function runVolumeBench(): Promise<void> {
     ...lines,
     "```",
   ]);
-}
-
-/** Replaces (or appends) the `## NAME` section of BENCHMARKS.md. */
-function writeSection(name: string, body: string[]): void {
-  const file = join(ROOT, "BENCHMARKS.md");
-  let text: string;
-  try {
-    text = readFileSync(file, "utf8");
-  } catch {
-    text = "# Benchmarks\n\nFigures from `npm run bench`, as ratios against a baseline measured in the same run: the machine is shared and noisy, so absolute numbers mean little.\n";
-  }
-  const head = `## ${name}`;
-  const section = `${head}\n\n${body.join("\n")}\n`;
-  const start = text.indexOf(`${head}\n`);
-  if (start < 0) text = `${text.trimEnd()}\n\n${section}`;
-  else {
-    const next = text.indexOf("\n## ", start + head.length);
-    text = text.slice(0, start) + section + (next < 0 ? "" : text.slice(next + 1));
-  }
-  writeFileSync(file, text);
 }
