@@ -8,7 +8,9 @@ import { randomBytes } from "node:crypto";
 import { existsSync, mkdirSync, readFileSync } from "node:fs";
 import { fsyncPath, writeFileDurable } from "../common/fsutil.ts";
 import { tryRun } from "../common/exec.ts";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { smtpEhloWorks } from "../services/smtp/probe.ts";
 import { ImapFlow } from "imapflow";
 import type { Logger } from "pino";
 import type { MailhaConfig } from "../common/config.ts";
@@ -253,8 +255,39 @@ const dovecotAgent: ResourceAgent = {
   },
 };
 
-/** The ordered group; later issues add smtp and dns at the end. */
-export const GROUP: readonly ResourceAgent[] = [volumeAgent, filesystemAgent, mariadbAgent, redisAgent, dovecotAgent];
+const BIN = join(dirname(fileURLToPath(import.meta.url)), "..", "ops", "bin", "mailha.mjs");
+
+const smtpAgent: ResourceAgent = {
+  name: "smtp",
+  startTimeoutMs: 30_000,
+  stopTimeoutMs: 15_000,
+  monitorTimeoutMs: 5000,
+  async start(ctx) {
+    const me = ctx.config.nodes.find((n) => n.id === ctx.nodeId)!;
+    await startDaemonResource(ctx, {
+      name: "smtp",
+      command: process.execPath,
+      args: [BIN, "smtp", "run", "--config", ctx.config.file, "--node", ctx.nodeId],
+      logFile: join(ctx.paths.log, "smtp.log"),
+      ready: () => smtpEhloWorks(me.service_address, 25, 1000),
+      readyTimeoutMs: 20_000,
+      stopTimeoutMs: 10_000,
+    });
+  },
+  async stop(ctx) {
+    await stopDaemonResource(ctx, "smtp", "stop");
+  },
+  async monitor(ctx) {
+    const me = ctx.config.nodes.find((n) => n.id === ctx.nodeId)!;
+    if (!(await smtpEhloWorks(me.service_address, 25))) throw new Error("SMTP on port 25 does not answer EHLO");
+  },
+  async kill(ctx) {
+    await stopDaemonResource(ctx, "smtp", "kill");
+  },
+};
+
+/** The ordered group; the dns step joins at the end with issue 6. */
+export const GROUP: readonly ResourceAgent[] = [volumeAgent, filesystemAgent, mariadbAgent, redisAgent, dovecotAgent, smtpAgent];
 
 function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   return new Promise((resolve, reject) => {

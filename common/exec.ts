@@ -72,3 +72,14 @@ export async function waitFor(probe: () => Promise<boolean>, timeoutMs: number, 
 export function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
+
+/** Runs `cmd args` and returns its exit code and output whatever the code (bounded by a timeout). */
+export function runAll(cmd: string, args: readonly string[], opts: RunOptions = {}): Promise<RunResult & { code: number | null }> {
+  return new Promise((resolve) => {
+    const child = execFile(cmd, args, { timeout: opts.timeoutMs ?? DEFAULT_TIMEOUT_MS, maxBuffer: 64 * 1024 * 1024, env: opts.env, cwd: opts.cwd, killSignal: "SIGKILL" }, (err, stdout, stderr) => {
+      const code = err ? (typeof (err as NodeJS.ErrnoException).code === "number" ? ((err as NodeJS.ErrnoException).code as unknown as number) : null) : 0;
+      resolve({ code, stdout: String(stdout), stderr: String(stderr) });
+    });
+    if (opts.input !== undefined) child.stdin?.end(opts.input);
+  });
+}

@@ -95,3 +95,72 @@ export async function upsertUser(db: Connection, email: string, password: string
     [addr, local, d.id, hashPassword(password)],
   );
 }
+
+function splitAddress(email: string): { local: string; domain: string; addr: string } {
+  const addr = email.trim().toLowerCase();
+  const at = addr.lastIndexOf("@");
+  if (at < 1 || at === addr.length - 1 || !/^[a-z0-9._+-]+@[a-z0-9.-]+$/.test(addr)) throw new Error(`not an e-mail address: ${email}`);
+  return { local: addr.slice(0, at), domain: addr.slice(at + 1), addr };
+}
+
+async function domainId(db: Connection, domain: string): Promise<number> {
+  const [rows] = await db.query(`SELECT id FROM ${DATABASE}.domains WHERE name = ?`, [domain]);
+  const d = (rows as { id: number }[])[0];
+  if (!d) throw new Error(`domain ${domain} does not exist (add it first: mailha domain add ${domain})`);
+  return d.id;
+}
+
+/** Adds a user; refuses an existing one (use setPassword). */
+export async function addUser(db: Connection, email: string, password: string): Promise<void> {
+  const { local, domain, addr } = splitAddress(email);
+  if (password.length < 8) throw new Error("the password must have at least 8 characters");
+  const id = await domainId(db, domain);
+  const [rows] = await db.query(`SELECT 1 FROM ${DATABASE}.users WHERE email = ?`, [addr]);
+  if ((rows as unknown[]).length) throw new Error(`user ${addr} already exists (change the password with: mailha user passwd ${addr})`);
+  await db.query(`INSERT INTO ${DATABASE}.users (email, local_part, domain_id, password) VALUES (?, ?, ?, ?)`, [addr, local, id, hashPassword(password)]);
+}
+
+export async function setPassword(db: Connection, email: string, password: string): Promise<void> {
+  const { addr } = splitAddress(email);
+  if (password.length < 8) throw new Error("the password must have at least 8 characters");
+  const [res] = await db.query(`UPDATE ${DATABASE}.users SET password = ? WHERE email = ?`, [hashPassword(password), addr]);
+  if ((res as { affectedRows: number }).affectedRows === 0) throw new Error(`no user ${addr}`);
+}
+
+export async function deleteUser(db: Connection, email: string): Promise<void> {
+  const { addr } = splitAddress(email);
+  const [res] = await db.query(`DELETE FROM ${DATABASE}.users WHERE email = ?`, [addr]);
+  if ((res as { affectedRows: number }).affectedRows === 0) throw new Error(`no user ${addr}`);
+}
+
+export async function listUsers(db: Connection): Promise<{ email: string; active: boolean; created: string }[]> {
+  const [rows] = await db.query(`SELECT email, active, created_at FROM ${DATABASE}.users ORDER BY email`);
+  return (rows as { email: string; active: number; created_at: Date }[]).map((r) => ({ email: r.email, active: r.active === 1, created: new Date(r.created_at).toISOString() }));
+}
+
+export async function addAlias(db: Connection, source: string, destination: string): Promise<void> {
+  const s = splitAddress(source);
+  const d = splitAddress(destination);
+  const id = await domainId(db, s.domain);
+  await db.query(`INSERT IGNORE INTO ${DATABASE}.aliases (source, destination, domain_id) VALUES (?, ?, ?)`, [s.addr, d.addr, id]);
+}
+
+export async function deleteAlias(db: Connection, source: string, destination?: string): Promise<number> {
+  const s = splitAddress(source);
+  const [res] = destination
+    ? await db.query(`DELETE FROM ${DATABASE}.aliases WHERE source = ? AND destination = ?`, [s.addr, splitAddress(destination).addr])
+    : await db.query(`DELETE FROM ${DATABASE}.aliases WHERE source = ?`, [s.addr]);
+  const n = (res as { affectedRows: number }).affectedRows;
+  if (n === 0) throw new Error(`no alias ${s.addr}${destination ? ` -> ${destination}` : ""}`);
+  return n;
+}
+
+export async function listAliases(db: Connection): Promise<{ source: string; destination: string }[]> {
+  const [rows] = await db.query(`SELECT source, destination FROM ${DATABASE}.aliases ORDER BY source, destination`);
+  return rows as { source: string; destination: string }[];
+}
+
+export async function listDomains(db: Connection): Promise<string[]> {
+  const [rows] = await db.query(`SELECT name FROM ${DATABASE}.domains ORDER BY name`);
+  return (rows as { name: string }[]).map((r) => r.name);
+}

@@ -13,6 +13,7 @@ import { createOutput, table } from "./output.ts";
 import { volumeCommand } from "./volume-cmd.ts";
 import { FAULTS, labFault, type Fault } from "../lab/faults.ts";
 import { moveCommands, nodeCommandGroup, statusCommand, witnessCommand } from "./cluster-cmd.ts";
+import { mailCommands } from "./mail-cmd.ts";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 const VERSION = (JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8")) as { version: string }).version;
@@ -180,6 +181,7 @@ function program(): Command {
   p.addCommand(witnessCommand(DEFAULT_CONFIG));
   p.addCommand(statusCommand(DEFAULT_CONFIG));
   for (const cmd of moveCommands(DEFAULT_CONFIG)) p.addCommand(cmd);
+  for (const cmd of mailCommands(DEFAULT_CONFIG)) p.addCommand(cmd);
 
   lab
     .command("fault")

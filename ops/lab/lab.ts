@@ -6,6 +6,7 @@
 import { chmodSync, existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { dirname, join, resolve, sep } from "node:path";
 import { ImapFlow } from "imapflow";
+import nodemailer from "nodemailer";
 import { loadConfig, type MailhaConfig } from "../../common/config.ts";
 import { isAlive, startDaemon, stopDaemon, type DaemonRecord, type DaemonSpec } from "../../common/daemon.ts";
 import { UsageError } from "../../common/errors.ts";
@@ -237,6 +238,8 @@ function connectHints(c: LabConfig, np: NodePaths, configFile: string): Record<s
   const w = c.lab.witness_address;
   return {
     imap: `openssl s_client -quiet -starttls imap -connect ${a.service_address}:143   (login ${c.lab.test_user.address} / ${c.lab.test_user.password})`,
+    send: `swaks --server ${a.service_address} --to ${c.lab.test_user.address}`,
+    read: `curl -sk --ssl-reqd 'imap://${a.service_address}/INBOX;UID=1' -u '${c.lab.test_user.address}:${c.lab.test_user.password}'`,
     pop3: `curl -sk --ssl-reqd pop3://${a.service_address}/ -u '${c.lab.test_user.address}:${c.lab.test_user.password}'`,
     dns: `dig @${w} ${c.mail.domains[0]} MX`,
     sql: `mariadb --socket=${mariadbPaths(np).socket} mailha`,
@@ -299,6 +302,11 @@ export async function labCheck(c: LabConfig): Promise<CheckResult[]> {
     } finally {
       await client.logout();
     }
+  });
+  await attempt("smtp", async () => {
+    const tx = nodemailer.createTransport({ host: active.service_address, port: 25, secure: false, tls: { rejectUnauthorized: false } });
+    const info = await tx.sendMail({ from: "lab-check@example.net", to: c.lab.test_user.address, subject: "mailha lab check", text: "delivered by mailha lab check\n" });
+    return `${active.service_address}:25 accepted a message for ${c.lab.test_user.address}: ${info.response}`;
   });
   await attempt("dns", async () => {
     const r = await query(c.lab.witness_address, c.dns.port, c.mail.domains[0]!, "MX");

@@ -38,7 +38,7 @@ describe("the lab", { skip: process.getuid?.() !== 0 ? "needs root" : false }, (
     const r = await mailha(["lab", "up", "--config", lab.configFile, "--json"]);
     assert.equal(r.code, 0, `mailha lab up failed:\n${r.stderr}\n${r.stdout}`);
     const body = JSON.parse(r.stdout) as { checks: { check: string; ok: boolean }[] };
-    assert.deepEqual(body.checks.map((c) => [c.check, c.ok]), [["mariadb", true], ["redis", true], ["imap", true], ["dns", true]]);
+    assert.deepEqual(body.checks.map((c) => [c.check, c.ok]), [["mariadb", true], ["redis", true], ["imap", true], ["smtp", true], ["dns", true]]);
   });
 
   after(async () => {

@@ -1,0 +1,142 @@
+// Delivery into Maildir, all or nothing: the message is streamed into tmp/ of the first
+// mailbox (checked on the way: no NUL, no bare LF, no line over 998 characters, size),
+// fsynced, hard-linked into tmp/ of every other mailbox, renamed into new/, and each
+// new/ directory is fsynced. Only then does the caller answer 250. On any failure the
+// tmp files are removed and nothing is left in new/. Files belong to the mail uid.
+import { createHash } from "node:crypto";
+import { chownSync, closeSync, existsSync, fsyncSync, linkSync, mkdirSync, openSync, renameSync, unlinkSync, writeSync } from "node:fs";
+import { hostname } from "node:os";
+import { join } from "node:path";
+import type { Readable } from "node:stream";
+import { fsyncPath } from "../../common/fsutil.ts";
+
+export const LINE_MAX = 998;
+
+export class RejectError extends Error {
+  constructor(readonly responseCode: number, message: string) {
+    super(message);
+  }
+}
+
+export interface DeliveryOptions {
+  readonly mailRoot: string;
+  readonly uid: number;
+  readonly gid: number;
+  /** Prepended verbatim (Return-Path, Received). */
+  readonly headers: string;
+  readonly sizeMax: number;
+}
+
+export interface Delivered {
+  readonly files: string[];
+  readonly sha256: string;
+  readonly size: number;
+}
+
+let counter = 0;
+const HOST = hostname().replace(/[/:]/g, "_");
+
+/** <mailRoot>/<domain>/<local>/Maildir, created with cur/new/tmp owned by the mail uid. */
+export function maildirOf(o: Pick<DeliveryOptions, "mailRoot" | "uid" | "gid">, address: string): string {
+  const at = address.lastIndexOf("@");
+  const local = address.slice(0, at);
+  const domain = address.slice(at + 1);
+  if (!/^[a-z0-9._+-]+$/.test(local) || !/^[a-z0-9.-]+$/.test(domain)) throw new RejectError(550, `5.1.3 Bad mailbox name ${address}`);
+  const home = join(o.mailRoot, domain, local);
+  const md = join(home, "Maildir");
+  if (!existsSync(join(md, "tmp"))) {
+    for (const d of [join(o.mailRoot, domain), home, md, join(md, "cur"), join(md, "new"), join(md, "tmp")]) {
+      if (!existsSync(d)) {
+        mkdirSync(d, { mode: 0o700 });
+        chownSync(d, o.uid, o.gid);
+      }
+    }
+    fsyncPath(join(o.mailRoot, domain));
+    fsyncPath(home);
+    fsyncPath(md);
+  }
+  return md;
+}
+
+/** Streams the message in, checks it, and delivers it to every mailbox, durably. */
+export async function deliver(stream: Readable, mailboxes: readonly string[], o: DeliveryOptions): Promise<Delivered> {
+  if (mailboxes.length === 0) throw new RejectError(554, "5.1.1 No valid recipients");
+  const dirs = mailboxes.map((m) => maildirOf(o, m));
+  const base = `${Math.floor(Date.now() / 1000)}.M${process.hrtime.bigint() % 1000000n}P${process.pid}Q${++counter}.${HOST}`;
+  const first = join(dirs[0]!, "tmp", base);
+  const fd = openSync(first, "wx", 0o600);
+  const tmpFiles = [first];
+  let closed = false;
+  try {
+    const hash = createHash("sha256");
+    const head = Buffer.from(o.headers);
+    writeSync(fd, head);
+    hash.update(head);
+    let size = head.length;
+    let lineLen = 0;
+    let prev = 0x0a;
+    let problem: RejectError | null = null;
+    for await (const chunk of stream as AsyncIterable<Buffer>) {
+      if (problem) continue; // drain the rest, keep nothing
+      for (let i = 0; i < chunk.length; i++) {
+        const b = chunk[i]!;
+        if (b === 0) {
+          problem = new RejectError(554, "5.6.0 Message contains NUL bytes");
+          break;
+        }
+        if (b === 0x0a) {
+          if (prev !== 0x0d) {
+            problem = new RejectError(554, "5.6.0 Message contains a bare LF (lines must end with CRLF)");
+            break;
+          }
+          lineLen = 0;
+        } else if (b !== 0x0d) {
+          if (++lineLen > LINE_MAX) {
+            problem = new RejectError(554, `5.6.0 Message contains a line longer than ${LINE_MAX} characters`);
+            break;
+          }
+        }
+        prev = b;
+      }
+      if (problem) continue;
+      size += chunk.length;
+      if (size > o.sizeMax) {
+        problem = new RejectError(552, `5.3.4 Message too big (the limit is ${o.sizeMax} bytes)`);
+        continue;
+      }
+      let off = 0;
+      while (off < chunk.length) off += writeSync(fd, chunk, off, chunk.length - off);
+      hash.update(chunk);
+    }
+    if ((stream as Readable & { sizeExceeded?: boolean }).sizeExceeded) problem = new RejectError(552, `5.3.4 Message too big (the limit is ${o.sizeMax} bytes)`);
+    if (problem) throw problem;
+    fsyncSync(fd);
+    closeSync(fd);
+    closed = true;
+    chownSync(first, o.uid, o.gid);
+    for (const d of dirs.slice(1)) {
+      const t = join(d, "tmp", base);
+      linkSync(first, t);
+      tmpFiles.push(t);
+    }
+    const name = `${base},S=${size}`;
+    const files: string[] = [];
+    dirs.forEach((d, i) => {
+      const dest = join(d, "new", name);
+      renameSync(tmpFiles[i]!, dest);
+      files.push(dest);
+    });
+    tmpFiles.length = 0;
+    for (const d of dirs) fsyncPath(join(d, "new"));
+    return { files, sha256: hash.digest("hex"), size };
+  } finally {
+    if (!closed) closeSync(fd);
+    for (const t of tmpFiles) {
+      try {
+        unlinkSync(t);
+      } catch {
+        // already gone
+      }
+    }
+  }
+}

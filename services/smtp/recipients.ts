@@ -1,0 +1,79 @@
+// Who mail is for: local domains, users and aliases from the account store in
+// MariaDB, and password checks for SMTP AUTH. Aliases are followed a bounded number of
+// levels; a destination outside the local domains is reported as remote.
+import mysql from "mysql2/promise";
+import { DATABASE } from "../accounts.ts";
+import { verifyPassword } from "../password.ts";
+
+const ALIAS_DEPTH_MAX = 5;
+const EXPANSION_MAX = 100;
+
+export type Resolution =
+  | { readonly kind: "local"; readonly mailboxes: readonly string[]; readonly remote: readonly string[] }
+  | { readonly kind: "unknown" }
+  | { readonly kind: "not-local" };
+
+export class Directory {
+  private readonly pool: mysql.Pool;
+
+  constructor(socket: string, private readonly domains: readonly string[]) {
+    this.pool = mysql.createPool({ socketPath: socket, user: "root", database: DATABASE, connectionLimit: 4, connectTimeout: 3000 });
+  }
+
+  isLocalDomain(domain: string): boolean {
+    return this.domains.includes(domain.toLowerCase());
+  }
+
+  private async userExists(addr: string): Promise<boolean> {
+    const [rows] = await this.pool.query("SELECT 1 FROM users WHERE email = ? AND active = 1", [addr]);
+    return (rows as unknown[]).length > 0;
+  }
+
+  private async aliasTargets(addr: string): Promise<string[]> {
+    const [rows] = await this.pool.query("SELECT destination FROM aliases WHERE source = ?", [addr]);
+    return (rows as { destination: string }[]).map((r) => r.destination.toLowerCase());
+  }
+
+  /** Expands ADDRESS to local mailboxes (and remote forwards), or says why not. */
+  async resolve(address: string): Promise<Resolution> {
+    const addr = address.toLowerCase();
+    const domain = addr.slice(addr.lastIndexOf("@") + 1);
+    if (!this.isLocalDomain(domain)) return { kind: "not-local" };
+    const mailboxes = new Set<string>();
+    const remote = new Set<string>();
+    let frontier = [addr];
+    for (let depth = 0; depth <= ALIAS_DEPTH_MAX && frontier.length; depth++) {
+      const next: string[] = [];
+      for (const a of frontier) {
+        const d = a.slice(a.lastIndexOf("@") + 1);
+        if (!this.isLocalDomain(d)) {
+          remote.add(a);
+          continue;
+        }
+        const targets = await this.aliasTargets(a);
+        if (targets.length) next.push(...targets);
+        else if (await this.userExists(a)) mailboxes.add(a);
+        if (mailboxes.size + remote.size + next.length > EXPANSION_MAX) break;
+      }
+      frontier = next;
+    }
+    if (mailboxes.size === 0 && remote.size === 0) return { kind: "unknown" };
+    return { kind: "local", mailboxes: [...mailboxes], remote: [...remote] };
+  }
+
+  async authenticate(user: string, password: string): Promise<boolean> {
+    const [rows] = await this.pool.query("SELECT password FROM users WHERE email = ? AND active = 1", [user.toLowerCase()]);
+    const row = (rows as { password: string }[])[0];
+    return !!row && verifyPassword(password, row.password);
+  }
+
+  /** Every address mail is accepted for (users and alias sources), for the backup MX. */
+  async allRecipients(): Promise<string[]> {
+    const [u] = await this.pool.query("SELECT email AS a FROM users WHERE active = 1 UNION SELECT source AS a FROM aliases");
+    return (u as { a: string }[]).map((r) => r.a.toLowerCase());
+  }
+
+  async close(): Promise<void> {
+    await this.pool.end();
+  }
+}

@@ -1,0 +1,145 @@
+// The SMTP service of the active node (`mailha smtp run`): MX on 25 (no AUTH, local
+// domains only, recipients checked at RCPT, never relays), submission on 587
+// (STARTTLS before AUTH) and 465 (implicit TLS) for the same accounts. A message is
+// answered 250 only after it is fsynced in every recipient's Maildir and in the
+// journal; anything short of that is a 4xx or 5xx and leaves nothing in new/.
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import { SMTPServer, type SMTPServerAuthentication, type SMTPServerDataStream, type SMTPServerSession, type SMTPServerOptions } from "smtp-server";
+import type { Logger } from "pino";
+import type { MailhaConfig } from "../../common/config.ts";
+import type { NodePaths } from "../../common/paths.ts";
+import { mariadbPaths } from "../mariadb.ts";
+import { Journal } from "./journal.ts";
+import { deliver, RejectError } from "./maildir.ts";
+import { Directory } from "./recipients.ts";
+
+export interface SmtpPorts {
+  readonly mx: number;
+  readonly submission: number;
+  readonly submissions: number;
+}
+
+export const DEFAULT_PORTS: SmtpPorts = { mx: 25, submission: 587, submissions: 465 };
+const RECIPIENTS_MAX = 100;
+const SOCKET_TIMEOUT_MS = 120_000;
+
+interface MailhaSession extends SMTPServerSession {
+  mailha?: { mailboxes: Set<string> };
+}
+
+function smtpError(code: number, message: string): Error & { responseCode: number } {
+  const e = new Error(message) as Error & { responseCode: number };
+  e.responseCode = code;
+  return e;
+}
+
+function rfc2822(d: Date): string {
+  return d.toUTCString().replace(/GMT$/, "+0000");
+}
+
+export interface SmtpService {
+  close(): Promise<void>;
+}
+
+export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: NodePaths; log: Logger; ports?: SmtpPorts }): Promise<SmtpService> {
+  const c = o.config;
+  const me = c.nodes.find((n) => n.id === o.nodeId)!;
+  const ports = o.ports ?? DEFAULT_PORTS;
+  const tlsDir = join(o.paths.data, "etc", "tls");
+  const key = readFileSync(join(tlsDir, "tls.key"));
+  const cert = readFileSync(join(tlsDir, "tls.crt"));
+  const dir = new Directory(mariadbPaths(o.paths).socket, c.mail.domains);
+  const journal = new Journal(o.paths.data, o.nodeId);
+  const myName = c.mail.mx.find((m) => m.node === o.nodeId)?.name ?? c.mail.host;
+  const mailRoot = join(o.paths.data, "mail");
+
+  const onRcptTo = (submission: boolean) => (address: { address: string }, session: MailhaSession, cb: (err?: Error | null) => void) => {
+    void dir.resolve(address.address).then(
+      (r) => {
+        if (r.kind === "not-local") {
+          if (submission && session.user) return cb(smtpError(451, "4.3.2 Delivery to other domains is not enabled on this server yet"));
+          return cb(smtpError(554, "5.7.1 Relay access denied"));
+        }
+        if (r.kind === "unknown") return cb(smtpError(550, `5.1.1 <${address.address}>: Recipient address rejected: User unknown`));
+        if (r.remote.length) return cb(smtpError(451, "4.3.2 Forwarding to other domains is not enabled on this server yet"));
+        session.mailha ??= { mailboxes: new Set() };
+        for (const m of r.mailboxes) session.mailha.mailboxes.add(m);
+        cb();
+      },
+      (err: Error) => {
+        o.log.error({ err }, "recipient lookup failed");
+        cb(smtpError(451, "4.3.0 Temporary lookup failure, try again later"));
+      },
+    );
+  };
+
+  const onData = (stream: SMTPServerDataStream, session: MailhaSession, cb: (err?: Error | null, message?: string) => void) => {
+    const t0 = Date.now();
+    const from = session.envelope.mailFrom ? session.envelope.mailFrom.address : "";
+    const proto = `E${session.transmissionType ?? "SMTP"}`.replace(/^EE/, "E");
+    const headers = `Return-Path: <${from}>\r\nReceived: from ${session.hostNameAppearsAs ?? "unknown"} ([${session.remoteAddress}])\r\n\tby ${myName} (mailha) with ${proto} id ${session.id}\r\n\tfor <${session.envelope.rcptTo.map((r) => r.address).join(">, <")}>; ${rfc2822(new Date())}\r\n`;
+    const mailboxes = [...(session.mailha?.mailboxes ?? [])];
+    session.mailha = { mailboxes: new Set() };
+    deliver(stream, mailboxes, { mailRoot, uid: c.mail.mail_uid, gid: c.mail.mail_gid, headers, sizeMax: c.mail.message_size_max_bytes })
+      .then((d) => {
+        journal.append(d.files.map((f, i) => ({ mailbox: mailboxes[i]!, file: f.slice(mailRoot.length + 1), sha256: d.sha256, size: d.size })));
+        o.log.info({ session: session.id, from, to: mailboxes, size: d.size, ms: Date.now() - t0 }, "delivered");
+        cb(null, `2.0.0 Ok: delivered as ${session.id}`);
+      })
+      .catch((err: Error) => {
+        // Drain whatever the client still sends, then answer.
+        stream.resume();
+        if (err instanceof RejectError) return cb(smtpError(err.responseCode, err.message));
+        if ((err as NodeJS.ErrnoException).code === "ECONNECTION") return cb(err);
+        o.log.error({ err, session: session.id }, "delivery failed");
+        cb(smtpError(451, "4.3.0 Could not store the message, try again later"));
+      });
+  };
+
+  const onAuth = (auth: SMTPServerAuthentication, _session: SMTPServerSession, cb: (err: Error | null | undefined, res?: { user: string }) => void) => {
+    const user = auth.username ?? "";
+    void dir.authenticate(user, auth.password ?? "").then(
+      (ok) => (ok ? cb(null, { user: user.toLowerCase() }) : cb(smtpError(535, "5.7.8 Authentication credentials invalid"))),
+      () => cb(smtpError(454, "4.7.0 Temporary authentication failure")),
+    );
+  };
+
+  const common: SMTPServerOptions = {
+    name: myName,
+    banner: "mailha ESMTP",
+    key,
+    cert,
+    size: c.mail.message_size_max_bytes,
+    maxClients: 200,
+    socketTimeout: SOCKET_TIMEOUT_MS,
+    disableReverseLookup: true,
+    logger: false,
+    onData,
+  };
+  (common as SMTPServerOptions & { maxRecipients?: number; rejectOversized?: boolean }).maxRecipients = RECIPIENTS_MAX;
+
+  const mx = new SMTPServer({ ...common, secure: false, authOptional: true, disabledCommands: ["AUTH"], onRcptTo: onRcptTo(false) });
+  const submission = new SMTPServer({ ...common, secure: false, authMethods: ["PLAIN", "LOGIN"], authOptional: false, allowInsecureAuth: false, onAuth, onRcptTo: onRcptTo(true) });
+  const submissions = new SMTPServer({ ...common, secure: true, authMethods: ["PLAIN", "LOGIN"], authOptional: false, onAuth, onRcptTo: onRcptTo(true) });
+  const servers: [SMTPServer, number][] = [
+    [mx, ports.mx],
+    [submission, ports.submission],
+    [submissions, ports.submissions],
+  ];
+  for (const [s, port] of servers) {
+    s.on("error", (err) => o.log.warn({ err, port }, "smtp connection error"));
+    await new Promise<void>((resolve, reject) => {
+      s.server.once("error", reject);
+      s.listen(port, me.service_address, () => resolve());
+    });
+  }
+  o.log.info({ address: me.service_address, ports }, "smtp listening");
+  return {
+    async close() {
+      await Promise.all(servers.map(([s]) => new Promise<void>((r) => s.close(() => r()))));
+      await dir.close();
+      journal.close();
+    },
+  };
+}

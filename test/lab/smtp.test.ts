@@ -1,0 +1,164 @@
+// Mail in and out of the active node as users and senders see it: swaks and
+// nodemailer deliver, imapflow and curl (IMAP, POP3) read; relaying, AUTH before
+// STARTTLS, unknown users and oversize messages are refused; malformed input gets
+// proper replies and leaves nothing behind; smtp-source's 5,000 messages all arrive,
+// once each.
+import { test, describe, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { existsSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { dirname, join } from "node:path";
+import nodemailer from "nodemailer";
+import { ImapFlow } from "imapflow";
+import { run, runAll, sleep } from "../../common/exec.ts";
+import { mailha } from "../helpers/cli.ts";
+import { writeTestLabConfig } from "../helpers/lab.ts";
+import { RawSmtp } from "../helpers/smtp.ts";
+
+const skip = process.getuid?.() !== 0 ? "needs root" : false;
+const PASS = "lab-password-alice";
+
+describe("mail on the active node", { skip }, () => {
+  const lab = writeTestLabConfig("m", 95);
+  const maildir = (user: string, sub = "new") => join(lab.dir, "a", "data", "mail", "mailha.test", user, "Maildir", sub);
+  const count = (user: string, sub = "new") => (existsSync(maildir(user, sub)) ? readdirSync(maildir(user, sub)).length : 0);
+
+  before(async () => {
+    const r = await mailha(["lab", "up", "--config", lab.configFile]);
+    assert.equal(r.code, 0, `lab up failed:\n${r.stderr}`);
+    for (const [u, p] of [["bob@mailha.test", "bob-password-1"], ["carol@mailha.test", "carol-password-1"]]) {
+      const a = await mailha(["user", "add", u!, "--password", p!, "--config", lab.configFile]);
+      assert.equal(a.code, 0, `user add ${u}: ${a.stderr}`);
+    }
+    const al = await mailha(["alias", "add", "team@mailha.test", "bob@mailha.test", "--config", lab.configFile]);
+    assert.equal(al.code, 0, al.stderr);
+    await mailha(["alias", "add", "team@mailha.test", "carol@mailha.test", "--config", lab.configFile]);
+  });
+  after(async () => {
+    await mailha(["lab", "down", "--config", lab.configFile]);
+    rmSync(dirname(lab.configFile), { recursive: true, force: true });
+  });
+
+  test("mailha user and alias commands manage the accounts", async () => {
+    const users = JSON.parse((await mailha(["user", "list", "--json", "--config", lab.configFile])).stdout) as { email: string }[];
+    assert.ok(users.some((u) => u.email === "bob@mailha.test"));
+    const dup = await mailha(["user", "add", "bob@mailha.test", "--password", "another-pw-1", "--config", lab.configFile]);
+    assert.equal(dup.code, 1);
+    assert.match(dup.stderr, /already exists/);
+    const bad = await mailha(["user", "add", "x@nodomain.example", "--password", "another-pw-1", "--config", lab.configFile]);
+    assert.match(bad.stderr, /domain nodomain.example does not exist/);
+    const aliases = JSON.parse((await mailha(["alias", "list", "--json", "--config", lab.configFile])).stdout) as { source: string; destination: string }[];
+    assert.deepEqual(aliases.filter((a) => a.source === "team@mailha.test").map((a) => a.destination), ["bob@mailha.test", "carol@mailha.test"]);
+  });
+
+  test("swaks and nodemailer deliver; imapflow and curl read through IMAP and POP3", async () => {
+    const before = count("alice");
+    const sw = await run("swaks", ["--server", lab.a, "--to", "alice@mailha.test", "--from", "sender@example.net", "--h-Subject", "via swaks", "--body", "swaks body"]);
+    assert.match(sw.stdout, /250 2\.0\.0/);
+    const tx = nodemailer.createTransport({ host: lab.a, port: 587, secure: false, requireTLS: true, tls: { rejectUnauthorized: false }, auth: { user: "bob@mailha.test", pass: "bob-password-1" } });
+    const info = await tx.sendMail({ from: "bob@mailha.test", to: "alice@mailha.test", subject: "via nodemailer", text: "nodemailer body" });
+    assert.match(info.response, /^250/);
+    assert.equal(count("alice"), before + 2);
+    for (const f of readdirSync(maildir("alice"))) assert.equal(statSync(join(maildir("alice"), f)).uid, 5000, `${f} belongs to the mail uid`);
+
+    const im = new ImapFlow({ host: lab.a, port: 143, secure: false, doSTARTTLS: true, tls: { rejectUnauthorized: false }, auth: { user: "alice@mailha.test", pass: PASS }, logger: false });
+    await im.connect();
+    await im.mailboxOpen("INBOX");
+    const subjects: string[] = [];
+    for await (const m of im.fetch("1:*", { envelope: true })) subjects.push(m.envelope?.subject ?? "");
+    await im.logout();
+    assert.ok(subjects.includes("via swaks") && subjects.includes("via nodemailer"), `imapflow sees both messages (${subjects.join(", ")})`);
+
+    const imapCurl = await run("curl", ["-sk", "--ssl-reqd", `imap://${lab.a}/INBOX;UID=1`, "-u", `alice@mailha.test:${PASS}`]);
+    assert.match(imapCurl.stdout, /^Subject: /m);
+    const pop = await run("curl", ["-sk", "--ssl-reqd", `pop3://${lab.a}/1`, "-u", `alice@mailha.test:${PASS}`]);
+    assert.match(pop.stdout, /^Return-Path: /m, "POP3 RETR returns the message");
+  });
+
+  test("an alias delivers one copy to each member", async () => {
+    const b0 = count("bob");
+    const c0 = count("carol");
+    const sw = await run("swaks", ["--server", lab.a, "--to", "team@mailha.test", "--from", "x@example.net"]);
+    assert.match(sw.stdout, /250 2\.0\.0/);
+    assert.equal(count("bob"), b0 + 1);
+    assert.equal(count("carol"), c0 + 1);
+  });
+
+  test("refusals: relaying without AUTH, AUTH before STARTTLS, an unknown user, an oversize message", async () => {
+    const relay = await runAll("swaks", ["--server", lab.a, "--to", "victim@example.org", "--from", "x@example.net"]);
+    assert.match(relay.stdout, /554 5\.7\.1 Relay access denied/);
+    const c = await RawSmtp.open(lab.a, 587);
+    assert.match(await c.cmd("EHLO test"), /^250/);
+    assert.match(await c.cmd(`AUTH PLAIN ${Buffer.from(`\0alice@mailha.test\0${PASS}`).toString("base64")}`), /^5\d\d .*STARTTLS/);
+    c.close();
+    const unknown = await runAll("swaks", ["--server", lab.a, "--to", "nobody@mailha.test"]);
+    assert.match(unknown.stdout, /550 5\.1\.1/);
+    const before = count("alice");
+    const bigFile = join(dirname(lab.configFile), "big-body.txt");
+    writeFileSync(bigFile, `${"x".repeat(80)}\n`.repeat(400_000)); // 32 MB, over the 25 MiB limit
+    const big = await runAll("swaks", ["--server", lab.a, "--to", "alice@mailha.test", "--body", bigFile], { timeoutMs: 120_000 });
+    assert.match(big.stdout, /552/);
+    assert.equal(count("alice"), before, "the oversize message is not delivered");
+  });
+
+  test("malformed input gets SMTP replies and leaves nothing in the Maildir", async () => {
+    const before = count("alice");
+    const tmpBefore = count("alice", "tmp");
+    const cases: [string, Buffer][] = [
+      ["a line over 1000 bytes", Buffer.from(`Subject: long\r\n\r\n${"y".repeat(1200)}\r\n.\r\n`)],
+      ["a bare LF", Buffer.from("Subject: lf\r\n\r\nline one\nline two\r\n.\r\n")],
+      ["NUL bytes", Buffer.concat([Buffer.from("Subject: nul\r\n\r\nbefore"), Buffer.from([0]), Buffer.from("after\r\n.\r\n")])],
+    ];
+    for (const [what, body] of cases) {
+      const c = await RawSmtp.open(lab.a, 25);
+      await c.cmd("EHLO test");
+      assert.match(await c.cmd("MAIL FROM:<x@example.net>"), /^250/);
+      assert.match(await c.cmd("RCPT TO:<alice@mailha.test>"), /^250/);
+      assert.match(await c.cmd("DATA"), /^354/);
+      const r = await c.cmd(body);
+      assert.match(r, /^554 5\.6\.0/, `${what}: expected a 554 5.6.0 reply, got ${r}`);
+      assert.match(await c.cmd("NOOP"), /^250/, `${what}: the session goes on after the refusal`);
+      c.close();
+    }
+    // A flood of nonsense commands is cut off with 421; a flood of NOOPs is answered.
+    const f = await RawSmtp.open(lab.a, 25);
+    let last = "";
+    for (let i = 0; i < 12 && last !== "closed"; i++) last = await f.cmd(`XYZZY ${i}`);
+    assert.match(last, /^421|closed/);
+    f.close();
+    const n = await RawSmtp.open(lab.a, 25);
+    n.send("NOOP\r\n".repeat(500));
+    let answered = 0;
+    for (let i = 0; i < 500; i++) if (/^250/.test(await n.reply(5000))) answered++;
+    assert.equal(answered, 500, "pipelined NOOPs are all answered");
+    n.close();
+    // DATA that never ends: the client goes away in the middle.
+    const u = await RawSmtp.open(lab.a, 25);
+    await u.cmd("EHLO test");
+    await u.cmd("MAIL FROM:<x@example.net>");
+    await u.cmd("RCPT TO:<alice@mailha.test>");
+    await u.cmd("DATA");
+    u.send("Subject: cut\r\n\r\nhalf a message...\r\n");
+    await sleep(200);
+    u.close();
+    await sleep(500);
+    assert.equal(count("alice"), before, "nothing malformed reached new/");
+    assert.equal(count("alice", "tmp"), tmpBefore, "and nothing is left in tmp/");
+  });
+
+  test("smtp-source: 5,000 messages over 20 sessions, every one in the Maildir exactly once", async () => {
+    const before = count("carol");
+    const r = await run("smtp-source", ["-s", "20", "-m", "5000", "-l", "2048", "-f", "load@example.net", "-t", "carol@mailha.test", `${lab.a}:25`], { timeoutMs: 600_000 });
+    assert.equal(r.stderr.trim(), "", `smtp-source reported errors: ${r.stderr.slice(0, 500)}`);
+    const files = readdirSync(maildir("carol"));
+    assert.equal(files.length - before, 5000, "every accepted message is in the Maildir");
+    const ids = new Set<string>();
+    for (const f of files) {
+      const head = readFileSync(join(maildir("carol"), f), "latin1").slice(0, 400);
+      const id = / id ([a-z0-9]+)/.exec(head)?.[1];
+      if (id && head.includes("load@example.net")) {
+        assert.ok(!ids.has(`${id}:${f}`), `duplicate delivery ${f}`);
+        ids.add(`${id}:${f}`);
+      }
+    }
+  });
+});
