@@ -3,13 +3,14 @@
 // talks to the witness, fences the peer, runs the resource group and its monitors,
 // and feeds all of it to the node state machine, which decides. Serves a control
 // socket for the operator, a Prometheus endpoint, and writes the cluster event log.
-import { appendFileSync, existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { appendFileSync, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { fileURLToPath } from "node:url";
 import { createSocket, type Socket as UdpSocket } from "node:dgram";
 import { createServer as createHttpServer } from "node:http";
 import type { Socket } from "node:net";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import type { MailhaConfig } from "../common/config.ts";
-import { isAlive, type DaemonRecord } from "../common/daemon.ts";
+import { isAlive, startDaemon, stopDaemon, type DaemonRecord } from "../common/daemon.ts";
 import { tryRun } from "../common/exec.ts";
 import { createLogger } from "../common/log.ts";
 import { nodeNetns, nodePaths, nodeStateDir } from "../common/paths.ts";
@@ -30,6 +31,7 @@ export function clusterEventLog(c: MailhaConfig, nodeId: string): string {
   return join(nodeStateDir(c, nodeId), "log", "cluster-events.jsonl");
 }
 
+const BIN = join(dirname(fileURLToPath(import.meta.url)), "..", "ops", "bin", "mailha.mjs");
 const WATCHDOG_INTERVAL_MS = 1000;
 const WATCHDOG_TIMEOUT_MS = 2000;
 const WATCHDOG_MISSES_MAX = 3;
@@ -113,6 +115,7 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
   );
   const waiting = new Map<number, (error?: string, result?: unknown) => void>();
   let nextReq = 1;
+  let stopping = false;
 
   const ctx: ResourceContext = {
     config: c,
@@ -133,6 +136,42 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
     for (const a of m.handle(ev)) act(a);
   }
 
+  // ---- the passive node's services (proxy, backup MX): whenever the group is not here --
+  const passiveSpec = {
+    name: "passive",
+    command: process.execPath,
+    args: [BIN, "passive", "run", "--config", c.file, "--node", o.nodeId],
+    logFile: join(paths.log, "passive.log"),
+    ready: async () => existsSync(join(paths.run, "passive.ready")),
+    readyTimeoutMs: 15_000,
+    stopTimeoutMs: 10_000,
+  };
+  let passiveOp: Promise<void> = Promise.resolve();
+  const passiveWanted = () => !stopping && !["activating", "active", "deactivating", "stop-failed"].includes(m.nodeState);
+  const reconcilePassive = (): Promise<void> => {
+    passiveOp = passiveOp.then(async () => {
+      const rec = daemons.get("passive");
+      const running = !!rec && isAlive(rec);
+      if (passiveWanted() && !running) {
+        try {
+          rmSync(join(paths.run, "passive.ready"), { force: true });
+          const r = await startDaemon(passiveSpec);
+          daemons.set("passive", r);
+          ctx.saveDaemons();
+          emit({ type: "passive-services", running: true, pid: r.pid });
+        } catch (err) {
+          emit({ type: "passive-services-failed", error: (err as Error).message.split("\n")[0] });
+        }
+      } else if (!passiveWanted() && rec) {
+        await stopDaemon(rec);
+        daemons.delete("passive");
+        ctx.saveDaemons();
+        emit({ type: "passive-services", running: false });
+      }
+    });
+    return passiveOp;
+  };
+
   function act(a: Action): void {
     switch (a.t) {
       case "event":
@@ -146,11 +185,17 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
       }
       case "start-group":
         emit({ type: "group-starting", forcePromote: a.forcePromote });
-        void runner.start(a.forcePromote).then((r) => dispatch({ t: "group-started", now: Date.now(), ok: r.ok, error: r.error }));
+        // The proxy holds the service ports: it goes first.
+        void reconcilePassive()
+          .then(() => runner.start(a.forcePromote))
+          .then((r) => dispatch({ t: "group-started", now: Date.now(), ok: r.ok, error: r.error }));
         break;
       case "stop-group":
         runner.requestAbort();
-        void runner.stop().then((r) => dispatch({ t: "group-stopped", now: Date.now(), ok: r.ok, error: r.error }));
+        void runner.stop().then((r) => {
+          dispatch({ t: "group-stopped", now: Date.now(), ok: r.ok, error: r.error });
+          void reconcilePassive();
+        });
         break;
       case "kill-group":
         void runner.kill().then((r) => dispatch({ t: "group-killed", now: Date.now(), ok: r.ok, error: r.error }));
@@ -214,6 +259,7 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
       }, PING_INTERVAL_MS),
     );
   }
+  timers.push(setInterval(() => void reconcilePassive(), 1000));
   let monitoring = false;
   timers.push(
     setInterval(() => {
@@ -306,7 +352,6 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
 
   emit({ type: "node-started", pid: process.pid, incarnation: inc, links: me.heartbeat_links.map((l) => l.name), witness: !!witness, fencing: fence.name });
 
-  let stopping = false;
   const shutdown = async (sig: string) => {
     if (stopping) return;
     stopping = true;
@@ -317,6 +362,7 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
       const r = await runner.stop();
       if (!r.ok) await runner.kill();
     }
+    await reconcilePassive().catch(() => {});
     if (witness) await witness.request("release", WITNESS_TIMEOUT_MS).catch(() => null);
     for (const s of sockets) s.sock.close();
     witness?.close();

@@ -61,11 +61,11 @@ export function controlCall(path: string, op: string, args: Record<string, unkno
     let buf = "";
     const t = setTimeout(() => {
       sock.destroy();
-      reject(new ControlError(`the volume engine did not answer "${op}" within ${timeoutMs} ms`));
+      reject(new ControlError(`the daemon at ${path} did not answer "${op}" within ${timeoutMs} ms`));
     }, timeoutMs);
     sock.on("error", (err) => {
       clearTimeout(t);
-      reject(new ControlError(`cannot reach the volume engine at ${path} (${(err as NodeJS.ErrnoException).code ?? err.message}): is it running?`));
+      reject(new ControlError(`cannot reach the daemon at ${path} (${(err as NodeJS.ErrnoException).code ?? err.message}): is it running?`));
     });
     sock.on("connect", () => sock.write(JSON.stringify({ id: 1, op, args }) + "\n"));
     sock.on("data", (d) => {

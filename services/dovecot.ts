@@ -117,6 +117,16 @@ service imap-login {
     port = ${ports.imaps}
     ssl = yes
   }
+  # Connections forwarded by the passive node's proxy, with a PROXY v2 header.
+  inet_listener imap_proxied {
+    port = 10143
+    haproxy = yes
+  }
+  inet_listener imaps_proxied {
+    port = 10993
+    ssl = yes
+    haproxy = yes
+  }
 }
 service pop3-login {
   inet_listener pop3 {
@@ -125,6 +135,15 @@ service pop3-login {
   inet_listener pop3s {
     port = ${ports.pop3s}
     ssl = yes
+  }
+  inet_listener pop3_proxied {
+    port = 10110
+    haproxy = yes
+  }
+  inet_listener pop3s_proxied {
+    port = 10995
+    ssl = yes
+    haproxy = yes
   }
 }
 service lmtp {

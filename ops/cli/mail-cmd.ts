@@ -9,6 +9,9 @@ import { resolveNode } from "../../replication/client.ts";
 import { addAlias, addDomain, addUser, deleteAlias, deleteUser, listAliases, listDomains, listUsers, setPassword } from "../../services/accounts.ts";
 import { connectMariadb, mariadbPaths } from "../../services/mariadb.ts";
 import { runSmtp } from "../../services/smtp/server.ts";
+import { runProxy } from "../../services/proxy.ts";
+import { rmSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
 import { createOutput, table } from "./output.ts";
 import { UsageError } from "../../common/errors.ts";
 
@@ -56,6 +59,31 @@ export function mailCommands(defaultConfig: string): Command[] {
       const log = createLogger(`smtp@${id}`);
       const svc = await runSmtp({ config: c, nodeId: id, paths: nodePaths(nodeStateDir(c, id)), log });
       const stop = () => void svc.close().finally(() => process.exit(0));
+      process.on("SIGTERM", stop);
+      process.on("SIGINT", stop);
+      process.on("SIGHUP", () => {});
+      await new Promise<never>(() => {});
+    });
+
+  const passive = new Command("passive").description("the passive node's services: the proxy to the active node (and the backup MX); the node daemon starts them");
+  passive
+    .command("run")
+    .description("run the passive node's services in the foreground")
+    .addOption(configOpt(defaultConfig))
+    .addOption(new Option("-n, --node <id>", "the node"))
+    .action(async (o: { config: string; node?: string }) => {
+      const c = loadConfig(o.config);
+      const id = resolveNode(c, o.node);
+      const me = c.nodes.find((n) => n.id === id)!;
+      const peer = c.nodes.find((n) => n.id !== id)!;
+      const log = createLogger(`passive@${id}`);
+      const proxy = await runProxy({ listenAddress: me.service_address, upstreamAddress: peer.service_address, onEvent: (ev) => log.info(ev, String(ev.type)) });
+      const ready = join(nodeStateDir(c, id), "run", "passive.ready");
+      writeFileSync(ready, `${process.pid}\n`);
+      const stop = () => void proxy.close().finally(() => {
+        rmSync(ready, { force: true });
+        process.exit(0);
+      });
       process.on("SIGTERM", stop);
       process.on("SIGINT", stop);
       process.on("SIGHUP", () => {});
@@ -117,5 +145,5 @@ export function mailCommands(defaultConfig: string): Command[] {
       const d = await withDb(o.config, listDomains);
       createOutput(!!o.json).result(d, () => d.join("\n"));
     });
-  return [smtp, user, alias, domain];
+  return [smtp, passive, user, alias, domain];
 }

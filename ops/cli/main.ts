@@ -2,7 +2,7 @@
 // exits 0 (ok), 1 (failure) or 2 (usage or configuration error).
 import { fileURLToPath } from "node:url";
 import { dirname, join, relative } from "node:path";
-import { readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { Command, CommanderError, Option } from "commander";
 import { loadConfig } from "../../common/config.ts";
 import { ConfigError, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError, exitCodeOf } from "../../common/errors.ts";
@@ -17,8 +17,9 @@ import { mailCommands } from "./mail-cmd.ts";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 const VERSION = (JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8")) as { version: string }).version;
-const DEFAULT_CONFIG = process.env.MAILHA_CONFIG ?? "/etc/mailha/mailha.yaml";
 const DEFAULT_LAB_CONFIG = process.env.MAILHA_LAB_CONFIG ?? relativeIfShorter(join(ROOT, "examples", "lab.yaml"));
+/** $MAILHA_CONFIG, else /etc/mailha/mailha.yaml, else (a machine with no cluster of its own) the lab's. */
+const DEFAULT_CONFIG = process.env.MAILHA_CONFIG ?? (existsSync("/etc/mailha/mailha.yaml") ? "/etc/mailha/mailha.yaml" : DEFAULT_LAB_CONFIG);
 
 function relativeIfShorter(p: string): string {
   const r = relative(process.cwd(), p);

@@ -23,6 +23,8 @@ export const DEBIAN_PACKAGES: Readonly<Record<string, string>> = {
   libfuse2: "FUSE library for the volume engine",
   fuse: "fusermount for the volume engine",
   swaks: "SMTP test client",
+  "libnet-ssleay-perl": "TLS for swaks",
+  "libio-socket-ssl-perl": "TLS for swaks",
   postfix: "smtp-source load generator (postfix itself is never started)",
   iproute2: "network namespaces for the lab",
   "iputils-ping": "reachability checks (lab tests, ping targets)",

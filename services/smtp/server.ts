@@ -122,10 +122,17 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
   const mx = new SMTPServer({ ...common, secure: false, authOptional: true, disabledCommands: ["AUTH"], onRcptTo: onRcptTo(false) });
   const submission = new SMTPServer({ ...common, secure: false, authMethods: ["PLAIN", "LOGIN"], authOptional: false, allowInsecureAuth: false, onAuth, onRcptTo: onRcptTo(true) });
   const submissions = new SMTPServer({ ...common, secure: true, authMethods: ["PLAIN", "LOGIN"], authOptional: false, onAuth, onRcptTo: onRcptTo(true) });
+  // Submission forwarded by the passive node's proxy (PROXY v2 from the peer only).
+  const peer = c.nodes.find((n) => n.id !== o.nodeId)!;
+  const proxied = { useProxy: [peer.service_address] } as unknown as SMTPServerOptions;
+  const submissionProxied = new SMTPServer({ ...common, ...proxied, secure: false, authMethods: ["PLAIN", "LOGIN"], authOptional: false, allowInsecureAuth: false, onAuth, onRcptTo: onRcptTo(true) });
+  const submissionsProxied = new SMTPServer({ ...common, ...proxied, secure: true, authMethods: ["PLAIN", "LOGIN"], authOptional: false, onAuth, onRcptTo: onRcptTo(true) });
   const servers: [SMTPServer, number][] = [
     [mx, ports.mx],
     [submission, ports.submission],
     [submissions, ports.submissions],
+    [submissionProxied, 10587],
+    [submissionsProxied, 10465],
   ];
   for (const [s, port] of servers) {
     s.on("error", (err) => o.log.warn({ err, port }, "smtp connection error"));
