@@ -22,6 +22,9 @@ import { encodeHeartbeat, HeartbeatReceiver, type HeartbeatCounters } from "./he
 import { ClusterMachine, type Action, type Command, type Event } from "./machine.ts";
 import { GROUP, GroupRunner, type ResourceContext } from "./resources.ts";
 import { WitnessClient } from "./witness.ts";
+import { checkRecipientsAuth } from "../services/smtp/backup-mx.ts";
+import { Directory } from "../services/smtp/recipients.ts";
+import { mariadbPaths } from "../services/mariadb.ts";
 
 export function nodeControlSocket(c: MailhaConfig, nodeId: string): string {
   return join(nodeStateDir(c, nodeId), "run", "node.sock");
@@ -342,6 +345,20 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
   });
 
   const metrics = createHttpServer((req, res) => {
+    if (req.url === "/recipients") {
+      // The passive node's backup MX checks recipients against this list.
+      if (!checkRecipientsAuth(key, req.headers["x-mailha-auth"] as string | undefined)) return void res.writeHead(403).end("forbidden\n");
+      if (m.nodeState !== "active") return void res.writeHead(503).end("not active\n");
+      const dir = new Directory(mariadbPaths(paths).socket, c.mail.domains);
+      void dir
+        .allRecipients()
+        .then(
+          (list) => res.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify({ recipients: list })),
+          () => res.writeHead(503).end("account store not available\n"),
+        )
+        .finally(() => void dir.close());
+      return;
+    }
     if (req.url !== "/metrics") {
       res.writeHead(404).end("see /metrics\n");
       return;

@@ -10,7 +10,8 @@ import { addAlias, addDomain, addUser, deleteAlias, deleteUser, listAliases, lis
 import { connectMariadb, mariadbPaths } from "../../services/mariadb.ts";
 import { runSmtp } from "../../services/smtp/server.ts";
 import { runProxy } from "../../services/proxy.ts";
-import { rmSync, writeFileSync } from "node:fs";
+import { readFileSync, rmSync, writeFileSync } from "node:fs";
+import { runBackupMx } from "../../services/smtp/backup-mx.ts";
 import { join } from "node:path";
 import { createOutput, table } from "./output.ts";
 import { UsageError } from "../../common/errors.ts";
@@ -78,9 +79,11 @@ export function mailCommands(defaultConfig: string): Command[] {
       const peer = c.nodes.find((n) => n.id !== id)!;
       const log = createLogger(`passive@${id}`);
       const proxy = await runProxy({ listenAddress: me.service_address, upstreamAddress: peer.service_address, onEvent: (ev) => log.info(ev, String(ev.type)) });
+      const key = Buffer.from(readFileSync(c.heartbeat.key_file, "utf8").trim());
+      const mx = await runBackupMx({ config: c, nodeId: id, paths: nodePaths(nodeStateDir(c, id)), key, log });
       const ready = join(nodeStateDir(c, id), "run", "passive.ready");
       writeFileSync(ready, `${process.pid}\n`);
-      const stop = () => void proxy.close().finally(() => {
+      const stop = () => void Promise.all([proxy.close(), mx.close()]).finally(() => {
         rmSync(ready, { force: true });
         process.exit(0);
       });

@@ -58,6 +58,57 @@ export function maildirOf(o: Pick<DeliveryOptions, "mailRoot" | "uid" | "gid">, 
   return md;
 }
 
+/**
+ * Copies the message stream into FD after HEADERS, checking it on the way: no NUL, no
+ * bare LF, no line over 998 characters, not over SIZEMAX. A bad message is drained and
+ * refused with the reply the client gets.
+ */
+export async function copyChecked(stream: Readable, fd: number, headers: string, sizeMax: number): Promise<{ size: number; sha256: string }> {
+  const hash = createHash("sha256");
+  const head = Buffer.from(headers);
+  writeSync(fd, head);
+  hash.update(head);
+  let size = head.length;
+  let lineLen = 0;
+  let prev = 0x0a;
+  let problem: RejectError | null = null;
+  for await (const chunk of stream as AsyncIterable<Buffer>) {
+    if (problem) continue; // drain the rest, keep nothing
+    for (let i = 0; i < chunk.length; i++) {
+      const b = chunk[i]!;
+      if (b === 0) {
+        problem = new RejectError(554, "5.6.0 Message contains NUL bytes");
+        break;
+      }
+      if (b === 0x0a) {
+        if (prev !== 0x0d) {
+          problem = new RejectError(554, "5.6.0 Message contains a bare LF (lines must end with CRLF)");
+          break;
+        }
+        lineLen = 0;
+      } else if (b !== 0x0d) {
+        if (++lineLen > LINE_MAX) {
+          problem = new RejectError(554, `5.6.0 Message contains a line longer than ${LINE_MAX} characters`);
+          break;
+        }
+      }
+      prev = b;
+    }
+    if (problem) continue;
+    size += chunk.length;
+    if (size > sizeMax) {
+      problem = new RejectError(552, `5.3.4 Message too big (the limit is ${sizeMax} bytes)`);
+      continue;
+    }
+    let off = 0;
+    while (off < chunk.length) off += writeSync(fd, chunk, off, chunk.length - off);
+    hash.update(chunk);
+  }
+  if ((stream as Readable & { sizeExceeded?: boolean }).sizeExceeded) problem = new RejectError(552, `5.3.4 Message too big (the limit is ${sizeMax} bytes)`);
+  if (problem) throw problem;
+  return { size, sha256: hash.digest("hex") };
+}
+
 /** Streams the message in, checks it, and delivers it to every mailbox, durably. */
 export async function deliver(stream: Readable, mailboxes: readonly string[], o: DeliveryOptions): Promise<Delivered> {
   if (mailboxes.length === 0) throw new RejectError(554, "5.1.1 No valid recipients");
@@ -68,48 +119,7 @@ export async function deliver(stream: Readable, mailboxes: readonly string[], o:
   const tmpFiles = [first];
   let closed = false;
   try {
-    const hash = createHash("sha256");
-    const head = Buffer.from(o.headers);
-    writeSync(fd, head);
-    hash.update(head);
-    let size = head.length;
-    let lineLen = 0;
-    let prev = 0x0a;
-    let problem: RejectError | null = null;
-    for await (const chunk of stream as AsyncIterable<Buffer>) {
-      if (problem) continue; // drain the rest, keep nothing
-      for (let i = 0; i < chunk.length; i++) {
-        const b = chunk[i]!;
-        if (b === 0) {
-          problem = new RejectError(554, "5.6.0 Message contains NUL bytes");
-          break;
-        }
-        if (b === 0x0a) {
-          if (prev !== 0x0d) {
-            problem = new RejectError(554, "5.6.0 Message contains a bare LF (lines must end with CRLF)");
-            break;
-          }
-          lineLen = 0;
-        } else if (b !== 0x0d) {
-          if (++lineLen > LINE_MAX) {
-            problem = new RejectError(554, `5.6.0 Message contains a line longer than ${LINE_MAX} characters`);
-            break;
-          }
-        }
-        prev = b;
-      }
-      if (problem) continue;
-      size += chunk.length;
-      if (size > o.sizeMax) {
-        problem = new RejectError(552, `5.3.4 Message too big (the limit is ${o.sizeMax} bytes)`);
-        continue;
-      }
-      let off = 0;
-      while (off < chunk.length) off += writeSync(fd, chunk, off, chunk.length - off);
-      hash.update(chunk);
-    }
-    if ((stream as Readable & { sizeExceeded?: boolean }).sizeExceeded) problem = new RejectError(552, `5.3.4 Message too big (the limit is ${o.sizeMax} bytes)`);
-    if (problem) throw problem;
+    const { size, sha256 } = await copyChecked(stream, fd, o.headers, o.sizeMax);
     fsyncSync(fd);
     closeSync(fd);
     closed = true;
@@ -128,7 +138,7 @@ export async function deliver(stream: Readable, mailboxes: readonly string[], o:
     });
     tmpFiles.length = 0;
     for (const d of dirs) fsyncPath(join(d, "new"));
-    return { files, sha256: hash.digest("hex"), size };
+    return { files, sha256, size };
   } finally {
     if (!closed) closeSync(fd);
     for (const t of tmpFiles) {

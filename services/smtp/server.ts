@@ -3,7 +3,8 @@
 // (STARTTLS before AUTH) and 465 (implicit TLS) for the same accounts. A message is
 // answered 250 only after it is fsynced in every recipient's Maildir and in the
 // journal; anything short of that is a 4xx or 5xx and leaves nothing in new/.
-import { readFileSync } from "node:fs";
+import { createReadStream, readFileSync } from "node:fs";
+import { flushSpool } from "./backup-mx.ts";
 import { join } from "node:path";
 import { SMTPServer, type SMTPServerAuthentication, type SMTPServerDataStream, type SMTPServerSession, type SMTPServerOptions } from "smtp-server";
 import type { Logger } from "pino";
@@ -142,6 +143,22 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
     });
   }
   o.log.info({ address: me.service_address, ports }, "smtp listening");
+  // Mail this node took as backup MX while it was passive is delivered here now.
+  const flushed = await flushSpool(
+    o.paths,
+    async (env, file) => {
+      const boxes = new Set<string>();
+      for (const rcpt of env.to) {
+        const r = await dir.resolve(rcpt);
+        if (r.kind === "local") for (const m of r.mailboxes) boxes.add(m);
+      }
+      const mailboxes = [...boxes];
+      const d = await deliver(createReadStream(file), mailboxes, { mailRoot, uid: c.mail.mail_uid, gid: c.mail.mail_gid, headers: `Return-Path: <${env.from}>\r\n`, sizeMax: c.mail.message_size_max_bytes });
+      journal.append(d.files.map((f, i) => ({ mailbox: mailboxes[i]!, file: f.slice(mailRoot.length + 1), sha256: d.sha256, size: d.size })));
+    },
+    o.log,
+  );
+  if (flushed) o.log.info({ flushed }, "delivered the backup MX spool");
   return {
     async close() {
       await Promise.all(servers.map(([s]) => new Promise<void>((r) => s.close(() => r()))));
