@@ -17,6 +17,7 @@ import type { NodePaths } from "../../common/paths.ts";
 import { copyChecked, RejectError } from "./maildir.ts";
 
 const REFRESH_MS = 10_000;
+const RECHECK_MS = 2000;
 const FORWARD_EVERY_MS = 2000;
 const FORWARD_BATCH_MAX = 50;
 const AUTH_SKEW_MS = 60_000;
@@ -119,6 +120,7 @@ export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; pat
       req.on("error", () => resolve());
       req.on("timeout", () => req.destroy());
     });
+  let lastRefresh = Date.now();
   await refresh();
 
   const tlsDir = join(o.paths.data, "etc", "tls");
@@ -137,9 +139,16 @@ export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; pat
       const addr = address.address.toLowerCase();
       const domain = addr.slice(addr.lastIndexOf("@") + 1);
       if (!c.mail.domains.includes(domain)) return cb(smtpError(554, "5.7.1 Relay access denied"));
-      if (!recipients) return cb(smtpError(451, "4.3.0 Recipient list not available yet, try again later"));
-      if (!recipients.has(addr)) return cb(smtpError(550, `5.1.1 <${addr}>: Recipient address rejected: User unknown`));
-      cb();
+      const check = () => {
+        if (!recipients) return cb(smtpError(451, "4.3.0 Recipient list not available yet, try again later"));
+        if (!recipients.has(addr)) return cb(smtpError(550, `5.1.1 <${addr}>: Recipient address rejected: User unknown`));
+        cb();
+      };
+      // An address we do not know may be a user added since the last refresh: ask
+      // the active node again (at most every RECHECK_MS) before refusing for good.
+      if (recipients?.has(addr) || Date.now() - lastRefresh < RECHECK_MS) return check();
+      lastRefresh = Date.now();
+      void refresh().then(check);
     },
     onData(stream: SMTPServerDataStream, session: SMTPServerSession, cb) {
       const id = `${Date.now()}-${randomBytes(6).toString("hex")}`;
@@ -201,7 +210,6 @@ export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; pat
     }
   };
   // Until the first list arrives, ask every second; then every REFRESH_MS.
-  let lastRefresh = Date.now();
   const timers = [
     setInterval(() => {
       if (recipients && Date.now() - lastRefresh < REFRESH_MS) return;

@@ -74,6 +74,36 @@ describe("mail on the active node", { skip }, () => {
     assert.match(pop.stdout, /^Return-Path: /m, "POP3 RETR returns the message");
   });
 
+  test("the passive node: backup MX on 25 (checked, spooled, forwarded) and the proxy for IMAP, POP3 and submission", async () => {
+    const before = count("alice");
+    // The backup MX needs the recipient list from the active node first.
+    let sw = await runAll("swaks", ["--server", lab.b, "--to", "alice@mailha.test", "--from", "sender@example.net", "--h-Subject", "via the backup MX"]);
+    for (let i = 0; i < 20 && /451 4\.3\.0/.test(sw.stdout); i++) {
+      await sleep(500);
+      sw = await runAll("swaks", ["--server", lab.b, "--to", "alice@mailha.test", "--from", "sender@example.net", "--h-Subject", "via the backup MX"]);
+    }
+    assert.match(sw.stdout, /250 2\.0\.0 Ok: queued on the backup MX/);
+    for (let i = 0; i < 50 && count("alice") === before; i++) await sleep(200);
+    assert.equal(count("alice"), before + 1, "the backup MX forwarded the message to the active node");
+    assert.match((await runAll("swaks", ["--server", lab.b, "--to", "nobody@mailha.test"])).stdout, /550 5\.1\.1/, "the backup MX refuses unknown users at RCPT (no backscatter)");
+    assert.match((await runAll("swaks", ["--server", lab.b, "--to", "victim@example.org"])).stdout, /554 5\.7\.1 Relay access denied/, "the backup MX does not relay");
+
+    const tx = nodemailer.createTransport({ host: lab.b, port: 587, secure: false, requireTLS: true, tls: { rejectUnauthorized: false }, auth: { user: "bob@mailha.test", pass: "bob-password-1" } });
+    const info = await tx.sendMail({ from: "bob@mailha.test", to: "alice@mailha.test", subject: "submitted through the passive node", text: "proxied" });
+    assert.match(info.response, /^250/);
+    const im = new ImapFlow({ host: lab.b, port: 143, secure: false, doSTARTTLS: true, tls: { rejectUnauthorized: false }, auth: { user: "alice@mailha.test", pass: PASS }, logger: false });
+    await im.connect();
+    await im.mailboxOpen("INBOX");
+    const subjects: string[] = [];
+    for await (const m of im.fetch("1:*", { envelope: true })) subjects.push(m.envelope?.subject ?? "");
+    await im.logout();
+    assert.ok(subjects.includes("via the backup MX") && subjects.includes("submitted through the passive node"), `imapflow through the passive node sees both (${subjects.join(", ")})`);
+    const pop = await run("curl", ["-sk", "--ssl-reqd", `pop3://${lab.b}/`, "-u", `alice@mailha.test:${PASS}`]);
+    assert.match(pop.stdout, /^\d+ \d+/m, "POP3 LIST through the passive node");
+    const log = readFileSync(join(lab.dir, "a", "log", "dovecot.log"), "utf8");
+    assert.match(log, new RegExp(`rip=${lab.w.replace(/\.\d+$/, "")}\.254, lip=${lab.b.replace(/\./g, "\\.")}`), "Dovecot on the active node saw the client's own address (PROXY header)");
+  });
+
   test("an alias delivers one copy to each member", async () => {
     const b0 = count("bob");
     const c0 = count("carol");
