@@ -179,6 +179,7 @@ export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; pat
         });
     },
   });
+  server.server.on("connection", (sock: import("node:net").Socket) => sock.setNoDelay(true));
   await new Promise<void>((resolve, reject) => {
     server.server.once("error", reject);
     server.listen(25, me.service_address, () => resolve());

@@ -4,11 +4,13 @@
 // new/ directory is fsynced. Only then does the caller answer 250. On any failure the
 // tmp files are removed and nothing is left in new/. Files belong to the mail uid.
 import { createHash } from "node:crypto";
-import { chownSync, closeSync, existsSync, fsyncSync, linkSync, mkdirSync, openSync, renameSync, unlinkSync, writeSync } from "node:fs";
+import { chownSync, existsSync, mkdirSync, writeSync } from "node:fs";
+import { chown, link, open, rename, unlink, type FileHandle } from "node:fs/promises";
 import { hostname } from "node:os";
 import { join } from "node:path";
 import type { Readable } from "node:stream";
 import { fsyncPath } from "../../common/fsutil.ts";
+import { GroupSync } from "../../common/groupsync.ts";
 
 export const LINE_MAX = 998;
 
@@ -63,10 +65,16 @@ export function maildirOf(o: Pick<DeliveryOptions, "mailRoot" | "uid" | "gid">, 
  * bare LF, no line over 998 characters, not over SIZEMAX. A bad message is drained and
  * refused with the reply the client gets.
  */
-export async function copyChecked(stream: Readable, fd: number, headers: string, sizeMax: number): Promise<{ size: number; sha256: string }> {
+export async function copyChecked(stream: Readable, fd: number | FileHandle, headers: string, sizeMax: number): Promise<{ size: number; sha256: string }> {
+  const write = async (b: Buffer) => {
+    if (typeof fd === "number") {
+      let off = 0;
+      while (off < b.length) off += writeSync(fd, b, off, b.length - off);
+    } else await fd.write(b);
+  };
   const hash = createHash("sha256");
   const head = Buffer.from(headers);
-  writeSync(fd, head);
+  await write(head);
   hash.update(head);
   let size = head.length;
   let lineLen = 0;
@@ -100,8 +108,7 @@ export async function copyChecked(stream: Readable, fd: number, headers: string,
       problem = new RejectError(552, `5.3.4 Message too big (the limit is ${sizeMax} bytes)`);
       continue;
     }
-    let off = 0;
-    while (off < chunk.length) off += writeSync(fd, chunk, off, chunk.length - off);
+    await write(chunk);
     hash.update(chunk);
   }
   if ((stream as Readable & { sizeExceeded?: boolean }).sizeExceeded) problem = new RejectError(552, `5.3.4 Message too big (the limit is ${sizeMax} bytes)`);
@@ -109,44 +116,44 @@ export async function copyChecked(stream: Readable, fd: number, headers: string,
   return { size, sha256: hash.digest("hex") };
 }
 
-/** Streams the message in, checks it, and delivers it to every mailbox, durably. */
-export async function deliver(stream: Readable, mailboxes: readonly string[], o: DeliveryOptions): Promise<Delivered> {
+const dirSync = new GroupSync();
+
+/** Streams the message in, checks it, and delivers it to every mailbox, durably; ALONGSIDE runs with the last fsyncs. */
+export async function deliver(stream: Readable, mailboxes: readonly string[], o: DeliveryOptions, alongside?: (d: Delivered) => Promise<void>): Promise<Delivered> {
   if (mailboxes.length === 0) throw new RejectError(554, "5.1.1 No valid recipients");
   const dirs = mailboxes.map((m) => maildirOf(o, m));
   const base = `${Math.floor(Date.now() / 1000)}.M${process.hrtime.bigint() % 1000000n}P${process.pid}Q${++counter}.${HOST}`;
   const first = join(dirs[0]!, "tmp", base);
-  const fd = openSync(first, "wx", 0o600);
+  const fh = await open(first, "wx", 0o600);
   const tmpFiles = [first];
   let closed = false;
   try {
-    const { size, sha256 } = await copyChecked(stream, fd, o.headers, o.sizeMax);
-    fsyncSync(fd);
-    closeSync(fd);
+    const { size, sha256 } = await copyChecked(stream, fh, o.headers, o.sizeMax);
+    // Asynchronous fsyncs: concurrent deliveries share the file system's journal commits.
+    await fh.sync();
+    await fh.close();
     closed = true;
-    chownSync(first, o.uid, o.gid);
+    await chown(first, o.uid, o.gid);
     for (const d of dirs.slice(1)) {
       const t = join(d, "tmp", base);
-      linkSync(first, t);
+      await link(first, t);
       tmpFiles.push(t);
     }
     const name = `${base},S=${size}`;
     const files: string[] = [];
-    dirs.forEach((d, i) => {
+    for (const [i, d] of dirs.entries()) {
       const dest = join(d, "new", name);
-      renameSync(tmpFiles[i]!, dest);
+      await rename(tmpFiles[i]!, dest);
       files.push(dest);
-    });
-    tmpFiles.length = 0;
-    for (const d of dirs) fsyncPath(join(d, "new"));
-    return { files, sha256, size };
-  } finally {
-    if (!closed) closeSync(fd);
-    for (const t of tmpFiles) {
-      try {
-        unlinkSync(t);
-      } catch {
-        // already gone
-      }
     }
+    tmpFiles.length = 0;
+    const delivered = { files, sha256, size };
+    // The directory fsyncs and the caller's own durable step (the journal) run
+    // together: the file system can fold them into one journal commit.
+    await Promise.all([...dirs.map((d) => dirSync.sync(join(d, "new"))), alongside?.(delivered)]);
+    return delivered;
+  } finally {
+    if (!closed) await fh.close().catch(() => {});
+    for (const t of tmpFiles) await unlink(t).catch(() => {});
   }
 }

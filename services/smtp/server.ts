@@ -12,6 +12,7 @@ import type { MailhaConfig } from "../../common/config.ts";
 import type { NodePaths } from "../../common/paths.ts";
 import { mariadbPaths } from "../mariadb.ts";
 import { Journal } from "./journal.ts";
+import { greetWithoutPause } from "./greeting.ts";
 import { deliver, RejectError } from "./maildir.ts";
 import { Directory } from "./recipients.ts";
 
@@ -47,6 +48,7 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
   const c = o.config;
   const me = c.nodes.find((n) => n.id === o.nodeId)!;
   const ports = o.ports ?? DEFAULT_PORTS;
+  if (!greetWithoutPause()) o.log.warn("smtp-server changed: the 100 ms greeting pause stays");
   const tlsDir = join(o.paths.data, "etc", "tls");
   const key = readFileSync(join(tlsDir, "tls.key"));
   const cert = readFileSync(join(tlsDir, "tls.crt"));
@@ -82,9 +84,14 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
     const headers = `Return-Path: <${from}>\r\nReceived: from ${session.hostNameAppearsAs ?? "unknown"} ([${session.remoteAddress}])\r\n\tby ${myName} (mailha) with ${proto} id ${session.id}\r\n\tfor <${session.envelope.rcptTo.map((r) => r.address).join(">, <")}>; ${rfc2822(new Date())}\r\n`;
     const mailboxes = [...(session.mailha?.mailboxes ?? [])];
     session.mailha = { mailboxes: new Set() };
-    deliver(stream, mailboxes, { mailRoot, uid: c.mail.mail_uid, gid: c.mail.mail_gid, headers, sizeMax: c.mail.message_size_max_bytes })
+    // The message is safe once in the Maildir: a journal failure is logged, not a 4xx
+    // (which would make the client send it again).
+    const record = (d: { files: string[]; sha256: string; size: number }) =>
+      journal
+        .append(d.files.map((f, i) => ({ mailbox: mailboxes[i]!, file: f.slice(mailRoot.length + 1), sha256: d.sha256, size: d.size })))
+        .catch((err: Error) => o.log.error({ err, session: session.id }, "journal append failed; the reconciliation will not see this delivery"));
+    deliver(stream, mailboxes, { mailRoot, uid: c.mail.mail_uid, gid: c.mail.mail_gid, headers, sizeMax: c.mail.message_size_max_bytes }, record)
       .then((d) => {
-        journal.append(d.files.map((f, i) => ({ mailbox: mailboxes[i]!, file: f.slice(mailRoot.length + 1), sha256: d.sha256, size: d.size })));
         o.log.info({ session: session.id, from, to: mailboxes, size: d.size, ms: Date.now() - t0 }, "delivered");
         cb(null, `2.0.0 Ok: delivered as ${session.id}`);
       })
@@ -137,6 +144,8 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
   ];
   for (const [s, port] of servers) {
     s.on("error", (err) => o.log.warn({ err, port }, "smtp connection error"));
+    // Replies are small writes: without this, Nagle and delayed ACKs add ~40 ms per step.
+    s.server.on("connection", (sock: import("node:net").Socket) => sock.setNoDelay(true));
     await new Promise<void>((resolve, reject) => {
       s.server.once("error", reject);
       s.listen(port, me.service_address, () => resolve());
@@ -154,7 +163,7 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
       }
       const mailboxes = [...boxes];
       const d = await deliver(createReadStream(file), mailboxes, { mailRoot, uid: c.mail.mail_uid, gid: c.mail.mail_gid, headers: `Return-Path: <${env.from}>\r\n`, sizeMax: c.mail.message_size_max_bytes });
-      journal.append(d.files.map((f, i) => ({ mailbox: mailboxes[i]!, file: f.slice(mailRoot.length + 1), sha256: d.sha256, size: d.size })));
+      await journal.append(d.files.map((f, i) => ({ mailbox: mailboxes[i]!, file: f.slice(mailRoot.length + 1), sha256: d.sha256, size: d.size })));
     },
     o.log,
   );
@@ -163,7 +172,7 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
     async close() {
       await Promise.all(servers.map(([s]) => new Promise<void>((r) => s.close(() => r()))));
       await dir.close();
-      journal.close();
+      await journal.close();
     },
   };
 }

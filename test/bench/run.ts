@@ -1,11 +1,12 @@
-// `npm run bench [-- NAME]`: runs the benchmarks (volume, failover) and prints every
+// `npm run bench [-- NAME]`: runs the benchmarks (volume, failover, smtp) and prints every
 // figure as `NAME VALUE UNIT`, ratios against a baseline measured in the same run, then
 // rewrites that benchmark's section of BENCHMARKS.md. The machine is shared and noisy:
 // compare ratios, not absolute times.
 import { runVolumeBench } from "./volume.ts";
 import { runFailoverBench } from "./failover.ts";
+import { runSmtpBench } from "./smtp.ts";
 
-const BENCHES: Record<string, () => Promise<void>> = { volume: runVolumeBench, failover: runFailoverBench };
+const BENCHES: Record<string, () => Promise<void>> = { volume: runVolumeBench, failover: runFailoverBench, smtp: runSmtpBench };
 const wanted = process.argv.slice(2).filter((a) => !a.startsWith("-"));
 const names = wanted.length ? wanted : Object.keys(BENCHES);
 for (const n of names) {

@@ -1,0 +1,107 @@
+// The SMTP benchmark: Postfix's smtp-source sends the same messages (size,
+// concurrency) to (a) a private Postfix instance delivering to Maildir on the local
+// disk and (b) mailha's SMTP on the active node, writing to the replicated volume
+// (protocol C). The rate is messages per second until every message is in the
+// Maildir (Postfix's 250 means queued; mailha's means delivered, so both are timed to
+// the Maildir). Printed as a ratio mailha / Postfix from the same run.
+import { chmodSync, chownSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync, copyFileSync, cpSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { spawn } from "node:child_process";
+import { run, sleep, tryRun } from "../../common/exec.ts";
+import { mailha } from "../helpers/cli.ts";
+import { writeTestLabConfig } from "../helpers/lab.ts";
+import { writeSection } from "./report.ts";
+
+const MESSAGES = Number(process.env.BENCH_SMTP_MESSAGES ?? 2000);
+const SESSIONS = 20;
+const SIZE = 4096;
+
+async function timedSend(target: string, rcpt: string, countNow: () => number): Promise<number> {
+  const before = countNow();
+  const t0 = process.hrtime.bigint();
+  const r = await run("smtp-source", ["-s", String(SESSIONS), "-m", String(MESSAGES), "-l", String(SIZE), "-f", "bench@example.net", "-t", rcpt, target], { timeoutMs: 900_000 });
+  if (r.stderr.trim()) throw new Error(`smtp-source: ${r.stderr.slice(0, 300)}`);
+  for (let i = 0; i < 6000 && countNow() - before < MESSAGES; i++) await sleep(50);
+  const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
+  if (countNow() - before < MESSAGES) throw new Error(`only ${countNow() - before} of ${MESSAGES} messages arrived`);
+  return MESSAGES / seconds;
+}
+
+async function postfix(): Promise<number> {
+  const d = mkdtempSync(join("/var/tmp", "mailha-bench-postfix-"));
+  chmodSync(d, 0o755); // postfix's own processes must enter it
+  for (const x of ["etc", "spool", "data", "mail"]) mkdirSync(join(d, x));
+  for (const f of ["master.cf", "dynamicmaps.cf", "postfix-files"]) copyFileSync(join("/etc/postfix", f), join(d, "etc", f));
+  for (const f of ["dynamicmaps.cf.d", "postfix-files.d"]) if (existsSync(join("/etc/postfix", f))) cpSync(join("/etc/postfix", f), join(d, "etc", f), { recursive: true });
+  chownSync(join(d, "mail"), 5000, 5000);
+  await run("chown", ["postfix", join(d, "data")]);
+  writeFileSync(
+    join(d, "etc", "main.cf"),
+    [
+      "compatibility_level = 3.6", `queue_directory = ${d}/spool`, `data_directory = ${d}/data`, "mail_owner = postfix", "setgid_group = postdrop",
+      "myhostname = bench.local", "inet_interfaces = 127.0.0.1", "inet_protocols = ipv4", "mydestination =", "local_recipient_maps =",
+      "virtual_mailbox_domains = bench.test", `virtual_mailbox_base = ${d}/mail`, "virtual_mailbox_maps = static:bench/Maildir/",
+      "virtual_uid_maps = static:5000", "virtual_gid_maps = static:5000", "virtual_minimum_uid = 100", "mynetworks = 127.0.0.0/8",
+      "smtpd_recipient_restrictions = permit_mynetworks, reject_unauth_destination", "maillog_file = /dev/stdout", "smtputf8_enable = no", "",
+    ].join("\n"),
+  );
+  const mc = join(d, "etc", "master.cf");
+  await run("sed", ["-i", "s/^smtp      inet  n       -       y       -       -       smtpd/2525      inet  n       -       n       -       -       smtpd/", mc]);
+  await tryRun("postfix", ["-c", join(d, "etc"), "post-install", "create-missing"]);
+  const logFd = openSync(join(d, "postfix.log"), "a");
+  const master = spawn("postfix", ["-c", join(d, "etc"), "start-fg"], { stdio: ["ignore", logFd, logFd], detached: true });
+  try {
+    let up = false;
+    for (let i = 0; i < 100 && !up; i++) {
+      up = !!(await tryRun("swaks", ["--server", "127.0.0.1:2525", "--quit-after", "EHLO"]));
+      if (!up) await sleep(100);
+    }
+    if (!up) throw new Error(`Postfix did not start:\n${readFileSync(join(d, "postfix.log"), "utf8").slice(-1500)}`);
+    const md = join(d, "mail", "bench", "Maildir", "new");
+    return await timedSend("127.0.0.1:2525", "x@bench.test", () => (existsSync(md) ? readdirSync(md).length : 0));
+  } finally {
+    await tryRun("postfix", ["-c", join(d, "etc"), "stop"]);
+    try {
+      process.kill(-master.pid!, "SIGTERM");
+    } catch {
+      // stopped
+    }
+    await sleep(500);
+    rmSync(d, { recursive: true, force: true });
+  }
+}
+
+async function mailhaRate(): Promise<number> {
+  const lab = writeTestLabConfig("bs", 97);
+  try {
+    const up = await mailha(["lab", "up", "--config", lab.configFile]);
+    if (up.code !== 0) throw new Error(`lab up failed: ${up.stderr}`);
+    const md = join(lab.dir, "a", "data", "mail", "mailha.test", "alice", "Maildir", "new");
+    return await timedSend(`${lab.a}:25`, "alice@mailha.test", () => (existsSync(md) ? readdirSync(md).length : 0));
+  } finally {
+    await mailha(["lab", "down", "--config", lab.configFile]);
+    rmSync(dirname(lab.configFile), { recursive: true, force: true });
+  }
+}
+
+export async function runSmtpBench(): Promise<void> {
+  process.stderr.write(`smtp benchmark: smtp-source, ${MESSAGES} messages of ${SIZE} bytes over ${SESSIONS} sessions\n- Postfix to Maildir on the local disk\n`);
+  const pf = await postfix();
+  process.stderr.write("- mailha on the replicated volume (protocol C)\n");
+  const mh = await mailhaRate();
+  const lines = [`smtp.deliveries.postfix ${pf.toFixed(0)} per_s`, `smtp.deliveries.mailha ${mh.toFixed(0)} per_s`, `smtp.deliveries.mailha_vs_postfix ${(mh / pf).toFixed(2)} ratio`];
+  for (const l of lines) console.log(l);
+  writeSection("smtp", [
+    `Command: \`npm run bench -- smtp\` (run ${new Date().toISOString().slice(0, 10)}; smtp-source -s ${SESSIONS} -m ${MESSAGES} -l ${SIZE}).`,
+    "Timed until every message is in the Maildir. Postfix: a private instance (its own config and queue) on 127.0.0.1:2525, virtual(8) delivery to Maildir on the local disk. mailha: the lab's active node, SMTP on 25, Maildir on the replicated volume with protocol C (a 250 means on both disks). Target: ratio at least 1.0.",
+    "",
+    "| setup | messages/s |",
+    "|---|---|",
+    `| Postfix, local disk | ${pf.toFixed(0)} |`,
+    `| mailha, replicated volume | ${mh.toFixed(0)} (${(mh / pf).toFixed(2)} x Postfix) |`,
+    "",
+    "```",
+    ...lines,
+    "```",
+  ]);
+}
