@@ -66,6 +66,14 @@ const schema = z
       mail_uid: int("a uid for mail files", 500, 2 ** 31 - 2).default(5000),
       mail_gid: int("a gid for mail files", 500, 2 ** 31 - 2).default(5000),
       message_size_max_bytes: int("a byte count", 1024, 2 ** 31 - 1).default(25 * 1024 * 1024),
+      outbound: z
+        .strictObject({
+          lifetime_s: int("seconds", 1, 30 * 86_400).default(5 * 86_400),
+          retry_initial_s: int("seconds", 1, 86_400).default(300),
+          retry_max_s: int("seconds", 1, 86_400).default(3600),
+          resolvers: z.array(ipv4(), { error: "a list of IPv4 addresses" }).max(4, { error: "at most 4 resolvers" }).default([]),
+        })
+        .prefault({}),
     }),
     timers: z
       .strictObject({

@@ -9,6 +9,15 @@ import { query } from "./query.ts";
 import { parseTsigKeyFile } from "./tsig-key.ts";
 import { renderZoneFile } from "./zone.ts";
 
+/** A remote domain whose MX is the lab's third host (a test sink listens there). */
+export const LAB_SINK_ZONE = "sink.test";
+/** A remote domain whose MX refuses connections (the operator's seat, no SMTP there). */
+export const LAB_DEAD_ZONE = "dead.test";
+
+function labZone(zone: string, ns: string, mxAddress: string): string {
+  return `$ORIGIN ${zone}.\n$TTL 60\n@ IN SOA ns.${zone}. hostmaster.${zone}. ( 1 3600 600 604800 60 )\n@ IN NS ns.${zone}.\nns IN A ${ns}\n@ IN MX 10 mx.${zone}.\nmx IN A ${mxAddress}\n`;
+}
+
 export interface BindPaths {
   readonly dir: string;
   readonly conf: string;
@@ -43,6 +52,9 @@ zone "${c.dns.zone}" {
   file "${b.zoneFile}";
   update-policy { grant ${keyName}. zonesub ANY; };
 };
+// Other domains for the lab's outbound tests: a sink that accepts, a host that refuses.
+zone "${LAB_SINK_ZONE}" { type primary; file "${join(b.dir, `${LAB_SINK_ZONE}.zone`)}"; };
+zone "${LAB_DEAD_ZONE}" { type primary; file "${join(b.dir, `${LAB_DEAD_ZONE}.zone`)}"; };
 `;
 }
 
@@ -53,6 +65,8 @@ export function writeBindConfig(c: MailhaConfig, b: BindPaths, listen: string): 
   copyFileSync(c.dns.tsig_key_file, b.keyFile);
   writeFileSync(b.conf, renderNamedConf(c, b, listen, key.name), { mode: 0o644 });
   writeFileSync(b.zoneFile, renderZoneFile(c, listen, Math.floor(Date.now() / 1000)), { mode: 0o644 });
+  writeFileSync(join(b.dir, `${LAB_SINK_ZONE}.zone`), labZone(LAB_SINK_ZONE, listen, listen));
+  writeFileSync(join(b.dir, `${LAB_DEAD_ZONE}.zone`), labZone(LAB_DEAD_ZONE, listen, c.lab?.operator_address ?? listen));
 }
 
 export function bindSpec(name: string, c: MailhaConfig, b: BindPaths, listen: string, netns?: string): DaemonSpec {

@@ -12,6 +12,8 @@ import { startDaemon, type DaemonRecord } from "../../common/daemon.ts";
 import { UsageError } from "../../common/errors.ts";
 import { run, tryRun } from "../../common/exec.ts";
 import { nodeSpec } from "../../cluster/client.ts";
+import { nodePaths } from "../../common/paths.ts";
+import { unmountVolume } from "../../replication/filesystem.ts";
 import { loopsUnder, mountsUnder, requireLab } from "./lab.ts";
 import { namespacePids, REPLICATION_DEV, SERVICE_DEV, nsPrefix } from "./network.ts";
 
@@ -49,8 +51,11 @@ export async function labFault(configFile: string, fault: Fault, args: string[])
       const id = node(0);
       if ((await namespacePids(ns(id))).length) throw new UsageError(`node ${id} still runs processes: kill-node first`);
       const dir = resolve(join(c.lab.dir, id));
-      for (const m of mountsUnder(dir)) await tryRun("umount", ["-l", m.mountpoint]);
+      // Like a reboot: the file system on the dead export first, its loop device while
+      // the export's path still names it, then whatever else was mounted.
+      await unmountVolume(dir, nodePaths(dir).data, { lazy: true }).catch(() => ({}));
       for (const l of await loopsUnder(dir)) await tryRun("losetup", ["-d", l]);
+      for (const m of mountsUnder(dir)) await tryRun("umount", ["-l", m.mountpoint]);
       const rec = await startDaemon(nodeSpec(c, id));
       const stateFile = join(c.lab.dir, "lab.json");
       if (existsSync(stateFile)) {

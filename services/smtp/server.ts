@@ -5,6 +5,8 @@
 // journal; anything short of that is a 4xx or 5xx and leaves nothing in new/.
 import { createReadStream, readFileSync } from "node:fs";
 import { flushSpool } from "./backup-mx.ts";
+import { Outbound } from "./outbound.ts";
+import { redisPaths } from "../redis.ts";
 import { join } from "node:path";
 import { SMTPServer, type SMTPServerAuthentication, type SMTPServerDataStream, type SMTPServerSession, type SMTPServerOptions } from "smtp-server";
 import type { Logger } from "pino";
@@ -27,7 +29,7 @@ const RECIPIENTS_MAX = 100;
 const SOCKET_TIMEOUT_MS = 120_000;
 
 interface MailhaSession extends SMTPServerSession {
-  mailha?: { mailboxes: Set<string> };
+  mailha?: { mailboxes: Set<string>; remote: Set<string> };
 }
 
 function smtpError(code: number, message: string): Error & { responseCode: number } {
@@ -56,18 +58,30 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
   const journal = new Journal(o.paths.data, o.nodeId);
   const myName = c.mail.mx.find((m) => m.node === o.nodeId)?.name ?? c.mail.host;
   const mailRoot = join(o.paths.data, "mail");
+  const localDeliver = async (from: string, to: string, file: string) => {
+    const r = await dir.resolve(to);
+    if (r.kind !== "local" || !r.mailboxes.length) throw new Error(`${to} is not a local mailbox`);
+    const d = await deliver(createReadStream(file), r.mailboxes, { mailRoot, uid: c.mail.mail_uid, gid: c.mail.mail_gid, headers: `Return-Path: <${from}>\r\n`, sizeMax: c.mail.message_size_max_bytes });
+    await journal.append(d.files.map((f, i) => ({ mailbox: r.mailboxes[i]!, file: f.slice(mailRoot.length + 1), sha256: d.sha256, size: d.size })));
+  };
+  const outbound = new Outbound(c, o.paths.data, redisPaths(o.paths).socket, myName, localDeliver, (a) => dir.isLocalDomain(a.slice(a.lastIndexOf("@") + 1)), o.log);
+  outbound.start();
 
   const onRcptTo = (submission: boolean) => (address: { address: string }, session: MailhaSession, cb: (err?: Error | null) => void) => {
     void dir.resolve(address.address).then(
       (r) => {
+        session.mailha ??= { mailboxes: new Set(), remote: new Set() };
         if (r.kind === "not-local") {
-          if (submission && session.user) return cb(smtpError(451, "4.3.2 Delivery to other domains is not enabled on this server yet"));
+          // Authenticated users may send anywhere: into the outbound queue.
+          if (submission && session.user) {
+            session.mailha.remote.add(address.address.toLowerCase());
+            return cb();
+          }
           return cb(smtpError(554, "5.7.1 Relay access denied"));
         }
         if (r.kind === "unknown") return cb(smtpError(550, `5.1.1 <${address.address}>: Recipient address rejected: User unknown`));
-        if (r.remote.length) return cb(smtpError(451, "4.3.2 Forwarding to other domains is not enabled on this server yet"));
-        session.mailha ??= { mailboxes: new Set() };
         for (const m of r.mailboxes) session.mailha.mailboxes.add(m);
+        for (const x of r.remote) session.mailha.remote.add(x); // aliases that forward elsewhere
         cb();
       },
       (err: Error) => {
@@ -83,16 +97,35 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
     const proto = `E${session.transmissionType ?? "SMTP"}`.replace(/^EE/, "E");
     const headers = `Return-Path: <${from}>\r\nReceived: from ${session.hostNameAppearsAs ?? "unknown"} ([${session.remoteAddress}])\r\n\tby ${myName} (mailha) with ${proto} id ${session.id}\r\n\tfor <${session.envelope.rcptTo.map((r) => r.address).join(">, <")}>; ${rfc2822(new Date())}\r\n`;
     const mailboxes = [...(session.mailha?.mailboxes ?? [])];
-    session.mailha = { mailboxes: new Set() };
+    const remote = [...(session.mailha?.remote ?? [])];
+    session.mailha = { mailboxes: new Set(), remote: new Set() };
+    const opts = { mailRoot, uid: c.mail.mail_uid, gid: c.mail.mail_gid, headers, sizeMax: c.mail.message_size_max_bytes };
+    if (mailboxes.length === 0 && remote.length) {
+      outbound
+        .enqueue(stream, from, remote, headers, c.mail.message_size_max_bytes)
+        .then((id) => {
+          o.log.info({ session: session.id, from, to: remote, queued: id }, "queued for other domains");
+          cb(null, `2.0.0 Ok: queued as ${id}`);
+        })
+        .catch((err: Error) => {
+          stream.resume();
+          if (err instanceof RejectError) return cb(smtpError(err.responseCode, err.message));
+          o.log.error({ err }, "could not queue the message");
+          cb(smtpError(451, "4.3.0 Could not queue the message, try again later"));
+        });
+      return;
+    }
     // The message is safe once in the Maildir: a journal failure is logged, not a 4xx
     // (which would make the client send it again).
     const record = (d: { files: string[]; sha256: string; size: number }) =>
       journal
         .append(d.files.map((f, i) => ({ mailbox: mailboxes[i]!, file: f.slice(mailRoot.length + 1), sha256: d.sha256, size: d.size })))
         .catch((err: Error) => o.log.error({ err, session: session.id }, "journal append failed; the reconciliation will not see this delivery"));
-    deliver(stream, mailboxes, { mailRoot, uid: c.mail.mail_uid, gid: c.mail.mail_gid, headers, sizeMax: c.mail.message_size_max_bytes }, record)
-      .then((d) => {
-        o.log.info({ session: session.id, from, to: mailboxes, size: d.size, ms: Date.now() - t0 }, "delivered");
+    deliver(stream, mailboxes, opts, record)
+      .then(async (d) => {
+        // Remote recipients of the same message: queued from the delivered copy.
+        if (remote.length) await outbound.enqueue(createReadStream(d.files[0]!), from, remote, "", c.mail.message_size_max_bytes);
+        o.log.info({ session: session.id, from, to: mailboxes, remote, size: d.size, ms: Date.now() - t0 }, "delivered");
         cb(null, `2.0.0 Ok: delivered as ${session.id}`);
       })
       .catch((err: Error) => {
@@ -156,14 +189,7 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
   const flushed = await flushSpool(
     o.paths,
     async (env, file) => {
-      const boxes = new Set<string>();
-      for (const rcpt of env.to) {
-        const r = await dir.resolve(rcpt);
-        if (r.kind === "local") for (const m of r.mailboxes) boxes.add(m);
-      }
-      const mailboxes = [...boxes];
-      const d = await deliver(createReadStream(file), mailboxes, { mailRoot, uid: c.mail.mail_uid, gid: c.mail.mail_gid, headers: `Return-Path: <${env.from}>\r\n`, sizeMax: c.mail.message_size_max_bytes });
-      await journal.append(d.files.map((f, i) => ({ mailbox: mailboxes[i]!, file: f.slice(mailRoot.length + 1), sha256: d.sha256, size: d.size })));
+      for (const rcpt of env.to) await localDeliver(env.from, rcpt, file);
     },
     o.log,
   );
@@ -171,6 +197,7 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
   return {
     async close() {
       await Promise.all(servers.map(([s]) => new Promise<void>((r) => s.close(() => r()))));
+      await outbound.close();
       await dir.close();
       await journal.close();
     },

@@ -53,3 +53,10 @@ export async function fault(lab: TestLab, ...args: string[]): Promise<{ at: stri
 }
 
 export const msBetween = (a: string, b: string) => new Date(b).getTime() - new Date(a).getTime();
+
+/** Loop devices left on a dead FUSE export (their backing file shows as "/volume"). */
+export async function strayLoops(): Promise<string[]> {
+  const { tryRun } = await import("../../common/exec.ts");
+  const out = (await tryRun("losetup", ["-a"]))?.stdout ?? "";
+  return out.split("\n").filter((l) => l.includes("(/volume)"));
+}

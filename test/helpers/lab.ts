@@ -38,6 +38,7 @@ export function writeTestLabConfig(name = "t", net = 79): TestLab {
   doc.setIn(["quorum", "ping_targets"], [svc(3)]);
   doc.setIn(["quorum", "witness", "address"], svc(3));
   doc.setIn(["dns", "server"], svc(3));
+  doc.setIn(["mail", "outbound", "resolvers"], [svc(3)]);
   for (const [k, f] of [["heartbeat", "key_file"], ["volume", "secret_file"], ["dns", "tsig_key_file"]] as const) {
     doc.setIn([k, f], join(dir, "secrets", String(doc.getIn([k, f])).split("/").pop()!));
   }

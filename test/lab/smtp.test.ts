@@ -10,7 +10,9 @@ import { dirname, join } from "node:path";
 import nodemailer from "nodemailer";
 import { ImapFlow } from "imapflow";
 import { run, runAll, sleep } from "../../common/exec.ts";
-import { mailha } from "../helpers/cli.ts";
+import { mailha, ROOT } from "../helpers/cli.ts";
+import { spawn } from "node:child_process";
+import { parseDocument } from "yaml";
 import { writeTestLabConfig } from "../helpers/lab.ts";
 import { RawSmtp } from "../helpers/smtp.ts";
 
@@ -23,6 +25,11 @@ describe("mail on the active node", { skip }, () => {
   const count = (user: string, sub = "new") => (existsSync(maildir(user, sub)) ? readdirSync(maildir(user, sub)).length : 0);
 
   before(async () => {
+    // Outbound gives up after 6 s here, so the bounce test does not wait for days.
+    const doc = parseDocument(readFileSync(lab.configFile, "utf8"));
+    doc.setIn(["mail", "outbound", "lifetime_s"], 6);
+    doc.setIn(["mail", "outbound", "retry_initial_s"], 1);
+    writeFileSync(lab.configFile, doc.toString());
     const r = await mailha(["lab", "up", "--config", lab.configFile]);
     assert.equal(r.code, 0, `lab up failed:\n${r.stderr}`);
     for (const [u, p] of [["bob@mailha.test", "bob-password-1"], ["carol@mailha.test", "carol-password-1"]]) {
@@ -173,6 +180,38 @@ describe("mail on the active node", { skip }, () => {
     await sleep(500);
     assert.equal(count("alice"), before, "nothing malformed reached new/");
     assert.equal(count("alice", "tmp"), tmpBefore, "and nothing is left in tmp/");
+  });
+
+  test("outbound: delivered to another domain's MX (a sink on the third host); an unreachable one is retried, then bounced", async () => {
+    const sinkDir = join(dirname(lab.configFile), "sink");
+    const sink = spawn("nsenter", [`--net=/run/netns/mailha-${lab.name}-w`, process.execPath, "--import", "tsx", join(ROOT, "test", "helpers", "sink.ts"), lab.w, sinkDir], { cwd: ROOT, stdio: ["ignore", "pipe", "inherit"] });
+    try {
+      await new Promise<void>((resolve) => sink.stdout!.once("data", () => resolve()));
+      const tx = nodemailer.createTransport({ host: lab.a, port: 587, secure: false, requireTLS: true, tls: { rejectUnauthorized: false }, auth: { user: "bob@mailha.test", pass: "bob-password-1" } });
+      const ok = await tx.sendMail({ from: "bob@mailha.test", to: "someone@sink.test", subject: "outbound to the sink", text: "hello out there" });
+      assert.match(ok.response, /^250 2\.0\.0 Ok: queued as/);
+      for (let i = 0; i < 100 && !(existsSync(sinkDir) && readdirSync(sinkDir).some((f) => f.endsWith(".eml"))); i++) await sleep(200);
+      const got = readdirSync(sinkDir).filter((f) => f.endsWith(".eml")).map((f) => readFileSync(join(sinkDir, f), "utf8"));
+      assert.ok(got.some((m) => m.includes("outbound to the sink")), "the sink on the third host received the message");
+
+      const b0 = count("bob");
+      const dead = await tx.sendMail({ from: "bob@mailha.test", to: "nobody@dead.test", subject: "to a host that refuses", text: "this will bounce" });
+      assert.match(dead.response, /^250/);
+      // This lab's outbound lifetime is 6 s, first retry after 1 s: tries at about 0,
+      // 1, 3 and 7 s, then a bounce.
+      for (let i = 0; i < 150 && count("bob") === b0; i++) await sleep(200);
+      assert.equal(count("bob"), b0 + 1, "bob got exactly one bounce");
+      const bounce = readdirSync(maildir("bob")).map((f) => readFileSync(join(maildir("bob"), f), "utf8")).find((m) => m.includes("Undelivered Mail Returned to Sender"));
+      assert.ok(bounce, "the bounce is in bob's INBOX");
+      assert.match(bounce!, /report-type=delivery-status/);
+      assert.match(bounce!, /Final-Recipient: rfc822; nobody@dead\.test/);
+      assert.match(bounce!, /Action: failed/);
+      assert.match(bounce!, /Subject: to a host that refuses/, "the bounce carries the original headers");
+      const tries = readFileSync(join(lab.dir, "a", "log", "smtp.log"), "utf8").split("\n").filter((l) => l.includes("outbound attempt failed")).length;
+      assert.ok(tries >= 2, `the message was retried before the bounce (${tries} failed attempts logged)`);
+    } finally {
+      sink.kill("SIGTERM");
+    }
   });
 
   test("smtp-source: 5,000 messages over 20 sessions, every one in the Maildir exactly once", async () => {
