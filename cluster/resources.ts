@@ -43,6 +43,8 @@ export interface ResourceContext {
 
 export interface ResourceAgent {
   readonly name: string;
+  /** Stop order: higher layers stop first, one layer at a time, in parallel within it. */
+  readonly layer: number;
   readonly startTimeoutMs: number;
   readonly stopTimeoutMs: number;
   readonly monitorTimeoutMs: number;
@@ -93,6 +95,7 @@ async function stopDaemonResource(ctx: ResourceContext, name: string, sig: "stop
 
 const volumeAgent: ResourceAgent = {
   name: "volume",
+  layer: 0,
   startTimeoutMs: 55_000,
   stopTimeoutMs: 30_000,
   monitorTimeoutMs: 5000,
@@ -121,6 +124,7 @@ const volumeAgent: ResourceAgent = {
 
 const filesystemAgent: ResourceAgent = {
   name: "filesystem",
+  layer: 1,
   startTimeoutMs: 120_000,
   stopTimeoutMs: 60_000,
   monitorTimeoutMs: 5000,
@@ -143,6 +147,7 @@ const filesystemAgent: ResourceAgent = {
 
 const mariadbAgent: ResourceAgent = {
   name: "mariadb",
+  layer: 2,
   startTimeoutMs: 90_000,
   stopTimeoutMs: 35_000,
   monitorTimeoutMs: 5000,
@@ -173,6 +178,7 @@ const mariadbAgent: ResourceAgent = {
 
 const redisAgent: ResourceAgent = {
   name: "redis",
+  layer: 2,
   startTimeoutMs: 30_000,
   stopTimeoutMs: 20_000,
   monitorTimeoutMs: 3000,
@@ -209,6 +215,7 @@ function dovecotOptions(ctx: ResourceContext): DovecotOptions {
 
 const dovecotAgent: ResourceAgent = {
   name: "dovecot",
+  layer: 3,
   startTimeoutMs: 30_000,
   stopTimeoutMs: 15_000,
   monitorTimeoutMs: 8000,
@@ -259,6 +266,7 @@ const BIN = join(dirname(fileURLToPath(import.meta.url)), "..", "ops", "bin", "m
 
 const smtpAgent: ResourceAgent = {
   name: "smtp",
+  layer: 3,
   startTimeoutMs: 30_000,
   stopTimeoutMs: 15_000,
   monitorTimeoutMs: 5000,
@@ -370,17 +378,25 @@ export class GroupRunner {
     return this.enqueue(() => this.stopList([...this.agents].reverse()));
   }
 
+  /** Stops LIST layer by layer (highest first), the resources of a layer in parallel. */
   private async stopList(list: readonly ResourceAgent[]): Promise<GroupResult> {
     let firstError: string | undefined;
-    for (const a of list) {
-      this.set(a.name, "stopping");
-      try {
-        await withTimeout(a.stop(this.ctx), a.stopTimeoutMs, `stop of ${a.name}`);
-        this.set(a.name, "stopped");
-      } catch (err) {
-        this.set(a.name, "failed", { error: (err as Error).message });
-        firstError ??= `${a.name}: ${(err as Error).message}`;
-      }
+    const layers = [...new Set(list.map((a) => a.layer))].sort((x, y) => y - x);
+    for (const layer of layers) {
+      await Promise.all(
+        list
+          .filter((a) => a.layer === layer)
+          .map(async (a) => {
+            this.set(a.name, "stopping");
+            try {
+              await withTimeout(a.stop(this.ctx), a.stopTimeoutMs, `stop of ${a.name}`);
+              this.set(a.name, "stopped");
+            } catch (err) {
+              this.set(a.name, "failed", { error: (err as Error).message });
+              firstError ??= `${a.name}: ${(err as Error).message}`;
+            }
+          }),
+      );
     }
     return firstError ? { ok: false, error: firstError } : { ok: true };
   }
