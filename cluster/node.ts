@@ -3,7 +3,7 @@
 // talks to the witness, fences the peer, runs the resource group and its monitors,
 // and feeds all of it to the node state machine, which decides. Serves a control
 // socket for the operator, a Prometheus endpoint, and writes the cluster event log.
-import { appendFileSync, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { createSocket, type Socket as UdpSocket } from "node:dgram";
 import { createServer as createHttpServer } from "node:http";
@@ -13,6 +13,7 @@ import type { MailhaConfig } from "../common/config.ts";
 import { isAlive, startDaemon, stopDaemon, type DaemonRecord } from "../common/daemon.ts";
 import { tryRun } from "../common/exec.ts";
 import { createLogger } from "../common/log.ts";
+import { EventLog, Pending } from "../common/eventlog.ts";
 import { nodeNetns, nodePaths, nodeStateDir } from "../common/paths.ts";
 import { readEngineRecord, startEngine, stopEngine, volumeCall, volumeContext, volumeStatus, type VolumeStatus } from "../replication/client.ts";
 import { serveControl, type ControlRequest } from "../replication/control.ts";
@@ -52,15 +53,8 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
   const log = createLogger(`node@${o.nodeId}`);
   const key = Buffer.from(readFileSync(c.heartbeat.key_file, "utf8").trim());
   const inc = Date.now();
-  const eventLog = clusterEventLog(c, o.nodeId);
-  const subscribers = new Set<Socket>();
-
-  const emit = (ev: Record<string, unknown>) => {
-    const line = JSON.stringify({ time: new Date().toISOString(), node: o.nodeId, ...ev });
-    appendFileSync(eventLog, line + "\n");
-    log.info({ clusterEvent: ev }, String(ev.type));
-    for (const s of subscribers) s.write(line + "\n");
-  };
+  const events = new EventLog(clusterEventLog(c, o.nodeId), o.nodeId, log, "clusterEvent");
+  const emit = (ev: Record<string, unknown>) => events.emit(ev);
 
   // ---- leftovers of a previous incarnation (a crash of this daemon = a reboot) -----
   const daemonsFile = join(paths.run, "resources.json");
@@ -116,8 +110,7 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
     },
     Date.now(),
   );
-  const waiting = new Map<number, (error?: string, result?: unknown) => void>();
-  let nextReq = 1;
+  const pending = new Pending<{ error?: string; result?: unknown }>();
   let stopping = false;
 
   const ctx: ResourceContext = {
@@ -180,12 +173,9 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
       case "event":
         emit(a.ev);
         break;
-      case "reply": {
-        const w = waiting.get(a.req);
-        waiting.delete(a.req);
-        w?.(a.error, a.result);
+      case "reply":
+        pending.settle(a.req, { error: a.error, result: a.result });
         break;
-      }
       case "start-group":
         emit({ type: "group-starting", forcePromote: a.forcePromote });
         // The proxy holds the service ports: it goes first.
@@ -327,17 +317,16 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
       case "status":
         return status();
       case "events":
-        subscribers.add(sock);
-        sock.on("close", () => subscribers.delete(sock));
+        events.subscribe(sock);
         return undefined;
       case "command": {
         const cmd = String(req.args?.cmd) as Command;
         if (!["standby", "online", "takeover", "switchover", "failback"].includes(cmd)) throw new Error(`unknown command ${cmd}`);
-        return new Promise((resolve, reject) => {
-          const r = nextReq++;
-          waiting.set(r, (error, result) => (error ? reject(new Error(error)) : resolve(result)));
-          dispatch({ t: "command", now: Date.now(), req: r, cmd, force: req.args?.force === true });
-        });
+        const [r, answer] = pending.open();
+        dispatch({ t: "command", now: Date.now(), req: r, cmd, force: req.args?.force === true });
+        const { error, result } = await answer;
+        if (error) throw new Error(error);
+        return result;
       }
       default:
         throw new Error(`unknown operation "${req.op}"`);

@@ -2,12 +2,13 @@
 // local store, the replication link, the FUSE export, the control socket and the
 // event log. One process per node, started in its own session and deaf to SIGHUP; it
 // must never touch the file system it exports.
-import { appendFileSync, mkdirSync, readFileSync } from "node:fs";
+import { mkdirSync, readFileSync } from "node:fs";
 import type { Socket } from "node:net";
 import type { Server } from "node:net";
 import { join } from "node:path";
 import type { MailhaConfig } from "../common/config.ts";
 import { createLogger } from "../common/log.ts";
+import { EventLog, Pending } from "../common/eventlog.ts";
 import { serveControl, type ControlRequest } from "./control.ts";
 import { FuseExport } from "./fuse-export.ts";
 import { newGenId } from "./gi.ts";
@@ -82,9 +83,8 @@ export async function runEngine(o: EngineOptions): Promise<void> {
     log,
   });
 
-  const waiting = new Map<number, (error?: string, result?: unknown) => void>();
-  let nextReq = 1;
-  const subscribers = new Set<Socket>();
+  const pending = new Pending<{ error?: string; result?: unknown }>();
+  const events = new EventLog(p.eventLog, o.nodeId, log, "volumeEvent");
   let exportOp: Promise<void> = Promise.resolve();
 
   const fuse = new FuseExport(p.exportDir, {
@@ -94,24 +94,16 @@ export async function runEngine(o: EngineOptions): Promise<void> {
     flush: async () => (await request({ t: "flush", req: 0 })).error ?? null,
   }, o.nodeId);
 
-  function emitEvent(ev: Record<string, unknown>): void {
-    const line = JSON.stringify({ time: new Date().toISOString(), node: o.nodeId, ...ev });
-    appendFileSync(p.eventLog, line + "\n");
-    log.info({ volumeEvent: ev }, String(ev.type));
-    for (const s of subscribers) s.write(line + "\n");
-  }
+  const emitEvent = (ev: Record<string, unknown>) => events.emit(ev);
 
   function act(a: Action): void {
     switch (a.t) {
       case "send":
         link.send(a.msg);
         break;
-      case "reply": {
-        const w = waiting.get(a.req);
-        waiting.delete(a.req);
-        w?.(a.error, a.result);
+      case "reply":
+        pending.settle(a.req, { error: a.error, result: a.result });
         break;
-      }
       case "event":
         emitEvent(a.ev);
         break;
@@ -136,11 +128,9 @@ export async function runEngine(o: EngineOptions): Promise<void> {
 
   /** Sends an event that carries a request id; resolves with the core's answer. */
   function request(ev: Event): Promise<{ error?: string; result?: unknown }> {
-    return new Promise((resolve) => {
-      const req = nextReq++;
-      waiting.set(req, (error, result) => resolve({ error, result }));
-      dispatch({ ...ev, req } as Event);
-    });
+    const [req, answer] = pending.open();
+    dispatch({ ...ev, req } as Event);
+    return answer;
   }
 
   async function admin(cmd: AdminCmd): Promise<unknown> {
@@ -159,8 +149,7 @@ export async function runEngine(o: EngineOptions): Promise<void> {
       case "status":
         return status();
       case "events":
-        subscribers.add(sock);
-        sock.on("close", () => subscribers.delete(sock));
+        events.subscribe(sock);
         return undefined;
       case "primary": {
         const r = await admin({ op: "primary", force: args.force === true });
