@@ -14,6 +14,7 @@ import { volumeCommand } from "./volume-cmd.ts";
 import { FAULTS, labFault, type Fault } from "../lab/faults.ts";
 import { moveCommands, nodeCommandGroup, statusCommand, witnessCommand } from "./cluster-cmd.ts";
 import { mailCommands } from "./mail-cmd.ts";
+import { dnsCommand } from "./dns-cmd.ts";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 const VERSION = (JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8")) as { version: string }).version;
@@ -183,6 +184,7 @@ function program(): Command {
   p.addCommand(statusCommand(DEFAULT_CONFIG));
   for (const cmd of moveCommands(DEFAULT_CONFIG)) p.addCommand(cmd);
   for (const cmd of mailCommands(DEFAULT_CONFIG)) p.addCommand(cmd);
+  p.addCommand(dnsCommand(DEFAULT_CONFIG));
 
   lab
     .command("fault")
