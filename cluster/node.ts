@@ -23,6 +23,7 @@ import { encodeHeartbeat, HeartbeatReceiver, type HeartbeatCounters } from "./he
 import { ClusterMachine, type Action, type Command, type Event } from "./machine.ts";
 import { GROUP, GroupRunner, type ResourceContext } from "./resources.ts";
 import { WitnessClient } from "./witness.ts";
+import { applyDns } from "../dns/apply.ts";
 import { checkRecipientsAuth } from "../services/smtp/backup-mx.ts";
 import { Directory } from "../services/smtp/recipients.ts";
 import { mariadbPaths } from "../services/mariadb.ts";
@@ -178,6 +179,8 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
         break;
       case "start-group":
         emit({ type: "group-starting", forcePromote: a.forcePromote });
+        // Taking over from a dead peer: its address leaves the mail host at once.
+        if (a.forcePromote) void updateDns([me.id]);
         // The proxy holds the service ports: it goes first.
         void reconcilePassive()
           .then(() => runner.start(a.forcePromote))
@@ -253,6 +256,33 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
     );
   }
   timers.push(setInterval(() => void reconcilePassive(), 1000));
+
+  // ---- DNS: the active node keeps the mail host pointing at the healthy nodes ----------
+  let dnsApplied: string | null = null;
+  let dnsBusy = false;
+  async function updateDns(live: string[]): Promise<void> {
+    if (dnsBusy) return;
+    dnsBusy = true;
+    try {
+      const r = await applyDns(c, live);
+      if (r.rcode === "NOERROR") {
+        dnsApplied = live.join(",");
+        emit({ type: "dns", live, verified: r.verified });
+      } else emit({ type: "dns-update-failed", live, rcode: r.rcode, tsigError: r.tsigError });
+    } catch (err) {
+      emit({ type: "dns-update-failed", live, error: (err as Error).message });
+    } finally {
+      dnsBusy = false;
+    }
+  }
+  timers.push(
+    setInterval(() => {
+      if (m.nodeState !== "active") return;
+      const peerHealthy = (m.peer === "up" || m.peer === "late") && m.status().volumeInSync;
+      const live = peerHealthy ? c.nodes.map((n) => n.id) : [me.id];
+      if (live.join(",") !== dnsApplied) void updateDns(live);
+    }, 1000),
+  );
   let monitoring = false;
   timers.push(
     setInterval(() => {

@@ -162,7 +162,17 @@ describe("cluster: power loss of the active node", { skip }, () => {
     await client.append("INBOX", "From: x@mailha.test\r\nSubject: before the crash\r\n\r\nhello\r\n");
     await client.logout();
 
+    const dig = async () => (await run("dig", ["+short", "+time=1", "+tries=1", `@${lab.w}`, "mail.mailha.test", "A"])).stdout.trim().split("\n").filter(Boolean).sort();
+    assert.deepEqual(await dig(), [lab.a, lab.b].sort(), "before the crash the mail host has both addresses");
     const { at } = await fault(lab, "kill-node", "a");
+    let dnsGoneMs = -1;
+    for (let i = 0; i < 100 && dnsGoneMs < 0; i++) {
+      if (!(await dig()).includes(lab.a)) dnsGoneMs = Date.now() - new Date(at).getTime();
+      else await sleep(100);
+    }
+    const deadline = config(lab).timers.deadtime_ms + 2000;
+    t.diagnostic(`a's address left the mail host ${dnsGoneMs} ms after the kill (bound ${deadline} ms)`);
+    assert.ok(dnsGoneMs >= 0 && dnsGoneMs <= deadline, `dig on w still returned a's address ${dnsGoneMs < 0 ? "10 s" : `${dnsGoneMs} ms`} after the kill (bound: deadtime + 2 s = ${deadline} ms)`);
     const s = await waitNode(lab, "b", "taking over", (x) => x.state === "active", 60_000);
     const dead = firstEvent(lab, "b", at, (e) => e.type === "peer" && e.state === "dead")!;
     const active = firstEvent(lab, "b", at, (e) => e.type === "state" && e.state === "active")!;
@@ -188,6 +198,8 @@ describe("cluster: power loss of the active node", { skip }, () => {
 
     await fault(lab, "boot-node", "a");
     await waitNode(lab, "a", "rejoining as passive with the volume in sync", (x) => x.state === "passive" && x.volume?.connection === "connected" && x.volume.disk === "uptodate", 90_000);
+    for (let i = 0; i < 100 && !(await dig()).includes(lab.a); i++) await sleep(200);
+    assert.deepEqual(await dig(), [lab.a, lab.b].sort(), "a's address is back on the mail host after it rejoined in sync");
     assert.equal((await status(lab, "b"))!.state, "active", "no automatic failback");
   });
 });
