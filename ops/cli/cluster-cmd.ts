@@ -6,6 +6,7 @@ import { Command, Option } from "commander";
 import { loadConfig, type MailhaConfig } from "../../common/config.ts";
 import { startDaemon, stopDaemon, isAlive, type DaemonRecord } from "../../common/daemon.ts";
 import { EXIT_FAILURE, UsageError } from "../../common/errors.ts";
+import { runUntilSignalled } from "../../common/lifecycle.ts";
 import { sleep } from "../../common/exec.ts";
 import { nodeStateDir } from "../../common/paths.ts";
 import { localNodes, nodeCommand, nodeSpec, nodeStatus, witnessReadyFile, type NodeStatusView } from "../../cluster/client.ts";
@@ -91,12 +92,7 @@ export function witnessCommand(defaultConfig: string): Command {
       mkdirSync(dirname(ready), { recursive: true });
       writeFileSync(ready, `${process.pid}\n`);
       process.stdout.write(JSON.stringify({ time: new Date().toISOString(), role: "witness", type: "listening", address: c.quorum.witness.address, port: c.quorum.witness.port }) + "\n");
-      process.on("SIGHUP", () => {});
-      process.on("SIGTERM", () => {
-        server.close();
-        process.exit(0);
-      });
-      await new Promise<never>(() => {});
+      await runUntilSignalled(() => server.close());
     });
   return w;
 }

@@ -15,6 +15,7 @@ import { runBackupMx } from "../../services/smtp/backup-mx.ts";
 import { join } from "node:path";
 import { createOutput, table } from "./output.ts";
 import { UsageError } from "../../common/errors.ts";
+import { runUntilSignalled } from "../../common/lifecycle.ts";
 
 const configOpt = (def: string) => new Option("-c, --config <file>", "cluster configuration file").default(def);
 const jsonOpt = () => new Option("--json", "print the result as JSON");
@@ -59,11 +60,7 @@ export function mailCommands(defaultConfig: string): Command[] {
       const id = resolveNode(c, o.node);
       const log = createLogger(`smtp@${id}`);
       const svc = await runSmtp({ config: c, nodeId: id, paths: nodePaths(nodeStateDir(c, id)), log });
-      const stop = () => void svc.close().finally(() => process.exit(0));
-      process.on("SIGTERM", stop);
-      process.on("SIGINT", stop);
-      process.on("SIGHUP", () => {});
-      await new Promise<never>(() => {});
+      await runUntilSignalled(() => svc.close());
     });
 
   const passive = new Command("passive").description("the passive node's services: the proxy to the active node (and the backup MX); the node daemon starts them");
@@ -83,14 +80,10 @@ export function mailCommands(defaultConfig: string): Command[] {
       const mx = await runBackupMx({ config: c, nodeId: id, paths: nodePaths(nodeStateDir(c, id)), key, log });
       const ready = join(nodeStateDir(c, id), "run", "passive.ready");
       writeFileSync(ready, `${process.pid}\n`);
-      const stop = () => void Promise.all([proxy.close(), mx.close()]).finally(() => {
+      await runUntilSignalled(async () => {
+        await Promise.all([proxy.close(), mx.close()]);
         rmSync(ready, { force: true });
-        process.exit(0);
       });
-      process.on("SIGTERM", stop);
-      process.on("SIGINT", stop);
-      process.on("SIGHUP", () => {});
-      await new Promise<never>(() => {});
     });
 
   const pw = (cmd: Command) => cmd.option("--password <pw>", "the password (at least 8 characters)").option("--password-stdin", "read the password from standard input");
