@@ -3,6 +3,7 @@ import { Command, Option } from "commander";
 import { loadConfig } from "../../common/config.ts";
 import { EXIT_FAILURE } from "../../common/errors.ts";
 import { applyDns, renderDns } from "../../dns/apply.ts";
+import { checkDns } from "../../dns/check.ts";
 import { createOutput } from "./output.ts";
 
 export function dnsCommand(defaultConfig: string): Command {
@@ -29,5 +30,12 @@ export function dnsCommand(defaultConfig: string): Command {
       if (r.rcode !== "NOERROR" || !r.verified) process.exitCode = EXIT_FAILURE;
     },
   );
+  common(dns.command("check").description("compare the authoritative server and a resolver with what the cluster needs; SPF and PTR advice; exit 1 on a wrong record"))
+    .option("--resolver <ip>", "the resolver to ask (default: the system's)")
+    .action(async (o: { config: string; live?: string; json?: boolean; resolver?: string }) => {
+      const checks = await checkDns(loadConfig(o.config, { checkSecrets: false }), { live: o.live?.split(","), resolver: o.resolver });
+      createOutput(!!o.json).result(checks, () => checks.map((x) => `${x.status.toUpperCase().padEnd(4)} ${x.check}: ${x.detail}`).join("\n"));
+      if (checks.some((x) => x.status === "fail")) process.exitCode = EXIT_FAILURE;
+    });
   return dns;
 }

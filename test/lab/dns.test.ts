@@ -63,4 +63,20 @@ describe("dns", { skip }, () => {
     await run("nsupdate", ["-k", loadConfig(lab.configFile).dns.tsig_key_file], { input: nsupdate });
     assert.deepEqual(await dig("mail.mailha.test", "A"), [lab.a]);
   });
+
+  test("dns check: ok when right, names the wrong record, advises SPF and PTR", async () => {
+    const c = loadConfig(lab.configFile);
+    await mailha(["dns", "apply", "--config", lab.configFile]);
+    const good = await mailha(["dns", "check", "--resolver", lab.w, "--json", "--config", lab.configFile]);
+    assert.equal(good.code, 0, good.stdout);
+    const rows = JSON.parse(good.stdout) as { check: string; status: string; detail: string }[];
+    assert.ok(rows.filter((r) => r.check.startsWith("authoritative")).every((r) => r.status === "ok"));
+    assert.match(rows.find((r) => r.check === "SPF mailha.test")!.detail, /v=spf1 mx -all/);
+    assert.equal(rows.find((r) => r.check === `PTR ${lab.a}`)!.status, "warn");
+    await run("nsupdate", ["-k", c.dns.tsig_key_file], { input: `server ${lab.w}\nzone mailha.test\nupdate delete mail.mailha.test. A ${lab.a}\nupdate add mailha.test. 300 TXT "v=spf1 mx -all"\nsend\n` });
+    const bad = await mailha(["dns", "check", "--resolver", lab.w, "--config", lab.configFile]);
+    assert.equal(bad.code, 1, "a missing record is a failure");
+    assert.match(bad.stdout, /FAIL authoritative mail\.mailha\.test A: expected .* run mailha dns apply/);
+    assert.match(bad.stdout, /OK   SPF mailha\.test: v=spf1 mx -all/);
+  });
 });
