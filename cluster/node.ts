@@ -24,6 +24,7 @@ import { ClusterMachine, type Action, type Command, type Event } from "./machine
 import { GROUP, GroupRunner, type ResourceContext } from "./resources.ts";
 import { WitnessClient } from "./witness.ts";
 import { applyDns } from "../dns/apply.ts";
+import { takeLease } from "../dns/lease.ts";
 import { checkRecipientsAuth } from "../services/smtp/backup-mx.ts";
 import { Directory } from "../services/smtp/recipients.ts";
 import { mariadbPaths } from "../services/mariadb.ts";
@@ -101,10 +102,10 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
       warntimeMs: c.timers.warntime_ms,
       deadtimeMs: c.timers.deadtime_ms,
       initdeadMs: c.timers.initdead_ms,
-      witness: !!c.quorum.witness,
+      witness: !!c.quorum.witness || !!c.quorum.dns_lease,
       pingTargets: c.quorum.ping_targets.length > 0,
       fencing: c.fencing.agent,
-      leaseMs: c.quorum.witness?.lease_ms ?? 0,
+      leaseMs: c.quorum.witness?.lease_ms ?? c.quorum.dns_lease?.lease_ms ?? 0,
       selfFenceMs: c.manager.self_fence_ms,
       maxRestarts: c.manager.max_restarts,
       restartWindowMs: c.manager.restart_window_ms,
@@ -203,6 +204,16 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
         void fence.fence(peer.id).then((r) => dispatch({ t: "fenced", now: Date.now(), ok: r.ok, detail: r.detail }));
         break;
       case "lease":
+        if (c.quorum.dns_lease) {
+          // The DNS lease: a compare-and-set TXT record on the zone's primary server.
+          const leaseMs = c.quorum.dns_lease.lease_ms;
+          const sent = Date.now();
+          void takeLease(c, me.id, a.op === "release" ? 0 : leaseMs).then(
+            (r) => a.op === "acquire" && dispatch({ t: "lease", now: Date.now(), held: r.won, expiresMs: sent + leaseMs }),
+            (err: Error) => emit({ type: "dns-lease-error", error: err.message }),
+          );
+          break;
+        }
         if (!witness) break;
         if (a.op === "release") void witness.request("release", WITNESS_TIMEOUT_MS);
         else {

@@ -87,6 +87,7 @@ const schema = z
       .strictObject({
         ping_targets: z.array(ipv4(), { error: "a list of IPv4 addresses" }).max(8, { error: "at most 8 ping targets" }).default([]),
         witness: z.strictObject({ address: ipv4(), port: port().default(7790), lease_ms: ms(500, 600_000).default(5000) }).optional(),
+        dns_lease: z.strictObject({ lease_ms: ms(5000, 3_600_000).default(60_000) }).optional(),
       })
       .prefault({}),
     fencing: z
@@ -160,10 +161,14 @@ const schema = z
     if (t.warntime_ms <= t.keepalive_ms) ctx.addIssue({ code: "custom", path: ["timers", "warntime_ms"], message: `more than keepalive_ms (${t.keepalive_ms})`, input: t.warntime_ms });
     if (t.deadtime_ms <= t.warntime_ms) ctx.addIssue({ code: "custom", path: ["timers", "deadtime_ms"], message: `more than warntime_ms (${t.warntime_ms})`, input: t.deadtime_ms });
     if (t.initdead_ms < t.deadtime_ms) ctx.addIssue({ code: "custom", path: ["timers", "initdead_ms"], message: `at least deadtime_ms (${t.deadtime_ms})`, input: t.initdead_ms });
-    if (c.quorum.witness) {
-      const renew = c.quorum.witness.lease_ms / 4;
-      if (c.quorum.witness.lease_ms <= c.manager.self_fence_ms + renew)
-        ctx.addIssue({ code: "custom", path: ["quorum", "witness", "lease_ms"], message: `more than manager.self_fence_ms + a quarter of itself (${c.manager.self_fence_ms} + lease_ms/4): the active node must stop before its lease can expire`, input: c.quorum.witness.lease_ms });
+    if (c.quorum.witness && c.quorum.dns_lease)
+      ctx.addIssue({ code: "custom", path: ["quorum", "dns_lease"], message: "either quorum.witness or quorum.dns_lease, not both", input: c.quorum.dns_lease });
+    const lease = c.quorum.witness ?? c.quorum.dns_lease;
+    if (lease) {
+      const renew = lease.lease_ms / 4;
+      const key = c.quorum.witness ? "witness" : "dns_lease";
+      if (lease.lease_ms <= c.manager.self_fence_ms + renew)
+        ctx.addIssue({ code: "custom", path: ["quorum", key, "lease_ms"], message: `more than manager.self_fence_ms + a quarter of itself (${c.manager.self_fence_ms} + lease_ms/4): the active node must stop before its lease can expire`, input: lease.lease_ms });
     }
     if (c.fencing.agent === "command" && !c.fencing.command) ctx.addIssue({ code: "custom", path: ["fencing", "command"], message: 'a command line (required when agent is "command")', input: undefined });
     if (c.volume.size % c.volume.block_size_bytes !== 0 || c.volume.size < 16 * 1024 * 1024)

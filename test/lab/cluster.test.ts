@@ -5,7 +5,9 @@
 import { test, describe, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { createHmac } from "node:crypto";
-import { readFileSync, rmSync } from "node:fs";
+import { readFileSync, rmSync, writeFileSync } from "node:fs";
+import { parseDocument } from "yaml";
+import { readLease } from "../../dns/lease.ts";
 import { dirname, join } from "node:path";
 import { ImapFlow } from "imapflow";
 import { run, sleep } from "../../common/exec.ts";
@@ -221,5 +223,28 @@ describe("cluster: the active node loses both links; the witness sees only b", {
     t.diagnostic(`a self-fenced after ${msBetween(at, selfFence!.time)} ms, stopped after ${msBetween(at, aStopped!.time)} ms; b activating after ${msBetween(at, bActivating.time)} ms`);
     assert.ok(aStopped!.time < bActivating.time, `a stopped at ${aStopped!.time}, b started activating at ${bActivating.time}: they overlapped`);
     await fault(lab, "heal");
+  });
+});
+
+describe("cluster: the DNS lease instead of a witness", { skip }, () => {
+  const lab = writeTestLabConfig("l", 101);
+  before(async () => {
+    const doc = parseDocument(readFileSync(lab.configFile, "utf8"));
+    doc.deleteIn(["quorum", "witness"]);
+    doc.setIn(["quorum", "dns_lease"], { lease_ms: 5000 });
+    writeFileSync(lab.configFile, doc.toString());
+    await up(lab);
+  });
+  after(() => down(lab));
+
+  test("the active node holds the lease record; after its power loss the peer takes the lease and the group", async () => {
+    const c = config(lab);
+    const held = await readLease(c);
+    assert.equal(held?.value?.node, "a", "the active node holds the DNS lease");
+    const { at } = await fault(lab, "kill-node", "a");
+    await waitNode(lab, "b", "taking over with the DNS lease", (x) => x.state === "active", 60_000);
+    assert.equal((await readLease(c))?.value?.node, "b", "the lease record now names b");
+    const act = firstEvent(lab, "b", at, (e) => e.type === "state" && e.state === "active")!;
+    console.log(`power loss of a with the DNS lease: takeover ${msBetween(at, act.time)} ms`);
   });
 });

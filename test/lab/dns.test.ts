@@ -10,6 +10,7 @@ import { parseDocument } from "yaml";
 import { run } from "../../common/exec.ts";
 import { loadConfig } from "../../common/config.ts";
 import { sendUpdate } from "../../dns/update.ts";
+import { readLease, takeLease } from "../../dns/lease.ts";
 import { mailha } from "../helpers/cli.ts";
 import { writeTestLabConfig } from "../helpers/lab.ts";
 
@@ -78,5 +79,23 @@ describe("dns", { skip }, () => {
     assert.equal(bad.code, 1, "a missing record is a failure");
     assert.match(bad.stdout, /FAIL authoritative mail\.mailha\.test A: expected .* run mailha dns apply/);
     assert.match(bad.stdout, /OK   SPF mailha\.test: v=spf1 mx -all/);
+  });
+
+  test("the DNS lease: with two concurrent takers exactly one wins, every time", async () => {
+    const c = loadConfig(lab.configFile);
+    let wins = { a: 0, b: 0 };
+    for (let round = 0; round < 25; round++) {
+      // Each round starts from an expired lease, then both nodes race for it.
+      const before = await readLease(c);
+      if (before?.value) await new Promise((r) => setTimeout(r, Math.max(0, before.value!.expiresMs - Date.now() + 5)));
+      const [x, y] = await Promise.all([takeLease(c, "a", 50), takeLease(c, "b", 50)]);
+      assert.equal(Number(x.won) + Number(y.won), 1, `round ${round}: ${JSON.stringify([x, y])}`);
+      const holder = (await readLease(c))!.value!.node;
+      assert.equal(holder, x.won ? "a" : "b", "the record names the winner");
+      wins = { a: wins.a + Number(x.won), b: wins.b + Number(y.won) };
+    }
+    const held = await takeLease(c, "a", 60_000);
+    const other = await takeLease(c, "b", 60_000);
+    assert.ok(!(held.won && other.won), "a lease that has not expired cannot be taken");
   });
 });

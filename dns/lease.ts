@@ -1,0 +1,57 @@
+// The DNS lease: a tie-breaker for two nodes at two hosters with no third server. The
+// lease is one TXT record, `_mailha-lease.<zone>`, holding "node=<id> epoch=<n>
+// expires=<unix ms>". Taking or renewing it is an RFC 2136 update whose prerequisite
+// is the exact current value (or its absence): compare-and-set, so when two nodes race
+// the server lets exactly one through. Expiry is wall-clock time, so the nodes need
+// synchronised clocks (NTP); a node counts its lease from before it asked.
+import { readFileSync } from "node:fs";
+import type { MailhaConfig } from "../common/config.ts";
+import { query } from "./query.ts";
+import { parseTsigKeyFile } from "./tsig-key.ts";
+import { sendUpdate, type Prereq } from "./update.ts";
+
+export interface LeaseValue {
+  readonly node: string;
+  readonly epoch: number;
+  readonly expiresMs: number;
+}
+
+export const leaseName = (c: MailhaConfig) => `_mailha-lease.${c.dns.zone}`;
+
+export function formatLease(v: LeaseValue): string {
+  return `node=${v.node} epoch=${v.epoch} expires=${v.expiresMs}`;
+}
+
+export function parseLease(text: string): LeaseValue | null {
+  const m = /^node=([a-z0-9]+) epoch=(\d+) expires=(\d+)$/.exec(text.trim());
+  return m ? { node: m[1]!, epoch: Number(m[2]), expiresMs: Number(m[3]) } : null;
+}
+
+/** The current lease record (raw text and parsed), or null. */
+export async function readLease(c: MailhaConfig): Promise<{ raw: string; value: LeaseValue | null } | null> {
+  const a = await query(c.dns.server, c.dns.port, leaseName(c), "TXT");
+  const txt = a.answers.filter((x) => x.type === "TXT").map((x) => [(x as { data: unknown }).data].flat().map(String).join(""));
+  if (!txt.length) return null;
+  return { raw: txt[0]!, value: parseLease(txt[0]!) };
+}
+
+export interface TakeResult {
+  readonly won: boolean;
+  readonly holder: string | null;
+  readonly expiresMs: number;
+  readonly reason: string;
+}
+
+/** Takes (or renews) the lease for NODE for LEASEMS; exactly one of two racing nodes wins. */
+export async function takeLease(c: MailhaConfig, node: string, leaseMs: number, now = Date.now()): Promise<TakeResult> {
+  const key = parseTsigKeyFile(readFileSync(c.dns.tsig_key_file, "utf8"));
+  const cur = await readLease(c);
+  if (cur?.value && cur.value.node !== node && cur.value.expiresMs > now) return { won: false, holder: cur.value.node, expiresMs: cur.value.expiresMs, reason: `held by ${cur.value.node}` };
+  const next: LeaseValue = { node, epoch: (cur?.value?.epoch ?? 0) + 1, expiresMs: now + leaseMs };
+  const name = leaseName(c);
+  const pre: Prereq[] = cur ? [{ pre: "rrset-exists-value", name, type: "TXT", data: cur.raw }] : [{ pre: "rrset-absent", name, type: "TXT" }];
+  const r = await sendUpdate(c.dns.server, c.dns.port, c.dns.zone, pre, [{ op: "delete-rrset", name, type: "TXT" }, { op: "add", name, type: "TXT", ttl: 1, data: formatLease(next) }], key);
+  if (r.rcode === "NOERROR") return { won: true, holder: node, expiresMs: next.expiresMs, reason: "taken" };
+  if (r.rcode === "NXRRSET" || r.rcode === "YXRRSET") return { won: false, holder: null, expiresMs: 0, reason: "another node changed the lease first" };
+  throw new Error(`lease update refused: ${r.rcode}${r.tsigError ? ` (${r.tsigError})` : ""}`);
+}
