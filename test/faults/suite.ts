@@ -1,0 +1,77 @@
+// The fault suite: seeded random trials of `mailha failover-test` over a lab of its
+// own. The seed picks each trial's fault and timing and is printed, so a failing run
+// can be replayed (FAULT_SEED=N). After every trial: no acknowledged message lost,
+// UIDs stable, never two active nodes (from the event logs), cluster healthy again.
+import assert from "node:assert/strict";
+import { rmSync } from "node:fs";
+import { dirname } from "node:path";
+import { loadConfig } from "../../common/config.ts";
+import { runTrial, type TrialResult } from "../../ops/failover-test.ts";
+import { mailha } from "../helpers/cli.ts";
+import { events } from "../helpers/cluster.ts";
+import { writeTestLabConfig } from "../helpers/lab.ts";
+import { rng } from "../sim/volume-sim.ts";
+
+const FAULTS = ["kill-node", "switchover", "cut-replication", "freeze-node"] as const;
+
+/**
+ * Intervals each node was active, from its event log. A node that lost power logs no
+ * end: its interval ends at the kill (KILLS), or at its next start.
+ */
+function activeIntervals(lab: ReturnType<typeof writeTestLabConfig>, node: string, kills: readonly number[]): [number, number][] {
+  const out: [number, number][] = [];
+  let from: number | null = null;
+  for (const e of events(lab, node)) {
+    const t = new Date(e.time).getTime();
+    if (e.type === "node-started" && from !== null) {
+      const kill = kills.filter((k) => k >= from! && k <= t).sort((a, b) => a - b)[0];
+      out.push([from, kill ?? t]);
+      from = null;
+    }
+    if (e.type !== "state") continue;
+    if (e.state === "activating") from ??= t;
+    else if (e.prev === "deactivating" || e.state === "failed" || e.state === "stop-failed") {
+      if (from !== null) out.push([from, t]);
+      from = null;
+    }
+  }
+  if (from !== null) {
+    const kill = kills.filter((k) => k >= from!).sort((a, b) => a - b)[0];
+    out.push([from, kill ?? Number.MAX_SAFE_INTEGER]);
+  }
+  return out;
+}
+
+export async function runFaultSuite(seed: number, trials: number, log: (s: string) => void): Promise<TrialResult[]> {
+  const r = rng(seed);
+  const lab = writeTestLabConfig("f", 103);
+  const results: TrialResult[] = [];
+  log(`fault suite: seed ${seed} (replay with FAULT_SEED=${seed}), ${trials} trial(s)`);
+  try {
+    const up = await mailha(["lab", "up", "--config", lab.configFile]);
+    assert.equal(up.code, 0, `lab up failed: ${up.stderr}`);
+    const c = loadConfig(lab.configFile);
+    const kills: Record<string, number[]> = { a: [], b: [] };
+    for (let i = 0; i < trials; i++) {
+      const fault = FAULTS[Math.floor(r() * FAULTS.length)]!;
+      const faultAfterMs = 2000 + Math.floor(r() * 3000);
+      log(`trial ${i + 1}/${trials}: ${fault} after ${faultAfterMs} ms`);
+      const res = await runTrial({ config: c, configFile: lab.configFile, user: c.lab!.test_user.address, password: c.lab!.test_user.password, fault, faultAfterMs, durationMs: faultAfterMs + 10_000, sendEveryMs: 200, progress: log });
+      results.push(res);
+      if ((fault === "kill-node" || fault === "freeze-node") && res.target && res.faultAt) kills[res.target]!.push(new Date(res.faultAt).getTime());
+      log(`  acknowledged ${res.smtp.acked}, found ${res.smtp.found}, lost ${res.smtp.lost.length}, duplicated ${res.smtp.duplicated.length}; detection ${res.detectionMs ?? "-"} ms, takeover ${res.takeoverMs ?? "-"} ms`);
+      assert.deepEqual(res.smtp.lost, [], `seed ${seed} trial ${i + 1} (${fault}): acknowledged messages missing: ${res.smtp.lost.join(", ")}`);
+      assert.ok(res.uidValidityStable && res.oldUidsStable, `seed ${seed} trial ${i + 1} (${fault}): UIDVALIDITY or older UIDs changed`);
+      const [ia, ib] = [activeIntervals(lab, "a", kills.a!), activeIntervals(lab, "b", kills.b!)];
+      for (const [a0, a1] of ia) for (const [b0, b1] of ib) assert.ok(a1 <= b0 || b1 <= a0, `seed ${seed} trial ${i + 1}: a and b were active at the same time`);
+      const st = await mailha(["status", "--config", lab.configFile, "--json"]);
+      const nodes = (JSON.parse(st.stdout) as { nodes: { state: string; volume: { connection: string } | null }[] }).nodes;
+      assert.equal(nodes.filter((n) => n.state === "active").length, 1, `seed ${seed} trial ${i + 1}: not exactly one active node afterwards`);
+      assert.ok(nodes.every((n) => n.volume?.connection === "connected"), `seed ${seed} trial ${i + 1}: the volume is not back in sync`);
+    }
+    return results;
+  } finally {
+    await mailha(["lab", "down", "--config", lab.configFile]);
+    rmSync(dirname(lab.configFile), { recursive: true, force: true });
+  }
+}
