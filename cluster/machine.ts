@@ -216,7 +216,8 @@ export class ClusterMachine {
         this.onGroupStopped(ev.ok, ev.error);
         break;
       case "group-killed":
-        if (this.state === "stop-failed" && ev.ok) {
+        if (this.state === "deactivating") this.onGroupStopped(ev.ok, ev.error);
+        else if (this.state === "stop-failed" && ev.ok) {
           this.releaseLease();
           this.setState("failed", "resources killed after a failed stop");
         } else if (!ev.ok) this.emit({ type: "kill-failed", error: ev.error });
@@ -422,8 +423,13 @@ export class ClusterMachine {
 
   private selfFence(reason: string): void {
     this.emit({ type: "self-fence", reason });
-    // The lease is released only once the group has stopped (onGroupStopped).
-    this.stop(reason, "passive", null);
+    // An isolated node stops the hard way (SIGKILL, lazy unmount, demote): fast and
+    // bounded, which is what the survivor counts on. What was acknowledged is already
+    // durable. The lease is released only once the group is down (onGroupStopped).
+    this.afterStop = "passive";
+    this.handoffTo = null;
+    this.setState("deactivating", reason);
+    this.out.push({ t: "kill-group" });
   }
 
   private migrate(reason: string): void {

@@ -118,7 +118,15 @@ const volumeAgent: ResourceAgent = {
     if (s.disk !== "uptodate") throw new Error(`volume disk is ${s.disk}`);
   },
   async kill(ctx) {
-    await volumeCall(ctx.vol, "secondary", {}, 5000).catch(() => {});
+    // The file system was unmounted lazily and its loop device detached: the export
+    // is released once the killed processes are gone. Wait for that (bounded), then
+    // demote, so this node never stays primary behind the survivor's back.
+    for (let i = 0; i < 30; i++) {
+      const s = await volumeStatus(ctx.vol, 1000).catch(() => null);
+      if (!s || s.role === "secondary" || !s.export.inUse) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    await volumeCall(ctx.vol, "secondary", {}, 5000);
   },
 };
 
@@ -403,11 +411,17 @@ export class GroupRunner {
 
   kill(): Promise<GroupResult> {
     return this.enqueue(async () => {
+      let firstError: string | undefined;
       for (const a of [...this.agents].reverse()) {
-        await withTimeout(a.kill(this.ctx), 10_000, `kill of ${a.name}`).catch(() => {});
-        this.set(a.name, "stopped", { killed: true });
+        try {
+          await withTimeout(a.kill(this.ctx), 10_000, `kill of ${a.name}`);
+          this.set(a.name, "stopped", { killed: true });
+        } catch (err) {
+          this.set(a.name, "failed", { killed: true, error: (err as Error).message });
+          firstError ??= `${a.name}: ${(err as Error).message}`;
+        }
       }
-      return { ok: true };
+      return firstError ? { ok: false, error: firstError } : { ok: true };
     });
   }
 
