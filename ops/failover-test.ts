@@ -172,13 +172,17 @@ export async function runTrial(o: TrialOptions): Promise<TrialResult> {
   stop = true;
   await Promise.all([sender, reader]);
 
-  // Recovery: bring a killed or frozen node back and let the volume resync.
-  if (target && (o.fault === "kill-node" || o.fault === "freeze-node")) {
-    if (o.fault === "freeze-node") await labFault(o.configFile, "thaw-node", [target]);
-    const dead = (await nodeStatus(c, target, 1000).catch(() => null)) === null;
-    if (dead) await labFault(o.configFile, "boot-node", [target]);
+  // Recovery: heal links, thaw, and bring back any node that is down (killed by the
+  // fault, or fenced by its peer, which may happen after any fault), then let the
+  // volume resync.
+  if (o.fault !== "none") await labFault(o.configFile, "heal", []);
+  for (const n of c.nodes) {
+    const down = (await nodeStatus(c, n.id, 1500).catch(() => null)) === null;
+    if (down) {
+      say(`node ${n.id} is down: booting it`);
+      await labFault(o.configFile, "boot-node", [n.id]).catch((err: Error) => say(`boot-node ${n.id}: ${err.message}`));
+    }
   }
-  if (o.fault === "cut-replication") await labFault(o.configFile, "heal", []);
   say("waiting for the cluster to be healthy again");
   for (let i = 0; i < 300; i++) {
     const st = await Promise.all(c.nodes.map((n) => nodeStatus(c, n.id, 1000).catch(() => null)));
