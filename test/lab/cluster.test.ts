@@ -67,22 +67,23 @@ describe("cluster: a pulled replication link, forged heartbeats, switchover and 
   test("pulling only the replication link causes no failover; the volume resyncs when it returns", async () => {
     const since = new Date().toISOString();
     await fault(lab, "cut-link", "a", "replication");
-    await waitNode(lab, "a", "noticing the replication link is down", (s) => s.links.replication === "down");
-    await sleep(3 * config(lab).timers.deadtime_ms);
-    const a = (await status(lab, "a"))!;
-    const b = (await status(lab, "b"))!;
-    assert.equal(a.state, "active", "a stays active: the peer is alive on the service link");
-    assert.equal(b.state, "passive");
-    assert.equal(a.peer.state, "up");
-    assert.equal(a.volume?.connection, "connecting", "the volume reports the replication link down");
-    const db = await connectMariadb(sqlSocket(lab, "a"), "mailha");
     try {
-      await db.query("CREATE TABLE IF NOT EXISTS degraded (id INT PRIMARY KEY)");
-      await db.query("INSERT INTO degraded VALUES (1), (2)");
-    } finally {
-      await db.end();
-    }
-    try {
+      await waitNode(lab, "a", "noticing the replication link is down", (s) => s.links.replication === "down");
+      // The volume's own link check (1.5 s) and the daemon's status poll (1 s) follow.
+      await waitNode(lab, "a", "the volume reporting the replication link down", (s) => s.volume?.connection === "connecting", 10_000);
+      await sleep(3 * config(lab).timers.deadtime_ms);
+      const a = (await status(lab, "a"))!;
+      const b = (await status(lab, "b"))!;
+      assert.equal(a.state, "active", "a stays active: the peer is alive on the service link");
+      assert.equal(b.state, "passive");
+      assert.equal(a.peer.state, "up");
+      const db = await connectMariadb(sqlSocket(lab, "a"), "mailha");
+      try {
+        await db.query("CREATE TABLE IF NOT EXISTS degraded (id INT PRIMARY KEY)");
+        await db.query("INSERT INTO degraded VALUES (1), (2)");
+      } finally {
+        await db.end();
+      }
       await waitNode(lab, "a", "tracking the degraded writes as out of sync", (s) => (s.volume?.outOfSyncBytes ?? 0) > 0, 10_000);
     } finally {
       await fault(lab, "heal");
