@@ -14,7 +14,7 @@ import { smtpEhloWorks } from "../services/smtp/probe.ts";
 import { ImapFlow } from "imapflow";
 import type { Logger } from "pino";
 import type { MailhaConfig } from "../common/config.ts";
-import { isAlive, startDaemon, stopDaemon, type DaemonRecord } from "../common/daemon.ts";
+import { isAlive, killDaemon, startDaemon, stopDaemon, type DaemonRecord } from "../common/daemon.ts";
 import type { NodePaths } from "../common/paths.ts";
 import { probeLine } from "../common/probe.ts";
 import { addDomain, grantReader, migrate, upsertUser } from "../services/accounts.ts";
@@ -82,13 +82,8 @@ async function startDaemonResource(ctx: ResourceContext, spec: Parameters<typeof
 async function stopDaemonResource(ctx: ResourceContext, name: string, sig: "stop" | "kill"): Promise<void> {
   const rec = ctx.daemons.get(name);
   if (!rec) return;
-  if (sig === "kill") {
-    try {
-      process.kill(rec.pid, "SIGKILL");
-    } catch {
-      // gone
-    }
-  } else await stopDaemon(rec);
+  if (sig === "kill") await killDaemon(rec);
+  else await stopDaemon(rec);
   ctx.daemons.delete(name);
   ctx.saveDaemons();
 }
@@ -143,7 +138,9 @@ const filesystemAgent: ResourceAgent = {
     ctx.log.info({ loop: r.loop, fsck: r.fsck, created: r.created }, "file system mounted");
   },
   async stop(ctx) {
-    await unmountVolume(ctx.vol.stateDir, ctx.vol.mountpoint);
+    await unmountVolume(ctx.vol.stateDir, ctx.vol.mountpoint, {
+      killHolders: (victims, signal) => ctx.log.warn({ victims, signal }, "file system busy: stopping the processes that hold it"),
+    });
   },
   async monitor(ctx) {
     if (!isMounted(ctx.vol.mountpoint)) throw new Error(`${ctx.vol.mountpoint} is not mounted`);

@@ -7,6 +7,7 @@ import { spawn } from "node:child_process";
 import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readSync, statSync } from "node:fs";
 import { dirname } from "node:path";
 import { sleep } from "./exec.ts";
+import { processGroupMembers, signalAll } from "./procs.ts";
 
 export interface DaemonSpec {
   /** Human name, e.g. "mariadb@a". */
@@ -86,18 +87,44 @@ export async function startDaemon(spec: DaemonSpec): Promise<DaemonRecord> {
 
 export type StopOutcome = "absent" | "stopped" | "killed";
 
-/** Stops the daemon by PID: SIGTERM, wait up to its bound, then SIGKILL. */
+/**
+ * Stops the daemon by PID: SIGTERM, wait up to its bound, then SIGKILL. Whatever is
+ * left of its process group afterwards (children of a killed master, e.g. Dovecot's
+ * imap processes, which would keep the volume busy) is killed too.
+ */
 export async function stopDaemon(rec: DaemonRecord, timeoutMs = rec.stopTimeoutMs): Promise<StopOutcome> {
-  if (!isAlive(rec)) return "absent";
+  if (!isAlive(rec)) {
+    await killGroupLeftovers(rec.pid);
+    return "absent";
+  }
   signal(rec.pid, "SIGTERM");
   const deadline = Date.now() + timeoutMs;
   while (Date.now() < deadline) {
-    if (!isAlive(rec)) return "stopped";
+    if (!isAlive(rec)) {
+      await killGroupLeftovers(rec.pid);
+      return "stopped";
+    }
     await sleep(POLL_MS);
   }
-  signal(rec.pid, "SIGKILL");
-  for (let i = 0; i < 100 && isAlive(rec); i++) await sleep(POLL_MS);
+  await killDaemon(rec);
   return "killed";
+}
+
+/** SIGKILL to the daemon and everything left in its process group; waits (bounded) until they are gone. */
+export async function killDaemon(rec: Pick<DaemonRecord, "pid" | "startTicks">): Promise<void> {
+  if (isAlive(rec)) signal(rec.pid, "SIGKILL");
+  for (let i = 0; i < 100 && isAlive(rec); i++) await sleep(POLL_MS);
+  await killGroupLeftovers(rec.pid);
+}
+
+/** The daemon was started in its own session, so its PID is its process group's id. */
+async function killGroupLeftovers(pgid: number): Promise<void> {
+  for (let round = 0; round < 40; round++) {
+    const left = await processGroupMembers(pgid);
+    if (left.length === 0) return;
+    signalAll(left, "SIGKILL");
+    await sleep(POLL_MS);
+  }
 }
 
 /** True while the recorded process (same PID and start time) exists and is not a zombie. */

@@ -4,7 +4,8 @@
 // manager, never by the engine (which must not touch the file system it serves).
 import { existsSync, mkdirSync, readFileSync, unlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { run, tryRun } from "../common/exec.ts";
+import { run, sleep, tryRun } from "../common/exec.ts";
+import { processesUsing, signalAll, type ProcessInfo } from "../common/procs.ts";
 
 export interface FsState {
   readonly loop: string;
@@ -63,13 +64,37 @@ export async function mountVolume(stateDir: string, file: string, mountpoint: st
   }
 }
 
+export interface UnmountOptions {
+  /** Detach at once (the file system is already dead, or this node is fencing itself). */
+  readonly lazy?: boolean;
+  /**
+   * When the file system is busy, stop the processes that hold it (SIGTERM, then
+   * SIGKILL) and try again, as an HA file system agent's force_unmount does. Each
+   * round's victims are reported.
+   */
+  readonly killHolders?: (victims: readonly ProcessInfo[], signal: NodeJS.Signals) => void;
+}
+
+const UNMOUNT_ROUNDS = 4;
+const HOLDER_GRACE_MS = 1000;
+
 /** Unmounts and detaches the loop device; lazily when the file system is already dead. */
-export async function unmountVolume(stateDir: string, mountpoint: string, opts: { lazy?: boolean } = {}): Promise<{ unmounted: boolean; detached: string | null }> {
+export async function unmountVolume(stateDir: string, mountpoint: string, opts: UnmountOptions = {}): Promise<{ unmounted: boolean; detached: string | null }> {
   const st = readFsState(stateDir);
   let unmounted = false;
-  if (isMounted(mountpoint)) {
-    await run("umount", opts.lazy ? ["-l", mountpoint] : [mountpoint], { timeoutMs: 120_000 });
-    unmounted = true;
+  for (let round = 0; isMounted(mountpoint); round++) {
+    try {
+      await run("umount", opts.lazy ? ["-l", mountpoint] : [mountpoint], { timeoutMs: 120_000 });
+      unmounted = true;
+      break;
+    } catch (err) {
+      if (!opts.killHolders || round >= UNMOUNT_ROUNDS - 1 || !/busy/i.test((err as Error).message)) throw err;
+      const sig: NodeJS.Signals = round === 0 ? "SIGTERM" : "SIGKILL";
+      const victims = await processesUsing(mountpoint);
+      opts.killHolders(victims, sig);
+      signalAll(victims, sig);
+      await sleep(round === 0 ? HOLDER_GRACE_MS : 200);
+    }
   }
   let detached: string | null = null;
   if (st?.loop) {

@@ -3,7 +3,7 @@
 // can be replayed (FAULT_SEED=N). After every trial: no acknowledged message lost,
 // UIDs stable, never two active nodes (from the event logs), cluster healthy again.
 import assert from "node:assert/strict";
-import { rmSync } from "node:fs";
+import { cpSync, rmSync } from "node:fs";
 import { dirname } from "node:path";
 import { loadConfig } from "../../common/config.ts";
 import { runTrial, type TrialResult } from "../../ops/failover-test.ts";
@@ -71,6 +71,14 @@ export async function runFaultSuite(seed: number, trials: number, log: (s: strin
     }
     return results;
   } finally {
+    // FAULT_LOGS=DIR keeps every node's logs (event logs, daemon logs) for a post-mortem.
+    if (process.env.FAULT_LOGS) {
+      const logsOnly = (p: string) => {
+        const parts = p.slice(lab.dir.length).split("/");
+        return parts.length <= 2 || parts[2] === "log";
+      };
+      cpSync(lab.dir, process.env.FAULT_LOGS, { recursive: true, filter: logsOnly });
+    }
     await mailha(["lab", "down", "--config", lab.configFile]);
     rmSync(dirname(lab.configFile), { recursive: true, force: true });
   }

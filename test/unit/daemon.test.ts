@@ -1,11 +1,14 @@
 // The daemon runner: ready within a bound, a failed start shows the log's tail, stop
-// escalates from SIGTERM to SIGKILL, and a recorded PID is never confused with another.
+// escalates from SIGTERM to SIGKILL (and takes a killed master's children along), a
+// recorded PID is never confused with another, and the holders of a directory are found.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { spawn } from "node:child_process";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { DaemonStartError, isAlive, startDaemon, stopDaemon } from "../../common/daemon.ts";
+import { processesUsing } from "../../common/procs.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "mailha-daemon-"));
 test.after(() => rmSync(dir, { recursive: true, force: true }));
@@ -77,4 +80,38 @@ test("a daemon that ignores SIGTERM is killed after its stop bound", async () =>
 test("a record whose PID now belongs to another process is not alive", () => {
   assert.equal(isAlive({ pid: process.pid, startTicks: "1" }), false);
   assert.equal(isAlive({ pid: process.pid, startTicks: "" }), true);
+});
+
+test("stopping a daemon also stops the children its killed master leaves behind", async () => {
+  const flag = join(dir, "ready3");
+  const pidFile = join(dir, "child.pid");
+  // A master that ignores SIGTERM and has a worker child (like Dovecot's imap process
+  // holding a mailbox open): after the stop neither may be left.
+  const rec = await startDaemon({
+    name: "master",
+    command: "sh",
+    args: ["-c", `trap '' TERM; sleep 60 & echo $! > ${pidFile}; touch ${flag}; while :; do sleep 0.1; done`],
+    logFile: join(dir, "master.log"),
+    ready: async () => existsSync(flag),
+    readyTimeoutMs: 5000,
+    stopTimeoutMs: 300,
+  });
+  const child = Number(readFileSync(pidFile, "utf8"));
+  assert.ok(isAlive({ pid: child, startTicks: "" }), "the worker runs");
+  assert.equal(await stopDaemon(rec), "killed");
+  assert.equal(isAlive({ pid: child, startTicks: "" }), false, "the worker is gone too");
+});
+
+test("processesUsing finds who holds files under a directory", async () => {
+  const sub = join(dir, "held");
+  mkdirSync(sub);
+  const p = spawn("sleep", ["30"], { cwd: sub, stdio: "ignore" });
+  try {
+    await new Promise((r) => setTimeout(r, 100));
+    const holders = await processesUsing(sub);
+    assert.deepEqual(holders.map((h) => h.pid), [p.pid]);
+    assert.deepEqual(await processesUsing(join(dir, "nobody-here")), []);
+  } finally {
+    p.kill("SIGKILL");
+  }
 });
