@@ -16,6 +16,9 @@ const SIZE_UNITS: Record<string, number> = { B: 1, KiB: 1024, MiB: 1024 ** 2, Gi
 const ipv4 = () => z.ipv4({ error: "an IPv4 address such as 10.77.0.1" });
 const ipv6 = () => z.ipv6({ error: "an IPv6 address such as fd00::1" });
 const hostname = () => z.string({ error: "a DNS name such as mail.example.org" }).regex(HOSTNAME_RE, { error: "a lower-case DNS name such as mail.example.org" });
+/** A mailbox of the lab's (the test tools log in as it). */
+const labUser = z.strictObject({ address: z.email({ error: "an e-mail address" }), password: z.string({ error: "a password" }).min(8, { error: "a password of at least 8 characters" }) });
+
 const int = (what: string, min: number, max: number) =>
   z.number({ error: `${what} (an integer from ${min} to ${max})` }).int({ error: `${what} (an integer from ${min} to ${max})` }).min(min, { error: `${what} (an integer from ${min} to ${max})` }).max(max, { error: `${what} (an integer from ${min} to ${max})` });
 const port = () => int("a TCP/UDP port", 1, 65535);
@@ -140,9 +143,26 @@ const schema = z
         witness_address: ipv4(),
         operator_address: ipv4(),
         prefix_len: int("a prefix length", 8, 30).default(24),
-        test_user: z.strictObject({ address: z.email({ error: "an e-mail address" }), password: z.string({ error: "a password" }).min(8, { error: "a password of at least 8 characters" }) }),
+        test_user: labUser,
+        pop3_user: labUser.optional(),
       })
       .optional(),
+    failover_test: z
+      .strictObject({
+        faults: z
+          .record(
+            z.string().regex(/^[a-z][a-z0-9-]{0,31}$/, { error: "a fault name: a lower-case letter, then letters, digits or dashes" }),
+            z.strictObject({
+              description: z.string({ error: "a sentence saying what the fault does" }).optional(),
+              inject: z.string({ error: "a shell command that injects the fault" }).min(1, { error: "a shell command that injects the fault" }),
+              recover: z.string({ error: "a shell command that undoes the fault" }).min(1, { error: "a shell command that undoes the fault" }).optional(),
+              timeout_ms: ms(100, 600_000).default(60_000),
+            }),
+            { error: "a map of fault names to { inject, recover } commands" },
+          )
+          .default({}),
+      })
+      .prefault({}),
   })
   .superRefine((c, ctx) => {
     const ids = c.nodes.map((n) => n.id);

@@ -14,7 +14,7 @@ import { volumeCommand } from "./volume-cmd.ts";
 import { FAULTS, labFault, type Fault } from "../lab/faults.ts";
 import { moveCommands, nodeCommandGroup, statusCommand, witnessCommand } from "./cluster-cmd.ts";
 import { mailCommands } from "./mail-cmd.ts";
-import { runTrial } from "../failover-test.ts";
+import { failoverTestCommand } from "./failover-cmd.ts";
 import { dnsCommand } from "./dns-cmd.ts";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
@@ -186,49 +186,13 @@ function program(): Command {
   for (const cmd of moveCommands(DEFAULT_CONFIG)) p.addCommand(cmd);
   for (const cmd of mailCommands(DEFAULT_CONFIG)) p.addCommand(cmd);
   p.addCommand(dnsCommand(DEFAULT_CONFIG));
-  p.command("failover-test")
-    .description("run real clients (SMTP to the MX hosts, IMAP with reconnects) while a lab fault is injected; count lost, duplicated and found messages, outages, detection and takeover")
-    .addOption(configOption(DEFAULT_LAB_CONFIG))
-    .addOption(new Option("--fault <fault>", "kill-node, freeze-node, cut-replication, switchover or none").default("kill-node"))
-    .option("--duration <s>", "seconds of client traffic", "20")
-    .option("--fault-after <s>", "seconds of traffic before the fault", "5")
-    .option("--user <address>", "the mailbox the messages go to (default: the lab's test user)")
-    .option("--password <pw>", "its password (default: the lab's)")
-    .addOption(jsonOption())
-    .action(async (o: { config: string; fault: string; duration: string; faultAfter: string; user?: string; password?: string; json?: boolean }) => {
-      const out = createOutput(!!o.json);
-      const c = loadConfig(o.config);
-      if (!["kill-node", "freeze-node", "cut-replication", "switchover", "none"].includes(o.fault)) throw new UsageError(`unknown fault ${o.fault}`);
-      const user = o.user ?? c.lab?.test_user.address;
-      const password = o.password ?? c.lab?.test_user.password;
-      if (!user || !password) throw new UsageError("say --user and --password (no lab test user in this config)");
-      const r = await runTrial({ config: c, configFile: o.config, user, password, fault: o.fault as "kill-node", faultAfterMs: Number(o.faultAfter) * 1000, durationMs: Number(o.duration) * 1000, sendEveryMs: 200, progress: (l) => out.progress("trial", { note: l }) });
-      out.result(r, () =>
-        [
-          `fault ${r.fault} on ${r.target ?? "-"} at ${r.faultAt ?? "-"}: ${r.ok ? "OK" : "FAILED"}`,
-          table([
-            ["figure", "value"],
-            ["detection", r.detectionMs === null ? "-" : `${r.detectionMs} ms`],
-            ["takeover", r.takeoverMs === null ? "-" : `${r.takeoverMs} ms`],
-            ["smtp sent / acknowledged / found", `${r.smtp.sent} / ${r.smtp.acked} / ${r.smtp.found}`],
-            ["lost (acknowledged, missing)", String(r.smtp.lost.length)],
-            ["duplicated", String(r.smtp.duplicated.length)],
-            ["smtp outage", `${r.smtp.outageMs} ms`],
-            ["imap operations / failures", `${r.imap.ops} / ${r.imap.failures}`],
-            ["imap outage", `${r.imap.outageMs} ms`],
-            ["UIDVALIDITY unchanged", r.uidValidityStable ? "yes" : "NO"],
-            ["older UIDs unchanged", r.oldUidsStable ? "yes" : "NO"],
-          ]),
-        ].join("\n"),
-      );
-      if (!r.ok) process.exitCode = EXIT_FAILURE;
-    });
+  p.addCommand(failoverTestCommand(DEFAULT_LAB_CONFIG));
 
   lab
     .command("fault")
-    .description(`inject a fault: ${FAULTS.join(", ")} (kill-node N, boot-node N, freeze-node N, thaw-node N, cut-link N service|replication|both, partition, heal)`)
+    .description(`inject a fault: ${FAULTS.join(", ")} (kill-node N, boot-node N, freeze-node N, thaw-node N, cut-link N service|replication|both, partition, heal, kill-service N mariadb|redis|dovecot|smtp)`)
     .argument("<fault>", FAULTS.join("|"))
-    .argument("[args...]", "node id, link")
+    .argument("[args...]", "node id, link or service")
     .addOption(configOption(DEFAULT_LAB_CONFIG))
     .addOption(jsonOption())
     .action(async (fault: string, args: string[], o: { config: string; json?: boolean }) => {

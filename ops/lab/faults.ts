@@ -5,10 +5,11 @@
 //   cut-link N L     take link L (service, replication, both) of node N down
 //   partition        the nodes cannot reach each other (replication down, service blackholed); both still reach w
 //   heal             every link up, partitions removed, frozen nodes thawed
+//   kill-service N S SIGKILL one resource daemon (mariadb, redis, dovecot, smtp) on node N
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { loadConfig } from "../../common/config.ts";
-import { startDaemon, type DaemonRecord } from "../../common/daemon.ts";
+import { isAlive, startDaemon, type DaemonRecord } from "../../common/daemon.ts";
 import { UsageError } from "../../common/errors.ts";
 import { run, tryRun } from "../../common/exec.ts";
 import { nodeSpec } from "../../cluster/client.ts";
@@ -17,8 +18,9 @@ import { unmountVolume } from "../../replication/filesystem.ts";
 import { loopsUnder, mountsUnder, requireLab } from "./lab.ts";
 import { namespacePids, REPLICATION_DEV, SERVICE_DEV, nsPrefix } from "./network.ts";
 
-export type Fault = "kill-node" | "boot-node" | "freeze-node" | "thaw-node" | "cut-link" | "partition" | "heal";
-export const FAULTS: readonly Fault[] = ["kill-node", "boot-node", "freeze-node", "thaw-node", "cut-link", "partition", "heal"];
+export type Fault = "kill-node" | "boot-node" | "freeze-node" | "thaw-node" | "cut-link" | "partition" | "heal" | "kill-service";
+export const FAULTS: readonly Fault[] = ["kill-node", "boot-node", "freeze-node", "thaw-node", "cut-link", "partition", "heal", "kill-service"];
+const SERVICES = ["mariadb", "redis", "dovecot", "smtp"] as const;
 
 async function signalAll(ns: string, sig: NodeJS.Signals): Promise<number> {
   const pids = await namespacePids(ns);
@@ -85,6 +87,16 @@ export async function labFault(configFile: string, fault: Fault, args: string[])
       await tryRun("ip", ["-n", ns(a!.id), "route", "add", "blackhole", `${b!.service_address}/32`]);
       await tryRun("ip", ["-n", ns(b!.id), "route", "add", "blackhole", `${a!.service_address}/32`]);
       return { fault, at };
+    }
+    case "kill-service": {
+      const id = node(0);
+      const svc = args[1] ?? "";
+      if (!(SERVICES as readonly string[]).includes(svc)) throw new UsageError(`kill-service NODE SERVICE: SERVICE is one of ${SERVICES.join(", ")}`);
+      const f = join(nodePaths(resolve(join(c.lab.dir, id))).run, "resources.json");
+      const rec = existsSync(f) ? (JSON.parse(readFileSync(f, "utf8")) as DaemonRecord[]).find((d) => d.name === svc && isAlive(d)) : undefined;
+      if (!rec) throw new UsageError(`${svc} does not run on node ${id}`);
+      process.kill(rec.pid, "SIGKILL");
+      return { fault, node: id, service: svc, pid: rec.pid, at };
     }
     case "heal": {
       for (const n of c.nodes) {

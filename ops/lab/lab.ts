@@ -208,6 +208,7 @@ export async function labUp(configFile: string, progress: Progress, opts: UpOpti
     const db = await connectMariadb(mariadbPaths(np).socket);
     try {
       await upsertUser(db, c.lab.test_user.address, c.lab.test_user.password);
+      if (c.lab.pop3_user) await upsertUser(db, c.lab.pop3_user.address, c.lab.pop3_user.password);
     } finally {
       await db.end();
     }

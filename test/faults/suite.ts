@@ -3,16 +3,19 @@
 // can be replayed (FAULT_SEED=N). After every trial: no acknowledged message lost,
 // UIDs stable, never two active nodes (from the event logs), cluster healthy again.
 import assert from "node:assert/strict";
-import { cpSync, rmSync } from "node:fs";
+import { cpSync, mkdirSync, rmSync, writeFileSync } from "node:fs";
 import { dirname } from "node:path";
 import { loadConfig } from "../../common/config.ts";
-import { runTrial, type TrialResult } from "../../ops/failover-test.ts";
+import { SERVICES } from "../../ops/failover/faults.ts";
+import { renderReport } from "../../ops/failover/report.ts";
+import { runTrial, type TrialResult } from "../../ops/failover/trial.ts";
 import { mailha } from "../helpers/cli.ts";
 import { events } from "../helpers/cluster.ts";
 import { writeTestLabConfig } from "../helpers/lab.ts";
 import { rng } from "../sim/volume-sim.ts";
 
-const FAULTS = ["kill-node", "switchover", "cut-replication", "freeze-node"] as const;
+/** The faults of the issue: power loss, freeze, either link, both links, one service, planned moves. */
+export const SUITE_FAULTS = ["kill-node", "freeze-node", "cut-replication", "cut-links", "kill-service", "switchover", "failback"] as const;
 
 /**
  * Intervals each node was active, from its event log. A node that lost power logs no
@@ -42,7 +45,8 @@ function activeIntervals(lab: ReturnType<typeof writeTestLabConfig>, node: strin
   return out;
 }
 
-export async function runFaultSuite(seed: number, trials: number, log: (s: string) => void): Promise<TrialResult[]> {
+/** Runs TRIALS seeded trials on a lab of the suite's own; writes the HTML report to REPORT (also when a trial fails). */
+export async function runFaultSuite(seed: number, trials: number, log: (s: string) => void, report?: string): Promise<TrialResult[]> {
   const r = rng(seed);
   const lab = writeTestLabConfig("f", 103);
   const results: TrialResult[] = [];
@@ -53,15 +57,32 @@ export async function runFaultSuite(seed: number, trials: number, log: (s: strin
     const c = loadConfig(lab.configFile);
     const kills: Record<string, number[]> = { a: [], b: [] };
     for (let i = 0; i < trials; i++) {
-      const fault = FAULTS[Math.floor(r() * FAULTS.length)]!;
+      const fault = SUITE_FAULTS[Math.floor(r() * SUITE_FAULTS.length)]!;
       const faultAfterMs = 2000 + Math.floor(r() * 3000);
-      log(`trial ${i + 1}/${trials}: ${fault} after ${faultAfterMs} ms`);
-      const res = await runTrial({ config: c, configFile: lab.configFile, user: c.lab!.test_user.address, password: c.lab!.test_user.password, fault, faultAfterMs, durationMs: faultAfterMs + 10_000, sendEveryMs: 200, progress: log });
+      const freezeMs = 1000 + Math.floor(r() * 5000);
+      const service = SERVICES[Math.floor(r() * SERVICES.length)]!;
+      const detail = fault === "freeze-node" ? ` for ${freezeMs} ms` : fault === "kill-service" ? ` (${service})` : "";
+      log(`trial ${i + 1}/${trials}: ${fault}${detail} after ${faultAfterMs} ms`);
+      const res = await runTrial({
+        config: c,
+        configFile: lab.configFile,
+        fault,
+        faultOptions: { freezeMs, service },
+        faultAfterMs,
+        durationMs: faultAfterMs + 10_000,
+        smtpEveryMs: 200,
+        imapSessions: 2,
+        imap: c.lab!.test_user,
+        pop3: c.lab!.pop3_user ?? null,
+        dnsServer: c.dns.server,
+        say: log,
+      });
       results.push(res);
       if ((fault === "kill-node" || fault === "freeze-node") && res.target && res.faultAt) kills[res.target]!.push(new Date(res.faultAt).getTime());
-      log(`  acknowledged ${res.smtp.acked}, found ${res.smtp.found}, lost ${res.smtp.lost.length}, duplicated ${res.smtp.duplicated.length}; detection ${res.detectionMs ?? "-"} ms, takeover ${res.takeoverMs ?? "-"} ms`);
+      log(`  acknowledged ${res.smtp.acked}, found ${res.smtp.found}, lost ${res.smtp.lost.length}, duplicated ${res.smtp.duplicated.length}; detection ${res.detectionMs ?? "-"} ms, takeover ${res.takeoverMs ?? "-"} ms; outages smtp ${res.smtp.outageMs} imap ${res.imap.outageMs} pop3 ${res.pop3?.outageMs ?? "-"} ms; flags lost ${res.imap.flagsLost}`);
+      for (const n of res.notes) log(`  note: ${n}`);
       assert.deepEqual(res.smtp.lost, [], `seed ${seed} trial ${i + 1} (${fault}): acknowledged messages missing: ${res.smtp.lost.join(", ")}`);
-      assert.ok(res.uidValidityStable && res.oldUidsStable, `seed ${seed} trial ${i + 1} (${fault}): UIDVALIDITY or older UIDs changed`);
+      assert.ok(res.imap.uidValidityStable && res.imap.oldUidsStable, `seed ${seed} trial ${i + 1} (${fault}): UIDVALIDITY or older UIDs changed`);
       const [ia, ib] = [activeIntervals(lab, "a", kills.a!), activeIntervals(lab, "b", kills.b!)];
       for (const [a0, a1] of ia) for (const [b0, b1] of ib) assert.ok(a1 <= b0 || b1 <= a0, `seed ${seed} trial ${i + 1}: a and b were active at the same time`);
       const st = await mailha(["status", "--config", lab.configFile, "--json"]);
@@ -71,6 +92,11 @@ export async function runFaultSuite(seed: number, trials: number, log: (s: strin
     }
     return results;
   } finally {
+    if (report && results.length) {
+      mkdirSync(dirname(report), { recursive: true });
+      writeFileSync(report, renderReport(results, { cluster: "fault suite", command: `FAULT_SEED=${seed} FAULT_TRIALS=${trials} npm run test:faults`, seed }));
+      log(`report: ${report}`);
+    }
     // FAULT_LOGS=DIR keeps every node's logs (event logs, daemon logs) for a post-mortem.
     if (process.env.FAULT_LOGS) {
       const logsOnly = (p: string) => {
