@@ -15,22 +15,26 @@ async function pids(): Promise<number[]> {
   return (await readdir("/proc")).filter((d) => /^\d+$/.test(d)).map(Number);
 }
 
-async function stat(pid: number): Promise<{ name: string; pgrp: number } | null> {
+async function stat(pid: number): Promise<{ name: string; pgrp: number; zombie: boolean } | null> {
   try {
     const s = await readFile(`/proc/${pid}/stat`, "utf8");
     const rest = s.slice(s.lastIndexOf(")") + 2).split(" ");
-    return { name: s.slice(s.indexOf("(") + 1, s.lastIndexOf(")")), pgrp: Number(rest[2]) };
+    return { name: s.slice(s.indexOf("(") + 1, s.lastIndexOf(")")), pgrp: Number(rest[2]), zombie: rest[0] === "Z" };
   } catch {
     return null;
   }
 }
 
-/** The processes of process group PGID (a daemon started in its own session leads one). */
+/**
+ * The live processes of process group PGID (a daemon started in its own session leads
+ * one). Zombies are left out: they hold nothing, and an orphan's zombie waits for
+ * whoever reaps orphans here, which may be never.
+ */
 export async function processGroupMembers(pgid: number): Promise<ProcessInfo[]> {
   const out: ProcessInfo[] = [];
   for (const pid of await pids()) {
     const s = await stat(pid);
-    if (s && s.pgrp === pgid) out.push({ pid, name: s.name });
+    if (s && s.pgrp === pgid && !s.zombie) out.push({ pid, name: s.name });
   }
   return out;
 }

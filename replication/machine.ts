@@ -161,6 +161,13 @@ export class VolumeMachine {
   private promoteWaiter: { req: number; force: boolean } | null = null;
   /** A demotion waiting for the peer to acknowledge writes in flight. */
   private demoteWaiter: number | null = null;
+  /**
+   * A primary lost its peer with nothing unacknowledged: the new generation starts
+   * with its first write, not at once, so a primary that is stopped (or fenced)
+   * before it writes again has not moved on, and its return is a plain resync, not
+   * a split brain.
+   */
+  private newCurrentDue = false;
   /** The in-memory bitmap has bits the durable one lacks. */
   private bitmapDirty = false;
   private stats = { writes: 0, writeBytes: 0, resyncedBytes: 0, flushes: 0 };
@@ -280,6 +287,7 @@ export class VolumeMachine {
     if (this.meta.role !== "primary") return this.reply(req, "EROFS: volume is not primary");
     if (offset < 0 || offset + data.length > this.meta.sizeBytes) return this.reply(req, "ENOSPC: write beyond the end of the volume");
     if (data.length === 0) return this.reply(req);
+    if (!this.replicating) this.startDueGeneration();
     this.touchActivityLog(offset, data.length);
     this.store.write(offset, data);
     if (this.meta.fresh) {
@@ -304,6 +312,14 @@ export class VolumeMachine {
       this.markOutOfSync(offset, data.length);
     }
     this.reply(req);
+  }
+
+  /** Before the first write without the peer: start the new generation, durably. */
+  private startDueGeneration(): void {
+    if (!this.newCurrentDue) return;
+    this.newCurrentDue = false;
+    this.newGeneration("primary wrote without its peer");
+    this.store.saveMeta(this.meta);
   }
 
   private onFlush(req: number): void {
@@ -432,7 +448,10 @@ export class VolumeMachine {
       this.emit({ type: "resync-interrupted", side: this.resync.side, doneBytes: this.resync.doneBlocks * BLOCK_SIZE, leftBytes: (this.resync.totalBlocks - this.resync.doneBlocks) * BLOCK_SIZE });
       this.resync = null;
     }
-    if (this.meta.role === "primary" && hadPeer) this.newGeneration("primary lost its peer");
+    if (this.meta.role === "primary" && hadPeer) {
+      if (this.bitmap.count > 0) this.newGeneration("primary lost its peer with unacknowledged writes");
+      else this.newCurrentDue = true;
+    }
     else if (this.meta.disk === "uptodate" && this.meta.role === "secondary") this.setDisk("consistent");
     this.persistBitmap();
     this.store.saveMeta(this.meta);
@@ -1015,6 +1034,8 @@ export class VolumeMachine {
     if (c === this.conn) return;
     const prev = this.conn;
     this.conn = c;
+    // Writes reach the peer again: a generation left due is no longer needed.
+    if (this.replicating || c === "sync-target") this.newCurrentDue = false;
     this.emit({ type: "connection", state: c, prev });
   }
   private setDisk(d: DiskState): void {

@@ -66,9 +66,12 @@ export interface ProxyStats {
 export async function runProxy(o: { listenAddress: string; upstreamAddress: string; onEvent?: (ev: Record<string, unknown>) => void }): Promise<{ stats: ProxyStats; close(): Promise<void> }> {
   const stats: ProxyStats = { accepted: 0, forwarded: 0, refused: 0 };
   const servers: Server[] = [];
+  const open = new Set<Socket>();
   for (const r of PROXY_ROUTES) {
     const server = createServer({ pauseOnConnect: true }, (client) => {
       stats.accepted++;
+      open.add(client);
+      client.on("close", () => open.delete(client));
       const up = createConnection({ host: o.upstreamAddress, port: r.upstreamPort, localAddress: o.listenAddress });
       const t = setTimeout(() => up.destroy(new Error("connect timeout")), CONNECT_TIMEOUT_MS);
       client.on("error", () => up.destroy());
@@ -102,6 +105,11 @@ export async function runProxy(o: { listenAddress: string; upstreamAddress: stri
   o.onEvent?.({ type: "proxy-listening", upstream: o.upstreamAddress, ports: PROXY_ROUTES.map((r) => r.port) });
   return {
     stats,
-    close: () => Promise.all(servers.map((s) => new Promise<void>((r) => s.close(() => r())))).then(() => undefined),
+    // Stop listening and cut what is still forwarded: the node is handing its ports over.
+    close: () => {
+      const closed = Promise.all(servers.map((s) => new Promise<void>((r) => s.close(() => r()))));
+      for (const s of open) s.destroy();
+      return closed.then(() => undefined);
+    },
   };
 }

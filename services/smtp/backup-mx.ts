@@ -94,6 +94,8 @@ export async function flushSpool(paths: NodePaths, deliverOne: (env: Envelope, f
   return n;
 }
 
+const CLOSE_TIMEOUT_MS = 500;
+
 export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; paths: NodePaths; key: Buffer; log: Logger }): Promise<{ close(): Promise<void> }> {
   const c = o.config;
   const me = c.nodes.find((n) => n.id === o.nodeId)!;
@@ -128,6 +130,9 @@ export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; pat
   const server = new SMTPServer({
     name: c.mail.mx.find((m) => m.node === o.nodeId)?.name ?? c.mail.host,
     banner: "mailha ESMTP (backup MX)",
+    // At a takeover the ports go to the active services at once: sessions still open
+    // after this are cut (no 250 was given for their message, so the client retries).
+    closeTimeout: CLOSE_TIMEOUT_MS,
     ...tlsOpts,
     secure: false,
     authOptional: true,
