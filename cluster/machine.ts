@@ -74,7 +74,13 @@ export type Event =
   | { readonly t: "command"; readonly now: number; readonly req: number; readonly cmd: Command; readonly force?: boolean };
 
 export type Action =
-  | { readonly t: "start-group"; readonly forcePromote: boolean }
+  | {
+      readonly t: "start-group";
+      /** Promote the volume without the peer (it is dead, fenced or out of quorum). */
+      readonly forcePromote: boolean;
+      /** Promote even an Outdated disk: only the operator's `takeover --force` may lose the peer's newer data. */
+      readonly overrideOutdated: boolean;
+    }
   | { readonly t: "stop-group"; readonly reason: string }
   /** Escalation after a failed stop: SIGKILL every resource process, lazy unmount, force demote. */
   | { readonly t: "kill-group" }
@@ -408,10 +414,10 @@ export class ClusterMachine {
     this.out.push({ t: "fence-peer" });
   }
 
-  private activate(forcePromote: boolean, why: string): void {
+  private activate(forcePromote: boolean, why: string, overrideOutdated = false): void {
     this.handoffTo = null;
     this.setState("activating", why);
-    this.out.push({ t: "start-group", forcePromote });
+    this.out.push({ t: "start-group", forcePromote, overrideOutdated });
   }
 
   private stop(reason: string, after: NodeState, handoffTo: string | null): void {
@@ -518,7 +524,7 @@ export class ClusterMachine {
         if (peerAlive) {
           this.requestId++;
           this.setState("requesting", "operator: takeover");
-        } else this.activate(true, `operator: takeover${force ? " --force" : ""}`);
+        } else this.activate(true, `operator: takeover${force ? " --force" : ""}`, force);
         return;
       case "switchover":
       case "failback": {

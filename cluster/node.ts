@@ -122,6 +122,7 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
     vol,
     log,
     forcePromote: false,
+    overrideOutdated: false,
     daemons,
     saveDaemons: () => writeFileSync(daemonsFile, JSON.stringify([...daemons.values()])),
   };
@@ -184,7 +185,7 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
         if (a.forcePromote) void updateDns([me.id]);
         // The proxy holds the service ports: it goes first.
         void reconcilePassive()
-          .then(() => runner.start(a.forcePromote))
+          .then(() => runner.start(a.forcePromote, a.overrideOutdated))
           .then((r) => dispatch({ t: "group-started", now: Date.now(), ok: r.ok, error: r.error }));
         break;
       case "stop-group":
@@ -307,6 +308,27 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
         .finally(() => (monitoring = false));
     }, c.manager.monitor_interval_ms),
   );
+  // Fencing at the resource level (DRBD's outdate-peer): the peer is alive and active
+  // (its heartbeats arrive) but our replication link is down, so it writes without us.
+  // Our disk is marked Outdated, durably, so that if the peer dies now this node
+  // does not take over with old data; the resync after the link returns clears it.
+  let outdating = false;
+  async function outdateIfPeerWritesAlone(s: VolumeStatus): Promise<void> {
+    const replicating = s.connection === "connected" || s.connection === "sync-source" || s.connection === "sync-target" || s.connection === "verifying";
+    if (outdating || replicating || s.role !== "secondary" || s.disk !== "consistent") return;
+    const st = m.status();
+    if (st.peer.state !== "up" || st.peer.summary?.state !== "active") return;
+    outdating = true;
+    try {
+      await volumeCall(vol, "outdate", {}, 5000);
+      emit({ type: "volume-outdated", reason: "the active peer writes while the replication link is down" });
+    } catch (err) {
+      emit({ type: "volume-outdate-failed", error: (err as Error).message });
+    } finally {
+      outdating = false;
+    }
+  }
+
   let watching = false;
   timers.push(
     setInterval(() => {
@@ -319,6 +341,7 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
             lastVolume = s;
             const inSync = s.connection === "connected" && s.disk === "uptodate" && s.peer.disk === "uptodate";
             dispatch({ t: "volume", now: Date.now(), inSync });
+            void outdateIfPeerWritesAlone(s);
           },
           async () => {
             watchdogMisses++;

@@ -36,6 +36,8 @@ export interface ResourceContext {
   readonly log: Logger;
   /** Promote the volume even though the peer's state is unknown (it was confirmed gone). */
   forcePromote: boolean;
+  /** With forcePromote: promote even an Outdated disk (the operator's `takeover --force`). */
+  overrideOutdated: boolean;
   /** Daemons started by agents, persisted so a restarted node daemon can clean up. */
   readonly daemons: Map<string, DaemonRecord>;
   saveDaemons(): void;
@@ -99,6 +101,13 @@ const volumeAgent: ResourceAgent = {
     // keeps receiving); wait for it to be connected first. A forced promotion is for a
     // peer confirmed gone.
     if (!ctx.forcePromote) await waitForVolume(ctx.vol, (s) => s.peer.node !== null && s.connection !== "connecting", 25_000, "the replication link to connect");
+    else if (!ctx.overrideOutdated) {
+      // Taking over from a dead peer: never with a disk that was outdated while the
+      // peer wrote without us; that would silently drop what it acknowledged.
+      const s = await volumeStatus(ctx.vol);
+      if (s.disk === "outdated" || s.disk === "inconsistent")
+        throw new Error(`the volume here is ${s.disk}: the peer had newer data when it was lost; bring the peer back, or accept losing its data with \`mailha takeover --force\``);
+    }
     await volumeCall(ctx.vol, "primary", { force: ctx.forcePromote }, 25_000);
   },
   async stop(ctx) {
@@ -353,10 +362,11 @@ export class GroupRunner {
     this.abort = true;
   }
 
-  start(forcePromote: boolean): Promise<GroupResult> {
+  start(forcePromote: boolean, overrideOutdated = false): Promise<GroupResult> {
     this.abort = false;
     return this.enqueue(async () => {
       this.ctx.forcePromote = forcePromote;
+      this.ctx.overrideOutdated = overrideOutdated;
       const started: ResourceAgent[] = [];
       for (const a of this.agents) {
         if (this.abort) {

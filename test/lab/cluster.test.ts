@@ -85,11 +85,13 @@ describe("cluster: a pulled replication link, forged heartbeats, switchover and 
         await db.end();
       }
       await waitNode(lab, "a", "tracking the degraded writes as out of sync", (s) => (s.volume?.outOfSyncBytes ?? 0) > 0, 10_000);
+      await waitNode(lab, "b", "marking its disk Outdated (the active peer writes without it)", (s) => s.volume?.disk === "outdated", 10_000);
     } finally {
       await fault(lab, "heal");
     }
     await waitNode(lab, "a", "volume resync", (s) => s.volume?.connection === "connected" && s.volume.outOfSyncBytes === 0 && s.volume.peer.disk === "uptodate", 60_000);
     assert.equal(firstEvent(lab, "b", since, (e) => e.type === "state" && e.state === "activating"), undefined, "b never tried to take over");
+    assert.equal((await status(lab, "b"))!.volume?.disk, "uptodate", "the resync made b's disk UpToDate again");
   });
 
   test("switchover and failback while a client writes: every acknowledged write is kept", async () => {
@@ -144,6 +146,43 @@ describe("cluster: a pulled replication link, forged heartbeats, switchover and 
     const refused = await mailha(["failback", "--config", lab.configFile]);
     assert.notEqual(refused.code, 0, "failback on the preferred node is refused");
     assert.ok(errors > 0, "the client saw the moves (errors while no node was active)");
+  });
+
+  test("the active node dies after writing without its peer: the outdated peer does not take over; the data returns with the node", async (t) => {
+    const since = new Date().toISOString();
+    const active = (await status(lab, "a"))!.state === "active" ? "a" : "b";
+    const passive = active === "a" ? "b" : "a";
+    await fault(lab, "cut-link", active, "replication");
+    try {
+      await waitNode(lab, active, "the volume reporting the replication link down", (s) => s.volume?.connection === "connecting", 10_000);
+      const db = await connectMariadb(sqlSocket(lab, active), "mailha");
+      try {
+        await db.query("CREATE TABLE IF NOT EXISTS alone (id INT PRIMARY KEY)");
+        await db.query("INSERT INTO alone VALUES (7)");
+      } finally {
+        await db.end();
+      }
+      await waitNode(lab, passive, "marking its disk Outdated", (s) => s.volume?.disk === "outdated", 10_000);
+      const { at } = await fault(lab, "kill-node", active);
+      await waitNode(lab, passive, "declaring the peer dead", (s) => s.peer.state === "dead", 10_000);
+      await sleep(8000); // the witness lease and the self-fencing bound pass
+      const s = (await status(lab, passive))!;
+      t.diagnostic(`${passive} after the kill: ${s.state}`);
+      assert.notEqual(s.state, "active", `${passive} must not serve its outdated copy`);
+      assert.equal(s.volume?.role, "secondary", "the outdated volume was not promoted");
+      const refused = firstEvent(lab, passive, at, (e) => e.type === "group-start-failed");
+      assert.match(String(refused?.error ?? ""), /outdated/, "the refusal names the outdated disk");
+    } finally {
+      await fault(lab, "heal");
+    }
+    await fault(lab, "boot-node", active);
+    await waitNode(lab, active, "coming back active with its newer data", (s) => s.state === "active", 120_000);
+    await waitNode(lab, active, "resyncing the peer", (s) => s.volume?.connection === "connected" && s.volume.outOfSyncBytes === 0 && s.volume.peer.disk === "uptodate", 90_000);
+    const db = await connectMariadb(sqlSocket(lab, active), "mailha");
+    const [rows] = await db.query("SELECT id FROM alone");
+    await db.end();
+    assert.deepEqual(rows, [{ id: 7 }], "the row written without the peer is there");
+    assert.equal(firstEvent(lab, active, since, (e) => e.type === "split-brain"), undefined, "no split brain");
   });
 });
 

@@ -57,6 +57,18 @@ describe("cluster config", () => {
     assert.equal(c.volume.split_brain_policy, "preserve");
   });
 
+  test("operator faults for the failover test: names and commands are checked", () => {
+    const ok = parseConfig(variant((d) => d.setIn(["failover_test", "faults", "pull-cable"], { inject: "echo in", recover: "echo out" })), "t.yaml");
+    assert.equal(ok.failover_test.faults["pull-cable"]?.timeout_ms, 60_000);
+    assert.deepEqual(parseConfig(variant(), "t.yaml").failover_test.faults, {});
+    const badName = problemsOf(variant((d) => d.setIn(["failover_test", "faults", "Pull Cable"], { inject: "x" })));
+    assert.equal(badName[0]?.path, "failover_test.faults.Pull Cable");
+    assert.match(badName[0]!.expected, /fault name/);
+    const noInject = problemsOf(variant((d) => d.setIn(["failover_test", "faults", "pull"], { recover: "x" })));
+    assert.equal(noInject[0]?.path, "failover_test.faults.pull.inject");
+    assert.match(noInject[0]!.expected, /shell command that injects/);
+  });
+
   test("a missing key is named", () => {
     const p = problemsOf(variant((d) => d.deleteIn(["dns", "zone"])));
     assert.deepEqual(p.map((x) => x.path), ["dns.zone"]);
