@@ -196,7 +196,13 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
         });
         break;
       case "kill-group":
-        void runner.kill().then((r) => dispatch({ t: "group-killed", now: Date.now(), ok: r.ok, error: r.error }));
+        // Fencing ourselves (or giving up a group that would not stop): freeze the
+        // volume's I/O first, so nothing written from here on counts as durable and
+        // the peer's copy wins the resync after we come back.
+        void volumeCall(vol, "freeze", {}, 1000)
+          .catch((err: Error) => emit({ type: "volume-freeze-failed", error: err.message }))
+          .then(() => runner.kill())
+          .then((r) => dispatch({ t: "group-killed", now: Date.now(), ok: r.ok, error: r.error }));
         break;
       case "restart-resource":
         void runner.restart(a.resource).then((ok) => dispatch({ t: "resource-restarted", now: Date.now(), resource: a.resource, ok }));

@@ -416,10 +416,15 @@ export class GroupRunner {
     return firstError ? { ok: false, error: firstError } : { ok: true };
   }
 
+  /**
+   * The hard way (self-fencing, a failed stop): every daemon gets SIGKILL at once (no
+   * order is needed to kill), then the file system is detached and the volume demoted
+   * once its export is released.
+   */
   kill(): Promise<GroupResult> {
     return this.enqueue(async () => {
       let firstError: string | undefined;
-      for (const a of [...this.agents].reverse()) {
+      const killOne = async (a: ResourceAgent) => {
         try {
           await withTimeout(a.kill(this.ctx), 10_000, `kill of ${a.name}`);
           this.set(a.name, "stopped", { killed: true });
@@ -427,10 +432,14 @@ export class GroupRunner {
           this.set(a.name, "failed", { killed: true, error: (err as Error).message });
           firstError ??= `${a.name}: ${(err as Error).message}`;
         }
-      }
+      };
+      const rest = [...this.agents].filter((a) => a.layer <= 1).sort((x, y) => y.layer - x.layer);
+      await Promise.all(this.agents.filter((a) => a.layer > 1).map(killOne));
+      for (const a of rest) await killOne(a);
       return firstError ? { ok: false, error: firstError } : { ok: true };
     });
   }
+
 
   /** Restarts one resource and everything started after it. */
   restart(name: string): Promise<boolean> {

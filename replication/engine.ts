@@ -165,6 +165,8 @@ export async function runEngine(o: EngineOptions): Promise<void> {
         return admin({ op: "verify" });
       case "outdate":
         return admin({ op: "outdate" });
+      case "freeze":
+        return admin({ op: "freeze" });
       case "connect":
         return admin({ op: "connect" });
       case "disconnect":

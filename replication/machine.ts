@@ -60,6 +60,7 @@ export type AdminCmd =
   | { readonly op: "secondary"; readonly exportBusy?: boolean }
   | { readonly op: "verify" }
   | { readonly op: "outdate" }
+  | { readonly op: "freeze" }
   | { readonly op: "resolve"; readonly keep: "local" | "peer" }
   | { readonly op: "connect" }
   | { readonly op: "disconnect" };
@@ -168,6 +169,13 @@ export class VolumeMachine {
    * a split brain.
    */
   private newCurrentDue = false;
+  /**
+   * I/O frozen by the cluster manager as it fences this node (DRBD's suspend-io):
+   * writes and flushes fail, and nothing written after the freeze is acknowledged
+   * as durable, so whatever the peer did not get may be discarded by a resync. Ends
+   * with the demotion.
+   */
+  private frozen = false;
   /** The in-memory bitmap has bits the durable one lacks. */
   private bitmapDirty = false;
   private stats = { writes: 0, writeBytes: 0, resyncedBytes: 0, flushes: 0 };
@@ -285,6 +293,7 @@ export class VolumeMachine {
 
   private onWrite(req: number, offset: number, data: Buffer): void {
     if (this.meta.role !== "primary") return this.reply(req, "EROFS: volume is not primary");
+    if (this.frozen) return this.reply(req, "EIO: I/O frozen while this node is fenced");
     if (offset < 0 || offset + data.length > this.meta.sizeBytes) return this.reply(req, "ENOSPC: write beyond the end of the volume");
     if (data.length === 0) return this.reply(req);
     if (!this.replicating) this.startDueGeneration();
@@ -324,7 +333,10 @@ export class VolumeMachine {
 
   private onFlush(req: number): void {
     if (this.meta.role !== "primary") return this.reply(req, "EROFS: volume is not primary");
+    if (this.frozen) return this.reply(req, "EIO: I/O frozen while this node is fenced");
     this.stats.flushes++;
+    // A flush without the peer commits out-of-sync blocks on this disk alone.
+    if (!this.replicating && this.bitmap.count > 0) this.startDueGeneration();
     if (this.replicating) {
       if (this.seq > this.lastBarrier) this.sendBarrier();
       this.store.sync();
@@ -449,14 +461,18 @@ export class VolumeMachine {
       this.resync = null;
     }
     if (this.meta.role === "primary" && hadPeer) {
-      if (this.bitmap.count > 0) this.newGeneration("primary lost its peer with unacknowledged writes");
+      // Flushes waiting for the peer are about to be acknowledged on this disk alone:
+      // from then on this side has data the peer lacks. Otherwise the new generation
+      // waits for the first write or flush without the peer.
+      if (this.flushWaiters.length > 0 && !this.frozen) this.newGeneration("primary lost its peer while flushes waited");
       else this.newCurrentDue = true;
     }
     else if (this.meta.disk === "uptodate" && this.meta.role === "secondary") this.setDisk("consistent");
     this.persistBitmap();
     this.store.saveMeta(this.meta);
-    // Only now may waiting flushes return: their blocks are recorded durably.
-    for (const w of this.flushWaiters.splice(0)) this.reply(w.req);
+    // Only now may waiting flushes return: their blocks are recorded durably. A
+    // frozen node's flushes fail instead: it is being fenced and its data yields.
+    for (const w of this.flushWaiters.splice(0)) this.reply(w.req, this.frozen ? "EIO: I/O frozen while this node is fenced" : undefined);
     for (const r of this.deferred.splice(0)) this.reply(r);
     if (this.demoteWaiter !== null) this.finishDemote(this.demoteWaiter);
     if (this.promoteWaiter !== null) {
@@ -877,6 +893,11 @@ export class VolumeMachine {
         if (this.meta.role === "primary" || (this.peerRole !== "primary" && this.opt.nodeId < (this.peer?.nodeId ?? ""))) this.startVerify(true);
         else this.send({ t: "verify-start" });
         return this.reply(req, undefined, { started: true });
+      case "freeze":
+        if (this.meta.role !== "primary") return this.reply(req, "only a primary's I/O can be frozen");
+        if (!this.frozen) this.emit({ type: "io-frozen" });
+        this.frozen = true;
+        return this.reply(req, undefined, { frozen: true });
       case "outdate":
         if (this.meta.role === "primary") return this.reply(req, "a primary cannot be outdated");
         if (this.replicating || this.conn === "sync-target") return this.reply(req, "connected to the peer: it is not outdated");
@@ -987,6 +1008,8 @@ export class VolumeMachine {
 
   private finishDemote(req: number): void {
     this.demoteWaiter = null;
+    this.frozen = false;
+    this.newCurrentDue = false;
     this.store.sync(); // writes accepted while the demotion waited
 
     if (this.bitmapDirty) this.persistBitmap();

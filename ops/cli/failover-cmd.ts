@@ -80,7 +80,7 @@ export function failoverTestCommand(defaultConfig: string): Command {
         results.push(r);
       }
       const report = resolve(o.report);
-      writeFileSync(report, renderReport(results, { cluster: c.cluster.name, command: `mailha ${process.argv.slice(3).join(" ")}`.trim() }));
+      writeFileSync(report, renderReport(results, { cluster: c.cluster.name, command: `mailha ${process.argv.slice(2).join(" ")}`.trim() }));
       out.result({ report, results, byFault: byFaultRows(results) }, () =>
         [
           ...(results.length === 1 ? [table(trialRows(results[0]!))] : [table(summaryRows(results)), "", table(byFaultRows(results))]),

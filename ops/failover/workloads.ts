@@ -125,11 +125,18 @@ export class ImapWatcher {
           served = true;
           wait = BACKOFF_MIN_MS;
           while (!this.ctx.stopped()) {
+            // NOOP lets the server report new mail (EXISTS); imapflow answers a command
+            // on a dead connection without an error, so `usable` is checked each time.
+            await op("noop", async () => {
+              await c.noop();
+              if (!c.usable) throw new Error("connection lost");
+            });
             const fresh = await op("fetch", async () => {
               const got: { uid: number; id: string | null }[] = [];
               for await (const m of c.fetch(`${lastUid + 1}:*`, { uid: true, headers: [TEST_ID_HEADER.toLowerCase()] }, { uid: true })) {
                 if (m.uid > lastUid) got.push({ uid: m.uid, id: idOf(m.headers?.toString() ?? "") });
               }
+              if (!c.usable) throw new Error("connection lost");
               return got;
             });
             for (const m of fresh) {
@@ -138,7 +145,11 @@ export class ImapWatcher {
             }
             const uids = fresh.map((m) => m.uid);
             if (uids.length) {
-              const ok = await op("store-flags", () => c.messageFlagsAdd(uids.join(","), ["\\Seen"], { uid: true }));
+              const ok = await op("store-flags", async () => {
+                const r = await c.messageFlagsAdd(uids.join(","), ["\\Seen"], { uid: true });
+                if (!c.usable || !r) throw new Error("flags not stored");
+                return r;
+              });
               if (ok) for (const u of uids) this.flagged.add(u);
             }
             await sleep(this.o.pollMs);

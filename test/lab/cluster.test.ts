@@ -252,6 +252,8 @@ describe("cluster: the active node loses both links; the witness sees only b", {
   after(() => down(lab));
 
   test("a demotes itself before b takes over; they are never active together", async (t) => {
+    // b must hold a complete copy first (a takeover never promotes a half-synced disk).
+    await waitNode(lab, "a", "the initial sync to finish", (s) => s.volume?.connection === "connected" && s.volume.peer.disk === "uptodate", 120_000);
     const { at } = await fault(lab, "cut-link", "a", "both");
     await waitNode(lab, "b", "taking over", (x) => x.state === "active", 60_000);
     const aEvents = events(lab, "a").filter((e) => e.time >= at);
