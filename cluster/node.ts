@@ -307,9 +307,8 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
       if (monitoring || m.nodeState !== "active") return;
       monitoring = true;
       void runner
-        .monitor()
-        .then((fails) => {
-          for (const f of fails) if (m.nodeState === "active") dispatch({ t: "monitor-failed", now: Date.now(), resource: f.resource, error: f.error });
+        .monitor((f) => {
+          if (m.nodeState === "active") dispatch({ t: "monitor-failed", now: Date.now(), resource: f.resource, error: f.error });
         })
         .finally(() => (monitoring = false));
     }, c.manager.monitor_interval_ms),

@@ -262,7 +262,10 @@ const dovecotAgent: ResourceAgent = {
       logger: false,
       connectionTimeout: 4000,
       greetingTimeout: 4000,
+      socketTimeout: 10_000,
     });
+    // A late failure (after the monitor's own timeout) must not be an unhandled event.
+    client.on("error", () => {});
     await client.connect();
     try {
       await client.noop();
@@ -464,16 +467,21 @@ export class GroupRunner {
   }
 
   /** Runs every monitor (not queued: monitors must not wait behind a long start). */
-  async monitor(): Promise<{ resource: string; error: string }[]> {
-    const failures: { resource: string; error: string }[] = [];
+  /**
+   * Monitors the running resources bottom-up and reports the first failure at once:
+   * what sits above a failed resource is restarted with it, and its own monitor (an
+   * IMAP login that waits for a dead database, say) would only delay the report.
+   */
+  async monitor(onFailure: (f: { resource: string; error: string }) => void): Promise<void> {
     for (const a of this.agents) {
       if (this.states.get(a.name) !== "running") continue;
       try {
         await withTimeout(a.monitor(this.ctx), a.monitorTimeoutMs, `monitor of ${a.name}`);
       } catch (err) {
-        failures.push({ resource: a.name, error: (err as Error).message });
+        onFailure({ resource: a.name, error: (err as Error).message });
+        return;
       }
     }
-    return failures;
   }
+
 }

@@ -295,6 +295,7 @@ export async function labCheck(c: LabConfig): Promise<CheckResult[]> {
       auth: { user: c.lab.test_user.address, pass: c.lab.test_user.password },
       logger: false,
     });
+    client.on("error", () => {});
     await client.connect();
     try {
       const st = await client.status("INBOX", { messages: true, uidValidity: true });
