@@ -27,6 +27,8 @@ export interface Mailbox {
 }
 
 const OP_TIMEOUT_MS = 5000;
+/** As the other clients: a server that does not answer within this is skipped for the next. */
+const CONNECT_TIMEOUT_MS = 2000;
 const BACKOFF_MIN_MS = 100;
 const BACKOFF_MAX_MS = 2000;
 export const TEST_ID_HEADER = "X-Mailha-Test-Id";
@@ -74,7 +76,7 @@ export class SmtpSender {
       const errors: string[] = [];
       let host: string | undefined;
       for (const h of await this.ctx.find.mxAddresses()) {
-        const tx = nodemailer.createTransport({ host: h, port: 25, secure: false, tls: { rejectUnauthorized: false }, connectionTimeout: 2000, greetingTimeout: 2000, socketTimeout: OP_TIMEOUT_MS });
+        const tx = nodemailer.createTransport({ host: h, port: 25, secure: false, tls: { rejectUnauthorized: false }, connectionTimeout: CONNECT_TIMEOUT_MS, greetingTimeout: CONNECT_TIMEOUT_MS, socketTimeout: OP_TIMEOUT_MS });
         try {
           await tx.sendMail({ from: "failover-test@example.net", to, subject: `failover test ${id}`, text: `id ${id}\n`, headers: { [TEST_ID_HEADER]: id } });
           host = h;
@@ -103,7 +105,7 @@ export class ImapWatcher {
   constructor(private readonly ctx: WorkloadContext, private readonly o: Mailbox & { port: 143 | 993; pollMs: number }) {}
 
   private client(host: string): ImapFlow {
-    const c = new ImapFlow({ host, port: this.o.port, secure: this.o.port === 993, doSTARTTLS: this.o.port === 143 ? true : undefined, tls: { rejectUnauthorized: false }, auth: { user: this.o.address, pass: this.o.password }, logger: false, connectionTimeout: 2000, greetingTimeout: 2000, socketTimeout: 10_000 });
+    const c = new ImapFlow({ host, port: this.o.port, secure: this.o.port === 993, doSTARTTLS: this.o.port === 143 ? true : undefined, tls: { rejectUnauthorized: false }, auth: { user: this.o.address, pass: this.o.password }, logger: false, connectionTimeout: CONNECT_TIMEOUT_MS, greetingTimeout: CONNECT_TIMEOUT_MS, socketTimeout: 10_000 });
     c.on("error", () => {});
     return c;
   }
@@ -177,7 +179,7 @@ export class Pop3Reader {
     const op = <T>(name: string, fn: () => Promise<T>) => (rec ? rec.time("pop3", name, host, fn) : fn());
     let c: Pop3Client | null = null;
     try {
-      c = await op("connect", () => Pop3Client.connect(host, 995, OP_TIMEOUT_MS));
+      c = await op("connect", () => Pop3Client.connect(host, 995, CONNECT_TIMEOUT_MS));
       const cl = c;
       await op("login", () => cl.login(this.o.address, this.o.password));
       const list = await op("uidl", () => cl.uidl());
