@@ -12,6 +12,7 @@ import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { smtpEhloWorks } from "../services/smtp/probe.ts";
 import { ImapFlow } from "imapflow";
+import nodemailer from "nodemailer";
 import type { Logger } from "pino";
 import type { MailhaConfig } from "../common/config.ts";
 import { isAlive, killDaemon, startDaemon, stopDaemon, type DaemonRecord } from "../common/daemon.ts";
@@ -305,6 +306,24 @@ const smtpAgent: ResourceAgent = {
   async monitor(ctx) {
     const me = ctx.config.nodes.find((n) => n.id === ctx.nodeId)!;
     if (!(await smtpEhloWorks(me.service_address, 25))) throw new Error("SMTP on port 25 does not answer EHLO");
+    // Submission as a user sees it: implicit TLS on 465 and AUTH against the accounts.
+    const tx = nodemailer.createTransport({
+      host: me.service_address,
+      port: 465,
+      secure: true,
+      tls: { rejectUnauthorized: false },
+      auth: { user: `${MONITOR_LOCAL_PART}@${ctx.config.mail.domains[0]}`, pass: dataSecret(ctx, "monitor.secret") },
+      connectionTimeout: 2000,
+      greetingTimeout: 2000,
+      socketTimeout: 3000,
+    });
+    try {
+      await tx.verify();
+    } catch (err) {
+      throw new Error(`submission on 465 (TLS + AUTH) fails: ${(err as Error).message.split("\n")[0]}`);
+    } finally {
+      tx.close();
+    }
   },
   async kill(ctx) {
     await stopDaemonResource(ctx, "smtp", "kill");

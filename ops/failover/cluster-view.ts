@@ -55,7 +55,8 @@ export async function clusterView(c: MailhaConfig): Promise<NodeView[]> {
   return Promise.all(c.nodes.map((n) => nodeView(c, n.id)));
 }
 
-export const healthy = (v: readonly NodeView[]) => v.every((n) => n.state !== null && n.inSync) && v.filter((n) => n.state === "active").length === 1;
+/** Healthy: one node active, the other passive (not failed, not in standby), the volume in sync. */
+export const healthy = (v: readonly NodeView[]) => v.every((n) => (n.state === "active" || n.state === "passive") && n.inSync) && v.filter((n) => n.state === "active").length === 1;
 
 /** Cluster events of every node whose log is on this machine, from SINCE on, in time order. */
 export function clusterEvents(c: MailhaConfig, since: number): ClusterEvent[] {
