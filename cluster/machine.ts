@@ -30,6 +30,11 @@ export interface Summary {
   readonly wantsFailback: boolean;
   /** The volume is connected and both disks are UpToDate. */
   readonly volumeInSync: boolean;
+  /**
+   * This node's volume is primary and its replication link is down: it writes without
+   * the peer, whose disk must count as Outdated (the peer marks it so on hearing this).
+   */
+  readonly writingAlone?: boolean;
   /** While requesting: the id of this node's request to activate. */
   readonly requestId: number | null;
   /** This node agrees that the peer may activate (answers the peer's request id). */
@@ -64,7 +69,7 @@ export type Event =
   | { readonly t: "heartbeat"; readonly now: number; readonly link: string; readonly summary: Summary }
   | { readonly t: "ping"; readonly now: number; readonly ok: boolean }
   | { readonly t: "lease"; readonly now: number; readonly held: boolean; readonly expiresMs: number }
-  | { readonly t: "volume"; readonly now: number; readonly inSync: boolean }
+  | { readonly t: "volume"; readonly now: number; readonly inSync: boolean; readonly writingAlone?: boolean }
   | { readonly t: "group-started"; readonly now: number; readonly ok: boolean; readonly error?: string }
   | { readonly t: "group-stopped"; readonly now: number; readonly ok: boolean; readonly error?: string }
   | { readonly t: "group-killed"; readonly now: number; readonly ok: boolean; readonly error?: string }
@@ -102,6 +107,7 @@ export class ClusterMachine {
   private leaseExpiresMs = 0;
   private lastLeaseAskMs = -Infinity;
   private volumeInSync = false;
+  private volumeWritingAlone = false;
   private activeSinceMs: number | null = null;
   private handoffTo: string | null = null;
   private afterStop: NodeState = "passive";
@@ -152,6 +158,7 @@ export class ClusterMachine {
       handoffTo: this.handoffTo,
       wantsFailback: this.o.autoFailback && this.o.nodeId === this.o.preferred && this.state === "passive" && this.peerSummary?.state === "active" && this.volumeInSync,
       volumeInSync: this.volumeInSync,
+      writingAlone: this.volumeWritingAlone,
       requestId: this.state === "requesting" ? this.requestId : null,
       grant: this.grantFor(),
     };
@@ -213,6 +220,7 @@ export class ClusterMachine {
         if (!ev.held) this.emit({ type: "lease-refused" });
         break;
       case "volume":
+        this.volumeWritingAlone = !!ev.writingAlone;
         this.volumeInSync = ev.inSync;
         break;
       case "group-started":

@@ -313,16 +313,18 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
         .finally(() => (monitoring = false));
     }, c.manager.monitor_interval_ms),
   );
-  // Fencing at the resource level (DRBD's outdate-peer): the peer is alive and active
-  // (its heartbeats arrive) but our replication link is down, so it writes without us.
-  // Our disk is marked Outdated, durably, so that if the peer dies now this node
-  // does not take over with old data; the resync after the link returns clears it.
+  // Fencing at the resource level (DRBD's outdate-peer): the active peer says in its
+  // heartbeats that it writes without us (its replication link is down, it is alive),
+  // and our link is down too. Our disk is marked Outdated, durably, so that if the
+  // peer dies now this node does not take over with old data; the resync after the
+  // link returns clears it. (Asked of the peer, not inferred from our own view: when
+  // the peer dies, our replication link drops before its heartbeats are missed.)
   let outdating = false;
   async function outdateIfPeerWritesAlone(s: VolumeStatus): Promise<void> {
     const replicating = s.connection === "connected" || s.connection === "sync-source" || s.connection === "sync-target" || s.connection === "verifying";
     if (outdating || replicating || s.role !== "secondary" || s.disk !== "consistent") return;
     const st = m.status();
-    if (st.peer.state !== "up" || st.peer.summary?.state !== "active") return;
+    if (st.peer.state !== "up" || st.peer.summary?.state !== "active" || st.peer.summary.writingAlone !== true) return;
     outdating = true;
     try {
       await volumeCall(vol, "outdate", {}, 5000);
@@ -345,7 +347,8 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
             watchdogMisses = 0;
             lastVolume = s;
             const inSync = s.connection === "connected" && s.disk === "uptodate" && s.peer.disk === "uptodate";
-            dispatch({ t: "volume", now: Date.now(), inSync });
+            const replicating = s.connection === "connected" || s.connection === "sync-source" || s.connection === "sync-target" || s.connection === "verifying";
+            dispatch({ t: "volume", now: Date.now(), inSync, writingAlone: s.role === "primary" && !replicating });
             void outdateIfPeerWritesAlone(s);
           },
           async () => {
