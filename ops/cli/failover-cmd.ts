@@ -32,6 +32,8 @@ export function failoverTestCommand(defaultConfig: string): Command {
     .addOption(new Option("--service <name>", "the daemon kill-service kills").choices(SERVICES).default("dovecot"))
     .option("--smtp-interval <ms>", "one message every this many ms", number("--smtp-interval", 10, 60_000), 200)
     .option("--imap-sessions <n>", "concurrent IMAP sessions (alternating 143 STARTTLS and 993)", number("--imap-sessions", 0, 50), 2)
+    .option("--imap-interval <ms>", "pause between an IMAP session's rounds (NOOP, fetch new mail, set \\Seen)", number("--imap-interval", 10, 60_000), 300)
+    .option("--pop3-interval <ms>", "pause between POP3 sessions (each retrieves and deletes what arrived)", number("--pop3-interval", 10, 60_000), 500)
     .option("--no-pop3", "no POP3 workload")
     .option("--user <address>", "the IMAP mailbox (default: the lab's test user)")
     .option("--password <pw>", "its password")
@@ -62,6 +64,8 @@ export function failoverTestCommand(defaultConfig: string): Command {
           durationMs: o.duration * 1000,
           smtpEveryMs: o.smtpInterval,
           imapSessions: o.imapSessions,
+          imapEveryMs: o.imapInterval,
+          pop3EveryMs: o.pop3Interval,
           imap: { address: imap.address, password: imap.password },
           pop3: o.pop3 ? { address: popUser!, password: popPass! } : null,
           dnsServer: o.dnsServer ?? (c.lab ? c.dns.server : null),
@@ -102,6 +106,8 @@ interface Opts {
   service: (typeof SERVICES)[number];
   smtpInterval: number;
   imapSessions: number;
+  imapInterval: number;
+  pop3Interval: number;
   pop3: boolean;
   user?: string;
   password?: string;

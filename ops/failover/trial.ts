@@ -27,6 +27,9 @@ export interface TrialOptions {
   readonly durationMs: number;
   readonly smtpEveryMs: number;
   readonly imapSessions: number;
+  /** Pause between an IMAP session's rounds (NOOP, fetch new, flag) and between POP3 sessions. */
+  readonly imapEveryMs?: number;
+  readonly pop3EveryMs?: number;
   readonly imap: Mailbox;
   /** The POP3 reader's mailbox (its mail is deleted); null: no POP3 workload. */
   readonly pop3: Mailbox | null;
@@ -126,8 +129,8 @@ export async function runTrial(o: TrialOptions): Promise<TrialResult> {
   const ctx: WorkloadContext = { rec, find, stopped: () => stop, run: randomBytes(4).toString("hex") };
   const recipients = o.pop3 ? [o.imap.address, o.pop3.address] : [o.imap.address];
   const sender = new SmtpSender(ctx, { everyMs: o.smtpEveryMs, recipients, pop3Share: 3 });
-  const watchers = Array.from({ length: o.imapSessions }, (_, i) => new ImapWatcher(ctx, { ...o.imap, port: i % 2 === 0 ? 143 : 993, pollMs: 300 }));
-  const reader = o.pop3 ? new Pop3Reader(ctx, { ...o.pop3, pauseMs: 500 }) : null;
+  const watchers = Array.from({ length: o.imapSessions }, (_, i) => new ImapWatcher(ctx, { ...o.imap, port: i % 2 === 0 ? 143 : 993, pollMs: o.imapEveryMs ?? 300 }));
+  const reader = o.pop3 ? new Pop3Reader(ctx, { ...o.pop3, pauseMs: o.pop3EveryMs ?? 500 }) : null;
   const initialStates = Object.fromEntries((await clusterView(c)).map((n) => [n.id, n.state ?? "down"]));
   const startedAt = Date.now();
   let phase: TrialProgress["phase"] = "traffic";

@@ -12,6 +12,7 @@ import { byFault } from "../../ops/failover/present.ts";
 import { COLORS, renderReport } from "../../ops/failover/report.ts";
 import type { TrialResult } from "../../ops/failover/trial.ts";
 import { countColor, readPng, screenshot } from "../helpers/browser.ts";
+import { mailha } from "../helpers/cli.ts";
 
 const T0 = Date.UTC(2026, 10, 22, 3, 0, 0);
 
@@ -109,4 +110,13 @@ test("the HTML report renders in headless Chromium: outages shaded where clients
     if (process.env.KEEP_REPORT) console.log(`report kept in ${dir}`);
     else rmSync(dir, { recursive: true, force: true });
   }
+});
+
+test("mailha failover-test refuses bad arguments with exit 2 and says what is expected", async () => {
+  const trials = await mailha(["failover-test", "--trials", "0"]);
+  assert.equal(trials.code, 2);
+  assert.match(trials.stderr, /--trials: expected a number from 1 to 1000, found "0"/);
+  const service = await mailha(["failover-test", "--service", "nginx"]);
+  assert.equal(service.code, 2);
+  assert.match(service.stderr, /dovecot, mariadb, redis, smtp/);
 });
