@@ -5,7 +5,7 @@
 import type { ClusterEvent } from "./cluster-view.ts";
 import { PROTOS, type Proto } from "./record.ts";
 import type { TrialResult } from "./trial.ts";
-import { summaryRows, trialRows } from "./present.ts";
+import { byFaultRows, summaryRows, trialRows } from "./present.ts";
 
 /** Colours the screenshot check looks for; keep them opaque and distinct. */
 export const COLORS = {
@@ -183,6 +183,7 @@ code { background: #f2f2f2; padding: 1px 4px; }
 <h1>mailha failover test: ${esc(meta.cluster)}</h1>
 <p>${results.length} trial(s), ${esc(new Date().toISOString())}. Command: <code>${esc(meta.command)}</code>${meta.seed !== undefined ? `, seed ${meta.seed}` : ""}.</p>
 ${htmlTable(summaryRows(results))}
+${results.length > 1 ? `<h2>Per fault type</h2>\n${htmlTable(byFaultRows(results))}` : ""}
 ${LEGEND}
 ${sections.join("\n")}
 </body></html>
