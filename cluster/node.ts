@@ -16,7 +16,7 @@ import { createLogger } from "../common/log.ts";
 import { EventLog, Pending } from "../common/eventlog.ts";
 import { nodeNetns, nodePaths, nodeStateDir } from "../common/paths.ts";
 import { readEngineRecord, startEngine, stopEngine, volumeCall, volumeContext, volumeStatus, type VolumeStatus } from "../replication/client.ts";
-import { serveControl, type ControlRequest } from "../replication/control.ts";
+import { controlEvents, serveControl, type ControlRequest } from "../replication/control.ts";
 import { isMounted, unmountVolume } from "../replication/filesystem.ts";
 import { commandAgent, labAgent, noneAgent, type FenceAgent } from "./fencing.ts";
 import { encodeHeartbeat, HeartbeatReceiver, type HeartbeatCounters } from "./heartbeat.ts";
@@ -244,6 +244,7 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
       if (v.verdict === "ok" && v.hb) {
         if (v.hb.link !== l.name) return; // a packet for another link: ignore, it counts there
         dispatch({ t: "heartbeat", now: Date.now(), link: l.name, summary: v.hb.summary });
+        if (v.hb.summary.writingAlone && lastVolume) void outdateIfPeerWritesAlone(lastVolume);
       } else if (v.verdict !== "ok") log.warn({ link: l.name, verdict: v.verdict }, "heartbeat dropped");
     });
     sock.on("error", (err) => log.error({ err, link: l.name }, "heartbeat socket error"));
@@ -336,6 +337,41 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
     }
   }
 
+  /** The volume's state into the state machine, and the outdate check. */
+  function takeVolumeStatus(s: VolumeStatus): void {
+    lastVolume = s;
+    const inSync = s.connection === "connected" && s.disk === "uptodate" && s.peer.disk === "uptodate";
+    const replicating = s.connection === "connected" || s.connection === "sync-source" || s.connection === "sync-target" || s.connection === "verifying";
+    dispatch({ t: "volume", now: Date.now(), inSync, writingAlone: s.role === "primary" && !replicating });
+    void outdateIfPeerWritesAlone(s);
+  }
+  // Between watchdog rounds, the engine's own events (connection, role, disk) bring a
+  // fresh status at once, so a lost replication link reaches the peer (writingAlone
+  // in our heartbeats) and its outdate step within a heartbeat, not a second or two.
+  let refreshing = false;
+  const refreshVolume = () => {
+    if (refreshing) return;
+    refreshing = true;
+    void volumeStatus(vol, WATCHDOG_TIMEOUT_MS)
+      .then(takeVolumeStatus, () => {}) // failures are the watchdog's to count
+      .finally(() => (refreshing = false));
+  };
+  const VOLUME_TRIGGERS = new Set(["connection", "peer-lost", "role", "disk", "peer-disk"]);
+  let volumeEventsStop: (() => void) | null = null;
+  const subscribeVolumeEvents = (): void => {
+    if (stopping) return;
+    // Resubscribes once a second at most while the engine is away (it restarts).
+    volumeEventsStop = controlEvents(
+      vol.paths.controlSocket,
+      (ev) => VOLUME_TRIGGERS.has(String(ev.type)) && refreshVolume(),
+      () => {
+        volumeEventsStop = null;
+        if (!stopping) setTimeout(subscribeVolumeEvents, 1000);
+      },
+    );
+  };
+  subscribeVolumeEvents();
+
   let watching = false;
   timers.push(
     setInterval(() => {
@@ -345,11 +381,7 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
         .then(
           (s) => {
             watchdogMisses = 0;
-            lastVolume = s;
-            const inSync = s.connection === "connected" && s.disk === "uptodate" && s.peer.disk === "uptodate";
-            const replicating = s.connection === "connected" || s.connection === "sync-source" || s.connection === "sync-target" || s.connection === "verifying";
-            dispatch({ t: "volume", now: Date.now(), inSync, writingAlone: s.role === "primary" && !replicating });
-            void outdateIfPeerWritesAlone(s);
+            takeVolumeStatus(s);
           },
           async () => {
             watchdogMisses++;
@@ -435,6 +467,7 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
     stopping = true;
     emit({ type: "node-stopping", signal: sig, state: m.nodeState });
     for (const t of timers) clearInterval(t);
+    volumeEventsStop?.();
     if (m.nodeState !== "passive" && m.nodeState !== "standby" && m.nodeState !== "starting") {
       runner.requestAbort();
       const r = await runner.stop();

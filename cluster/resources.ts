@@ -369,10 +369,13 @@ export class GroupRunner {
   }
 
   private enqueue<T>(fn: () => Promise<T>): Promise<T> {
-    const p = this.chain.then(fn, fn);
+    this.busy++;
+    const p = this.chain.then(fn, fn).finally(() => this.busy--);
     this.chain = p.catch(() => {});
     return p;
   }
+  /** Operations (start, stop, restart, kill) queued or running. */
+  private busy = 0;
 
   private set(name: string, s: ResourceState, extra: Record<string, unknown> = {}): void {
     this.states.set(name, s);
@@ -492,12 +495,15 @@ export class GroupRunner {
    * IMAP login that waits for a dead database, say) would only delay the report.
    */
   async monitor(onFailure: (f: { resource: string; error: string }) => void): Promise<void> {
+    // While a restart (or any group operation) runs, a resource it is cycling would
+    // fail its monitor and count as a new failure: monitors wait for the next round.
     for (const a of this.agents) {
+      if (this.busy > 0) return;
       if (this.states.get(a.name) !== "running") continue;
       try {
         await withTimeout(a.monitor(this.ctx), a.monitorTimeoutMs, `monitor of ${a.name}`);
       } catch (err) {
-        onFailure({ resource: a.name, error: (err as Error).message });
+        if (this.busy === 0) onFailure({ resource: a.name, error: (err as Error).message });
         return;
       }
     }

@@ -92,10 +92,24 @@ export function controlEvents(path: string, onEvent: (ev: Record<string, unknown
     while ((nl = buf.indexOf("\n")) >= 0) {
       const line = buf.slice(0, nl);
       buf = buf.slice(nl + 1);
-      if (line) onEvent(JSON.parse(line) as Record<string, unknown>);
+      if (!line) continue;
+      let ev: Record<string, unknown>;
+      try {
+        ev = JSON.parse(line) as Record<string, unknown>;
+      } catch {
+        continue; // not a JSON line: not an event
+      }
+      onEvent(ev);
     }
   });
-  sock.on("error", (err) => onEnd(err));
-  sock.on("close", () => onEnd());
+  // Called once: an error is followed by a close.
+  let ended = false;
+  const end = (err?: Error) => {
+    if (ended) return;
+    ended = true;
+    onEnd(err);
+  };
+  sock.on("error", (err) => end(err));
+  sock.on("close", () => end());
   return () => sock.destroy();
 }

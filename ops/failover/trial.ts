@@ -178,6 +178,18 @@ export async function runTrial(o: TrialOptions): Promise<TrialResult> {
       await labFault(o.configFile, "boot-node", [n.id]).catch((err: Error) => notes.push(`boot-node ${n.id}: ${err.message}`));
     }
   }
+  // A node that gave the group up after repeated failures (or refused a takeover)
+  // waits in `failed` for the operator's cleanup: do it, as the operator would.
+  for (let i = 0; i < 30; i++) {
+    const failed = (await clusterView(c)).filter((n) => n.state === "failed");
+    if (failed.length === 0) break;
+    for (const n of failed) {
+      say(`node ${n.id} is failed: mailha online`);
+      if (!notes.some((x) => x.startsWith(`node ${n.id} was failed`))) notes.push(`node ${n.id} was failed after the fault; cleared with \`mailha online\``);
+      await nodeCommand(c, n.id, "online", false, 10_000).catch(() => {});
+    }
+    await sleep(1000);
+  }
   say("waiting for the cluster to be healthy again");
   const healthyAfter = await waitHealthy(c, HEALTHY_WAIT_MS);
   if (!healthyAfter) notes.push(`the cluster was not healthy ${HEALTHY_WAIT_MS / 1000} s after the fault was undone`);

@@ -12,11 +12,16 @@ import { SMTPServer, type SMTPServerAuthentication, type SMTPServerDataStream, t
 import type { Logger } from "pino";
 import type { MailhaConfig } from "../../common/config.ts";
 import type { NodePaths } from "../../common/paths.ts";
+import { sleep } from "../../common/exec.ts";
 import { mariadbPaths } from "../mariadb.ts";
 import { Journal } from "./journal.ts";
 import { greetWithoutPause } from "./greeting.ts";
 import { deliver, RejectError } from "./maildir.ts";
 import { Directory } from "./recipients.ts";
+
+const CLOSE_TIMEOUT_MS = 1500;
+const INFLIGHT_WAIT_MS = 5000;
+const CLIENT_CLOSE_MS = 1000;
 
 export interface SmtpPorts {
   readonly mx: number;
@@ -91,6 +96,12 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
     );
   };
 
+  // Deliveries in progress: a stop lets them finish (bounded) before the process ends.
+  const inflight = new Set<Promise<unknown>>();
+  const track = (p: Promise<unknown>) => {
+    inflight.add(p);
+    void p.finally(() => inflight.delete(p));
+  };
   const onData = (stream: SMTPServerDataStream, session: MailhaSession, cb: (err?: Error | null, message?: string) => void) => {
     const t0 = Date.now();
     const from = session.envelope.mailFrom ? session.envelope.mailFrom.address : "";
@@ -101,7 +112,7 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
     session.mailha = { mailboxes: new Set(), remote: new Set() };
     const opts = { mailRoot, uid: c.mail.mail_uid, gid: c.mail.mail_gid, headers, sizeMax: c.mail.message_size_max_bytes };
     if (mailboxes.length === 0 && remote.length) {
-      outbound
+      track(outbound
         .enqueue(stream, from, remote, headers, c.mail.message_size_max_bytes)
         .then((id) => {
           o.log.info({ session: session.id, from, to: remote, queued: id }, "queued for other domains");
@@ -112,7 +123,7 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
           if (err instanceof RejectError) return cb(smtpError(err.responseCode, err.message));
           o.log.error({ err }, "could not queue the message");
           cb(smtpError(451, "4.3.0 Could not queue the message, try again later"));
-        });
+        }));
       return;
     }
     // The message is safe once in the Maildir: a journal failure is logged, not a 4xx
@@ -121,7 +132,7 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
       journal
         .append(d.files.map((f, i) => ({ mailbox: mailboxes[i]!, file: f.slice(mailRoot.length + 1), sha256: d.sha256, size: d.size })))
         .catch((err: Error) => o.log.error({ err, session: session.id }, "journal append failed; the reconciliation will not see this delivery"));
-    deliver(stream, mailboxes, opts, record)
+    track(deliver(stream, mailboxes, opts, record)
       .then(async (d) => {
         // Remote recipients of the same message: queued from the delivered copy.
         if (remote.length) await outbound.enqueue(createReadStream(d.files[0]!), from, remote, "", c.mail.message_size_max_bytes);
@@ -135,7 +146,7 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
         if ((err as NodeJS.ErrnoException).code === "ECONNECTION") return cb(err);
         o.log.error({ err, session: session.id }, "delivery failed");
         cb(smtpError(451, "4.3.0 Could not store the message, try again later"));
-      });
+      }));
   };
 
   const onAuth = (auth: SMTPServerAuthentication, _session: SMTPServerSession, cb: (err: Error | null | undefined, res?: { user: string }) => void) => {
@@ -153,6 +164,9 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
     cert,
     size: c.mail.message_size_max_bytes,
     maxClients: 200,
+    // A planned stop waits this long for sessions to end, then cuts them: a client
+    // without its 250 sends again, to the node that takes over.
+    closeTimeout: CLOSE_TIMEOUT_MS,
     socketTimeout: SOCKET_TIMEOUT_MS,
     disableReverseLookup: true,
     logger: false,
@@ -197,9 +211,12 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
   return {
     async close() {
       await Promise.all(servers.map(([s]) => new Promise<void>((r) => s.close(() => r()))));
-      await outbound.close();
-      await dir.close();
-      await journal.close();
+      await Promise.race([Promise.allSettled([...inflight]), sleep(INFLIGHT_WAIT_MS)]);
+      // Each bounded: a dead Redis or MariaDB (the reason for a restart, often) must
+      // not hold the stop until the resource manager's SIGKILL.
+      const bounded = (p: Promise<unknown>) => Promise.race([p.catch(() => {}), sleep(CLIENT_CLOSE_MS)]);
+      await Promise.all([bounded(outbound.close()), bounded(dir.close())]);
+      await bounded(journal.close());
     },
   };
 }

@@ -64,7 +64,7 @@ describe("cluster: a pulled replication link, forged heartbeats, switchover and 
     assert.equal(s.peer.state, "up", "the real peer is still up: forged packets changed nothing");
   });
 
-  test("pulling only the replication link causes no failover; the volume resyncs when it returns", async () => {
+  test("pulling only the replication link causes no failover; the volume resyncs when it returns", async (t) => {
     const since = new Date().toISOString();
     await fault(lab, "cut-link", "a", "replication");
     try {
@@ -86,12 +86,20 @@ describe("cluster: a pulled replication link, forged heartbeats, switchover and 
       }
       await waitNode(lab, "a", "tracking the degraded writes as out of sync", (s) => (s.volume?.outOfSyncBytes ?? 0) > 0, 10_000);
       await waitNode(lab, "b", "marking its disk Outdated (the active peer writes without it)", (s) => s.volume?.disk === "outdated", 10_000);
+      // How long b's copy could still have been taken for current: from a's engine
+      // losing the peer to b's outdate (engine events and heartbeats, not polls).
+      const lost = readFileSync(join(lab.dir, "a", "log", "volume-events.jsonl"), "utf8").trim().split("\n").map((l) => JSON.parse(l) as { time: string; type: string }).filter((e) => e.time >= since && e.type === "peer-lost")[0];
+      const outdated = firstEvent(lab, "b", since, (e) => e.type === "volume-outdated");
+      assert.ok(lost && outdated, "a logged the peer loss and b its outdate");
+      const windowMs = msBetween(lost!.time, outdated!.time);
+      t.diagnostic(`b outdated ${windowMs} ms after a's engine lost it`);
+      assert.ok(windowMs < 1000, `b was outdated ${windowMs} ms after a started writing alone (bound 1000 ms)`);
     } finally {
       await fault(lab, "heal");
     }
     await waitNode(lab, "a", "volume resync", (s) => s.volume?.connection === "connected" && s.volume.outOfSyncBytes === 0 && s.volume.peer.disk === "uptodate", 60_000);
     assert.equal(firstEvent(lab, "b", since, (e) => e.type === "state" && e.state === "activating"), undefined, "b never tried to take over");
-    assert.equal((await status(lab, "b"))!.volume?.disk, "uptodate", "the resync made b's disk UpToDate again");
+    await waitNode(lab, "b", "the resync making b's disk UpToDate again", (s) => s.volume?.disk === "uptodate", 10_000);
   });
 
   test("switchover and failback while a client writes: every acknowledged write is kept", async () => {
