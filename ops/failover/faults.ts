@@ -37,11 +37,18 @@ export function availableFaults(c: MailhaConfig): string[] {
 
 function shell(cmd: string, env: NodeJS.ProcessEnv, timeoutMs: number): Promise<string> {
   return new Promise((resolve, reject) => {
-    const p = spawn("sh", ["-c", cmd], { env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "pipe"] });
+    // Its own process group, so a command that hangs is killed with its children.
+    const p = spawn("sh", ["-c", cmd], { env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "pipe"], detached: true });
     let out = "";
     p.stdout.on("data", (d: Buffer) => (out = (out + d.toString()).slice(-4000)));
     p.stderr.on("data", (d: Buffer) => (out = (out + d.toString()).slice(-4000)));
-    const t = setTimeout(() => p.kill("SIGKILL"), timeoutMs);
+    const t = setTimeout(() => {
+      try {
+        process.kill(-p.pid!, "SIGKILL");
+      } catch {
+        p.kill("SIGKILL");
+      }
+    }, timeoutMs);
     p.on("close", (code, sig) => {
       clearTimeout(t);
       if (code === 0) resolve(out.trim());
