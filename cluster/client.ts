@@ -46,6 +46,7 @@ export function witnessSpec(c: MailhaConfig, netns?: string): DaemonSpec {
 export type NodeStatusView = {
   node: string;
   state: string;
+  stateReason?: string | null;
   peer: { node: string; state: string; summary: { state: string } | null };
   links: Record<string, string>;
   quorum: boolean;

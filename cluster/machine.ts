@@ -107,6 +107,8 @@ export class ClusterMachine {
   private leaseExpiresMs = 0;
   private lastLeaseAskMs = -Infinity;
   private volumeInSync = false;
+  /** Why the node is in its current state (shown by `mailha status`). */
+  private stateReason: string | null = null;
   private volumeWritingAlone = false;
   private activeSinceMs: number | null = null;
   private handoffTo: string | null = null;
@@ -187,6 +189,7 @@ export class ClusterMachine {
     return {
       node: this.o.nodeId,
       state: this.state,
+      stateReason: this.stateReason,
       peer: { node: this.o.peerId, state: this.peerState, summary: this.peerSummary },
       links: Object.fromEntries(this.linkStates),
       quorum: this.hasQuorum(),
@@ -564,6 +567,7 @@ export class ClusterMachine {
     if (s === this.state) return;
     const prev = this.state;
     this.state = s;
+    this.stateReason = why ?? null;
     this.emit({ type: "state", state: s, prev, reason: why ?? null });
   }
 

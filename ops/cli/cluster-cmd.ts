@@ -121,6 +121,9 @@ function render(c: MailhaConfig, st: { nodes: (NodeStatusView | { node: string; 
       continue;
     }
     rows.push(describe(n));
+    // A node that waits for the operator says why, and what clears it.
+    if (n.state === "failed" || n.state === "stop-failed" || n.state === "standby")
+      extra.push(`${n.node}: ${n.state}${n.stateReason ? `: ${n.stateReason}` : ""} (clear with: mailha online --node ${n.node})`);
     const h = n.heartbeats;
     extra.push(`${n.node}: heartbeats accepted ${h.accepted}, dropped: forged ${h.forged}, foreign ${h.foreign}, replayed ${h.replayed}, stale ${h.stale}${n.witness ? `; witness lease ${n.witness.held ? `held (${n.witness.expiresInMs} ms left)` : "not held"}` : ""}${n.ping ? `; ping targets ${n.ping.ok ? "reachable" : "UNREACHABLE"}` : ""}`);
   }

@@ -180,6 +180,8 @@ describe("cluster: a pulled replication link, forged heartbeats, switchover and 
       assert.equal(s.volume?.role, "secondary", "the outdated volume was not promoted");
       const refused = firstEvent(lab, passive, at, (e) => e.type === "group-start-failed");
       assert.match(String(refused?.error ?? ""), /outdated/, "the refusal names the outdated disk");
+      const shown = await mailha(["status", "--config", lab.configFile]);
+      assert.match(shown.stdout, new RegExp(`${passive}: failed: .*outdated.*clear with: mailha online --node ${passive}`), "mailha status says why and what clears it");
     } finally {
       await fault(lab, "heal");
     }
