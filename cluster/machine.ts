@@ -107,6 +107,12 @@ export class ClusterMachine {
   private leaseExpiresMs = 0;
   private lastLeaseAskMs = -Infinity;
   private volumeInSync = false;
+  /**
+   * When the operator forced a takeover (`takeover --force`, peer dead). With a witness
+   * the node starts without a valid lease and has one lease period (plus the
+   * self-fencing bound) to get one before the usual rules stop it.
+   */
+  private forcedAtMs: number | null = null;
   /** Why the node is in its current state (shown by `mailha status`). */
   private stateReason: string | null = null;
   private volumeWritingAlone = false;
@@ -308,20 +314,23 @@ export class ClusterMachine {
         // Starting on a lease that will not be renewed: give up in time (the group
         // runner stops between resources).
         if (!peerAlive && this.o.witness && this.leaseExpiresMs - now <= this.o.selfFenceMs) {
-          this.selfFence("witness lease about to expire during activation");
-          this.finishWaiting("activation aborted: the witness lease could not be renewed");
+          if (this.inForcedGrace(now)) return;
+          const forced = this.forcedAtMs !== null;
+          this.selfFence(forced ? "takeover --force: the witness did not grant the lease" : "witness lease about to expire during activation");
+          this.finishWaiting(forced ? "takeover --force aborted: the witness did not grant the lease in time (does the peer still hold it?)" : "activation aborted: the witness lease could not be renewed");
         }
         return;
       }
       case "active": {
         const q = this.hasQuorum(now);
+        if (!q && this.inForcedGrace(now)) return;
         if (!q) {
           this.quorumLostMs ??= now;
           this.selfFence("lost the peer and quorum");
           return;
         }
         // With a witness, stop in time: the lease must not expire while we still run.
-        if (!peerAlive && this.o.witness && this.leaseExpiresMs - now <= this.o.selfFenceMs) {
+        if (!peerAlive && this.o.witness && this.leaseExpiresMs - now <= this.o.selfFenceMs && !this.inForcedGrace(now)) {
           this.quorumLostMs ??= now;
           this.selfFence("witness lease about to expire without renewal");
           return;
@@ -425,7 +434,14 @@ export class ClusterMachine {
     this.out.push({ t: "fence-peer" });
   }
 
+  /** A forced takeover still without a valid witness lease, within its grace. */
+  private inForcedGrace(now: number): boolean {
+    const leaseValid = this.leaseHeld && this.leaseExpiresMs - now > this.o.selfFenceMs;
+    return this.forcedAtMs !== null && !leaseValid && now - this.forcedAtMs < this.o.leaseMs + this.o.selfFenceMs;
+  }
+
   private activate(forcePromote: boolean, why: string, overrideOutdated = false): void {
+    this.forcedAtMs = overrideOutdated ? this.now : null;
     this.handoffTo = null;
     this.setState("activating", why);
     this.out.push({ t: "start-group", forcePromote, overrideOutdated });
@@ -568,6 +584,7 @@ export class ClusterMachine {
     const prev = this.state;
     this.state = s;
     this.stateReason = why ?? null;
+    if (s !== "activating" && s !== "active") this.forcedAtMs = null;
     this.emit({ type: "state", state: s, prev, reason: why ?? null });
   }
 

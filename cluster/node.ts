@@ -184,9 +184,13 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
         // Taking over from a dead peer: its address leaves the mail host at once.
         if (a.forcePromote) void updateDns([me.id]);
         // The proxy holds the service ports: it goes first.
-        void reconcilePassive()
-          .then(() => runner.start(a.forcePromote, a.overrideOutdated))
-          .then((r) => dispatch({ t: "group-started", now: Date.now(), ok: r.ok, error: r.error }));
+        void reconcilePassive().then(async () => {
+          // The machine may have given up meanwhile (self-fencing, a stop): a start
+          // queued behind that kill must not run.
+          if (m.nodeState !== "activating") return;
+          const r = await runner.start(a.forcePromote, a.overrideOutdated);
+          dispatch({ t: "group-started", now: Date.now(), ok: r.ok, error: r.error });
+        });
         break;
       case "stop-group":
         runner.requestAbort();
@@ -196,6 +200,7 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
         });
         break;
       case "kill-group":
+        runner.requestAbort();
         // Fencing ourselves (or giving up a group that would not stop): freeze the
         // volume's I/O first, so nothing written from here on counts as durable and
         // the peer's copy wins the resync after we come back.

@@ -194,6 +194,30 @@ describe("cluster: a pulled replication link, forged heartbeats, switchover and 
     assert.deepEqual(rows, [{ id: 7 }], "the row written without the peer is there");
     assert.equal(firstEvent(lab, active, since, (e) => e.type === "split-brain"), undefined, "no split brain");
   });
+
+  test("the operator may accept the loss: takeover --force promotes the outdated copy", async () => {
+    const since = new Date().toISOString();
+    const active = (await status(lab, "a"))!.state === "active" ? "a" : "b";
+    const passive = active === "a" ? "b" : "a";
+    await fault(lab, "cut-link", active, "replication");
+    try {
+      await waitNode(lab, active, "the volume reporting the replication link down", (s) => s.volume?.connection === "connecting", 10_000);
+      await waitNode(lab, passive, "marking its disk Outdated", (s) => s.volume?.disk === "outdated", 10_000);
+      await fault(lab, "kill-node", active);
+      await waitNode(lab, passive, "refusing to take over", (s) => s.state === "failed", 30_000);
+    } finally {
+      await fault(lab, "heal");
+    }
+    const forced = await mailha(["takeover", "--force", "--node", passive, "--config", lab.configFile]);
+    assert.equal(forced.code, 0, forced.stderr);
+    const s = await waitNode(lab, passive, "active on its own copy", (x) => x.state === "active", 60_000);
+    assert.equal(s.volume?.role, "primary");
+    assert.equal(firstEvent(lab, passive, since, (e) => e.type === "self-fence"), undefined, "the forced takeover waited for the witness lease instead of giving up");
+    const db = await connectMariadb(sqlSocket(lab, passive), "mailha");
+    const [rows] = await db.query("SELECT id FROM alone");
+    await db.end();
+    assert.deepEqual(rows, [{ id: 7 }], "the data from before the link was cut is served");
+  });
 });
 
 describe("cluster: power loss of the active node", { skip }, () => {
