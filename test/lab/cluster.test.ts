@@ -31,6 +31,15 @@ async function down(lab: TestLab): Promise<void> {
 }
 const sqlSocket = (lab: TestLab, node: string) => mariadbPaths(nodePaths(join(lab.dir, node))).socket;
 
+/** Pulls the active node's replication link and waits until its volume notices. */
+async function cutReplication(lab: TestLab): Promise<{ since: string; active: string; passive: string }> {
+  const since = new Date().toISOString();
+  const active = (await status(lab, "a"))!.state === "active" ? "a" : "b";
+  await fault(lab, "cut-link", active, "replication");
+  await waitNode(lab, active, "the volume reporting the replication link down", (s) => s.volume?.connection === "connecting", 10_000);
+  return { since, active, passive: active === "a" ? "b" : "a" };
+}
+
 async function imap(host: string) {
   const c = new ImapFlow({ host, port: 143, secure: false, doSTARTTLS: true, tls: { rejectUnauthorized: false }, auth: { user: USER, pass: PASS }, logger: false });
   await c.connect();
@@ -157,12 +166,8 @@ describe("cluster: a pulled replication link, forged heartbeats, switchover and 
   });
 
   test("the active node dies after writing without its peer: the outdated peer does not take over; the data returns with the node", async (t) => {
-    const since = new Date().toISOString();
-    const active = (await status(lab, "a"))!.state === "active" ? "a" : "b";
-    const passive = active === "a" ? "b" : "a";
-    await fault(lab, "cut-link", active, "replication");
+    const { since, active, passive } = await cutReplication(lab);
     try {
-      await waitNode(lab, active, "the volume reporting the replication link down", (s) => s.volume?.connection === "connecting", 10_000);
       const db = await connectMariadb(sqlSocket(lab, active), "mailha");
       try {
         await db.query("CREATE TABLE IF NOT EXISTS alone (id INT PRIMARY KEY)");
@@ -196,12 +201,8 @@ describe("cluster: a pulled replication link, forged heartbeats, switchover and 
   });
 
   test("the operator may accept the loss: takeover --force promotes the outdated copy", async () => {
-    const since = new Date().toISOString();
-    const active = (await status(lab, "a"))!.state === "active" ? "a" : "b";
-    const passive = active === "a" ? "b" : "a";
-    await fault(lab, "cut-link", active, "replication");
+    const { since, active, passive } = await cutReplication(lab);
     try {
-      await waitNode(lab, active, "the volume reporting the replication link down", (s) => s.volume?.connection === "connecting", 10_000);
       await waitNode(lab, passive, "marking its disk Outdated", (s) => s.volume?.disk === "outdated", 10_000);
       await fault(lab, "kill-node", active);
       await waitNode(lab, passive, "refusing to take over", (s) => s.state === "failed", 30_000);
