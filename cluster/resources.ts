@@ -282,6 +282,8 @@ const dovecotAgent: ResourceAgent = {
 
 const BIN = join(dirname(fileURLToPath(import.meta.url)), "..", "ops", "bin", "mailha.mjs");
 
+const SMTP_POOL_THREADS = 64;
+
 const smtpAgent: ResourceAgent = {
   name: "smtp",
   layer: 3,
@@ -294,6 +296,9 @@ const smtpAgent: ResourceAgent = {
       name: "smtp",
       command: process.execPath,
       args: [BIN, "smtp", "run", "--config", ctx.config.file, "--node", ctx.nodeId],
+      // Every delivery's fsyncs hold a libuv pool thread until the journal commit; with
+      // the default 4 threads, 4 deliveries at a time share a commit and the rest queue.
+      env: { ...process.env, UV_THREADPOOL_SIZE: String(SMTP_POOL_THREADS) },
       logFile: join(ctx.paths.log, "smtp.log"),
       ready: () => smtpEhloWorks(me.service_address, 25, 1000),
       readyTimeoutMs: 20_000,

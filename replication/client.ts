@@ -9,6 +9,7 @@ import type { MailhaConfig } from "../common/config.ts";
 import { startDaemon, stopDaemon, isAlive, type DaemonRecord, type DaemonSpec } from "../common/daemon.ts";
 import { UsageError } from "../common/errors.ts";
 import { sleep } from "../common/exec.ts";
+import type { LatencySummary } from "./latency.ts";
 import { nodeNetns, nodePaths, nodeStateDir } from "../common/paths.ts";
 import { controlCall } from "./control.ts";
 import { enginePaths, type EnginePaths } from "./engine.ts";
@@ -82,6 +83,8 @@ export async function stopEngine(v: VolumeContext): Promise<string> {
   return stopDaemon(rec);
 }
 
+export type { LatencySummary };
+
 export type VolumeStatus = {
   node: string;
   role: string;
@@ -101,6 +104,8 @@ export type VolumeStatus = {
   link: { up: boolean; authFailures: number; connects: number; disconnects: number; bytesSent: number };
   export: { mounted: boolean; file: string | null; inUse: boolean };
   stats: { writes: number; writeBytes: number; resyncedBytes: number; flushes: number };
+  /** Recent application writes and flushes as the engine answered them, and its own fdatasyncs. */
+  latency?: { write: LatencySummary; flush: LatencySummary; localSync: LatencySummary };
   pid: number;
 };
 

@@ -13,6 +13,8 @@ import { serveControl, type ControlRequest } from "./control.ts";
 import { FuseExport } from "./fuse-export.ts";
 import { newGenId } from "./gi.ts";
 import { VolumeMachine, type Action, type AdminCmd, type Event } from "./machine.ts";
+import { startCpuProfile } from "../common/profile.ts";
+import { Latency } from "./latency.ts";
 import { FileStore } from "./store.ts";
 import { PeerLink } from "./transport.ts";
 
@@ -53,6 +55,7 @@ export async function runEngine(o: EngineOptions): Promise<void> {
   mkdirSync(join(o.stateDir, "run"), { recursive: true });
   mkdirSync(join(o.stateDir, "log"), { recursive: true });
   const log = createLogger(`volume@${o.nodeId}`);
+  const writeProfile = startCpuProfile(`volume-${o.nodeId}`);
   const secret = Buffer.from(readFileSync(c.volume.secret_file, "utf8").trim());
 
   const store = new FileStore(p.volumeDir);
@@ -87,11 +90,18 @@ export async function runEngine(o: EngineOptions): Promise<void> {
   const events = new EventLog(p.eventLog, o.nodeId, log, "volumeEvent");
   let exportOp: Promise<void> = Promise.resolve();
 
+  const latency = { write: new Latency(), flush: new Latency() };
+  const timed = async (l: Latency, ev: Event): Promise<string | null> => {
+    const t0 = process.hrtime.bigint();
+    const r = await request(ev);
+    l.since(t0);
+    return r.error ?? null;
+  };
   const fuse = new FuseExport(p.exportDir, {
     sizeBytes: store.sizeBytes,
     readInto: (buf, len, pos) => store.readInto(buf, len, pos),
-    write: async (offset, data) => (await request({ t: "write", req: 0, offset, data })).error ?? null,
-    flush: async () => (await request({ t: "flush", req: 0 })).error ?? null,
+    write: (offset, data) => timed(latency.write, { t: "write", req: 0, offset, data }),
+    flush: () => timed(latency.flush, { t: "flush", req: 0 }),
   }, o.nodeId);
 
   const emitEvent = (ev: Record<string, unknown>) => events.emit(ev);
@@ -100,6 +110,10 @@ export async function runEngine(o: EngineOptions): Promise<void> {
     switch (a.t) {
       case "send":
         link.send(a.msg);
+        break;
+      case "sync":
+        link.flushQueued(); // the peer works while this node's fdatasync blocks
+        store.sync();
         break;
       case "reply":
         pending.settle(a.req, { error: a.error, result: a.result });
@@ -140,7 +154,7 @@ export async function runEngine(o: EngineOptions): Promise<void> {
   }
 
   function status() {
-    return { ...machine.status(), link: { up: link.up, ...link.stats }, export: { mounted: fuse.mounted, file: fuse.mounted ? fuse.file : null, inUse: fuse.busy }, pid: process.pid };
+    return { ...machine.status(), link: { up: link.up, ...link.stats }, export: { mounted: fuse.mounted, file: fuse.mounted ? fuse.file : null, inUse: fuse.busy }, latency: { write: latency.write.summary(), flush: latency.flush.summary(), localSync: store.syncLatency.summary() }, pid: process.pid };
   }
 
   async function handle(req: ControlRequest, sock: Socket): Promise<unknown> {
@@ -194,6 +208,7 @@ export async function runEngine(o: EngineOptions): Promise<void> {
     if (stopping) return;
     stopping = true;
     emitEvent({ type: "engine-stopping", signal: sig, role: machine.role });
+    writeProfile();
     clearInterval(tick);
     link.stop();
     await exportOp.catch(() => {});

@@ -85,7 +85,12 @@ export type Action =
   | { readonly t: "event"; readonly ev: VolumeEvent }
   | { readonly t: "drop"; readonly reason: string }
   | { readonly t: "export"; readonly on: boolean }
-  | { readonly t: "allow-connect"; readonly on: boolean };
+  | { readonly t: "allow-connect"; readonly on: boolean }
+  /**
+   * fdatasync the image now, before any later action. A flush sends its barrier first
+   * and syncs after, so the peer's fdatasync runs while this node's does.
+   */
+  | { readonly t: "sync" };
 
 interface Pending {
   readonly seq: number;
@@ -339,7 +344,7 @@ export class VolumeMachine {
     if (!this.replicating && this.bitmap.count > 0) this.startDueGeneration();
     if (this.replicating) {
       if (this.seq > this.lastBarrier) this.sendBarrier();
-      this.store.sync();
+      this.out.push({ t: "sync" });
       if (this.opt.protocol === "C" && this.acked < this.seq) {
         this.flushWaiters.push({ req, seq: this.seq });
         return;

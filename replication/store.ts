@@ -10,6 +10,7 @@ import {
 import { join } from "node:path";
 import { writeFileDurable } from "../common/fsutil.ts";
 import { Bitmap } from "./bitmap.ts";
+import { Latency } from "./latency.ts";
 import type { Store } from "./machine.ts";
 import { BLOCK_SIZE, EMPTY_GI, type Meta } from "./types.ts";
 
@@ -95,6 +96,8 @@ export class FileStore implements Store {
   private readonly bitmapFd: number;
   private readonly alFd: number;
   private persisted: Uint8Array;
+  /** How long the image's fdatasync takes (a flush here, a barrier on the peer). */
+  readonly syncLatency = new Latency();
 
   constructor(dir: string) {
     this.files = volumeFiles(dir);
@@ -146,7 +149,9 @@ export class FileStore implements Store {
   }
 
   sync(): void {
+    const t0 = process.hrtime.bigint();
     fdatasyncSync(this.imageFd);
+    this.syncLatency.since(t0);
   }
 
   saveMeta(meta: Meta): void {

@@ -9,6 +9,7 @@ import { resolveNode } from "../../replication/client.ts";
 import { addAlias, addDomain, addUser, deleteAlias, deleteUser, listAliases, listDomains, listUsers, setPassword } from "../../services/accounts.ts";
 import { connectMariadb, mariadbPaths } from "../../services/mariadb.ts";
 import { runSmtp } from "../../services/smtp/server.ts";
+import { startCpuProfile } from "../../common/profile.ts";
 import { runProxy } from "../../services/proxy.ts";
 import { readFileSync, rmSync, writeFileSync } from "node:fs";
 import { runBackupMx } from "../../services/smtp/backup-mx.ts";
@@ -59,8 +60,12 @@ export function mailCommands(defaultConfig: string): Command[] {
       const c = loadConfig(o.config);
       const id = resolveNode(c, o.node);
       const log = createLogger(`smtp@${id}`);
+      const writeProfile = startCpuProfile(`smtp-${id}`);
       const svc = await runSmtp({ config: c, nodeId: id, paths: nodePaths(nodeStateDir(c, id)), log });
-      await runUntilSignalled(() => svc.close());
+      await runUntilSignalled(async () => {
+        writeProfile();
+        await svc.close();
+      });
     });
 
   const passive = new Command("passive").description("the passive node's services: the proxy to the active node (and the backup MX); the node daemon starts them");

@@ -45,6 +45,11 @@ export function formatVolumeStatus(s: VolumeStatus): string {
   if (s.verify) lines.push(`  verify: ${s.verify.checked}/${s.verify.extents} extents, ${s.verify.mismatched} differ`);
   if (s.lastHandshake) lines.push(`  last handshake: ${s.lastHandshake.kind} (${s.lastHandshake.reason})`);
   if (s.export.mounted) lines.push(`  export: ${s.export.file}${s.export.inUse ? " (in use)" : ""}`);
+  const l = s.latency;
+  const ms = (us: number) => `${(us / 1000).toFixed(2)} ms`;
+  if (l && (l.flush.count > 0 || l.localSync.count > 0)) {
+    lines.push(`  latency (recent, p50/p99): write ${ms(l.write.p50Us)}/${ms(l.write.p99Us)}, flush ${ms(l.flush.p50Us)}/${ms(l.flush.p99Us)}, local fdatasync ${ms(l.localSync.p50Us)}/${ms(l.localSync.p99Us)}`);
+  }
   for (const p of s.preserved) lines.push(`  preserved copy: ${p.path} (${p.reason}, ${formatBytes(p.changedBlocks * 4096)} changed)`);
   return lines.join("\n");
 }

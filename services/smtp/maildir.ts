@@ -4,8 +4,8 @@
 // new/ directory is fsynced. Only then does the caller answer 250. On any failure the
 // tmp files are removed and nothing is left in new/. Files belong to the mail uid.
 import { createHash } from "node:crypto";
-import { chownSync, existsSync, mkdirSync, writeSync } from "node:fs";
-import { chown, link, open, rename, unlink, type FileHandle } from "node:fs/promises";
+import { chownSync, closeSync, existsSync, fchownSync, fsync, linkSync, mkdirSync, openSync, renameSync, unlinkSync, writeSync } from "node:fs";
+import type { FileHandle } from "node:fs/promises";
 import { hostname } from "node:os";
 import { join } from "node:path";
 import type { Readable } from "node:stream";
@@ -118,32 +118,42 @@ export async function copyChecked(stream: Readable, fd: number | FileHandle, hea
 
 const dirSync = new GroupSync();
 
-/** Streams the message in, checks it, and delivers it to every mailbox, durably; ALONGSIDE runs with the last fsyncs. */
+/** fsync in the pool: the one step of a delivery that waits for the disks. */
+function fsyncFd(fd: number): Promise<void> {
+  return new Promise((resolve, reject) => fsync(fd, (err) => (err ? reject(err) : resolve())));
+}
+
+/**
+ * Streams the message in, checks it, and delivers it to every mailbox, durably; ALONGSIDE
+ * runs with the last fsyncs. Only the fsyncs wait in the thread pool: the other steps
+ * (open, write into the page cache, chown, link, rename) are short and run inline, so a
+ * delivery under load does not queue behind the event loop once per step.
+ */
 export async function deliver(stream: Readable, mailboxes: readonly string[], o: DeliveryOptions, alongside?: (d: Delivered) => Promise<void>): Promise<Delivered> {
   if (mailboxes.length === 0) throw new RejectError(554, "5.1.1 No valid recipients");
   const dirs = mailboxes.map((m) => maildirOf(o, m));
   const base = `${Math.floor(Date.now() / 1000)}.M${process.hrtime.bigint() % 1000000n}P${process.pid}Q${++counter}.${HOST}`;
   const first = join(dirs[0]!, "tmp", base);
-  const fh = await open(first, "wx", 0o600);
+  const fd = openSync(first, "wx", 0o600);
   const tmpFiles = [first];
   let closed = false;
   try {
-    const { size, sha256 } = await copyChecked(stream, fh, o.headers, o.sizeMax);
-    // Asynchronous fsyncs: concurrent deliveries share the file system's journal commits.
-    await fh.sync();
-    await fh.close();
+    const { size, sha256 } = await copyChecked(stream, fd, o.headers, o.sizeMax);
+    fchownSync(fd, o.uid, o.gid);
+    // Concurrent deliveries' fsyncs share the file system's journal commits.
+    await fsyncFd(fd);
+    closeSync(fd);
     closed = true;
-    await chown(first, o.uid, o.gid);
     for (const d of dirs.slice(1)) {
       const t = join(d, "tmp", base);
-      await link(first, t);
+      linkSync(first, t);
       tmpFiles.push(t);
     }
     const name = `${base},S=${size}`;
     const files: string[] = [];
     for (const [i, d] of dirs.entries()) {
       const dest = join(d, "new", name);
-      await rename(tmpFiles[i]!, dest);
+      renameSync(tmpFiles[i]!, dest);
       files.push(dest);
     }
     tmpFiles.length = 0;
@@ -153,7 +163,19 @@ export async function deliver(stream: Readable, mailboxes: readonly string[], o:
     await Promise.all([...dirs.map((d) => dirSync.sync(join(d, "new"))), alongside?.(delivered)]);
     return delivered;
   } finally {
-    if (!closed) await fh.close().catch(() => {});
-    for (const t of tmpFiles) await unlink(t).catch(() => {});
+    if (!closed) {
+      try {
+        closeSync(fd);
+      } catch {
+        // already closed
+      }
+    }
+    for (const t of tmpFiles) {
+      try {
+        unlinkSync(t);
+      } catch {
+        // gone already
+      }
+    }
   }
 }

@@ -1,12 +1,17 @@
 // Who mail is for: local domains, users and aliases from the account store in
 // MariaDB, and password checks for SMTP AUTH. Aliases are followed a bounded number of
-// levels; a destination outside the local domains is reported as remote.
+// levels; a destination outside the local domains is reported as remote. Addresses
+// found to be local are remembered for RESOLVED_TTL_MS (bounded), so a busy MX does
+// not ask MariaDB twice per recipient; unknown addresses are always asked again, so a
+// new user receives mail at once and a removed one is refused within the TTL.
 import mysql from "mysql2/promise";
 import { DATABASE } from "../accounts.ts";
 import { verifyPassword } from "../password.ts";
 
 const ALIAS_DEPTH_MAX = 5;
 const EXPANSION_MAX = 100;
+export const RESOLVED_TTL_MS = 5000;
+const RESOLVED_MAX = 10_000;
 
 export type Resolution =
   | { readonly kind: "local"; readonly mailboxes: readonly string[]; readonly remote: readonly string[] }
@@ -15,6 +20,7 @@ export type Resolution =
 
 export class Directory {
   private readonly pool: mysql.Pool;
+  private readonly resolved = new Map<string, { at: number; r: Resolution }>();
 
   constructor(socket: string, private readonly domains: readonly string[]) {
     this.pool = mysql.createPool({ socketPath: socket, user: "root", database: DATABASE, connectionLimit: 4, connectTimeout: 3000 });
@@ -37,6 +43,17 @@ export class Directory {
   /** Expands ADDRESS to local mailboxes (and remote forwards), or says why not. */
   async resolve(address: string): Promise<Resolution> {
     const addr = address.toLowerCase();
+    const hit = this.resolved.get(addr);
+    if (hit && Date.now() - hit.at < RESOLVED_TTL_MS) return hit.r;
+    const r = await this.lookup(addr);
+    if (r.kind === "local") {
+      if (this.resolved.size >= RESOLVED_MAX) this.resolved.clear();
+      this.resolved.set(addr, { at: Date.now(), r });
+    } else this.resolved.delete(addr);
+    return r;
+  }
+
+  private async lookup(addr: string): Promise<Resolution> {
     const domain = addr.slice(addr.lastIndexOf("@") + 1);
     if (!this.isLocalDomain(domain)) return { kind: "not-local" };
     const mailboxes = new Set<string>();

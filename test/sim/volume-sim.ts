@@ -187,6 +187,9 @@ export function runSimulation(o: SimOptions): SimResult {
         break;
       case "export":
         break;
+      case "sync":
+        n.store.sync();
+        break;
     }
   };
 
