@@ -15,6 +15,14 @@ import { writeSection } from "./report.ts";
 const MESSAGES = Number(process.env.BENCH_SMTP_MESSAGES ?? 2000);
 const SESSIONS = 20;
 const SIZE = 4096;
+const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
+
+/** The best of ROUNDS timed runs: both setups get the same number of tries. */
+async function bestOf(send: () => Promise<number>): Promise<number> {
+  let best = 0;
+  for (let i = 0; i < ROUNDS; i++) best = Math.max(best, await send());
+  return best;
+}
 
 async function timedSend(target: string, rcpt: string, countNow: () => number): Promise<number> {
   const before = countNow();
@@ -58,7 +66,7 @@ async function postfix(): Promise<number> {
     }
     if (!up) throw new Error(`Postfix did not start:\n${readFileSync(join(d, "postfix.log"), "utf8").slice(-1500)}`);
     const md = join(d, "mail", "bench", "Maildir", "new");
-    return await timedSend("127.0.0.1:2525", "x@bench.test", () => (existsSync(md) ? readdirSync(md).length : 0));
+    return await bestOf(() => timedSend("127.0.0.1:2525", "x@bench.test", () => (existsSync(md) ? readdirSync(md).length : 0)));
   } finally {
     await tryRun("postfix", ["-c", join(d, "etc"), "stop"]);
     try {
@@ -77,7 +85,16 @@ async function mailhaRate(): Promise<number> {
     const up = await mailha(["lab", "up", "--config", lab.configFile]);
     if (up.code !== 0) throw new Error(`lab up failed: ${up.stderr}`);
     const md = join(lab.dir, "a", "data", "mail", "mailha.test", "alice", "Maildir", "new");
-    return await timedSend(`${lab.a}:25`, "alice@mailha.test", () => (existsSync(md) ? readdirSync(md).length : 0));
+    // `lab up` returns while the initial full sync still runs: measure the cluster in
+    // its normal state, both disks in sync.
+    for (let i = 0; ; i++) {
+      const st = await mailha(["volume", "status", "--config", lab.configFile, "--node", "a", "--json"]);
+      const v = st.code === 0 ? (JSON.parse(st.stdout) as { connection: string; outOfSyncBytes: number; resync: unknown }) : null;
+      if (v && v.connection === "connected" && v.outOfSyncBytes === 0 && !v.resync) break;
+      if (i >= 600) throw new Error("the volume did not get in sync within 2 minutes");
+      await sleep(200);
+    }
+    return await bestOf(() => timedSend(`${lab.a}:25`, "alice@mailha.test", () => (existsSync(md) ? readdirSync(md).length : 0)));
   } finally {
     await mailha(["lab", "down", "--config", lab.configFile]);
     rmSync(dirname(lab.configFile), { recursive: true, force: true });
@@ -92,8 +109,8 @@ export async function runSmtpBench(): Promise<void> {
   const lines = [`smtp.deliveries.postfix ${pf.toFixed(0)} per_s`, `smtp.deliveries.mailha ${mh.toFixed(0)} per_s`, `smtp.deliveries.mailha_vs_postfix ${(mh / pf).toFixed(2)} ratio`];
   for (const l of lines) console.log(l);
   writeSection("smtp", [
-    `Command: \`npm run bench -- smtp\` (run ${new Date().toISOString().slice(0, 10)}; smtp-source -s ${SESSIONS} -m ${MESSAGES} -l ${SIZE}).`,
-    "Timed until every message is in the Maildir. Postfix: a private instance (its own config and queue) on 127.0.0.1:2525, virtual(8) delivery to Maildir on the local disk. mailha: the lab's active node, SMTP on 25, Maildir on the replicated volume with protocol C (a 250 means on both disks). Target: ratio at least 1.0.",
+    `Command: \`npm run bench -- smtp\` (run ${new Date().toISOString().slice(0, 10)}; smtp-source -s ${SESSIONS} -m ${MESSAGES} -l ${SIZE}; best of ${ROUNDS} rounds per setup).`,
+    "Timed until every message is in the Maildir. Postfix: a private instance (its own config and queue) on 127.0.0.1:2525, virtual(8) delivery to Maildir on the local disk. mailha: the lab's active node, SMTP on 25, Maildir on the replicated volume with protocol C (a 250 means on both disks), measured once the volume is in sync. Target: ratio at least 1.0.",
     "",
     "| setup | messages/s |",
     "|---|---|",
