@@ -18,7 +18,7 @@ export function writeSection(name: string, body: string[]): void {
   if (start < 0) text = `${text.trimEnd()}\n\n${section}`;
   else {
     const next = text.indexOf("\n## ", start + head.length);
-    text = text.slice(0, start) + section + (next < 0 ? "" : text.slice(next + 1));
+    text = text.slice(0, start) + section + (next < 0 ? "" : `\n${text.slice(next + 1)}`);
   }
   writeFileSync(file, text);
 }
