@@ -139,6 +139,12 @@ const VERIFY_OUTSTANDING_MAX = 4;
 const BARRIER_EVERY_BYTES = 4 * 1024 * 1024;
 const HANDSHAKE_QUEUE_MAX = 4096;
 const PROGRESS_EVERY_MS = 1000;
+/**
+ * A fenced (frozen) primary waits at most this long for the peer's acknowledgements
+ * before it demotes: its peer is usually unreachable then, and the fencing must not
+ * wait for the link's ping timeout. Unacknowledged writes go into the durable bitmap.
+ */
+const FROZEN_DEMOTE_WAIT_MS = 250;
 
 export class VolumeMachine {
   readonly bitmap: Bitmap;
@@ -167,6 +173,7 @@ export class VolumeMachine {
   private promoteWaiter: { req: number; force: boolean } | null = null;
   /** A demotion waiting for the peer to acknowledge writes in flight. */
   private demoteWaiter: number | null = null;
+  private demoteDeadlineMs = 0;
   /**
    * A primary lost its peer with nothing unacknowledged: the new generation starts
    * with its first write, not at once, so a primary that is stopped (or fenced)
@@ -879,6 +886,7 @@ export class VolumeMachine {
   // ---- timers and operator commands ---------------------------------------------------
 
   private onTick(): void {
+    this.demoteFrozenNow();
     if (this.resync?.side === "source") this.pumpResync();
     this.pumpVerify();
     // Ask for acknowledgements of writes nobody flushed, so `unackedBytes` drains.
@@ -902,6 +910,11 @@ export class VolumeMachine {
         if (this.meta.role !== "primary") return this.reply(req, "only a primary's I/O can be frozen");
         if (!this.frozen) this.emit({ type: "io-frozen" });
         this.frozen = true;
+        // What still waits for the peer fails now, not when the link times out: the
+        // fenced node's file system lets go at once (nothing here counts as durable).
+        for (const w of this.flushWaiters.splice(0)) this.reply(w.req, "EIO: I/O frozen while this node is fenced");
+        for (const r of this.deferred.splice(0)) this.reply(r, "EIO: I/O frozen while this node is fenced");
+        for (const q of this.handshakeQueue.splice(0)) if (q.t === "write" || q.t === "flush") this.reply(q.req, "EIO: I/O frozen while this node is fenced");
         return this.reply(req, undefined, { frozen: true });
       case "outdate":
         if (this.meta.role === "primary") return this.reply(req, "a primary cannot be outdated");
@@ -1006,9 +1019,18 @@ export class VolumeMachine {
     if (this.replicating && this.acked < this.seq) {
       if (this.seq > this.lastBarrier) this.sendBarrier();
       this.demoteWaiter = req;
+      this.demoteDeadlineMs = this.opt.now() + FROZEN_DEMOTE_WAIT_MS;
       return;
     }
     this.finishDemote(req);
+  }
+
+  /** A frozen primary's demotion that waited long enough: the unacknowledged writes are recorded, then it goes. */
+  private demoteFrozenNow(): void {
+    if (this.demoteWaiter === null || !this.frozen || this.opt.now() < this.demoteDeadlineMs) return;
+    for (const p of this.pending) this.markOutOfSync(p.offset, p.length);
+    this.emit({ type: "demoted-without-peer-ack", unackedBytes: this.pendingBytes });
+    this.finishDemote(this.demoteWaiter);
   }
 
   private finishDemote(req: number): void {

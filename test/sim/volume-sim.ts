@@ -114,6 +114,8 @@ export interface SimResult {
   readonly splitBrains: number;
   readonly crashes: number;
   readonly verifies: number;
+  /** Fenced primaries that demoted without the peer's acknowledgements. */
+  readonly fencedDemotions: number;
 }
 
 export class InvariantError extends Error {}
@@ -127,7 +129,7 @@ export function runSimulation(o: SimOptions): SimResult {
   let version = 0;
   let req = 0;
   const log: string[] = [];
-  const stats = { writes: 0, flushesChecked: 0, resyncs: 0, splitBrains: 0, crashes: 0, verifies: 0 };
+  const stats = { writes: 0, flushesChecked: 0, resyncs: 0, splitBrains: 0, crashes: 0, verifies: 0, fencedDemotions: 0 };
   let splitBrainHappened = false;
   const inSyncAtPeerDeath = new Map<object, boolean>();
   const lastInSync = new Map<object, boolean>();
@@ -142,6 +144,7 @@ export function runSimulation(o: SimOptions): SimResult {
 
   // The link: connected flag and a queue per direction (delivery time, message).
   let linkUp = false;
+  let silentSince: number | null = null;
   let cablePulled = false;
   const queues = new Map<SimNode, { at: number; msg: Msg }[]>([[nodes[0], []], [nodes[1], []]]);
 
@@ -184,6 +187,7 @@ export function runSimulation(o: SimOptions): SimResult {
         log.push(`${n.id} ${JSON.stringify(a.ev)}`);
         if (a.ev.type === "resync-started") stats.resyncs++;
         if (a.ev.type === "split-brain") stats.splitBrains++;
+        if (a.ev.type === "demoted-without-peer-ack") stats.fencedDemotions++;
         break;
       case "export":
         break;
@@ -217,6 +221,7 @@ export function runSimulation(o: SimOptions): SimResult {
   };
 
   const linkDown = () => {
+    silentSince = null;
     if (!linkUp) return;
     linkUp = false;
     queues.get(nodes[0])!.length = 0;
@@ -233,6 +238,16 @@ export function runSimulation(o: SimOptions): SimResult {
   };
 
   const deliver = (limit: number) => {
+    // A link that went silent (a cut cable both sides have not noticed yet) delivers
+    // nothing until the ping timeout takes it down.
+    if (silentSince !== null) {
+      if (now - silentSince > 1500) {
+        log.push("silent link timed out");
+        silentSince = null;
+        linkDown();
+      }
+      return;
+    }
     for (let i = 0; i < limit; i++) {
       const ready = nodes.filter((n) => queues.get(n)!.length > 0);
       if (ready.length === 0) return;
@@ -386,6 +401,23 @@ export function runSimulation(o: SimOptions): SimResult {
         apply(loser, { t: "admin", req: ++req, cmd: { op: "resolve", keep: "peer" } });
         apply(other(loser), { t: "admin", req: ++req, cmd: { op: "connect" } });
         tryConnect();
+      }
+    } else if (x < 0.975) {
+      // The cluster manager fences the primary: I/O frozen first, then it is demoted
+      // (or it dies meanwhile). What waited for the peer fails instead of lingering.
+      const p = primaries()[0];
+      if (p) {
+        if (linkUp && r() < 0.7) {
+          log.push("the link goes silent");
+          silentSince = now;
+        }
+        log.push(`${p.id} fenced: I/O frozen`);
+        apply(p, { t: "admin", req: ++req, cmd: { op: "freeze" } });
+        if (p.m && (p.m.status().unackedBytes > 0 || r() < 0.3)) {
+          // A flush waiting right now must have been failed by the freeze.
+          for (const id of p.flushes.keys()) fail(`flush ${id} still waits on ${p.id} after its I/O was frozen`);
+        }
+        if (r() < 0.5) apply(p, { t: "admin", req: ++req, cmd: { op: "secondary" } });
       }
     } else {
       deliver(50);

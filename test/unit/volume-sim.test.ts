@@ -1,5 +1,6 @@
 // The replication protocol under many seeded random schedules: delays, cable pulls,
-// crashes and restarts of either side, failovers, switchovers, split brains, verifies.
+// crashes and restarts of either side, failovers, switchovers, split brains, verifies,
+// fencing (frozen I/O).
 // Invariants are checked after every step (see test/sim/volume-sim.ts). A failure
 // prints its seed; replay one with SIM_SEED=N, run more with SIM_SEEDS=N.
 import { test } from "node:test";
@@ -23,7 +24,7 @@ const cases: { protocol: Protocol; policy: SplitBrainPolicy; splitBrains: boolea
 for (const c of cases) {
   test(`protocol ${c.protocol}, split-brain policy ${c.policy}${c.splitBrains ? ", with split brains" : ""}`, () => {
     const seeds = ONE !== null ? [ONE] : Array.from({ length: SEEDS }, (_, i) => i + 1);
-    const total = { writes: 0, flushesChecked: 0, resyncs: 0, splitBrains: 0, crashes: 0, verifies: 0 };
+    const total = { writes: 0, flushesChecked: 0, resyncs: 0, splitBrains: 0, crashes: 0, verifies: 0, fencedDemotions: 0 };
     for (const seed of seeds) {
       let r;
       try {
@@ -38,6 +39,7 @@ for (const c of cases) {
     if (seeds.length >= 50) {
       assert.ok(total.resyncs > 10, `too few resyncs: ${JSON.stringify(total)}`);
       assert.ok(total.crashes > 10, `too few crashes: ${JSON.stringify(total)}`);
+      assert.ok(total.fencedDemotions > 5, `too few fenced demotions without the peer: ${JSON.stringify(total)}`);
       if (c.splitBrains) assert.ok(total.splitBrains > 5, `too few split brains: ${JSON.stringify(total)}`);
     }
   });
