@@ -1,8 +1,8 @@
 // Mail in and out of the active node as users and senders see it: swaks and
 // nodemailer deliver, imapflow and curl (IMAP, POP3) read; relaying, AUTH before
 // STARTTLS, unknown users and oversize messages are refused; malformed input gets
-// proper replies and leaves nothing behind; smtp-source's 5,000 messages all arrive,
-// once each.
+// proper replies and leaves nothing behind; account changes reach SMTP; smtp-source's
+// 5,000 messages all arrive, once each.
 import { test, describe, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { existsSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
@@ -15,6 +15,7 @@ import { spawn } from "node:child_process";
 import { parseDocument } from "yaml";
 import { writeTestLabConfig } from "../helpers/lab.ts";
 import { RawSmtp } from "../helpers/smtp.ts";
+import { RESOLVED_TTL_MS } from "../../services/smtp/recipients.ts";
 
 const skip = process.getuid?.() !== 0 ? "needs root" : false;
 const PASS = "lab-password-alice";
@@ -118,6 +119,19 @@ describe("mail on the active node", { skip }, () => {
     assert.match(sw.stdout, /250 2\.0\.0/);
     assert.equal(count("bob"), b0 + 1);
     assert.equal(count("carol"), c0 + 1);
+  });
+
+  test("account changes reach SMTP: a new user at once, a removed one within 5 seconds", async () => {
+    // Refused first, so a cached "unknown" would show here.
+    assert.match((await runAll("swaks", ["--server", lab.a, "--to", "dave@mailha.test", "--from", "x@example.net"])).stdout, /550 5\.1\.1/);
+    assert.equal((await mailha(["user", "add", "dave@mailha.test", "--password", "dave-password-1", "--config", lab.configFile])).code, 0);
+    assert.match((await run("swaks", ["--server", lab.a, "--to", "dave@mailha.test", "--from", "x@example.net"])).stdout, /250 2\.0\.0/, "the new user receives mail at once");
+    assert.equal(count("dave"), 1);
+    const del = await mailha(["user", "del", "dave@mailha.test", "--config", lab.configFile]);
+    assert.equal(del.code, 0, del.stderr);
+    await sleep(RESOLVED_TTL_MS + 500);
+    assert.match((await runAll("swaks", ["--server", lab.a, "--to", "dave@mailha.test", "--from", "x@example.net"])).stdout, /550 5\.1\.1/, "the removed user is refused after the cache time");
+    assert.equal(count("dave"), 1);
   });
 
   test("refusals: relaying without AUTH, AUTH before STARTTLS, an unknown user, an oversize message", async () => {
