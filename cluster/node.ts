@@ -123,6 +123,7 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
     log,
     forcePromote: false,
     overrideOutdated: false,
+    abortRequested: false,
     daemons,
     saveDaemons: () => writeFileSync(daemonsFile, JSON.stringify([...daemons.values()])),
   };

@@ -1,9 +1,11 @@
 // The resource group and its agents. Each agent has start, stop, monitor and kill,
 // each bounded by a timeout; the group starts them left to right and stops them right
-// to left: volume primary -> filesystem -> mariadb -> redis -> dovecot (smtp and dns
-// join when they exist). A start that fails stops what was started. A start can be
-// aborted between two resources (self-fencing during activation). The data of every
-// service lives on the replicated volume, mounted at the node's data directory.
+// to left: volume primary -> filesystem -> mariadb -> redis -> dovecot -> smtp. A start
+// that fails stops what was started. A start can be aborted (self-fencing during
+// activation): between two resources, or at once where a resource waits (a daemon's
+// readiness, the replication link); the kill or stop that asked for it then handles
+// every resource. The data of every service lives on the replicated volume, mounted at
+// the node's data directory.
 import { randomBytes } from "node:crypto";
 import { existsSync, mkdirSync, readFileSync } from "node:fs";
 import { fsyncPath, writeFileDurable } from "../common/fsutil.ts";
@@ -39,6 +41,8 @@ export interface ResourceContext {
   forcePromote: boolean;
   /** With forcePromote: promote even an Outdated disk (the operator's `takeover --force`). */
   overrideOutdated: boolean;
+  /** Set while a stop or a kill is waiting for a start to give up: long waits end early. */
+  abortRequested: boolean;
   /** Daemons started by agents, persisted so a restarted node daemon can clean up. */
   readonly daemons: Map<string, DaemonRecord>;
   saveDaemons(): void;
@@ -77,7 +81,7 @@ const DOVECOT_SQL_USER = "dovecot";
 async function startDaemonResource(ctx: ResourceContext, spec: Parameters<typeof startDaemon>[0]): Promise<void> {
   const prev = ctx.daemons.get(spec.name);
   if (prev && isAlive(prev)) return;
-  const rec = await startDaemon(spec);
+  const rec = await startDaemon({ ...spec, shouldAbort: () => ctx.abortRequested });
   ctx.daemons.set(spec.name, rec);
   ctx.saveDaemons();
 }
@@ -101,7 +105,7 @@ const volumeAgent: ResourceAgent = {
     // With the peer alive, promote through the replication link (the peer agrees and
     // keeps receiving); wait for it to be connected first. A forced promotion is for a
     // peer confirmed gone.
-    if (!ctx.forcePromote) await waitForVolume(ctx.vol, (s) => s.peer.node !== null && s.connection !== "connecting", 25_000, "the replication link to connect");
+    if (!ctx.forcePromote) await waitForVolume(ctx.vol, (s) => s.peer.node !== null && s.connection !== "connecting", 25_000, "the replication link to connect", () => ctx.abortRequested);
     else if (!ctx.overrideOutdated) {
       // Taking over from a dead peer: never with a disk that was outdated while the
       // peer wrote without us; that would silently drop what it acknowledged.
@@ -387,22 +391,26 @@ export class GroupRunner {
     this.onEvent({ type: "resource", resource: name, state: s, ...extra });
   }
 
-  /** Stops a start in progress at the next resource boundary. */
+  /**
+   * Stops a start in progress: at the next resource boundary, or sooner where the
+   * resource waits (a daemon's readiness, the replication link). The stop or kill that
+   * asked for it runs next and covers every resource, so the start leaves what it
+   * started to that (a self-fencing node must not stop gracefully first).
+   */
   requestAbort(): void {
     this.abort = true;
+    this.ctx.abortRequested = true;
   }
 
   start(forcePromote: boolean, overrideOutdated = false): Promise<GroupResult> {
     this.abort = false;
+    this.ctx.abortRequested = false;
     return this.enqueue(async () => {
       this.ctx.forcePromote = forcePromote;
       this.ctx.overrideOutdated = overrideOutdated;
       const started: ResourceAgent[] = [];
       for (const a of this.agents) {
-        if (this.abort) {
-          await this.stopList([...started].reverse());
-          return { ok: false, error: "activation aborted" };
-        }
+        if (this.abort) return { ok: false, error: "activation aborted" };
         this.set(a.name, "starting");
         const t0 = Date.now();
         try {
@@ -410,6 +418,10 @@ export class GroupRunner {
           started.push(a);
           this.set(a.name, "running", { ms: Date.now() - t0 });
         } catch (err) {
+          if (this.abort) {
+            this.set(a.name, "stopped", { aborted: true });
+            return { ok: false, error: "activation aborted" };
+          }
           this.set(a.name, "failed", { error: (err as Error).message });
           await this.stopList([...started].reverse());
           return { ok: false, error: `${a.name}: ${(err as Error).message}` };

@@ -26,6 +26,8 @@ export interface DaemonSpec {
   readonly ready: () => Promise<boolean>;
   readonly readyTimeoutMs: number;
   readonly stopTimeoutMs: number;
+  /** Polled while waiting for readiness: true kills the daemon and fails the start at once. */
+  readonly shouldAbort?: () => boolean;
 }
 
 /** What is kept about a started daemon so that any later process can stop it. */
@@ -70,6 +72,10 @@ export async function startDaemon(spec: DaemonSpec): Promise<DaemonRecord> {
   const deadline = Date.now() + spec.readyTimeoutMs;
   for (;;) {
     if (exited || !record) throw new DaemonStartError(spec.name, exited ?? "no pid", logTail(spec));
+    if (spec.shouldAbort?.()) {
+      await killDaemon(record);
+      throw new DaemonStartError(spec.name, "start aborted (the group is being stopped or fenced)", "");
+    }
     let ok = false;
     try {
       ok = await spec.ready();

@@ -118,10 +118,11 @@ export async function volumeStatus(v: VolumeContext, timeoutMs?: number): Promis
 }
 
 /** Polls the engine's status until `pred` holds; throws with the last status after the bound. */
-export async function waitForVolume(v: VolumeContext, pred: (s: VolumeStatus) => boolean, timeoutMs: number, what: string): Promise<VolumeStatus> {
+export async function waitForVolume(v: VolumeContext, pred: (s: VolumeStatus) => boolean, timeoutMs: number, what: string, shouldAbort?: () => boolean): Promise<VolumeStatus> {
   const deadline = Date.now() + timeoutMs;
   let last: VolumeStatus | null = null;
   for (;;) {
+    if (shouldAbort?.()) throw new Error(`node ${v.nodeId}: stopped waiting for ${what}: aborted`);
     try {
       last = await volumeStatus(v);
       if (pred(last)) return last;

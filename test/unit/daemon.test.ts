@@ -62,6 +62,29 @@ test("a daemon that never gets ready is killed after the bound", async () => {
   assert.ok(Date.now() - t0 < 5000);
 });
 
+test("a start that is aborted while waiting for readiness kills the daemon at once", async () => {
+  const pidFile = join(dir, "aborted.pid");
+  let abort = false;
+  setTimeout(() => (abort = true), 300);
+  const t0 = Date.now();
+  await assert.rejects(
+    startDaemon({
+      name: "aborted",
+      command: "sh",
+      args: ["-c", `echo $$ > ${pidFile}; exec sleep 60`],
+      logFile: join(dir, "aborted.log"),
+      ready: async () => false,
+      readyTimeoutMs: 30_000,
+      stopTimeoutMs: 10_000,
+      shouldAbort: () => abort,
+    }),
+    /start aborted/,
+  );
+  assert.ok(Date.now() - t0 < 3000, "did not wait for the readiness bound");
+  const pid = Number(readFileSync(pidFile, "utf8"));
+  assert.equal(isAlive({ pid, startTicks: "" }), false, "the daemon is gone");
+});
+
 test("a daemon that ignores SIGTERM is killed after its stop bound", async () => {
   const flag = join(dir, "ready2");
   const rec = await startDaemon({
