@@ -124,12 +124,14 @@ function fsyncFd(fd: number): Promise<void> {
 }
 
 /**
- * Streams the message in, checks it, and delivers it to every mailbox, durably; ALONGSIDE
- * runs with the last fsyncs. Only the fsyncs wait in the thread pool: the other steps
+ * Streams the message in, checks it, and delivers it to every mailbox, durably. ALONGSIDE,
+ * when given, is the caller's own durable step after the renames and must also make
+ * the new/ directories it is handed durable (the delivery journal does both in one
+ * round); the delivery fails if it rejects. Only the fsyncs wait in the thread pool: the other steps
  * (open, write into the page cache, chown, link, rename) are short and run inline, so a
  * delivery under load does not queue behind the event loop once per step.
  */
-export async function deliver(stream: Readable, mailboxes: readonly string[], o: DeliveryOptions, alongside?: (d: Delivered) => Promise<void>): Promise<Delivered> {
+export async function deliver(stream: Readable, mailboxes: readonly string[], o: DeliveryOptions, alongside?: (d: Delivered, newDirs: readonly string[]) => Promise<void>): Promise<Delivered> {
   if (mailboxes.length === 0) throw new RejectError(554, "5.1.1 No valid recipients");
   const dirs = mailboxes.map((m) => maildirOf(o, m));
   const base = `${Math.floor(Date.now() / 1000)}.M${process.hrtime.bigint() % 1000000n}P${process.pid}Q${++counter}.${HOST}`;
@@ -158,9 +160,11 @@ export async function deliver(stream: Readable, mailboxes: readonly string[], o:
     }
     tmpFiles.length = 0;
     const delivered = { files, sha256, size };
-    // The directory fsyncs and the caller's own durable step (the journal) run
-    // together: the file system can fold them into one journal commit.
-    await Promise.all([...dirs.map((d) => dirSync.sync(join(d, "new"))), alongside?.(delivered)]);
+    const newDirs = dirs.map((d) => join(d, "new"));
+    // With ALONGSIDE (the delivery journal), the new/ directories are fsynced in its
+    // round, together with its own fsync; without, here.
+    if (alongside) await alongside(delivered, newDirs);
+    else await Promise.all(newDirs.map((d) => dirSync.sync(d)));
     return delivered;
   } finally {
     if (!closed) {

@@ -14,7 +14,7 @@ import type { MailhaConfig } from "../../common/config.ts";
 import type { NodePaths } from "../../common/paths.ts";
 import { sleep } from "../../common/exec.ts";
 import { mariadbPaths } from "../mariadb.ts";
-import { Journal } from "./journal.ts";
+import { DirSyncError, Journal } from "./journal.ts";
 import { greetWithoutPause } from "./greeting.ts";
 import { deliver, RejectError } from "./maildir.ts";
 import { Directory } from "./recipients.ts";
@@ -126,12 +126,16 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
         }));
       return;
     }
-    // The message is safe once in the Maildir: a journal failure is logged, not a 4xx
-    // (which would make the client send it again).
-    const record = (d: { files: string[]; sha256: string; size: number }) =>
+    // The journal round also syncs the new/ directories: a failure there fails the
+    // delivery. The message is safe once in the Maildir: a failure of the journal alone
+    // is logged, not a 4xx (which would make the client send it again).
+    const record = (d: { files: string[]; sha256: string; size: number }, newDirs: readonly string[]) =>
       journal
-        .append(d.files.map((f, i) => ({ mailbox: mailboxes[i]!, file: f.slice(mailRoot.length + 1), sha256: d.sha256, size: d.size })))
-        .catch((err: Error) => o.log.error({ err, session: session.id }, "journal append failed; the reconciliation will not see this delivery"));
+        .append(d.files.map((f, i) => ({ mailbox: mailboxes[i]!, file: f.slice(mailRoot.length + 1), sha256: d.sha256, size: d.size })), newDirs)
+        .catch((err: Error) => {
+          if (err instanceof DirSyncError) throw err;
+          o.log.error({ err, session: session.id }, "journal append failed; the reconciliation will not see this delivery");
+        });
     track(deliver(stream, mailboxes, opts, record)
       .then(async (d) => {
         // Remote recipients of the same message: queued from the delivered copy.
