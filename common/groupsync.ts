@@ -2,7 +2,7 @@
 // fsync of it is already running wait for the next one, which covers all of them, so
 // N concurrent deliveries into one Maildir cost about two fsyncs, not N. Bounded: at
 // most one fsync in flight and one pending per path.
-import { closeSync, fsync, openSync } from "node:fs";
+import { fsyncPathAsync } from "./fsutil.ts";
 
 interface Slot {
   running: Promise<void> | null;
@@ -35,20 +35,7 @@ export class GroupSync {
     return slot.next;
   }
 
-  /** open and close are cheap and run inline; only the fsync waits in the pool. */
   private fsyncOnce(path: string): Promise<void> {
-    return new Promise((resolve, reject) => {
-      let fd: number;
-      try {
-        fd = openSync(path, "r");
-      } catch (err) {
-        return reject(err as Error);
-      }
-      fsync(fd, (err) => {
-        closeSync(fd);
-        if (err) reject(err);
-        else resolve();
-      });
-    });
+    return fsyncPathAsync(path);
   }
 }

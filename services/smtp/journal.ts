@@ -6,8 +6,9 @@
 // are fsynced in the same round, at the same moment as the journal: both join one
 // journal commit of the file system (fsyncs started after a commit already covered
 // them would each cost ext4 one more device flush, a protocol C round trip here).
-import { closeSync, fsync, mkdirSync, openSync, writeSync } from "node:fs";
+import { closeSync, mkdirSync, openSync, writeSync } from "node:fs";
 import { join } from "node:path";
+import { fsyncAsync, fsyncPathAsync } from "../../common/fsutil.ts";
 
 export interface JournalEntry {
   readonly id: string;
@@ -25,19 +26,6 @@ const BATCH_MAX_BYTES = 1024 * 1024;
 
 /** A directory of the delivery could not be made durable: the delivery fails (4xx). */
 export class DirSyncError extends Error {}
-
-function fsyncAsync(fd: number): Promise<void> {
-  return new Promise((resolve, reject) => fsync(fd, (err) => (err ? reject(err) : resolve())));
-}
-
-async function fsyncDir(path: string): Promise<void> {
-  const fd = openSync(path, "r");
-  try {
-    await fsyncAsync(fd);
-  } finally {
-    closeSync(fd);
-  }
-}
 
 export class Journal {
   private readonly fd: number;
@@ -98,7 +86,7 @@ export class Journal {
         }
         await Promise.all([
           journalError ? Promise.resolve() : fsyncAsync(this.fd).catch((err: Error) => void (journalError = err)),
-          ...dirs.map((d) => fsyncDir(d).catch((err: Error) => void dirErrors.set(d, err))),
+          ...dirs.map((d) => fsyncPathAsync(d).catch((err: Error) => void dirErrors.set(d, err))),
         ]);
         for (const b of batch) {
           const bad = b.dirs.find((d) => dirErrors.has(d));

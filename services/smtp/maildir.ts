@@ -4,12 +4,12 @@
 // new/ directory is fsynced. Only then does the caller answer 250. On any failure the
 // tmp files are removed and nothing is left in new/. Files belong to the mail uid.
 import { createHash } from "node:crypto";
-import { chownSync, closeSync, existsSync, fchownSync, fsync, linkSync, mkdirSync, openSync, renameSync, unlinkSync, writeSync } from "node:fs";
+import { chownSync, closeSync, existsSync, fchownSync, linkSync, mkdirSync, openSync, renameSync, unlinkSync, writeSync } from "node:fs";
 import type { FileHandle } from "node:fs/promises";
 import { hostname } from "node:os";
 import { join } from "node:path";
 import type { Readable } from "node:stream";
-import { fsyncPath } from "../../common/fsutil.ts";
+import { fsyncAsync, fsyncPath } from "../../common/fsutil.ts";
 import { GroupSync } from "../../common/groupsync.ts";
 
 export const LINE_MAX = 998;
@@ -118,18 +118,14 @@ export async function copyChecked(stream: Readable, fd: number | FileHandle, hea
 
 const dirSync = new GroupSync();
 
-/** fsync in the pool: the one step of a delivery that waits for the disks. */
-function fsyncFd(fd: number): Promise<void> {
-  return new Promise((resolve, reject) => fsync(fd, (err) => (err ? reject(err) : resolve())));
-}
-
 /**
- * Streams the message in, checks it, and delivers it to every mailbox, durably. ALONGSIDE,
- * when given, is the caller's own durable step after the renames and must also make
- * the new/ directories it is handed durable (the delivery journal does both in one
- * round); the delivery fails if it rejects. Only the fsyncs wait in the thread pool: the other steps
- * (open, write into the page cache, chown, link, rename) are short and run inline, so a
- * delivery under load does not queue behind the event loop once per step.
+ * Streams the message in, checks it, and delivers it to every mailbox, durably.
+ * ALONGSIDE, when given, is the caller's own durable step after the renames and must
+ * also make the new/ directories it is handed durable (the delivery journal does both
+ * in one round); the delivery fails if it rejects. Only the fsyncs wait in the thread
+ * pool: the other steps (open, write into the page cache, chown, link, rename) are
+ * short and run inline, so a delivery under load does not queue behind the event loop
+ * once per step.
  */
 export async function deliver(stream: Readable, mailboxes: readonly string[], o: DeliveryOptions, alongside?: (d: Delivered, newDirs: readonly string[]) => Promise<void>): Promise<Delivered> {
   if (mailboxes.length === 0) throw new RejectError(554, "5.1.1 No valid recipients");
@@ -143,7 +139,7 @@ export async function deliver(stream: Readable, mailboxes: readonly string[], o:
     const { size, sha256 } = await copyChecked(stream, fd, o.headers, o.sizeMax);
     fchownSync(fd, o.uid, o.gid);
     // Concurrent deliveries' fsyncs share the file system's journal commits.
-    await fsyncFd(fd);
+    await fsyncAsync(fd);
     closeSync(fd);
     closed = true;
     for (const d of dirs.slice(1)) {
