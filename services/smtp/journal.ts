@@ -50,7 +50,9 @@ export class Journal {
   append(e: Omit<JournalEntry, "id" | "node" | "epoch" | "ts" | "kind">[], dirs: readonly string[] = []): Promise<void> {
     let text = "";
     for (const x of e) text += JSON.stringify({ id: `${this.node}:${this.epoch}:${++this.seq}`, node: this.node, epoch: this.epoch, ts: new Date().toISOString(), kind: "delivery", ...x }) + "\n";
-    if (this.closed) return Promise.reject(new Error("the delivery journal is closed"));
+    // Closed (the service is stopping): the directories would go unsynced, so the
+    // delivery fails and the client sends it again.
+    if (this.closed) return Promise.reject(new DirSyncError("the delivery journal is closed; new/ was not synced"));
     return new Promise((resolve, reject) => {
       this.pending.push({ text, dirs, done: (err) => (err ? reject(err) : resolve()) });
       void this.flush();
