@@ -1,9 +1,15 @@
 // The volume benchmark: the same workloads on (a) ext4 on a plain loop file, (b) the
 // replicated volume while disconnected, (c) replicating with protocol C to the peer's
 // namespace, (d) the same with protocol A. Figures are ratios to (a) from this run.
+// Two reference setups show what the architecture itself costs on this machine:
+// (p) a FUSE passthrough (pwrite, fdatasync) and (r) a minimal protocol C over FUSE
+// (the passthrough plus a peer process that fdatasyncs on every flush); see
+// reference-export.ts.
+import { spawn, type ChildProcess } from "node:child_process";
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, dirname } from "node:path";
+import { fileURLToPath } from "node:url";
 import { parseDocument } from "yaml";
 import { run, sleep, tryRun } from "../../common/exec.ts";
 import { mailha } from "../helpers/cli.ts";
@@ -14,10 +20,17 @@ import { deliveries, sequential } from "./workloads.ts";
 const DELIVERIES = Number(process.env.BENCH_DELIVERIES ?? 1000);
 const SEQ_BYTES = 64 * 1024 * 1024;
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
+const IMAGE_BYTES = 256 * 1024 * 1024;
+const REFERENCE = join(dirname(fileURLToPath(import.meta.url)), "reference-export.ts");
+const CHILD_START_MS = 30_000;
+const SETTLE_MS = 3000;
 
-type Setup = "a" | "b" | "c" | "d";
+type Setup = "a" | "p" | "r" | "b" | "c" | "d";
+const SETUPS: readonly Setup[] = ["a", "p", "r", "b", "c", "d"];
 const SETUP_NAMES: Record<Setup, string> = {
   a: "ext4 on a plain loop file",
+  p: "reference: FUSE passthrough, not replicated",
+  r: "reference: minimal protocol C over FUSE, peer on loopback",
   b: "volume, not connected",
   c: "volume, protocol C to the peer",
   d: "volume, protocol A to the peer",
@@ -43,15 +56,22 @@ function measure(dir: string): Figures {
   };
 }
 
-async function plainLoop(): Promise<Figures> {
-  const base = mkdtempSync(join(tmpdir(), "mailha-bench-plain-"));
-  const img = join(base, "image");
-  const mnt = join(base, "mnt");
-  mkdirSync(mnt);
-  await run("truncate", ["-s", "256M", img]);
-  const loop = (await run("losetup", ["--find", "--show", "--direct-io=on", img])).stdout.trim();
+/**
+ * Between setups: removing the previous setup's images makes the host discard their
+ * blocks (its file system is mounted with `discard`), which slows the disk for a moment;
+ * the next setup starts once that is written out.
+ */
+async function settle(): Promise<void> {
+  await run("sync", []);
+  await sleep(SETTLE_MS);
+}
+
+/** ext4 (made as the volume's) on a loop device over FILE, measured. */
+async function ext4OnLoop(file: string, mnt: string): Promise<Figures> {
+  mkdirSync(mnt, { recursive: true });
+  const loop = (await run("losetup", ["--find", "--show", "--direct-io=on", file])).stdout.trim();
   try {
-    await run("mkfs.ext4", ["-q", "-F", "-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=0", loop]);
+    await run("mkfs.ext4", ["-q", "-F", "-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=0", loop], { timeoutMs: 300_000 });
     await run("mount", ["-t", "ext4", "-o", "noatime", loop, mnt]);
     try {
       return measure(mnt);
@@ -60,6 +80,58 @@ async function plainLoop(): Promise<Figures> {
     }
   } finally {
     await tryRun("losetup", ["-d", loop]);
+  }
+}
+
+async function plainLoop(): Promise<Figures> {
+  const base = mkdtempSync(join(tmpdir(), "mailha-bench-plain-"));
+  try {
+    const img = join(base, "image");
+    await run("truncate", ["-s", String(IMAGE_BYTES), img]);
+    return await ext4OnLoop(img, join(base, "mnt"));
+  } finally {
+    rmSync(base, { recursive: true, force: true });
+  }
+}
+
+/** Starts a reference-export.ts process; resolves with its first stdout line. */
+function startReference(args: string[], started: ChildProcess[]): Promise<string> {
+  const child = spawn(process.execPath, ["--import", "tsx", REFERENCE, ...args], { stdio: ["ignore", "pipe", "inherit"] });
+  started.push(child);
+  return new Promise((resolve, reject) => {
+    let out = "";
+    const t = setTimeout(() => reject(new Error(`reference ${args[0]} did not start within ${CHILD_START_MS} ms`)), CHILD_START_MS);
+    child.stdout!.on("data", (d: Buffer) => {
+      out += d.toString();
+      const nl = out.indexOf("\n");
+      if (nl >= 0) {
+        clearTimeout(t);
+        resolve(out.slice(0, nl));
+      }
+    });
+    child.once("exit", (code) => {
+      clearTimeout(t);
+      reject(new Error(`reference ${args[0]} exited (${code}) before it was ready`));
+    });
+  });
+}
+
+/** Setup (p), or (r) with REPLICATED: ext4 on a loop over the reference FUSE export. */
+async function reference(replicated: boolean): Promise<Figures> {
+  const base = mkdtempSync(join(tmpdir(), "mailha-bench-ref-"));
+  const started: ChildProcess[] = [];
+  try {
+    const port = replicated ? (await startReference(["peer", join(base, "peer-image"), String(IMAGE_BYTES)], started)).replace(/^port /, "") : null;
+    await startReference(["export", join(base, "export"), join(base, "image"), String(IMAGE_BYTES), ...(port ? [port] : [])], started);
+    return await ext4OnLoop(join(base, "export", "volume"), join(base, "mnt"));
+  } finally {
+    for (const c of started.reverse()) {
+      if (c.exitCode !== null || c.signalCode !== null) continue;
+      const gone = new Promise((r) => c.once("exit", r));
+      c.kill("SIGTERM");
+      await Promise.race([gone, sleep(5000).then(() => c.kill("SIGKILL"))]);
+    }
+    await tryRun("umount", ["-l", join(base, "export")]);
     rmSync(base, { recursive: true, force: true });
   }
 }
@@ -107,14 +179,22 @@ export async function runVolumeBench(): Promise<void> {
   const res: Partial<Record<Setup, Figures>> = {};
   process.stderr.write(`- (a) ${SETUP_NAMES.a}\n`);
   res.a = await plainLoop();
+  await settle();
+  process.stderr.write(`- (p) ${SETUP_NAMES.p}\n`);
+  res.p = await reference(false);
+  await settle();
+  process.stderr.write(`- (r) ${SETUP_NAMES.r}\n`);
+  res.r = await reference(true);
+  await settle();
   process.stderr.write(`- (b), (c) ${SETUP_NAMES.b}; ${SETUP_NAMES.c}\n`);
   Object.assign(res, await volumeSetups("C"));
+  await settle();
   process.stderr.write(`- (d) ${SETUP_NAMES.d}\n`);
   Object.assign(res, await volumeSetups("A"));
   const a = res.a!;
   const lines: string[] = [];
   const rows: string[][] = [];
-  for (const s of ["a", "b", "c", "d"] as Setup[]) {
+  for (const s of SETUPS) {
     const f = res[s]!;
     lines.push(`volume.deliveries.${s} ${f.deliveries.toFixed(0)} per_s`);
     lines.push(`volume.deliveries_dirfsync.${s} ${f.deliveriesDirFsync.toFixed(0)} per_s`);
@@ -135,6 +215,7 @@ export async function runVolumeBench(): Promise<void> {
   writeSection("volume", [
     `Command: \`${command}\` (run ${new Date().toISOString().slice(0, 10)}, ${DELIVERIES} deliveries, best of ${ROUNDS} rounds per figure).`,
     "Deliveries: write 4 KiB into tmp/, fsync, rename into new/ (and fsync new/ in the second column). Sequential: 64 MiB written, then fsync. Each cell: the rate, and in brackets its ratio to (a) from the same run.",
+    "(p) and (r) are references, not mailha (test/bench/reference-export.ts): the same ext4 and loop device over a fuse-native file that only does pwrite and fdatasync, and (r) that file plus a peer process that gets every write and fdatasyncs its copy on every flush. (r) is what protocol C costs on this machine before any of the engine's own work.",
     "",
     "| setup | deliveries/s | deliveries+dir fsync/s | sequential MiB/s |",
     "|---|---|---|---|",
