@@ -24,6 +24,7 @@ const IMAGE_BYTES = 256 * 1024 * 1024;
 const REFERENCE = join(dirname(fileURLToPath(import.meta.url)), "reference-export.ts");
 const CHILD_START_MS = 30_000;
 const SETTLE_MS = 3000;
+const CHILD_STOP_MS = 5000;
 
 type Setup = "a" | "p" | "r" | "b" | "c" | "d";
 const SETUPS: readonly Setup[] = ["a", "p", "r", "b", "c", "d"];
@@ -57,9 +58,9 @@ function measure(dir: string): Figures {
 }
 
 /**
- * Between setups: removing the previous setup's images makes the host discard their
- * blocks (its file system is mounted with `discard`), which slows the disk for a moment;
- * the next setup starts once that is written out.
+ * Between setups: the previous setup's images were just removed (the host file system
+ * discards their blocks) and its writes may still be going out; the next setup starts
+ * after a sync and a short pause so that it does not pay for them.
  */
 async function settle(): Promise<void> {
   await run("sync", []);
@@ -129,7 +130,9 @@ async function reference(replicated: boolean): Promise<Figures> {
       if (c.exitCode !== null || c.signalCode !== null) continue;
       const gone = new Promise((r) => c.once("exit", r));
       c.kill("SIGTERM");
-      await Promise.race([gone, sleep(5000).then(() => c.kill("SIGKILL"))]);
+      const kill = setTimeout(() => c.kill("SIGKILL"), CHILD_STOP_MS);
+      await gone;
+      clearTimeout(kill);
     }
     await tryRun("umount", ["-l", join(base, "export")]);
     rmSync(base, { recursive: true, force: true });
