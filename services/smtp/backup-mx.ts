@@ -127,8 +127,9 @@ export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; pat
 
   const tlsDir = join(o.paths.data, "etc", "tls");
   const tlsOpts = existsSync(join(tlsDir, "tls.key")) ? { key: readFileSync(join(tlsDir, "tls.key")), cert: readFileSync(join(tlsDir, "tls.crt")) } : { hideSTARTTLS: true };
+  const myName = c.mail.mx.find((m) => m.node === o.nodeId)?.name ?? c.mail.host;
   const server = new SMTPServer({
-    name: c.mail.mx.find((m) => m.node === o.nodeId)?.name ?? c.mail.host,
+    name: myName,
     banner: "mailha ESMTP (backup MX)",
     // At a takeover the ports go to the active services at once: sessions still open
     // after this are cut (no 250 was given for their message, so the client retries).
@@ -195,7 +196,8 @@ export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; pat
     if (forwarding) return;
     forwarding = true;
     try {
-      const tx = nodemailer.createTransport({ host: peer.service_address, port: 25, secure: false, tls: { rejectUnauthorized: false }, connectionTimeout: 3000, greetingTimeout: 3000, socketTimeout: 30_000 });
+      // EHLO with this node's MX name: the active node's Received line names the backup MX.
+      const tx = nodemailer.createTransport({ host: peer.service_address, port: 25, secure: false, name: myName, tls: { rejectUnauthorized: false }, connectionTimeout: 3000, greetingTimeout: 3000, socketTimeout: 30_000 });
       for (const env of spooled(dir).slice(0, FORWARD_BATCH_MAX)) {
         try {
           await tx.sendMail({ envelope: { from: env.from, to: env.to }, raw: createReadStream(join(dir, `${env.id}.eml`)) });

@@ -93,6 +93,8 @@ describe("mail on the active node", { skip }, () => {
     assert.match(sw.stdout, /250 2\.0\.0 Ok: queued on the backup MX/);
     for (let i = 0; i < 50 && count("alice") === before; i++) await sleep(200);
     assert.equal(count("alice"), before + 1, "the backup MX forwarded the message to the active node");
+    const forwarded = readdirSync(maildir("alice")).map((f) => readFileSync(join(maildir("alice"), f), "utf8")).find((m) => m.includes("Subject: via the backup MX"));
+    assert.match(forwarded ?? "", /^Received: from mx2\.mailha\.test \(\[/m, "the active node's Received line names the backup MX (its EHLO)");
     assert.match((await runAll("swaks", ["--server", lab.b, "--to", "nobody@mailha.test"])).stdout, /550 5\.1\.1/, "the backup MX refuses unknown users at RCPT (no backscatter)");
     assert.match((await runAll("swaks", ["--server", lab.b, "--to", "victim@example.org"])).stdout, /554 5\.7\.1 Relay access denied/, "the backup MX does not relay");
 
