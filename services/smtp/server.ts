@@ -3,6 +3,7 @@
 // (STARTTLS before AUTH) and 465 (implicit TLS) for the same accounts. A message is
 // answered 250 only after it is fsynced in every recipient's Maildir and in the
 // journal; anything short of that is a 4xx or 5xx and leaves nothing in new/.
+import { randomUUID } from "node:crypto";
 import { createReadStream, readFileSync } from "node:fs";
 import { flushSpool } from "./backup-mx.ts";
 import { Outbound } from "./outbound.ts";
@@ -16,6 +17,7 @@ import { sleep } from "../../common/exec.ts";
 import { mariadbPaths } from "../mariadb.ts";
 import { DirSyncError, Journal } from "./journal.ts";
 import { greetWithoutPause } from "./greeting.ts";
+import { completeHeaders } from "./submission-headers.ts";
 import { deliver, RejectError } from "./maildir.ts";
 import { Directory } from "./recipients.ts";
 
@@ -107,19 +109,21 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
     const from = session.envelope.mailFrom ? session.envelope.mailFrom.address : "";
     const proto = `E${session.transmissionType ?? "SMTP"}`.replace(/^EE/, "E");
     const headers = `Return-Path: <${from}>\r\nReceived: from ${session.hostNameAppearsAs ?? "unknown"} ([${session.remoteAddress}])\r\n\tby ${myName} (mailha) with ${proto} id ${session.id}\r\n\tfor <${session.envelope.rcptTo.map((r) => r.address).join(">, <")}>; ${rfc2822(new Date())}\r\n`;
+    // Submission: a message without Date: or Message-ID: gets them (as an MSA does).
+    const input = session.user ? completeHeaders(stream, { date: () => rfc2822(new Date()), messageId: () => `<${randomUUID()}@${myName}>` }) : stream;
     const mailboxes = [...(session.mailha?.mailboxes ?? [])];
     const remote = [...(session.mailha?.remote ?? [])];
     session.mailha = { mailboxes: new Set(), remote: new Set() };
     const opts = { mailRoot, uid: c.mail.mail_uid, gid: c.mail.mail_gid, headers, sizeMax: c.mail.message_size_max_bytes };
     if (mailboxes.length === 0 && remote.length) {
       track(outbound
-        .enqueue(stream, from, remote, headers, c.mail.message_size_max_bytes)
+        .enqueue(input, from, remote, headers, c.mail.message_size_max_bytes)
         .then((id) => {
           o.log.info({ session: session.id, from, to: remote, queued: id }, "queued for other domains");
           cb(null, `2.0.0 Ok: queued as ${id}`);
         })
         .catch((err: Error) => {
-          stream.resume();
+          input.resume();
           if (err instanceof RejectError) return cb(smtpError(err.responseCode, err.message));
           o.log.error({ err }, "could not queue the message");
           cb(smtpError(451, "4.3.0 Could not queue the message, try again later"));
@@ -136,7 +140,7 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
           if (err instanceof DirSyncError) throw err;
           o.log.error({ err, session: session.id }, "journal append failed; the reconciliation will not see this delivery");
         });
-    track(deliver(stream, mailboxes, opts, record)
+    track(deliver(input, mailboxes, opts, record)
       .then(async (d) => {
         // Remote recipients of the same message: queued from the delivered copy.
         if (remote.length) await outbound.enqueue(createReadStream(d.files[0]!), from, remote, "", c.mail.message_size_max_bytes);
@@ -145,7 +149,7 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
       })
       .catch((err: Error) => {
         // Drain whatever the client still sends, then answer.
-        stream.resume();
+        input.resume();
         if (err instanceof RejectError) return cb(smtpError(err.responseCode, err.message));
         if ((err as NodeJS.ErrnoException).code === "ECONNECTION") return cb(err);
         o.log.error({ err, session: session.id }, "delivery failed");

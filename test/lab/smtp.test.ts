@@ -5,7 +5,8 @@
 // 5,000 messages all arrive, once each.
 import { test, describe, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import nodemailer from "nodemailer";
 import { ImapFlow } from "imapflow";
@@ -80,6 +81,30 @@ describe("mail on the active node", { skip }, () => {
     assert.match(imapCurl.stdout, /^Subject: /m);
     const pop = await run("curl", ["-sk", "--ssl-reqd", `pop3://${lab.a}/1`, "-u", `alice@mailha.test:${PASS}`]);
     assert.match(pop.stdout, /^Return-Path: /m, "POP3 RETR returns the message");
+  });
+
+  test("submission adds a missing Date and Message-ID; mail on 25 stays as it came", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "mailha-sub-"));
+    try {
+      const bare = (subject: string) => {
+        const f = join(dir, `${subject.replace(/ /g, "-")}.eml`);
+        writeFileSync(f, `From: bob@mailha.test\r\nTo: alice@mailha.test\r\nSubject: ${subject}\r\n\r\nno Date, no Message-ID\r\n`);
+        return `@${f}`;
+      };
+      const sub = await run("swaks", ["--server", lab.a, "--port", "587", "-tls", "--auth", "PLAIN", "--auth-user", "bob@mailha.test", "--auth-password", "bob-password-1", "--from", "bob@mailha.test", "--to", "alice@mailha.test", "--data", bare("bare via submission")]);
+      assert.match(sub.stdout, /250 2\.0\.0/);
+      const mx = await run("swaks", ["--server", lab.a, "--from", "sender@example.net", "--to", "alice@mailha.test", "--data", bare("bare via mx")]);
+      assert.match(mx.stdout, /250 2\.0\.0/);
+      const find = (subject: string) => readdirSync(maildir("alice")).map((f) => readFileSync(join(maildir("alice"), f), "utf8")).find((m) => m.includes(`Subject: ${subject}`)) ?? "";
+      const submitted = find("bare via submission");
+      assert.match(submitted, /^Date: \w{3}, \d{2} \w{3} \d{4} \d{2}:\d{2}:\d{2} \+0000\r$/m, "submission added a Date");
+      assert.match(submitted, /^Message-ID: <[0-9a-f-]{36}@mx1\.mailha\.test>\r$/m, "submission added a Message-ID");
+      assert.match(submitted, /\r\nSubject: bare via submission\r\n\r\nno Date, no Message-ID\r\n/, "the message's own header and body follow untouched");
+      const received = find("bare via mx");
+      assert.ok(received && !/^(Date|Message-ID):/im.test(received), "mail on 25 gets no Date or Message-ID from mailha");
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   test("the passive node: backup MX on 25 (checked, spooled, forwarded) and the proxy for IMAP, POP3 and submission", async () => {
