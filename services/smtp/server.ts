@@ -74,6 +74,23 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
   const outbound = new Outbound(c, o.paths.data, redisPaths(o.paths).socket, myName, localDeliver, (a) => dir.isLocalDomain(a.slice(a.lastIndexOf("@") + 1)), o.log);
   outbound.start();
 
+  // Submission: an address of a local domain may be used as sender only by its own
+  // user, or by a member of the alias (team@ for bob when team@ delivers to bob).
+  // Other domains' addresses are the receivers' to judge (SPF, DMARC); the null sender
+  // is allowed (clients send delivery reports with it).
+  const onMailFrom = (address: { address: string }, session: MailhaSession, cb: (err?: Error | null) => void) => {
+    const from = address.address.toLowerCase();
+    const user = typeof session.user === "string" ? session.user : "";
+    if (!from || from === user || !dir.isLocalDomain(from.slice(from.lastIndexOf("@") + 1))) return cb();
+    void dir.resolve(from).then(
+      (r) => (r.kind === "local" && r.mailboxes.includes(user) ? cb() : cb(smtpError(553, `5.7.1 <${address.address}>: Sender address rejected: not owned by ${user}`))),
+      (err: Error) => {
+        o.log.error({ err }, "sender lookup failed");
+        cb(smtpError(451, "4.3.0 Temporary lookup failure, try again later"));
+      },
+    );
+  };
+
   const onRcptTo = (submission: boolean) => (address: { address: string }, session: MailhaSession, cb: (err?: Error | null) => void) => {
     void dir.resolve(address.address).then(
       (r) => {
@@ -183,13 +200,13 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
   (common as SMTPServerOptions & { maxRecipients?: number; rejectOversized?: boolean }).maxRecipients = RECIPIENTS_MAX;
 
   const mx = new SMTPServer({ ...common, secure: false, authOptional: true, disabledCommands: ["AUTH"], onRcptTo: onRcptTo(false) });
-  const submission = new SMTPServer({ ...common, secure: false, authMethods: ["PLAIN", "LOGIN"], authOptional: false, allowInsecureAuth: false, onAuth, onRcptTo: onRcptTo(true) });
-  const submissions = new SMTPServer({ ...common, secure: true, authMethods: ["PLAIN", "LOGIN"], authOptional: false, onAuth, onRcptTo: onRcptTo(true) });
+  const submission = new SMTPServer({ ...common, secure: false, authMethods: ["PLAIN", "LOGIN"], authOptional: false, allowInsecureAuth: false, onAuth, onMailFrom, onRcptTo: onRcptTo(true) });
+  const submissions = new SMTPServer({ ...common, secure: true, authMethods: ["PLAIN", "LOGIN"], authOptional: false, onAuth, onMailFrom, onRcptTo: onRcptTo(true) });
   // Submission forwarded by the passive node's proxy (PROXY v2 from the peer only).
   const peer = c.nodes.find((n) => n.id !== o.nodeId)!;
   const proxied = { useProxy: [peer.service_address] } as unknown as SMTPServerOptions;
-  const submissionProxied = new SMTPServer({ ...common, ...proxied, secure: false, authMethods: ["PLAIN", "LOGIN"], authOptional: false, allowInsecureAuth: false, onAuth, onRcptTo: onRcptTo(true) });
-  const submissionsProxied = new SMTPServer({ ...common, ...proxied, secure: true, authMethods: ["PLAIN", "LOGIN"], authOptional: false, onAuth, onRcptTo: onRcptTo(true) });
+  const submissionProxied = new SMTPServer({ ...common, ...proxied, secure: false, authMethods: ["PLAIN", "LOGIN"], authOptional: false, allowInsecureAuth: false, onAuth, onMailFrom, onRcptTo: onRcptTo(true) });
+  const submissionsProxied = new SMTPServer({ ...common, ...proxied, secure: true, authMethods: ["PLAIN", "LOGIN"], authOptional: false, onAuth, onMailFrom, onRcptTo: onRcptTo(true) });
   const servers: [SMTPServer, number][] = [
     [mx, ports.mx],
     [submission, ports.submission],

@@ -148,6 +148,20 @@ describe("mail on the active node", { skip }, () => {
     assert.equal(count("carol"), c0 + 1);
   });
 
+  test("submission: a local sender address is only for its own user and the members of its alias", async () => {
+    const tx = nodemailer.createTransport({ host: lab.a, port: 587, secure: false, requireTLS: true, tls: { rejectUnauthorized: false }, auth: { user: "bob@mailha.test", pass: "bob-password-1" } });
+    try {
+      const send = (from: string) => tx.sendMail({ from, to: "carol@mailha.test", subject: `sent as ${from}`, text: "x" });
+      await assert.rejects(send("alice@mailha.test"), (e: { responseCode?: number; response?: string }) => e.responseCode === 553 && /not owned by bob@mailha\.test/.test(e.response ?? ""), "bob may not send as alice");
+      await assert.rejects(send("nobody@mailha.test"), (e: { responseCode?: number }) => e.responseCode === 553, "nor as an address of a local domain that does not exist");
+      assert.match((await send("team@mailha.test")).response, /^250/, "bob is a member of team@: allowed");
+      assert.match((await send("Bob@MailHa.test")).response, /^250/, "his own address, in any case");
+      assert.match((await send("bob@elsewhere.example")).response, /^250/, "other domains are the receivers' to judge");
+    } finally {
+      tx.close();
+    }
+  });
+
   test("account changes reach SMTP: a new user at once, a removed one within 5 seconds", async () => {
     // Refused first, so a cached "unknown" would show here.
     assert.match((await runAll("swaks", ["--server", lab.a, "--to", "dave@mailha.test", "--from", "x@example.net"])).stdout, /550 5\.1\.1/);
