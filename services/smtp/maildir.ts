@@ -62,8 +62,9 @@ export function maildirOf(o: Pick<DeliveryOptions, "mailRoot" | "uid" | "gid">, 
 
 /**
  * Copies the message stream into FD after HEADERS, checking it on the way: no NUL, no
- * bare LF, no line over 998 characters, not over SIZEMAX. A bad message is drained and
- * refused with the reply the client gets.
+ * bare LF, no line over 998 characters, not over SIZEMAX (the client's bytes: HEADERS
+ * and the fields a submission adds do not count). A bad message is drained and refused
+ * with the reply the client gets.
  */
 export async function copyChecked(stream: Readable, fd: number | FileHandle, headers: string, sizeMax: number): Promise<{ size: number; sha256: string }> {
   const write = async (b: Buffer) => {
@@ -104,7 +105,8 @@ export async function copyChecked(stream: Readable, fd: number | FileHandle, hea
     }
     if (problem) continue;
     size += chunk.length;
-    if (size > sizeMax) {
+    // The limit is the client's: neither HEADERS nor fields a submission adds count.
+    if (size - head.length - ((stream as Readable & { addedBytes?: number }).addedBytes ?? 0) > sizeMax) {
       problem = new RejectError(552, `5.3.4 Message too big (the limit is ${sizeMax} bytes)`);
       continue;
     }

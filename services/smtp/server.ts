@@ -74,8 +74,9 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
   const outbound = new Outbound(c, o.paths.data, redisPaths(o.paths).socket, myName, localDeliver, (a) => dir.isLocalDomain(a.slice(a.lastIndexOf("@") + 1)), o.log);
   outbound.start();
 
-  // Submission: an address of a local domain may be used as sender only by its own
-  // user, or by a member of the alias (team@ for bob when team@ delivers to bob).
+  // Submission: an address of a local domain may be the envelope sender (MAIL FROM) only
+  // of its own user, or of a member of the alias (team@ for bob when team@ delivers to
+  // bob). The From: field is not checked (nor is it by Postfix's sender login check).
   // Other domains' addresses are the receivers' to judge (SPF, DMARC); the null sender
   // is allowed (clients send delivery reports with it).
   const onMailFrom = (address: { address: string }, session: MailhaSession, cb: (err?: Error | null) => void) => {

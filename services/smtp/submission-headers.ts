@@ -1,10 +1,11 @@
 // Submission (587, 465): a message without a Date: or Message-ID: field gets one, as a
 // message submission agent does (RFC 6409, 8.3 and 8.4; RFC 5322 requires Date:, and
 // mail without it is marked down by spam filters). Mail that arrives on 25 is passed on
-// as it came. The fields go above the message's own header; a message that does not
-// start with a header field is treated as a body with an empty header (a blank line
-// then separates the added fields from it). A header larger than SCAN_MAX_BYTES is
-// passed on unchanged rather than held in memory.
+// as it came. The fields go above the message's own header (or before the blank line
+// of an empty one). A message whose first line is not a header field (an mbox "From "
+// line, a body without header) and a header larger than SCAN_MAX_BYTES are passed on
+// unchanged: nothing is moved or held in memory. The result's `addedBytes` says how
+// many bytes were added, so that size limits count only the client's.
 import { pipeline, Transform, type Readable, type TransformCallback } from "node:stream";
 
 export const SCAN_MAX_BYTES = 64 * 1024;
@@ -59,11 +60,12 @@ export function completeHeaders(source: Readable, add: AddedFields): Readable {
   /** HEADER: the message's header text, "" when empty, null when too long to scan. */
   function release(t: Transform, header: string | null): void {
     decided = true;
-    if (header !== null) {
-      // Text before the first blank line that does not start with a field is body.
-      const bodyOnly = header !== "" && !HEADER_FIELD.test(header);
-      const fields = missingFields(bodyOnly ? "" : header, add);
-      if (fields) t.push(Buffer.from(bodyOnly && held.length ? `${fields}\r\n` : fields, "latin1"));
+    if (header !== null && (header === "" || HEADER_FIELD.test(header))) {
+      const fields = missingFields(header, add);
+      if (fields) {
+        t.push(Buffer.from(fields, "latin1"));
+        (out as Readable & { addedBytes?: number }).addedBytes = fields.length;
+      }
     }
     if (held.length) t.push(held);
     held = Buffer.alloc(0);

@@ -41,6 +41,7 @@ function peer(image: string, size: number): void {
   const fd = openImage(image, size);
   const server = createServer((s) => {
     s.setNoDelay(true);
+    s.on("error", () => s.destroy()); // the exporter went away: nothing to answer
     let buf: Buffer = Buffer.alloc(0);
     s.on("data", (d: Buffer) => {
       buf = buf.length ? Buffer.concat([buf, d]) : d;

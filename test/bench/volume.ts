@@ -67,6 +67,15 @@ async function settle(): Promise<void> {
   await sleep(SETTLE_MS);
 }
 
+/** Cleanup that must not hide the error that brought us here. */
+function removeQuietly(dir: string): void {
+  try {
+    rmSync(dir, { recursive: true, force: true });
+  } catch (err) {
+    process.stderr.write(`could not remove ${dir}: ${(err as Error).message}\n`);
+  }
+}
+
 /** ext4 (made as the volume's) on a loop device over FILE, measured. */
 async function ext4OnLoop(file: string, mnt: string): Promise<Figures> {
   mkdirSync(mnt, { recursive: true });
@@ -77,7 +86,7 @@ async function ext4OnLoop(file: string, mnt: string): Promise<Figures> {
     try {
       return measure(mnt);
     } finally {
-      await tryRun("umount", [mnt]);
+      if (!(await tryRun("umount", [mnt]))) await tryRun("umount", ["-l", mnt]);
     }
   } finally {
     await tryRun("losetup", ["-d", loop]);
@@ -91,7 +100,7 @@ async function plainLoop(): Promise<Figures> {
     await run("truncate", ["-s", String(IMAGE_BYTES), img]);
     return await ext4OnLoop(img, join(base, "mnt"));
   } finally {
-    rmSync(base, { recursive: true, force: true });
+    removeQuietly(base);
   }
 }
 
@@ -135,7 +144,7 @@ async function reference(replicated: boolean): Promise<Figures> {
       clearTimeout(kill);
     }
     await tryRun("umount", ["-l", join(base, "export")]);
-    rmSync(base, { recursive: true, force: true });
+    removeQuietly(base);
   }
 }
 

@@ -148,7 +148,7 @@ describe("mail on the active node", { skip }, () => {
     assert.equal(count("carol"), c0 + 1);
   });
 
-  test("submission: a local sender address is only for its own user and the members of its alias", async () => {
+  test("submission: a local envelope sender is only for its own user and the members of its alias (587, 465, through b)", async () => {
     const tx = nodemailer.createTransport({ host: lab.a, port: 587, secure: false, requireTLS: true, tls: { rejectUnauthorized: false }, auth: { user: "bob@mailha.test", pass: "bob-password-1" } });
     try {
       const send = (from: string) => tx.sendMail({ from, to: "carol@mailha.test", subject: `sent as ${from}`, text: "x" });
@@ -159,6 +159,15 @@ describe("mail on the active node", { skip }, () => {
       assert.match((await send("bob@elsewhere.example")).response, /^250/, "other domains are the receivers' to judge");
     } finally {
       tx.close();
+    }
+    // The same rule on 465 and through the passive node's proxy.
+    for (const [host, port] of [[lab.a, 465], [lab.b, 587]] as const) {
+      const t = nodemailer.createTransport({ host, port, secure: port === 465, requireTLS: port === 587, tls: { rejectUnauthorized: false }, auth: { user: "bob@mailha.test", pass: "bob-password-1" } });
+      try {
+        await assert.rejects(t.sendMail({ from: "alice@mailha.test", to: "carol@mailha.test", subject: "spoof", text: "x" }), (e: { responseCode?: number }) => e.responseCode === 553, `${host}:${port}`);
+      } finally {
+        t.close();
+      }
     }
   });
 
@@ -189,6 +198,9 @@ describe("mail on the active node", { skip }, () => {
     writeFileSync(bigFile, `${"x".repeat(80)}\n`.repeat(400_000)); // 32 MB, over the 25 MiB limit
     const big = await runAll("swaks", ["--server", lab.a, "--to", "alice@mailha.test", "--body", bigFile], { timeoutMs: 120_000 });
     assert.match(big.stdout, /552/);
+    // Through submission too, where the message passes the header completion first.
+    const sub = await runAll("swaks", ["--server", lab.a, "--port", "587", "-tls", "--auth", "PLAIN", "--auth-user", "bob@mailha.test", "--auth-password", "bob-password-1", "--from", "bob@mailha.test", "--to", "alice@mailha.test", "--body", bigFile], { timeoutMs: 120_000 });
+    assert.match(sub.stdout, /552/);
     assert.equal(count("alice"), before, "the oversize message is not delivered");
   });
 

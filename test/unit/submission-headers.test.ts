@@ -1,7 +1,11 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { Readable } from "node:stream";
+import { closeSync, mkdtempSync, openSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { completeHeaders, SCAN_MAX_BYTES } from "../../services/smtp/submission-headers.ts";
+import { copyChecked } from "../../services/smtp/maildir.ts";
 
 const add = { date: () => "Sun, 22 Nov 2026 09:00:00 +0000", messageId: () => "<id-1@mx1.mailha.test>" };
 
@@ -35,9 +39,32 @@ test("a field only in the body does not count; a header without body still gets 
   assert.equal(await through("Subject: only a header\r\n"), `Date: ${add.date()}\r\nMessage-ID: ${add.messageId()}\r\nSubject: only a header\r\n`);
 });
 
-test("a message that starts with its body gets an empty-line separator after the added fields", async () => {
-  assert.equal(await through("just text, no header\r\nsecond line\r\n"), `Date: ${add.date()}\r\nMessage-ID: ${add.messageId()}\r\n\r\njust text, no header\r\nsecond line\r\n`);
+test("an empty header gets the fields before its blank line; a message not starting with a field is left alone", async () => {
   assert.equal(await through("\r\nbody after an empty header\r\n"), `Date: ${add.date()}\r\nMessage-ID: ${add.messageId()}\r\n\r\nbody after an empty header\r\n`);
+  for (const odd of ["just text, no header\r\nsecond line\r\n", "From bob@mailha.test Sun Nov 22 09:00:00 2026\r\nSubject: s\r\n\r\nb\r\n", "Bad Name: x\r\n\r\nb\r\n"]) {
+    assert.equal(await through(odd), odd, JSON.stringify(odd.slice(0, 20)));
+  }
+});
+
+test("the size limit counts the client's bytes, not the prepended trace fields or the added ones", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "mailha-size-"));
+  try {
+    const msg = "Subject: s\r\n\r\n" + "x".repeat(100) + "\r\n"; // no Date, no Message-ID
+    const trace = "Received: from test\r\n";
+    const copy = async (limit: number) => {
+      const fd = openSync(join(dir, `m${limit}`), "w");
+      try {
+        return await copyChecked(completeHeaders(Readable.from([Buffer.from(msg)]), add), fd, trace, limit);
+      } finally {
+        closeSync(fd);
+      }
+    };
+    const r = await copy(msg.length);
+    assert.equal(r.size, trace.length + `Date: ${add.date()}\r\nMessage-ID: ${add.messageId()}\r\n`.length + msg.length, "the file holds all of it");
+    await assert.rejects(copy(msg.length - 1), (e: { responseCode?: number }) => e.responseCode === 552);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 test("a header too large to scan is passed on unchanged, however it is cut in chunks", async () => {
