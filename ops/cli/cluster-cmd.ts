@@ -13,7 +13,7 @@ import { localNodes, nodeCommand, nodeSpec, nodeStatus, witnessReadyFile, type N
 import { runNode } from "../../cluster/node.ts";
 import { runWitness } from "../../cluster/witness.ts";
 import { resolveNode } from "../../replication/client.ts";
-import { createOutput, table } from "./output.ts";
+import { createOutput, table, type Output } from "./output.ts";
 import { formatBytes } from "./volume-cmd.ts";
 
 const configOpt = (def: string) => new Option("-c, --config <file>", "cluster configuration file").default(def);
@@ -154,13 +154,53 @@ export function statusCommand(defaultConfig: string): Command {
     });
 }
 
+/** How long a move waits for the node that takes the group to be active. */
+const MOVE_WAIT_MS = 120_000;
+const MOVE_POLL_MS = 200;
+
+/**
+ * TARGET's cluster state: from its own daemon when it runs on this machine (the lab),
+ * else as the local node last heard it in the peer's heartbeats.
+ */
+async function stateOf(c: MailhaConfig, target: string): Promise<string> {
+  const local = localNodes(c);
+  if (local.includes(target)) return (await nodeStatus(c, target).catch(() => null))?.state ?? "not answering";
+  for (const id of local) {
+    const n = await nodeStatus(c, id).catch(() => null);
+    if (n?.peer.node === target) return n.peer.summary?.state ?? `unknown (peer ${n.peer.state})`;
+  }
+  return "not answering";
+}
+
+/**
+ * Waits until TARGET is active; resolves with the seconds it took. Fails at once when
+ * TARGET reports `failed`, and after MOVE_WAIT_MS with its last state.
+ */
+async function waitActive(c: MailhaConfig, target: string, out: Output): Promise<number> {
+  const t0 = Date.now();
+  let last = "unknown";
+  while (Date.now() - t0 < MOVE_WAIT_MS) {
+    const state = await stateOf(c, target);
+    if (state !== last) out.progress("waiting", { node: target, state });
+    last = state;
+    if (state === "active") return (Date.now() - t0) / 1000;
+    if (state === "failed") throw new Error(`${target} failed to start the group; see \`mailha status\` and its cluster events`);
+    await sleep(MOVE_POLL_MS);
+  }
+  throw new Error(`${target} is not active after ${MOVE_WAIT_MS / 1000} s (state ${last}); see \`mailha status\``);
+}
+
 /** standby, online, takeover, switchover, failback. */
 export function moveCommands(defaultConfig: string): Command[] {
   const mk = (name: string, desc: string, where: "given" | "active") => {
     const cmd = new Command(name).description(desc).addOption(configOpt(defaultConfig)).addOption(nodeOpt()).addOption(jsonOpt());
     if (name === "takeover") cmd.option("--force", "take over even without quorum (you know the peer is down)");
-    return cmd.action(async (o: { config: string; node?: string; json?: boolean; force?: boolean }) => {
+    // These move the group: the command returns once the node that takes it is active.
+    const moves = name === "takeover" || name === "switchover" || name === "failback";
+    if (moves) cmd.option("--no-wait", "return once the command is accepted, without waiting for the group to run");
+    return cmd.action(async (o: { config: string; node?: string; json?: boolean; force?: boolean; wait?: boolean }) => {
       const c = loadConfig(o.config);
+      const out = createOutput(!!o.json);
       let id: string;
       if (where === "active" && !o.node) {
         const st = await gather(c);
@@ -169,7 +209,11 @@ export function moveCommands(defaultConfig: string): Command[] {
         id = active.node;
       } else id = resolveNode(c, o.node);
       const r = await nodeCommand(c, id, name, !!o.force);
-      createOutput(!!o.json).result({ node: id, ...(r as object) }, () => `${name} on ${id}: done (${JSON.stringify(r)})`);
+      if (!moves || o.wait === false) return out.result({ node: id, ...(r as object) }, () => `${name} on ${id}: done (${JSON.stringify(r)})`);
+      // takeover: this node takes the group; switchover, failback: the active node hands it over.
+      const target = name === "takeover" ? id : c.nodes.find((n) => n.id !== id)!.id;
+      const seconds = await waitActive(c, target, out);
+      out.result({ node: id, ...(r as object), active: target, seconds }, () => `${name} on ${id}: done; ${target} is active after ${seconds.toFixed(1)} s`);
     });
   };
   return [

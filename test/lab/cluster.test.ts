@@ -142,11 +142,14 @@ describe("cluster: a pulled replication link, forged heartbeats, switchover and 
     await sleep(1000);
     const sw = await mailha(["switchover", "--config", lab.configFile, "--json"]);
     assert.equal(sw.code, 0, `switchover failed: ${sw.stderr}`);
-    await waitNode(lab, "b", "becoming active after the switchover", (s) => s.state === "active");
+    const swr = JSON.parse(sw.stdout) as { active: string; seconds: number };
+    assert.equal(swr.active, "b", "switchover returns once b is active");
+    assert.equal((await status(lab, "b"))?.state, "active", "b is active when switchover returns");
     await sleep(1500);
     const fb = await mailha(["failback", "--config", lab.configFile, "--json"]);
     assert.equal(fb.code, 0, `failback failed: ${fb.stderr}`);
-    await waitNode(lab, "a", "becoming active after the failback", (s) => s.state === "active");
+    assert.equal((JSON.parse(fb.stdout) as { active: string }).active, "a");
+    assert.equal((await status(lab, "a"))?.state, "active", "a is active when failback returns");
     await sleep(1000);
     stop = true;
     await writer;
