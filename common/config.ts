@@ -38,6 +38,9 @@ const size = () =>
 
 export const SPLIT_BRAIN_POLICIES = ["disconnect", "discard-zero-changes", "discard-least-changes", "discard-younger-primary", "preserve"] as const;
 export const FENCING_AGENTS = ["command", "lab", "none"] as const;
+/** How a volume's backing image gets its blocks (replication/store.ts explains). */
+export const VOLUME_ALLOCATIONS = ["full", "sparse"] as const;
+export type VolumeAllocation = (typeof VOLUME_ALLOCATIONS)[number];
 
 const heartbeatLink = z.strictObject({
   name: z.string({ error: "a link name such as service or replication" }).regex(NAME_RE, { error: "a link name such as service or replication" }),
@@ -117,6 +120,7 @@ const schema = z
       size: size(),
       block_size_bytes: z.literal([4096], { error: "4096" }).default(4096),
       protocol: oneOf(["C", "A"] as const).default("C"),
+      allocation: oneOf(VOLUME_ALLOCATIONS).default("full"),
       split_brain_policy: oneOf(SPLIT_BRAIN_POLICIES).default("preserve"),
       port: port().default(7789),
       secret_file: filePath("the replication secret file (mode 0600)"),

@@ -1,13 +1,15 @@
-// A node's volume on its local disk: the sparse backing image, the metadata (JSON,
+// A node's volume on its local disk: the backing image (fully allocated or sparse),
+// the metadata (JSON,
 // replaced atomically), the out-of-sync bitmap (only changed 4 KiB pages are
 // rewritten) and the activity log (one 4 KiB record). Every save is durable
 // (fdatasync) before it returns. Calls are synchronous: the engine is single-threaded
 // and the protocol core relies on their order.
 import { execFileSync } from "node:child_process";
 import {
-  closeSync, existsSync, fdatasyncSync, fsyncSync, ftruncateSync, mkdirSync, openSync, readFileSync, readSync, statSync, writeFileSync, writeSync,
+  closeSync, existsSync, fdatasyncSync, fsyncSync, ftruncateSync, mkdirSync, openSync, readFileSync, readSync, statSync, unlinkSync, writeFileSync, writeSync,
 } from "node:fs";
 import { join } from "node:path";
+import type { VolumeAllocation } from "../common/config.ts";
 import { writeFileDurable } from "../common/fsutil.ts";
 import { Bitmap } from "./bitmap.ts";
 import { Latency } from "./latency.ts";
@@ -31,12 +33,46 @@ const PAGE = 4096;
 const AL_RECORD_BYTES = 4096;
 const AL_MAGIC = 0x6d68616c; // "mhal"
 
+/**
+ * How the image's blocks are obtained. "full": zeros are written over the whole image
+ * when the volume is created, as a disk partition is all there from the start: the
+ * host cannot run out of space under the volume later, and a flush never waits for
+ * the host file system to record a block's allocation. "sparse": blocks are allocated
+ * on first write (quick to create, uses only what was written).
+ */
 export interface CreateOptions {
   readonly nodeId: string;
   readonly sizeBytes: number;
   /** This side holds the data from the start (`volume create --primary`). */
   readonly primary: boolean;
   readonly newId: () => string;
+  readonly allocation: VolumeAllocation;
+  /** Called while a "full" image is written (about once per 256 MiB, and at the end). */
+  readonly onProgress?: (writtenBytes: number, totalBytes: number) => void;
+}
+
+const ZERO_CHUNK = 4 * 1024 * 1024;
+const PROGRESS_EVERY = 256 * 1024 * 1024;
+
+/** Writes zeros over the whole image (a bounded loop: size / 4 MiB chunks); the caller fsyncs. */
+export function allocateFully(fd: number, size: number, image: string, onProgress?: CreateOptions["onProgress"]): void {
+  const zeros = Buffer.alloc(ZERO_CHUNK);
+  let lastReport = 0;
+  for (let off = 0; off < size; ) {
+    const n = Math.min(ZERO_CHUNK, size - off);
+    try {
+      off += writeSync(fd, zeros, 0, n, off);
+    } catch (err) {
+      const e = err as NodeJS.ErrnoException;
+      if (e.code === "ENOSPC")
+        throw new Error(`not enough space for a fully allocated volume of ${size} bytes at ${image} (wrote ${off}); free space there, or set volume.allocation: sparse`);
+      throw err;
+    }
+    if (onProgress && (off - lastReport >= PROGRESS_EVERY || off === size)) {
+      lastReport = off;
+      onProgress(off, size);
+    }
+  }
 }
 
 /** Makes a new volume in DIR; refuses to overwrite one. */
@@ -46,11 +82,15 @@ export function createVolume(dir: string, o: CreateOptions): Meta {
   if (o.sizeBytes % BLOCK_SIZE !== 0) throw new Error(`volume size must be a multiple of ${BLOCK_SIZE}`);
   mkdirSync(dir, { recursive: true, mode: 0o700 });
   const img = openSync(f.image, "w", 0o600);
+  let made = false;
   try {
-    ftruncateSync(img, o.sizeBytes); // sparse: no blocks allocated
+    ftruncateSync(img, o.sizeBytes); // sparse so far: no blocks allocated
+    if (o.allocation === "full") allocateFully(img, o.sizeBytes, f.image, o.onProgress);
     fsyncSync(img);
+    made = true;
   } finally {
     closeSync(img);
+    if (!made) unlinkSync(f.image); // no half-made image left behind
   }
   writeFileDurable(f.bitmap, Buffer.alloc(Math.ceil(o.sizeBytes / BLOCK_SIZE / 8)));
   writeFileDurable(f.al, encodeAL([]));

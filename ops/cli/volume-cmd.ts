@@ -70,8 +70,17 @@ export function volumeCommand(defaultConfig: string): Command {
     .option("--primary", "this side holds the data from the start (the other side will be fully synced from it)")
     .action((o: Common & { primary?: boolean }) => {
       const v = ctx(o);
-      const meta = createVolume(v.paths.volumeDir, { nodeId: v.nodeId, sizeBytes: v.config.volume.size, primary: !!o.primary, newId: () => newGenId() });
-      createOutput(!!o.json).result(meta, () => `volume created in ${v.paths.volumeDir}: ${formatBytes(meta.sizeBytes)}, disk ${meta.disk}${o.primary ? ", holds the data" : ""}`);
+      const out = createOutput(!!o.json);
+      const allocation = v.config.volume.allocation;
+      const meta = createVolume(v.paths.volumeDir, {
+        nodeId: v.nodeId,
+        sizeBytes: v.config.volume.size,
+        primary: !!o.primary,
+        newId: () => newGenId(),
+        allocation,
+        onProgress: (done, total) => out.progress("allocating", { written: formatBytes(done), of: formatBytes(total), percent: Math.floor((done / total) * 100) }),
+      });
+      out.result({ ...meta, allocation }, () => `volume created in ${v.paths.volumeDir}: ${formatBytes(meta.sizeBytes)} (${allocation === "full" ? "fully allocated" : "sparse"}), disk ${meta.disk}${o.primary ? ", holds the data" : ""}`);
     });
 
   common(vol.command("run").description("run the volume engine in the foreground (what `volume start` starts)")).action(async (o: Common) => {

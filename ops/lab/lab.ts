@@ -168,7 +168,7 @@ export async function labUp(configFile: string, progress: Progress, opts: UpOpti
     // both engines started, the preferred node promoted, ext4 mounted on its data dir.
     const vols = c.nodes.map((n) => volumeContext(c, n.id));
     for (const v of vols) {
-      if (!existsSync(v.paths.volumeDir)) createVolume(v.paths.volumeDir, { nodeId: v.nodeId, sizeBytes: c.volume.size, primary: v.nodeId === active.id, newId: () => newGenId() });
+      if (!existsSync(v.paths.volumeDir)) createVolume(v.paths.volumeDir, { nodeId: v.nodeId, sizeBytes: c.volume.size, primary: v.nodeId === active.id, newId: () => newGenId(), allocation: c.volume.allocation });
     }
 
     if (opts.noServices) {

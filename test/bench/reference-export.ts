@@ -13,6 +13,7 @@
 import { fdatasyncSync, ftruncateSync, openSync, readSync, writeSync } from "node:fs";
 import { createConnection, createServer, type Socket } from "node:net";
 import { FuseExport } from "../../replication/fuse-export.ts";
+import { allocateFully } from "../../replication/store.ts";
 
 const HEADER = 13;
 const DATA = 1;
@@ -29,7 +30,9 @@ function frame(type: number, offset: number, data?: Buffer): Buffer[] {
 
 function openImage(path: string, size: number): number {
   const fd = openSync(path, "w+", 0o600);
-  ftruncateSync(fd, size); // sparse, as the engine's image
+  ftruncateSync(fd, size);
+  allocateFully(fd, size, path); // as the engine's image (volume.allocation: full)
+  fdatasyncSync(fd);
   return fd;
 }
 

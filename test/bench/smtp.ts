@@ -3,7 +3,9 @@
 // disk and (b) mailha's SMTP on the active node, writing to the replicated volume
 // (protocol C). The rate is messages per second until every message is in the
 // Maildir (Postfix's 250 means queued; mailha's means delivered, so both are timed to
-// the Maildir). Printed as a ratio mailha / Postfix from the same run.
+// the Maildir). Printed as a ratio mailha / Postfix from the same run. For reference,
+// (c) the same Postfix with its Maildir on the replicated volume: the same storage as
+// mailha, which shows what the volume costs apart from the SMTP server.
 import { chmodSync, chownSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync, copyFileSync, cpSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { spawn } from "node:child_process";
@@ -35,20 +37,23 @@ async function timedSend(target: string, rcpt: string, countNow: () => number): 
   return MESSAGES / seconds;
 }
 
-async function postfix(): Promise<number> {
+/** Postfix's rate; its Maildir goes to MAILBASE when given (its queue stays on the local disk). */
+async function postfix(mailBase?: string): Promise<number> {
   const d = mkdtempSync(join("/var/tmp", "mailha-bench-postfix-"));
   chmodSync(d, 0o755); // postfix's own processes must enter it
   for (const x of ["etc", "spool", "data", "mail"]) mkdirSync(join(d, x));
+  const mail = mailBase ?? join(d, "mail");
+  mkdirSync(mail, { recursive: true });
   for (const f of ["master.cf", "dynamicmaps.cf", "postfix-files"]) copyFileSync(join("/etc/postfix", f), join(d, "etc", f));
   for (const f of ["dynamicmaps.cf.d", "postfix-files.d"]) if (existsSync(join("/etc/postfix", f))) cpSync(join("/etc/postfix", f), join(d, "etc", f), { recursive: true });
-  chownSync(join(d, "mail"), 5000, 5000);
+  chownSync(mail, 5000, 5000);
   await run("chown", ["postfix", join(d, "data")]);
   writeFileSync(
     join(d, "etc", "main.cf"),
     [
       "compatibility_level = 3.6", `queue_directory = ${d}/spool`, `data_directory = ${d}/data`, "mail_owner = postfix", "setgid_group = postdrop",
       "myhostname = bench.local", "inet_interfaces = 127.0.0.1", "inet_protocols = ipv4", "mydestination =", "local_recipient_maps =",
-      "virtual_mailbox_domains = bench.test", `virtual_mailbox_base = ${d}/mail`, "virtual_mailbox_maps = static:bench/Maildir/",
+      "virtual_mailbox_domains = bench.test", `virtual_mailbox_base = ${mail}`, "virtual_mailbox_maps = static:bench/Maildir/",
       "virtual_uid_maps = static:5000", "virtual_gid_maps = static:5000", "virtual_minimum_uid = 100", "mynetworks = 127.0.0.0/8",
       "smtpd_recipient_restrictions = permit_mynetworks, reject_unauth_destination", "maillog_file = /dev/stdout", "smtputf8_enable = no", "",
     ].join("\n"),
@@ -65,7 +70,7 @@ async function postfix(): Promise<number> {
       if (!up) await sleep(100);
     }
     if (!up) throw new Error(`Postfix did not start:\n${readFileSync(join(d, "postfix.log"), "utf8").slice(-1500)}`);
-    const md = join(d, "mail", "bench", "Maildir", "new");
+    const md = join(mail, "bench", "Maildir", "new");
     return await bestOf(() => timedSend("127.0.0.1:2525", "x@bench.test", () => (existsSync(md) ? readdirSync(md).length : 0)));
   } finally {
     await tryRun("postfix", ["-c", join(d, "etc"), "stop"]);
@@ -76,10 +81,12 @@ async function postfix(): Promise<number> {
     }
     await sleep(500);
     rmSync(d, { recursive: true, force: true });
+    if (mailBase) rmSync(mailBase, { recursive: true, force: true });
   }
 }
 
-async function mailhaRate(): Promise<number> {
+/** mailha's rate, and Postfix's with its Maildir on the same replicated volume (same lab). */
+async function mailhaRates(): Promise<{ mailha: number; postfixOnVolume: number }> {
   const lab = writeTestLabConfig("bs", 97);
   try {
     const up = await mailha(["lab", "up", "--config", lab.configFile]);
@@ -94,7 +101,11 @@ async function mailhaRate(): Promise<number> {
       if (i >= 600) throw new Error("the volume did not get in sync within 2 minutes");
       await sleep(200);
     }
-    return await bestOf(() => timedSend(`${lab.a}:25`, "alice@mailha.test", () => (existsSync(md) ? readdirSync(md).length : 0)));
+    // The same storage for Postfix first: its Maildir on the volume (node a's data
+    // directory), removed afterwards (the lab's volume is small).
+    const onVolume = await postfix(join(lab.dir, "a", "data", "bench-postfix"));
+    const rate = await bestOf(() => timedSend(`${lab.a}:25`, "alice@mailha.test", () => (existsSync(md) ? readdirSync(md).length : 0)));
+    return { mailha: rate, postfixOnVolume: onVolume };
   } finally {
     await mailha(["lab", "down", "--config", lab.configFile]);
     rmSync(dirname(lab.configFile), { recursive: true, force: true });
@@ -104,18 +115,25 @@ async function mailhaRate(): Promise<number> {
 export async function runSmtpBench(): Promise<void> {
   process.stderr.write(`smtp benchmark: smtp-source, ${MESSAGES} messages of ${SIZE} bytes over ${SESSIONS} sessions\n- Postfix to Maildir on the local disk\n`);
   const pf = await postfix();
-  process.stderr.write("- mailha on the replicated volume (protocol C)\n");
-  const mh = await mailhaRate();
-  const lines = [`smtp.deliveries.postfix ${pf.toFixed(0)} per_s`, `smtp.deliveries.mailha ${mh.toFixed(0)} per_s`, `smtp.deliveries.mailha_vs_postfix ${(mh / pf).toFixed(2)} ratio`];
+  process.stderr.write("- Postfix with its Maildir on the replicated volume, then mailha on it (protocol C)\n");
+  const { mailha: mh, postfixOnVolume: pv } = await mailhaRates();
+  const lines = [
+    `smtp.deliveries.postfix ${pf.toFixed(0)} per_s`,
+    `smtp.deliveries.mailha ${mh.toFixed(0)} per_s`,
+    `smtp.deliveries.mailha_vs_postfix ${(mh / pf).toFixed(2)} ratio`,
+    `smtp.deliveries.postfix_on_volume ${pv.toFixed(0)} per_s`,
+    `smtp.deliveries.mailha_vs_postfix_on_volume ${(mh / pv).toFixed(2)} ratio`,
+  ];
   for (const l of lines) console.log(l);
   writeSection("smtp", [
     `Command: \`npm run bench -- smtp\` (run ${new Date().toISOString().slice(0, 10)}; smtp-source -s ${SESSIONS} -m ${MESSAGES} -l ${SIZE}; best of ${ROUNDS} rounds per setup).`,
-    "Timed until every message is in the Maildir. Postfix: a private instance (its own config and queue) on 127.0.0.1:2525, virtual(8) delivery to Maildir on the local disk. mailha: the lab's active node, SMTP on 25, Maildir on the replicated volume with protocol C (a 250 means on both disks), measured once the volume is in sync. Target: ratio at least 1.0.",
+    "Timed until every message is in the Maildir. Postfix: a private instance (its own config and queue) on 127.0.0.1:2525, virtual(8) delivery to Maildir on the local disk. mailha: the lab's active node, SMTP on 25, Maildir on the replicated volume with protocol C (a 250 means on both disks), measured once the volume is in sync. Target: ratio at least 1.0. For reference, the same Postfix with only its Maildir moved onto the replicated volume (its queue stays on the local disk), measured on the same lab just before mailha.",
     "",
     "| setup | messages/s |",
     "|---|---|",
     `| Postfix, local disk | ${pf.toFixed(0)} |`,
     `| mailha, replicated volume | ${mh.toFixed(0)} (${(mh / pf).toFixed(2)} x Postfix) |`,
+    `| reference: Postfix, Maildir on the replicated volume | ${pv.toFixed(0)} (mailha ${(mh / pv).toFixed(2)} x this) |`,
     "",
     "```",
     ...lines,

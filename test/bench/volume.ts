@@ -6,7 +6,7 @@
 // (the passthrough plus a peer process that fdatasyncs on every flush); see
 // reference-export.ts.
 import { spawn, type ChildProcess } from "node:child_process";
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { closeSync, fsyncSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -15,6 +15,7 @@ import { run, sleep, tryRun } from "../../common/exec.ts";
 import { mailha } from "../helpers/cli.ts";
 import { writeSection } from "./report.ts";
 import { writeTestLabConfig } from "../helpers/lab.ts";
+import { allocateFully } from "../../replication/store.ts";
 import { deliveries, sequential } from "./workloads.ts";
 
 const DELIVERIES = Number(process.env.BENCH_DELIVERIES ?? 1000);
@@ -97,7 +98,14 @@ async function plainLoop(): Promise<Figures> {
   const base = mkdtempSync(join(tmpdir(), "mailha-bench-plain-"));
   try {
     const img = join(base, "image");
-    await run("truncate", ["-s", String(IMAGE_BYTES), img]);
+    // Allocated as the engine's image is by default (volume.allocation: full).
+    const fd = openSync(img, "w", 0o600);
+    try {
+      allocateFully(fd, IMAGE_BYTES, img);
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
     return await ext4OnLoop(img, join(base, "mnt"));
   } finally {
     removeQuietly(base);

@@ -55,6 +55,14 @@ describe("cluster config", () => {
     assert.equal(c.timers.deadtime_ms, 2000);
     assert.equal(c.volume.protocol, "C");
     assert.equal(c.volume.split_brain_policy, "preserve");
+    assert.equal(c.volume.allocation, "full");
+  });
+
+  test("volume.allocation: full or sparse, anything else named with the choices", () => {
+    assert.equal(parseConfig(variant((d) => d.setIn(["volume", "allocation"], "sparse")), "t.yaml").volume.allocation, "sparse");
+    const p = problemsOf(variant((d) => d.setIn(["volume", "allocation"], "thin")));
+    assert.equal(p[0]!.path, "volume.allocation");
+    assert.match(p[0]!.expected, /"full", "sparse"/);
   });
 
   test("operator faults for the failover test: names and commands are checked", () => {
