@@ -235,7 +235,7 @@ export async function runVolumeBench(): Promise<void> {
   writeSection("volume", [
     `Command: \`${command}\` (run ${new Date().toISOString().slice(0, 10)}, ${DELIVERIES} deliveries, best of ${ROUNDS} rounds per figure).`,
     "Deliveries: write 4 KiB into tmp/, fsync, rename into new/ (and fsync new/ in the second column). Sequential: 64 MiB written, then fsync. Each cell: the rate, and in brackets its ratio to (a) from the same run.",
-    "(p) and (r) are references, not mailha (test/bench/reference-export.ts): the same ext4 and loop device over a fuse-native file that only does pwrite and fdatasync, and (r) that file plus a peer process that gets every write and fdatasyncs its copy on every flush. (r) is what protocol C costs on this machine before any of the engine's own work.",
+    "(p) and (r) are references, not mailha (test/bench/reference-export.ts): the same ext4 and loop device over a fuse-native file that only does pwrite and fdatasync, and (r) that file plus a peer process that gets every write and fdatasyncs its copy on every flush. (r) is what protocol C costs on this machine before any of the engine's own work. Every image, (a)'s loop file included, is fully allocated (zeros written first), as the engine's are by default (`volume.allocation: full`).",
     "",
     "| setup | deliveries/s | deliveries+dir fsync/s | sequential MiB/s |",
     "|---|---|---|---|",
