@@ -1,7 +1,6 @@
 // A node's volume on its local disk: the backing image (fully allocated or sparse),
-// the metadata (JSON,
-// replaced atomically), the out-of-sync bitmap (only changed 4 KiB pages are
-// rewritten) and the activity log (one 4 KiB record). Every save is durable
+// the metadata (JSON, replaced atomically), the out-of-sync bitmap (only changed 4 KiB
+// pages are rewritten) and the activity log (one 4 KiB record). Every save is durable
 // (fdatasync) before it returns. Calls are synchronous: the engine is single-threaded
 // and the protocol core relies on their order.
 import { execFileSync } from "node:child_process";
@@ -33,19 +32,19 @@ const PAGE = 4096;
 const AL_RECORD_BYTES = 4096;
 const AL_MAGIC = 0x6d68616c; // "mhal"
 
-/**
- * How the image's blocks are obtained. "full": zeros are written over the whole image
- * when the volume is created, as a disk partition is all there from the start: the
- * host cannot run out of space under the volume later, and a flush never waits for
- * the host file system to record a block's allocation. "sparse": blocks are allocated
- * on first write (quick to create, uses only what was written).
- */
 export interface CreateOptions {
   readonly nodeId: string;
   readonly sizeBytes: number;
   /** This side holds the data from the start (`volume create --primary`). */
   readonly primary: boolean;
   readonly newId: () => string;
+  /**
+   * How the image gets its blocks. "full": zeros are written over the whole image now,
+   * as a disk partition is all there from the start: the host cannot run out of space
+   * under the volume later, and a flush never waits for the host file system to
+   * record a block's allocation. "sparse": blocks are allocated on first write (quick
+   * to create, uses only what was written).
+   */
   readonly allocation: VolumeAllocation;
   /** Called while a "full" image is written (about once per 256 MiB, and at the end). */
   readonly onProgress?: (writtenBytes: number, totalBytes: number) => void;
@@ -61,7 +60,9 @@ export function allocateFully(fd: number, size: number, image: string, onProgres
   for (let off = 0; off < size; ) {
     const n = Math.min(ZERO_CHUNK, size - off);
     try {
-      off += writeSync(fd, zeros, 0, n, off);
+      const w = writeSync(fd, zeros, 0, n, off);
+      if (w <= 0) throw new Error(`writing zeros into ${image} made no progress at ${off}`);
+      off += w;
     } catch (err) {
       const e = err as NodeJS.ErrnoException;
       if (e.code === "ENOSPC")
