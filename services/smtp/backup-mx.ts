@@ -14,6 +14,7 @@ import { SMTPServer, type SMTPServerDataStream, type SMTPServerSession } from "s
 import type { MailhaConfig } from "../../common/config.ts";
 import { fsyncPath, writeFileDurable } from "../../common/fsutil.ts";
 import type { NodePaths } from "../../common/paths.ts";
+import { aceAddress } from "./address.ts";
 import { copyChecked, RejectError } from "./maildir.ts";
 
 const REFRESH_MS = 10_000;
@@ -142,7 +143,7 @@ export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; pat
     disableReverseLookup: true,
     logger: false,
     onRcptTo(address, _session, cb) {
-      const addr = address.address.toLowerCase();
+      const addr = aceAddress(address.address).toLowerCase();
       const domain = addr.slice(addr.lastIndexOf("@") + 1);
       if (!c.mail.domains.includes(domain)) return cb(smtpError(554, "5.7.1 Relay access denied"));
       const check = () => {
@@ -159,14 +160,14 @@ export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; pat
     onData(stream: SMTPServerDataStream, session: SMTPServerSession, cb) {
       const id = `${Date.now()}-${randomBytes(6).toString("hex")}`;
       const eml = join(dir, `${id}.eml`);
-      const from = session.envelope.mailFrom ? session.envelope.mailFrom.address : "";
+      const from = session.envelope.mailFrom ? aceAddress(session.envelope.mailFrom.address) : "";
       const headers = `Received: from ${session.hostNameAppearsAs ?? "unknown"} ([${session.remoteAddress}])\r\n\tby ${me.service_address} (mailha backup MX) id ${id}; ${new Date().toUTCString()}\r\n`;
       const fd = openSync(eml, "wx", 0o600);
       copyChecked(stream, fd, headers, c.mail.message_size_max_bytes)
         .then(() => {
           fsyncSync(fd);
           closeSync(fd);
-          const env: Envelope = { id, from, to: session.envelope.rcptTo.map((r) => r.address.toLowerCase()), receivedAt: new Date().toISOString() };
+          const env: Envelope = { id, from, to: session.envelope.rcptTo.map((r) => aceAddress(r.address).toLowerCase()), receivedAt: new Date().toISOString() };
           writeFileDurable(join(dir, `${id}.json`), JSON.stringify(env)); // fsyncs the spool directory too
           o.log.info({ id, from, to: env.to }, "spooled on the backup MX");
           cb(null, `2.0.0 Ok: queued on the backup MX as ${id}`);

@@ -18,6 +18,7 @@ import { mariadbPaths } from "../mariadb.ts";
 import { DirSyncError, Journal } from "./journal.ts";
 import { greetWithoutPause } from "./greeting.ts";
 import { completeHeaders } from "./submission-headers.ts";
+import { aceAddress } from "./address.ts";
 import { deliver, RejectError } from "./maildir.ts";
 import { Directory } from "./recipients.ts";
 
@@ -80,11 +81,11 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
   // Other domains' addresses are the receivers' to judge (SPF, DMARC); the null sender
   // is allowed (clients send delivery reports with it).
   const onMailFrom = (address: { address: string }, session: MailhaSession, cb: (err?: Error | null) => void) => {
-    const from = address.address.toLowerCase();
+    const from = aceAddress(address.address).toLowerCase();
     const user = typeof session.user === "string" ? session.user : "";
     if (!from || from === user || !dir.isLocalDomain(from.slice(from.lastIndexOf("@") + 1))) return cb();
     void dir.resolve(from).then(
-      (r) => (r.kind === "local" && r.mailboxes.includes(user) ? cb() : cb(smtpError(553, `5.7.1 <${address.address}>: Sender address rejected: not owned by ${user}`))),
+      (r) => (r.kind === "local" && r.mailboxes.includes(user) ? cb() : cb(smtpError(553, `5.7.1 <${from}>: Sender address rejected: not owned by ${user}`))),
       (err: Error) => {
         o.log.error({ err }, "sender lookup failed");
         cb(smtpError(451, "4.3.0 Temporary lookup failure, try again later"));
@@ -93,18 +94,19 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
   };
 
   const onRcptTo = (submission: boolean) => (address: { address: string }, session: MailhaSession, cb: (err?: Error | null) => void) => {
-    void dir.resolve(address.address).then(
+    const rcpt = aceAddress(address.address);
+    void dir.resolve(rcpt).then(
       (r) => {
         session.mailha ??= { mailboxes: new Set(), remote: new Set() };
         if (r.kind === "not-local") {
           // Authenticated users may send anywhere: into the outbound queue.
           if (submission && session.user) {
-            session.mailha.remote.add(address.address.toLowerCase());
+            session.mailha.remote.add(rcpt.toLowerCase());
             return cb();
           }
           return cb(smtpError(554, "5.7.1 Relay access denied"));
         }
-        if (r.kind === "unknown") return cb(smtpError(550, `5.1.1 <${address.address}>: Recipient address rejected: User unknown`));
+        if (r.kind === "unknown") return cb(smtpError(550, `5.1.1 <${rcpt}>: Recipient address rejected: User unknown`));
         for (const m of r.mailboxes) session.mailha.mailboxes.add(m);
         for (const x of r.remote) session.mailha.remote.add(x); // aliases that forward elsewhere
         cb();
@@ -124,9 +126,9 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
   };
   const onData = (stream: SMTPServerDataStream, session: MailhaSession, cb: (err?: Error | null, message?: string) => void) => {
     const t0 = Date.now();
-    const from = session.envelope.mailFrom ? session.envelope.mailFrom.address : "";
+    const from = session.envelope.mailFrom ? aceAddress(session.envelope.mailFrom.address) : "";
     const proto = `E${session.transmissionType ?? "SMTP"}`.replace(/^EE/, "E");
-    const headers = `Return-Path: <${from}>\r\nReceived: from ${session.hostNameAppearsAs ?? "unknown"} ([${session.remoteAddress}])\r\n\tby ${myName} (mailha) with ${proto} id ${session.id}\r\n\tfor <${session.envelope.rcptTo.map((r) => r.address).join(">, <")}>; ${rfc2822(new Date())}\r\n`;
+    const headers = `Return-Path: <${from}>\r\nReceived: from ${session.hostNameAppearsAs ?? "unknown"} ([${session.remoteAddress}])\r\n\tby ${myName} (mailha) with ${proto} id ${session.id}\r\n\tfor <${session.envelope.rcptTo.map((r) => aceAddress(r.address)).join(">, <")}>; ${rfc2822(new Date())}\r\n`;
     // Submission: a message without Date: or Message-ID: gets them (as an MSA does).
     const input = session.user ? completeHeaders(stream, { date: () => rfc2822(new Date()), messageId: () => `<${randomUUID()}@${myName}>` }) : stream;
     const mailboxes = [...(session.mailha?.mailboxes ?? [])];

@@ -20,6 +20,7 @@ import { RESOLVED_TTL_MS } from "../../services/smtp/recipients.ts";
 
 const skip = process.getuid?.() !== 0 ? "needs root" : false;
 const PASS = "lab-password-alice";
+const IDN = "xn--bcher-kva.test"; // bücher.test
 
 describe("mail on the active node", { skip }, () => {
   const lab = writeTestLabConfig("m", 95);
@@ -31,6 +32,8 @@ describe("mail on the active node", { skip }, () => {
     const doc = parseDocument(readFileSync(lab.configFile, "utf8"));
     doc.setIn(["mail", "outbound", "lifetime_s"], 6);
     doc.setIn(["mail", "outbound", "retry_initial_s"], 1);
+    // An internationalised domain (bücher.test), configured in its ACE form.
+    doc.setIn(["mail", "domains"], doc.createNode(["mailha.test", IDN]));
     writeFileSync(lab.configFile, doc.toString());
     const r = await mailha(["lab", "up", "--config", lab.configFile]);
     assert.equal(r.code, 0, `lab up failed:\n${r.stderr}`);
@@ -38,6 +41,9 @@ describe("mail on the active node", { skip }, () => {
       const a = await mailha(["user", "add", u!, "--password", p!, "--config", lab.configFile]);
       assert.equal(a.code, 0, `user add ${u}: ${a.stderr}`);
     }
+    assert.equal((await mailha(["domain", "add", IDN, "--config", lab.configFile])).code, 0);
+    const d = await mailha(["user", "add", `dora@${IDN}`, "--password", "dora-password-1", "--config", lab.configFile]);
+    assert.equal(d.code, 0, d.stderr);
     const al = await mailha(["alias", "add", "team@mailha.test", "bob@mailha.test", "--config", lab.configFile]);
     assert.equal(al.code, 0, al.stderr);
     await mailha(["alias", "add", "team@mailha.test", "carol@mailha.test", "--config", lab.configFile]);
@@ -137,6 +143,32 @@ describe("mail on the active node", { skip }, () => {
     assert.match(pop.stdout, /^\d+ \d+/m, "POP3 LIST through the passive node");
     const log = readFileSync(join(lab.dir, "a", "log", "dovecot.log"), "utf8");
     assert.match(log, new RegExp(`rip=${lab.w.replace(/\.\d+$/, "")}\.254, lip=${lab.b.replace(/\./g, "\\.")}`), "Dovecot on the active node saw the client's own address (PROXY header)");
+  });
+
+  test("an internationalised domain: mail to its ACE or its Unicode form is delivered, also through the backup MX, and read over IMAP", async () => {
+    const md = join(lab.dir, "a", "data", "mail", IDN, "dora", "Maildir", "new");
+    const n = () => (existsSync(md) ? readdirSync(md).length : 0);
+    // smtp-server hands the domain over in Unicode whichever form the client used.
+    assert.match((await run("swaks", ["--server", lab.a, "--to", `dora@${IDN}`, "--h-Subject", "to the ACE form"])).stdout, /250 2\.0\.0/);
+    assert.match((await run("swaks", ["--server", lab.a, "--to", "dora@bücher.test", "--h-Subject", "to the Unicode form"])).stdout, /250 2\.0\.0/);
+    assert.equal(n(), 2);
+    assert.match(readFileSync(join(md, readdirSync(md)[0]!), "utf8"), new RegExp(`for <dora@${IDN}>`), "the envelope is kept in ACE form");
+    assert.match((await runAll("swaks", ["--server", lab.a, "--to", "nobody@bücher.test"])).stdout, /550 5\.1\.1 <nobody@xn--bcher-kva\.test>/, "an unknown user of the domain is refused by name");
+    let sw = await runAll("swaks", ["--server", lab.b, "--to", "dora@bücher.test", "--h-Subject", "through the backup MX"]);
+    for (let i = 0; i < 20 && /451 4\.3\.0/.test(sw.stdout); i++) {
+      await sleep(500);
+      sw = await runAll("swaks", ["--server", lab.b, "--to", "dora@bücher.test", "--h-Subject", "through the backup MX"]);
+    }
+    assert.match(sw.stdout, /250 2\.0\.0 Ok: queued on the backup MX/);
+    for (let i = 0; i < 50 && n() < 3; i++) await sleep(200);
+    assert.equal(n(), 3, "the backup MX forwarded it");
+    const im = new ImapFlow({ host: lab.a, port: 143, secure: false, doSTARTTLS: true, tls: { rejectUnauthorized: false }, auth: { user: `dora@${IDN}`, pass: "dora-password-1" }, logger: false });
+    await im.connect();
+    await im.mailboxOpen("INBOX");
+    const subjects: string[] = [];
+    for await (const m of im.fetch("1:*", { envelope: true })) subjects.push(m.envelope?.subject ?? "");
+    await im.logout();
+    assert.deepEqual(subjects.sort(), ["through the backup MX", "to the ACE form", "to the Unicode form"]);
   });
 
   test("an alias delivers one copy to each member", async () => {
