@@ -103,6 +103,8 @@ export type VolumeStatus = {
   lastHandshake: { kind: string; reason: string } | null;
   link: { up: boolean; authFailures: number; connects: number; disconnects: number; bytesSent: number };
   export: { mounted: boolean; file: string | null; inUse: boolean };
+  /** The backing image on this node's disk: a sparse one holds fewer bytes than its size. */
+  image?: { allocatedBytes: number };
   stats: { writes: number; writeBytes: number; resyncedBytes: number; flushes: number };
   /** Recent application writes and flushes as the engine answered them, and its own fdatasyncs. */
   latency?: { write: LatencySummary; flush: LatencySummary; localSync: LatencySummary };

@@ -154,7 +154,7 @@ export async function runEngine(o: EngineOptions): Promise<void> {
   }
 
   function status() {
-    return { ...machine.status(), link: { up: link.up, ...link.stats }, export: { mounted: fuse.mounted, file: fuse.mounted ? fuse.file : null, inUse: fuse.busy }, latency: { write: latency.write.summary(), flush: latency.flush.summary(), localSync: store.syncLatency.summary() }, pid: process.pid };
+    return { ...machine.status(), link: { up: link.up, ...link.stats }, export: { mounted: fuse.mounted, file: fuse.mounted ? fuse.file : null, inUse: fuse.busy }, image: { allocatedBytes: store.allocatedBytes() }, latency: { write: latency.write.summary(), flush: latency.flush.summary(), localSync: store.syncLatency.summary() }, pid: process.pid };
   }
 
   async function handle(req: ControlRequest, sock: Socket): Promise<unknown> {

@@ -5,7 +5,7 @@
 // and the protocol core relies on their order.
 import { execFileSync } from "node:child_process";
 import {
-  closeSync, existsSync, fdatasyncSync, fsyncSync, ftruncateSync, mkdirSync, openSync, readFileSync, readSync, statSync, unlinkSync, writeFileSync, writeSync,
+  closeSync, existsSync, fdatasyncSync, fstatSync, fsyncSync, ftruncateSync, mkdirSync, openSync, readFileSync, readSync, statSync, unlinkSync, writeFileSync, writeSync,
 } from "node:fs";
 import { join } from "node:path";
 import type { VolumeAllocation } from "../common/config.ts";
@@ -139,6 +139,11 @@ export class FileStore implements Store {
   private persisted: Uint8Array;
   /** How long the image's fdatasync takes (a flush here, a barrier on the peer). */
   readonly syncLatency = new Latency();
+
+  /** Bytes of the image that hold blocks on this node's disk (a sparse image: fewer than its size). */
+  allocatedBytes(): number {
+    return fstatSync(this.imageFd).blocks * 512;
+  }
 
   constructor(dir: string) {
     this.files = volumeFiles(dir);

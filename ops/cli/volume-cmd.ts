@@ -45,6 +45,13 @@ export function formatVolumeStatus(s: VolumeStatus): string {
   if (s.verify) lines.push(`  verify: ${s.verify.checked}/${s.verify.extents} extents, ${s.verify.mismatched} differ`);
   if (s.lastHandshake) lines.push(`  last handshake: ${s.lastHandshake.kind} (${s.lastHandshake.reason})`);
   if (s.export.mounted) lines.push(`  export: ${s.export.file}${s.export.inUse ? " (in use)" : ""}`);
+  if (s.image) {
+    lines.push(
+      s.image.allocatedBytes >= s.sizeBytes
+        ? "  image: fully allocated on this node's disk"
+        : `  image: sparse, ${formatBytes(s.image.allocatedBytes)} of ${formatBytes(s.sizeBytes)} allocated on this node's disk (keep room for the rest there)`,
+    );
+  }
   const l = s.latency;
   const ms = (us: number) => `${(us / 1000).toFixed(2)} ms`;
   if (l && (l.flush.count > 0 || l.localSync.count > 0)) {

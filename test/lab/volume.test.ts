@@ -29,6 +29,8 @@ interface Status {
   preserved: { path: string }[];
   export: { mounted: boolean };
   stats: { resyncedBytes: number };
+  sizeBytes: number;
+  image: { allocatedBytes: number };
 }
 
 async function vol(node: string, args: string[], config = lab.configFile): Promise<unknown> {
@@ -109,6 +111,15 @@ describe("the replicated volume", { skip: process.getuid?.() !== 0 ? "needs root
   describe("with a fresh lab for each case", () => {
     before(labUp);
     after(labDown);
+
+    test("both images are fully allocated (the default), and status says so", async () => {
+      for (const n of ["a", "b"]) {
+        const st = await status(n);
+        assert.ok(st.image.allocatedBytes >= st.sizeBytes, `node ${n}: ${st.image.allocatedBytes} of ${st.sizeBytes} bytes allocated`);
+      }
+      const human = await mailha(["volume", "status", "--config", lab.configFile, "--node", "b"]);
+      assert.match(human.stdout, /image: fully allocated on this node's disk/);
+    });
 
     test("every fsynced file survives a SIGKILL of the primary's engine and the promotion of the peer", async () => {
       const files = new Map<string, string>();
