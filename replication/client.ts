@@ -13,6 +13,10 @@ import type { LatencySummary } from "./latency.ts";
 import { nodeNetns, nodePaths, nodeStateDir } from "../common/paths.ts";
 import { controlCall } from "./control.ts";
 import { enginePaths, type EnginePaths } from "./engine.ts";
+import { writeFileDurable } from "../common/fsutil.ts";
+import { removeCopy } from "./preserve.ts";
+import { volumeFiles } from "./store.ts";
+import type { Meta, PreservedCopy } from "./types.ts";
 
 const BIN = join(dirname(fileURLToPath(import.meta.url)), "..", "ops", "bin", "mailha.mjs");
 
@@ -99,7 +103,11 @@ export type VolumeStatus = {
   gi: { current: string; bitmap: string; history: string[] };
   resync: { side: string; full: boolean; totalBytes: number; doneBytes: number; bytesPerS: number; etaS: number | null } | null;
   verify: { extents: number; checked: number; mismatched: number } | null;
-  preserved: { path: string; atMs: number; changedBlocks: number; reason: string }[];
+  preserved: PreservedCopy[];
+  /** A copy of this side being made before it is overwritten (progress of the image). */
+  preserving: { reason: string; method: "reflink" | "copy"; doneBytes: number; totalBytes: number; startedMs: number } | null;
+  /** Why the last copy failed; the side stays StandAlone until `volume connect`. */
+  preserveError: string | null;
   lastHandshake: { kind: string; reason: string } | null;
   link: { up: boolean; authFailures: number; connects: number; disconnects: number; bytesSent: number };
   export: { mounted: boolean; file: string | null; inUse: boolean };
@@ -134,4 +142,51 @@ export async function waitForVolume(v: VolumeContext, pred: (s: VolumeStatus) =>
     if (Date.now() > deadline) throw new Error(`node ${v.nodeId}: ${what} did not happen within ${timeoutMs} ms (last status: ${last ? `${last.role}/${last.connection}/${last.disk}` : "no answer"})`);
     await sleep(100);
   }
+}
+
+/** True when the node's engine runs (its record names a live process). */
+function engineRunning(v: VolumeContext): boolean {
+  const rec = readEngineRecord(v);
+  return !!rec && isAlive(rec);
+}
+
+function offlineMeta(v: VolumeContext): { file: string; meta: Meta } {
+  const file = volumeFiles(v.paths.volumeDir).meta;
+  if (!existsSync(file)) throw new UsageError(`node ${v.nodeId} has no volume in ${v.paths.volumeDir}`);
+  return { file, meta: JSON.parse(readFileSync(file, "utf8")) as Meta };
+}
+
+/** The preserved copies of a node: from its engine, or from its metadata when it is stopped. */
+export async function listPreserved(v: VolumeContext): Promise<PreservedCopy[]> {
+  if (engineRunning(v)) return (await volumeStatus(v)).preserved;
+  return offlineMeta(v).meta.preserved;
+}
+
+/**
+ * Forgets a preserved copy and removes its files. Refused while the copy holds
+ * changes the reconciler has not merged, unless FORCE.
+ */
+export async function dropPreserved(v: VolumeContext, path: string, force: boolean): Promise<{ dropped: string; reconciled: boolean }> {
+  if (engineRunning(v)) return (await volumeCall(v, "preserved-drop", { path, force })) as { dropped: string; reconciled: boolean };
+  const { file, meta } = offlineMeta(v);
+  const p = meta.preserved.find((x) => x.path === path || x.path.endsWith(`/${path}`));
+  if (!p) throw new UsageError(`no preserved copy "${path}" on node ${v.nodeId} (\`mailha volume preserved list\` shows them)`);
+  if (!p.reconciledAtMs && !force) throw new Error(`the copy ${p.path} holds changes not yet reconciled (\`mailha reconcile\` merges them into the survivor); --force drops it anyway`);
+  meta.preserved = meta.preserved.filter((x) => x !== p);
+  writeFileDurable(file, JSON.stringify(meta, null, 2));
+  await removeCopy(volumeFiles(v.paths.volumeDir).preserved, p.path);
+  return { dropped: p.path, reconciled: !!p.reconciledAtMs };
+}
+
+/** Records that everything in a preserved copy is merged (the reconciler calls this). */
+export async function markReconciled(v: VolumeContext, path: string): Promise<void> {
+  if (engineRunning(v)) {
+    await volumeCall(v, "preserved-mark", { path });
+    return;
+  }
+  const { file, meta } = offlineMeta(v);
+  const p = meta.preserved.find((x) => x.path === path || x.path.endsWith(`/${path}`));
+  if (!p) throw new UsageError(`no preserved copy "${path}" on node ${v.nodeId}`);
+  p.reconciledAtMs = Date.now();
+  writeFileDurable(file, JSON.stringify(meta, null, 2));
 }

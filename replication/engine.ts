@@ -16,6 +16,7 @@ import { VolumeMachine, type Action, type AdminCmd, type Event } from "./machine
 import { startCpuProfile } from "../common/profile.ts";
 import { Latency } from "./latency.ts";
 import { FileStore } from "./store.ts";
+import { preserveCopy, removeCopy, removePartialCopies, type PreserveProgress } from "./preserve.ts";
 import { PeerLink } from "./transport.ts";
 
 export interface EnginePaths {
@@ -59,6 +60,8 @@ export async function runEngine(o: EngineOptions): Promise<void> {
   const secret = Buffer.from(readFileSync(c.volume.secret_file, "utf8").trim());
 
   const store = new FileStore(p.volumeDir);
+  const removedPartial = removePartialCopies(store.files.preserved);
+  if (removedPartial.length) log.warn({ removed: removedPartial }, "removed preserved copies a crash left half made; the copy is made again before any resync");
   const meta = store.loadMeta();
   if (meta.nodeId !== o.nodeId) throw new Error(`the volume in ${p.volumeDir} belongs to node ${meta.nodeId}, not ${o.nodeId}`);
   if (meta.sizeBytes !== c.volume.size) log.warn({ meta: meta.sizeBytes, config: c.volume.size }, "volume size differs from the config; using the volume's");
@@ -106,6 +109,34 @@ export async function runEngine(o: EngineOptions): Promise<void> {
 
   const emitEvent = (ev: Record<string, unknown>) => events.emit(ev);
 
+  // The copy of this side before it is overwritten (see preserve.ts); one at a time.
+  let copying: (PreserveProgress & { reason: string; startedMs: number }) | null = null;
+  let lastProgressEventMs = 0;
+  function startPreserve(reason: string): void {
+    if (copying) return;
+    const startedMs = Date.now();
+    copying = { reason, startedMs, doneBytes: 0, totalBytes: store.sizeBytes, method: "copy" };
+    store.sync();
+    void preserveCopy(store.files, store.files.preserved, reason, startedMs, (pr) => {
+      copying = { ...pr, reason, startedMs };
+      if (Date.now() - lastProgressEventMs >= 1000) {
+        lastProgressEventMs = Date.now();
+        emitEvent({ type: "preserve-progress", ...pr });
+      }
+    }).then(
+      (r) => {
+        copying = null;
+        log.info({ path: r.path, method: r.method, seconds: (Date.now() - startedMs) / 1000 }, "preserved a copy of this side");
+        dispatch({ t: "preserve-done", path: r.path, method: r.method, diskBytes: r.diskBytes });
+      },
+      (err: Error) => {
+        copying = null;
+        log.error({ err: err.message }, "could not preserve a copy of this side; it stays StandAlone");
+        dispatch({ t: "preserve-failed", error: `${err.message}; this side stays StandAlone and is not overwritten: make room, then \`mailha volume connect\`` });
+      },
+    );
+  }
+
   function act(a: Action): void {
     switch (a.t) {
       case "send":
@@ -126,6 +157,12 @@ export async function runEngine(o: EngineOptions): Promise<void> {
         break;
       case "allow-connect":
         link.setAllowed(a.on);
+        break;
+      case "preserve":
+        startPreserve(a.reason);
+        break;
+      case "remove-preserved":
+        removeCopy(store.files.preserved, a.path).catch((err: Error) => log.error({ err: err.message, path: a.path }, "could not remove a dropped preserved copy"));
         break;
       case "export":
         exportOp = exportOp.then(() => (a.on ? fuse.mount() : fuse.unmount())).then(
@@ -154,7 +191,8 @@ export async function runEngine(o: EngineOptions): Promise<void> {
   }
 
   function status() {
-    return { ...machine.status(), link: { up: link.up, ...link.stats }, export: { mounted: fuse.mounted, file: fuse.mounted ? fuse.file : null, inUse: fuse.busy }, image: { allocatedBytes: store.allocatedBytes() }, latency: { write: latency.write.summary(), flush: latency.flush.summary(), localSync: store.syncLatency.summary() }, pid: process.pid };
+    const preserving = copying ? { reason: copying.reason, method: copying.method, doneBytes: copying.doneBytes, totalBytes: copying.totalBytes, startedMs: copying.startedMs } : null;
+    return { ...machine.status(), preserving, link: { up: link.up, ...link.stats }, export: { mounted: fuse.mounted, file: fuse.mounted ? fuse.file : null, inUse: fuse.busy }, image: { allocatedBytes: store.allocatedBytes() }, latency: { write: latency.write.summary(), flush: latency.flush.summary(), localSync: store.syncLatency.summary() }, pid: process.pid };
   }
 
   async function handle(req: ControlRequest, sock: Socket): Promise<unknown> {
@@ -185,6 +223,12 @@ export async function runEngine(o: EngineOptions): Promise<void> {
         return admin({ op: "connect" });
       case "disconnect":
         return admin({ op: "disconnect" });
+      case "preserved-drop":
+        if (typeof args.path !== "string" || args.path === "") throw new Error("preserved-drop needs path");
+        return admin({ op: "drop-preserved", path: args.path, force: args.force === true });
+      case "preserved-mark":
+        if (typeof args.path !== "string" || args.path === "") throw new Error("preserved-mark needs path");
+        return admin({ op: "mark-reconciled", path: args.path });
       case "resolve":
         if (args.keep !== "local" && args.keep !== "peer") throw new Error('resolve needs keep: "local" or "peer"');
         return admin({ op: "resolve", keep: args.keep });

@@ -103,3 +103,58 @@ export async function unmountVolume(stateDir: string, mountpoint: string, opts: 
   if (existsSync(stateFile(stateDir))) unlinkSync(stateFile(stateDir));
   return { unmounted, detached };
 }
+
+export interface PreservedView {
+  readonly mountpoint: string;
+  readonly loop: string;
+  /** Unmounts, detaches and removes the working image. */
+  close(): Promise<void>;
+}
+
+/**
+ * Mounts a preserved copy read-only for the reconciler or an operator. The copy is the
+ * victim's image as it was, often after a power loss, so its ext4 journal may hold the
+ * last changes; replaying it writes, and the copy itself is never written: the journal
+ * is replayed on a working image beside it (`view/image`, sparse or a reflink, removed
+ * by close()), which is then mounted read-only.
+ */
+export async function mountPreservedCopy(copyDir: string, mountpoint: string): Promise<PreservedView> {
+  const image = join(copyDir, "image");
+  if (!existsSync(image)) throw new Error(`${copyDir} is not a preserved copy (no image in it)`);
+  if (isMounted(mountpoint)) throw new Error(`${mountpoint} is already mounted`);
+  const viewDir = join(copyDir, "view");
+  const work = join(viewDir, "image");
+  mkdirSync(viewDir, { recursive: true, mode: 0o700 });
+  await run("cp", ["--sparse=always", "--reflink=auto", image, work], { timeoutMs: 3_600_000 });
+  const cleanup = async () => {
+    await tryRun("rm", ["-rf", viewDir]);
+  };
+  try {
+    try {
+      await run("fsck.ext4", ["-p", work], { timeoutMs: 600_000 });
+    } catch (err) {
+      const code = (err as { code?: unknown }).code;
+      if (code !== 1 && code !== 2) throw new Error(`the preserved copy in ${copyDir} has a file system fsck -p cannot repair alone: ${(err as Error).message}`);
+    }
+    const loop = (await run("losetup", ["--find", "--show", "--read-only", work])).stdout.trim();
+    try {
+      mkdirSync(mountpoint, { recursive: true });
+      await run("mount", ["-t", "ext4", "-o", "ro,noload", loop, mountpoint]);
+    } catch (err) {
+      await tryRun("losetup", ["-d", loop]);
+      throw err;
+    }
+    return {
+      mountpoint,
+      loop,
+      close: async () => {
+        if (isMounted(mountpoint)) await run("umount", [mountpoint], { timeoutMs: 120_000 });
+        await tryRun("losetup", ["-d", loop]);
+        await cleanup();
+      },
+    };
+  } catch (err) {
+    await cleanup();
+    throw err;
+  }
+}

@@ -63,6 +63,7 @@ export function splitBrainVictim(me: Hello, peer: Hello, policy: SplitBrainPolic
     const y = peer.primarySinceMs ?? 0;
     return x === y ? null : x > y ? "me" : "peer";
   };
+  const least = (): Side => (me.changedBlocks === peer.changedBlocks ? (younger() ?? byId()) : me.changedBlocks < peer.changedBlocks ? "me" : "peer");
   let victim: Side | null;
   switch (policy) {
     case "disconnect":
@@ -73,9 +74,13 @@ export function splitBrainVictim(me: Hello, peer: Hello, policy: SplitBrainPolic
       else if (peer.changedBlocks === 0) victim = "peer";
       else return null;
       break;
-    case "discard-least-changes":
     case "preserve":
-      victim = me.changedBlocks === peer.changedBlocks ? (younger() ?? byId()) : me.changedBlocks < peer.changedBlocks ? "me" : "peer";
+      // The side that is active keeps serving; the other is copied, overwritten and
+      // reconciled into it. With neither active, as discard-least-changes.
+      victim = me.role !== peer.role ? (me.role === "secondary" ? "me" : "peer") : least();
+      break;
+    case "discard-least-changes":
+      victim = least();
       break;
     case "discard-younger-primary":
       victim = younger() ?? byId();

@@ -24,6 +24,7 @@ import {
   type Hello,
   type Meta,
   type Msg,
+  type PreservedCopy,
   type Protocol,
   type Role,
   type SplitBrainPolicy,
@@ -39,8 +40,6 @@ export interface Store {
   saveMeta(meta: Meta): void;
   saveBitmap(bitmap: Bitmap): void;
   saveAL(extents: readonly number[]): void;
-  /** Copies image, metadata and bitmap aside (sparse); returns where. */
-  preserve(reason: string): string;
 }
 
 export interface MachineOptions {
@@ -63,7 +62,11 @@ export type AdminCmd =
   | { readonly op: "freeze" }
   | { readonly op: "resolve"; readonly keep: "local" | "peer" }
   | { readonly op: "connect" }
-  | { readonly op: "disconnect" };
+  | { readonly op: "disconnect" }
+  /** Forget a preserved copy (the engine then removes its files); --force if not reconciled. */
+  | { readonly op: "drop-preserved"; readonly path: string; readonly force?: boolean }
+  /** The reconciler merged everything in this copy. */
+  | { readonly op: "mark-reconciled"; readonly path: string };
 
 export type Event =
   | { readonly t: "write"; readonly req: number; readonly offset: number; readonly data: Buffer }
@@ -72,7 +75,10 @@ export type Event =
   | { readonly t: "disconnected"; readonly reason: string }
   | { readonly t: "msg"; readonly msg: Msg }
   | { readonly t: "tick" }
-  | { readonly t: "admin"; readonly req: number; readonly cmd: AdminCmd };
+  | { readonly t: "admin"; readonly req: number; readonly cmd: AdminCmd }
+  /** The copy asked for by a `preserve` action is complete and durable (fsynced). */
+  | { readonly t: "preserve-done"; readonly path: string; readonly method: "reflink" | "copy"; readonly diskBytes: number }
+  | { readonly t: "preserve-failed"; readonly error: string };
 
 export interface VolumeEvent {
   readonly type: string;
@@ -86,6 +92,14 @@ export type Action =
   | { readonly t: "drop"; readonly reason: string }
   | { readonly t: "export"; readonly on: boolean }
   | { readonly t: "allow-connect"; readonly on: boolean }
+  /**
+   * Copy image, metadata and bitmap aside, durably, and answer with `preserve-done` or
+   * `preserve-failed`. The side is StandAlone and secondary meanwhile: nothing writes
+   * to the image, and no resync starts before the copy is complete.
+   */
+  | { readonly t: "preserve"; readonly reason: string }
+  /** Remove a dropped preserved copy's files. */
+  | { readonly t: "remove-preserved"; readonly path: string }
   /**
    * fdatasync the image now, before any later action. A flush sends its barrier first
    * and syncs after, so the peer's fdatasync runs while this node's does.
@@ -188,6 +202,10 @@ export class VolumeMachine {
    * with the demotion.
    */
   private frozen = false;
+  /** A copy of this side is being made before it becomes a sync target. */
+  private preserving: { reason: string; sinceMs: number; reconnect: boolean } | null = null;
+  /** Why the last copy failed (the side stays StandAlone until `connect`). */
+  private preserveError: string | null = null;
   /** The in-memory bitmap has bits the durable one lacks. */
   private bitmapDirty = false;
   private stats = { writes: 0, writeBytes: 0, resyncedBytes: 0, flushes: 0 };
@@ -250,6 +268,12 @@ export class VolumeMachine {
       case "admin":
         this.onAdmin(ev.req, ev.cmd);
         break;
+      case "preserve-done":
+        this.onPreserved(ev.path, ev.method, ev.diskBytes);
+        break;
+      case "preserve-failed":
+        this.onPreserveFailed(ev.error);
+        break;
     }
     return this.out;
   }
@@ -282,6 +306,8 @@ export class VolumeMachine {
         : null,
       verify: this.verify ? { extents: this.verify.extents, checked: this.verify.next, mismatched: this.verify.mismatched.length } : null,
       preserved: this.meta.preserved,
+      preserving: this.preserving ? { reason: this.preserving.reason, sinceMs: this.preserving.sinceMs } : null,
+      preserveError: this.preserveError,
       activityLog: this.al.length,
       stats: { ...this.stats },
     };
@@ -512,10 +538,15 @@ export class VolumeMachine {
     this.peerRole = peer.role;
     this.setPeerDisk(peer.disk);
     const mine = this.helloSent ?? this.hello();
-    let outcome = decideConnect(mine, peer, this.opt.splitBrainPolicy);
-    const override = this.manualResolution(mine, peer, outcome);
+    const decided = decideConnect(mine, peer, this.opt.splitBrainPolicy);
+    let outcome = decided;
+    const override = this.manualResolution(mine, peer, decided);
     if (override) outcome = override;
     this.lastOutcome = outcome;
+    // This side diverged from the peer and is about to be overwritten: keep a copy.
+    const divergent = (decided.kind === "split-brain" || decided.kind === "unrelated") && ((outcome.kind === "resync" && outcome.source === "peer") || (outcome.kind === "split-brain" && outcome.victim === "me"));
+    const mustCopy = divergent && (decided.kind === "unrelated" || mine.changedBlocks > 0);
+    const copy = mustCopy ? this.copyOfCurrent() : null;
     this.emit({ type: "handshake", peer: peer.nodeId, outcome: outcome.kind, reason: outcome.reason, ...(outcome.kind === "resync" ? { source: outcome.source === "me" ? this.opt.nodeId : peer.nodeId, full: outcome.full } : {}) });
     const peerBitmap = new Bitmap(this.bitmap.blocks, new Uint8Array(Buffer.from(peer.bitmap, "base64")));
     switch (outcome.kind) {
@@ -530,7 +561,8 @@ export class VolumeMachine {
         this.inSync();
         break;
       case "resync":
-        this.startResync(outcome.source, outcome.full, peer, peerBitmap, false);
+        if (mustCopy && copy === null) this.beginPreserve(decided.kind === "unrelated" ? "unrelated data, resolved by the operator" : "split brain, resolved by the operator");
+        else this.startResync(outcome.source, outcome.full, peer, peerBitmap, false, divergent ? { changedBlocks: mine.changedBlocks, copy: copy?.path ?? null } : null);
         break;
       case "split-brain":
         this.emit({
@@ -541,10 +573,8 @@ export class VolumeMachine {
           peer: { node: peer.nodeId, gi: peer.gi, changedBytes: peer.changedBlocks * BLOCK_SIZE },
         });
         if (outcome.victim === null) this.goStandalone("split brain: resolve with `mailha volume resolve --keep-local` on the node whose data wins, `--discard-local` on the other");
-        else {
-          if (outcome.victim === "me" && this.opt.splitBrainPolicy === "preserve") this.preserveCopy("split brain");
-          this.startResync(outcome.victim === "me" ? "peer" : "me", false, peer, peerBitmap, true);
-        }
+        else if (mustCopy && copy === null) this.beginPreserve(`split brain, ${this.opt.splitBrainPolicy} policy`);
+        else this.startResync(outcome.victim === "me" ? "peer" : "me", false, peer, peerBitmap, true, outcome.victim === "me" ? { changedBlocks: mine.changedBlocks, copy: copy?.path ?? null } : null);
         break;
     }
     this.drainHandshakeQueue();
@@ -595,7 +625,11 @@ export class VolumeMachine {
 
   // ---- resync ------------------------------------------------------------------------
 
-  private startResync(source: Side, full: boolean, peer: Hello, peerBitmap: Bitmap, splitBrain: boolean): void {
+  /**
+   * VICTIM: this side is the target and diverged from the source (split brain or
+   * unrelated data): what it had changed, and the durable copy kept of it.
+   */
+  private startResync(source: Side, full: boolean, peer: Hello, peerBitmap: Bitmap, splitBrain: boolean, victim: { changedBlocks: number; copy: string | null } | null = null): void {
     const amSource = source === "me";
     const target = amSource ? peer : this.helloSent!;
     if (target.role === "primary") return this.goStandalone("the sync target is primary: demote it first");
@@ -605,10 +639,10 @@ export class VolumeMachine {
       set.union(this.bitmap);
       set.union(peerBitmap);
     }
-    this.startResyncWith(amSource, full, set, target.fresh && full, splitBrain);
+    this.startResyncWith(amSource, full, set, target.fresh && full, splitBrain, victim);
   }
 
-  private startResyncWith(amSource: boolean, full: boolean, set: Bitmap, targetFresh: boolean, splitBrain: boolean): void {
+  private startResyncWith(amSource: boolean, full: boolean, set: Bitmap, targetFresh: boolean, splitBrain: boolean, victim: { changedBlocks: number; copy: string | null } | null = null): void {
     if (!amSource && this.meta.role === "primary") return this.goStandalone("refusing to become a sync target while primary");
     const now = this.opt.now();
     this.resolveAs = null;
@@ -644,7 +678,7 @@ export class VolumeMachine {
       this.store.saveMeta(this.meta);
       this.setConn("sync-target");
     }
-    this.emit({ type: "resync-started", side: this.resync.side, full, splitBrain, bytes: set.count * BLOCK_SIZE });
+    this.emit({ type: "resync-started", side: this.resync.side, full, splitBrain, bytes: set.count * BLOCK_SIZE, ...(victim ? { diverged: true, changedBytes: victim.changedBlocks * BLOCK_SIZE, preserved: victim.copy } : {}) });
     if (amSource) this.pumpResync();
   }
 
@@ -924,20 +958,29 @@ export class VolumeMachine {
         return this.reply(req, undefined, { disk: this.meta.disk });
       case "resolve":
         this.resolveAs = cmd.keep;
-        if (!this.allowConnect) {
-          this.allowConnect = true;
-          this.out.push({ t: "allow-connect", on: true });
-          this.setConn("connecting");
-        }
-        return this.reply(req, undefined, { resolveAs: cmd.keep === "local" ? "keep-local" : "discard-local" });
+        if (this.preserving) this.preserving.reconnect = true;
+        else this.enableConnect();
+        return this.reply(req, undefined, { resolveAs: cmd.keep === "local" ? "keep-local" : "discard-local", ...(this.preserving ? { preserving: true } : {}) });
       case "connect":
-        if (!this.allowConnect) {
-          this.allowConnect = true;
-          this.out.push({ t: "allow-connect", on: true });
-          this.setConn("connecting");
+        if (this.preserving) {
+          this.preserving.reconnect = true;
+          return this.reply(req, undefined, { connection: this.conn, preserving: true });
         }
+        this.preserveError = null;
+        this.enableConnect();
         return this.reply(req, undefined, { connection: this.conn });
+      case "drop-preserved":
+        return this.dropPreserved(req, cmd.path, !!cmd.force);
+      case "mark-reconciled": {
+        const p = this.findPreserved(cmd.path);
+        if (!p) return this.reply(req, `no preserved copy "${cmd.path}" (\`mailha volume preserved list\` shows them)`);
+        p.reconciledAtMs = this.opt.now();
+        this.store.saveMeta(this.meta);
+        this.emit({ type: "preserved-reconciled", path: p.path });
+        return this.reply(req, undefined, { path: p.path, reconciledAtMs: p.reconciledAtMs });
+      }
       case "disconnect":
+        if (this.preserving) this.preserving.reconnect = false;
         this.allowConnect = false;
         this.out.push({ t: "allow-connect", on: false });
         if (this.peer || this.helloSent) this.drop("disconnected by the operator");
@@ -946,8 +989,24 @@ export class VolumeMachine {
     }
   }
 
+  private findPreserved(path: string): PreservedCopy | undefined {
+    return this.meta.preserved.find((p) => p.path === path || p.path.endsWith(`/${path}`));
+  }
+
+  private dropPreserved(req: number, path: string, force: boolean): void {
+    const p = this.findPreserved(path);
+    if (!p) return this.reply(req, `no preserved copy "${path}" (\`mailha volume preserved list\` shows them)`);
+    if (!p.reconciledAtMs && !force) return this.reply(req, `the copy ${p.path} holds changes not yet reconciled (\`mailha reconcile\` merges them into the survivor); --force drops it anyway`);
+    this.meta.preserved.splice(this.meta.preserved.indexOf(p), 1);
+    this.store.saveMeta(this.meta);
+    this.out.push({ t: "remove-preserved", path: p.path });
+    this.emit({ type: "preserved-dropped", path: p.path, reconciled: !!p.reconciledAtMs });
+    this.reply(req, undefined, { dropped: p.path, reconciled: !!p.reconciledAtMs });
+  }
+
   private promote(req: number, force: boolean): void {
     if (this.meta.role === "primary") return this.reply(req, undefined, { role: "primary" });
+    if (this.preserving) return this.reply(req, "refused: a copy of this side is being made before the peer's data overwrites it; wait for it (`mailha volume status`)");
     if (this.peerRole === "primary" && this.peer) return this.reply(req, "refused: the peer is primary and connected");
     const d = this.meta.disk;
     if (this.conn === "sync-target") return this.reply(req, "refused: this side is the target of a resync (Inconsistent)");
@@ -1049,11 +1108,50 @@ export class VolumeMachine {
     this.reply(req, undefined, { role: "secondary" });
   }
 
-  private preserveCopy(reason: string): void {
-    const path = this.store.preserve(reason);
-    this.meta.preserved.push({ path, atMs: this.opt.now(), gi: this.meta.gi, changedBlocks: this.bitmap.count, reason });
+  // ---- preserved copies -----------------------------------------------------------
+
+  /** The complete copy of this side's current generation, if one was made. */
+  private copyOfCurrent(): PreservedCopy | null {
+    return this.meta.preserved.find((p) => p.gi.current === this.meta.gi.current && p.gi.bitmap === this.meta.gi.bitmap) ?? null;
+  }
+
+  /**
+   * Before this side is overwritten: StandAlone (nothing reaches the image: it is a
+   * secondary with no export and no link), the engine copies it, and only when the
+   * copy is durable does the link come back; the next handshake then finds the copy
+   * and starts the resync.
+   */
+  private beginPreserve(reason: string): void {
+    this.preserving = { reason, sinceMs: this.opt.now(), reconnect: true };
+    this.preserveError = null;
+    this.emit({ type: "preserving", reason, changedBytes: this.bitmap.count * BLOCK_SIZE });
+    this.goStandalone(`keeping a copy of this side before the peer's data overwrites it (${reason})`);
+    this.out.push({ t: "preserve", reason });
+  }
+
+  private onPreserved(path: string, method: "reflink" | "copy", diskBytes: number): void {
+    const p = this.preserving;
+    if (!p) return;
+    this.preserving = null;
+    this.meta.preserved.push({ path, atMs: this.opt.now(), gi: this.meta.gi, changedBlocks: this.bitmap.count, reason: p.reason, method, diskBytes, reconciledAtMs: null });
     this.store.saveMeta(this.meta);
-    this.emit({ type: "preserved", path, changedBytes: this.bitmap.count * BLOCK_SIZE });
+    this.emit({ type: "preserved", path, reason: p.reason, method, diskBytes, changedBytes: this.bitmap.count * BLOCK_SIZE });
+    if (p.reconnect) this.enableConnect();
+  }
+
+  private onPreserveFailed(error: string): void {
+    if (!this.preserving) return;
+    this.preserving = null;
+    this.preserveError = error;
+    this.emit({ type: "preserve-failed", error });
+    // Stays StandAlone: it is never overwritten uncopied. `volume connect` tries again.
+  }
+
+  private enableConnect(): void {
+    if (this.allowConnect) return;
+    this.allowConnect = true;
+    this.out.push({ t: "allow-connect", on: true });
+    this.setConn("connecting");
   }
 
   // ---- small helpers --------------------------------------------------------------------

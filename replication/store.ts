@@ -3,9 +3,8 @@
 // pages are rewritten) and the activity log (one 4 KiB record). Every save is durable
 // (fdatasync) before it returns. Calls are synchronous: the engine is single-threaded
 // and the protocol core relies on their order.
-import { execFileSync } from "node:child_process";
 import {
-  closeSync, existsSync, fdatasyncSync, fstatSync, fsyncSync, ftruncateSync, mkdirSync, openSync, readFileSync, readSync, statSync, unlinkSync, writeFileSync, writeSync,
+  closeSync, existsSync, fdatasyncSync, fstatSync, fsyncSync, ftruncateSync, mkdirSync, openSync, readFileSync, readSync, statSync, unlinkSync, writeSync,
 } from "node:fs";
 import { join } from "node:path";
 import type { VolumeAllocation } from "../common/config.ts";
@@ -228,18 +227,6 @@ export class FileStore implements Store {
   saveAL(extents: readonly number[]): void {
     writeSync(this.alFd, encodeAL(extents), 0, AL_RECORD_BYTES, 0);
     fdatasyncSync(this.alFd);
-  }
-
-  /** Copies image (sparse, reflink where the file system can), meta and bitmap aside. */
-  preserve(reason: string): string {
-    const stamp = new Date().toISOString().replace(/[:.]/g, "-");
-    const dest = join(this.files.preserved, stamp);
-    mkdirSync(dest, { recursive: true, mode: 0o700 });
-    this.sync();
-    execFileSync("cp", ["--reflink=auto", "--sparse=always", this.files.image, join(dest, "image")]);
-    execFileSync("cp", [this.files.meta, this.files.bitmap, dest]);
-    writeFileSync(join(dest, "REASON"), `${reason}\n`);
-    return dest;
   }
 
   close(): void {

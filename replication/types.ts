@@ -22,12 +22,24 @@ export interface GenIds {
 
 export const EMPTY_GI: GenIds = { current: "", bitmap: "", history: ["", ""] };
 
+/**
+ * A durable copy of this side (image, metadata, bitmap) made before it was overwritten
+ * by a resync, for the reconciler. Removed only by the operator (`volume preserved
+ * drop`), and only with --force while `reconciled` is not set.
+ */
 export interface PreservedCopy {
   readonly path: string;
   readonly atMs: number;
+  /** This side's generations when the copy was made: it holds generation `gi.current`. */
   readonly gi: GenIds;
   readonly changedBlocks: number;
   readonly reason: string;
+  /** How the image was copied: a reflink (instant, shares blocks) or a sparse copy. */
+  readonly method?: "reflink" | "copy";
+  /** Bytes the copy takes on this node's disk. */
+  readonly diskBytes?: number;
+  /** Set by the reconciler once every change in the copy is merged into the survivor. */
+  reconciledAtMs?: number | null;
 }
 
 /** What each node persists about its volume (besides the image and the bitmap). */

@@ -11,7 +11,8 @@ import { controlEvents } from "../../replication/control.ts";
 import { mountVolume, unmountVolume } from "../../replication/filesystem.ts";
 import { FILE_NAME } from "../../replication/fuse-export.ts";
 import { join } from "node:path";
-import { resolveNode, startEngine, stopEngine, volumeCall, volumeContext, volumeStatus, type VolumeStatus } from "../../replication/client.ts";
+import type { PreservedCopy } from "../../replication/types.ts";
+import { dropPreserved, listPreserved, resolveNode, startEngine, stopEngine, volumeCall, volumeContext, volumeStatus, type VolumeStatus } from "../../replication/client.ts";
 import { createOutput } from "./output.ts";
 
 interface Common {
@@ -57,8 +58,19 @@ export function formatVolumeStatus(s: VolumeStatus): string {
   if (l && (l.flush.count > 0 || l.localSync.count > 0)) {
     lines.push(`  latency (recent, p50/p99): write ${ms(l.write.p50Us)}/${ms(l.write.p99Us)}, flush ${ms(l.flush.p50Us)}/${ms(l.flush.p99Us)}, local fdatasync ${ms(l.localSync.p50Us)}/${ms(l.localSync.p99Us)}`);
   }
-  for (const p of s.preserved) lines.push(`  preserved copy: ${p.path} (${p.reason}, ${formatBytes(p.changedBlocks * 4096)} changed)`);
+  if (s.preserving) {
+    const pct = s.preserving.totalBytes ? Math.floor((100 * s.preserving.doneBytes) / s.preserving.totalBytes) : 100;
+    lines.push(`  preserving a copy of this side before it is overwritten (${s.preserving.reason}): ${pct}% of ${formatBytes(s.preserving.totalBytes)} (${s.preserving.method === "reflink" ? "reflink" : "sparse copy"}), ${Math.round((Date.now() - s.preserving.startedMs) / 1000)} s so far`);
+  }
+  if (s.preserveError) lines.push(`  copy failed, StandAlone until \`mailha volume connect\`: ${s.preserveError}`);
+  for (const p of s.preserved) lines.push(`  preserved copy: ${formatPreserved(p)}`);
   return lines.join("\n");
+}
+
+export function formatPreserved(p: PreservedCopy): string {
+  const state = p.reconciledAtMs ? `reconciled ${new Date(p.reconciledAtMs).toISOString()}` : "not reconciled yet";
+  const disk = p.diskBytes !== undefined ? `, ${formatBytes(p.diskBytes)} on disk${p.method === "reflink" ? " (reflink, shared blocks)" : ""}` : "";
+  return `${p.path} (${new Date(p.atMs).toISOString()}, ${p.reason}, ${formatBytes(p.changedBlocks * 4096)} changed${disk}; ${state})`;
 }
 
 export function volumeCommand(defaultConfig: string): Command {
@@ -152,11 +164,23 @@ export function volumeCommand(defaultConfig: string): Command {
 
   common(vol.command("resolve").description("resolve a split brain by hand; then both sides reconnect"))
     .option("--keep-local", "this node's data wins")
-    .option("--discard-local", "this node's changes are overwritten by the peer's (a copy is kept under the preserve policy)")
+    .option("--discard-local", "this node's changes are overwritten by the peer's (a durable copy of this side is kept first, under every policy: `volume preserved list`)")
     .action(async (o: Common & { keepLocal?: boolean; discardLocal?: boolean }) => {
       if (!!o.keepLocal === !!o.discardLocal) throw new (await import("../../common/errors.ts")).UsageError("say exactly one of --keep-local or --discard-local");
       const r = await volumeCall(ctx(o), "resolve", { keep: o.keepLocal ? "local" : "peer" });
       createOutput(!!o.json).result(r, () => `will ${o.keepLocal ? "keep this node's data" : "discard this node's changes"} at the next handshake`);
+    });
+
+  const preserved = vol.command("preserved").description("the copies kept of this node's side before a resync overwrote it after a split brain");
+  common(preserved.command("list").description("each copy: path, time, why, changed bytes, space on disk, whether it is reconciled")).action(async (o: Common) => {
+    const list = await listPreserved(ctx(o));
+    createOutput(!!o.json).result(list, () => (list.length ? list.map(formatPreserved).join("\n") : "no preserved copies"));
+  });
+  common(preserved.command("drop").description("remove a copy (its path or folder name); refused while it holds changes not yet reconciled").argument("<copy>", "the copy's path or folder name, as `preserved list` shows it"))
+    .option("--force", "drop a copy whose changes are not reconciled (they are lost)")
+    .action(async (copy: string, o: Common & { force?: boolean }) => {
+      const r = await dropPreserved(ctx(o), copy, !!o.force);
+      createOutput(!!o.json).result(r, () => `dropped ${r.dropped}${r.reconciled ? "" : " (its changes were never reconciled)"}`);
     });
 
   common(vol.command("events").description("stream the volume's state changes as JSON lines (like drbdsetup events2)"))

@@ -70,8 +70,15 @@ class SimStore implements Store {
   saveAL(e: readonly number[]): void {
     this.al = [...e];
   }
+  /** The preserved copies' contents (what each block held when the copy was made). */
+  readonly copyContents = new Map<string, Float64Array>();
+  readonly copiesUsed = new Set<string>();
   preserve(): string {
-    return `sim-copy-${++this.copies}`;
+    const path = `sim-copy-${this.meta.nodeId}-${++this.copies}`;
+    const snap = new Float64Array(BLOCKS);
+    for (let b = 0; b < BLOCKS; b++) snap[b] = this.view(b);
+    this.copyContents.set(path, snap);
+    return path;
   }
   /** Power loss: the volatile cache is gone. */
   crash(): void {
@@ -116,6 +123,8 @@ export interface SimResult {
   readonly verifies: number;
   /** Fenced primaries that demoted without the peer's acknowledgements. */
   readonly fencedDemotions: number;
+  /** Copies of a diverged side made before it was overwritten. */
+  readonly preserved: number;
 }
 
 export class InvariantError extends Error {}
@@ -129,7 +138,7 @@ export function runSimulation(o: SimOptions): SimResult {
   let version = 0;
   let req = 0;
   const log: string[] = [];
-  const stats = { writes: 0, flushesChecked: 0, resyncs: 0, splitBrains: 0, crashes: 0, verifies: 0, fencedDemotions: 0 };
+  const stats = { writes: 0, flushesChecked: 0, resyncs: 0, splitBrains: 0, crashes: 0, verifies: 0, fencedDemotions: 0, preserved: 0 };
   let splitBrainHappened = false;
   const inSyncAtPeerDeath = new Map<object, boolean>();
   const lastInSync = new Map<object, boolean>();
@@ -147,6 +156,8 @@ export function runSimulation(o: SimOptions): SimResult {
   let silentSince: number | null = null;
   let cablePulled = false;
   const queues = new Map<SimNode, { at: number; msg: Msg }[]>([[nodes[0], []], [nodes[1], []]]);
+  // Copies asked for by `preserve` actions, finished (or failed: no space) a little later.
+  let copiesDue: { n: SimNode; m: VolumeMachine; at: number }[] = [];
 
   const fail = (what: string): never => {
     throw new InvariantError(`seed ${o.seed}: ${what}\n--- last steps ---\n${log.slice(o.trace ? 0 : -40).join("\n")}`);
@@ -188,7 +199,13 @@ export function runSimulation(o: SimOptions): SimResult {
         if (a.ev.type === "resync-started") stats.resyncs++;
         if (a.ev.type === "split-brain") stats.splitBrains++;
         if (a.ev.type === "demoted-without-peer-ack") stats.fencedDemotions++;
+        if (a.ev.type === "preserved") stats.preserved++;
+        if (a.ev.type === "resync-started" && a.ev.side === "target" && a.ev.diverged === true) checkCopied(n, a.ev);
         break;
+      case "preserve":
+        if (n.m) copiesDue.push({ n, m: n.m, at: now + Math.floor(r() * 200) });
+        break;
+      case "remove-preserved":
       case "export":
         break;
       case "sync":
@@ -289,6 +306,37 @@ export function runSimulation(o: SimOptions): SimResult {
     apply(n, { t: "admin", req: id, cmd: { op: "primary", force } });
   };
 
+  // A diverged side that changed anything is overwritten only after a complete copy
+  // of exactly what it holds now (nothing of it is overwritten yet at this point).
+  const checkCopied = (n: SimNode, ev: Record<string, unknown>) => {
+    if (ev.changedBytes === 0) return;
+    const path = ev.preserved;
+    if (typeof path !== "string") fail(`${n.id} becomes the sync target after a divergence with ${String(ev.changedBytes)} bytes changed, and no copy was kept`);
+    const snap = n.store.copyContents.get(path as string);
+    if (!snap) fail(`${n.id}: the preserved copy ${String(path)} named at resync start was never made`);
+    // An interrupted resync resumes on the same copy: only its first use is compared.
+    if (n.store.copiesUsed.has(path as string)) return;
+    n.store.copiesUsed.add(path as string);
+    for (let b = 0; b < BLOCKS; b++) if (snap![b] !== n.store.view(b)) fail(`${n.id}: block ${b} changed between its copy ${String(path)} (version ${snap![b]}) and the resync (version ${n.store.view(b)})`);
+  };
+
+  const finishCopies = () => {
+    const due = copiesDue.filter((c) => c.at <= now);
+    copiesDue = copiesDue.filter((c) => c.at > now);
+    for (const c of due) {
+      if (c.n.m !== c.m) continue; // crashed meanwhile: the copy was lost with it
+      if (r() < 0.1) {
+        log.push(`${c.n.id}: the copy fails (no space)`);
+        apply(c.n, { t: "preserve-failed", error: "no space (simulated)" });
+        continue;
+      }
+      const path = c.n.store.preserve();
+      log.push(`${c.n.id}: copy ${path} made`);
+      apply(c.n, { t: "preserve-done", path, method: "copy", diskBytes: 0 });
+      tryConnect();
+    }
+  };
+
   const checkInvariants = () => {
     for (const n of nodes) {
       if (!n.m) continue;
@@ -319,6 +367,7 @@ export function runSimulation(o: SimOptions): SimResult {
 
   for (let step = 0; step < o.steps; step++) {
     now += 1 + Math.floor(r() * 20);
+    finishCopies();
     const x = r();
     const prim = primaries();
     if (x < 0.35 && prim.length) {
@@ -395,8 +444,15 @@ export function runSimulation(o: SimOptions): SimResult {
     } else if (x < 0.97) {
       // Resolve a split brain by hand when the policy left both standalone.
       const sa = nodes.filter((k) => k.m && k.m.connection === "standalone");
-      if (sa.length === 2) {
-        const loser = pick(sa);
+      const failedCopy = nodes.find((k) => k.m && k.m.connection === "standalone" && k.m.status().preserveError !== null);
+      if (failedCopy) {
+        // The operator made room after a copy failed: connect again, the copy is retried.
+        log.push(`${failedCopy.id}: operator connects again after the failed copy`);
+        apply(failedCopy, { t: "admin", req: ++req, cmd: { op: "connect" } });
+        tryConnect();
+      } else if (sa.length >= 1 && nodes.every((k) => k.m)) {
+        // Usually only one side is StandAlone: the other saw the link drop first.
+        const loser = pick(nodes);
         if (loser.m!.role === "primary") apply(loser, { t: "admin", req: ++req, cmd: { op: "secondary" } });
         apply(loser, { t: "admin", req: ++req, cmd: { op: "resolve", keep: "peer" } });
         apply(other(loser), { t: "admin", req: ++req, cmd: { op: "connect" } });

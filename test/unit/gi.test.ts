@@ -90,7 +90,16 @@ test("discard-younger-primary: the side that became primary last loses", () => {
 });
 
 test("a side that is still primary is never chosen to be overwritten", () => {
-  const r = decide(sbA({ changedBlocks: 1, role: "primary" }), sbB({ changedBlocks: 500 }), "preserve");
-  assert.equal(r.kind === "split-brain" && r.victim, null);
+  for (const p of ["discard-least-changes", "discard-younger-primary"] as const) {
+    const r = decide(sbA({ changedBlocks: 1, role: "primary", primarySinceMs: 2000 }), sbB({ changedBlocks: 500, primarySinceMs: 1000 }), p);
+    assert.equal(r.kind === "split-brain" && r.victim, null, p);
+  }
   assert.equal(splitBrainVictim(sbA({ changedBlocks: 1 }), sbB({ changedBlocks: 5 }), "preserve"), "me");
+});
+
+test("preserve: the active (primary) side keeps serving, the secondary is copied and overwritten, whatever each changed", () => {
+  const r = decide(sbA({ changedBlocks: 1, role: "primary" }), sbB({ changedBlocks: 500 }), "preserve");
+  assert.equal(r.kind === "split-brain" && r.victim, "peer");
+  const s = decide(sbA({ changedBlocks: 900 }), sbB({ changedBlocks: 5, role: "primary" }), "preserve");
+  assert.equal(s.kind === "split-brain" && s.victim, "me");
 });
