@@ -152,6 +152,8 @@ const RESYNC_SCAN_BYTES_MAX = 32 * 1024 * 1024;
 const VERIFY_OUTSTANDING_MAX = 4;
 const BARRIER_EVERY_BYTES = 4 * 1024 * 1024;
 const HANDSHAKE_QUEUE_MAX = 4096;
+/** Both sides primary after a split brain: how long to stay StandAlone before trying again. */
+const BOTH_PRIMARY_RETRY_MS = 1000;
 const PROGRESS_EVERY_MS = 1000;
 /**
  * A fenced (frozen) primary waits at most this long for the peer's acknowledgements
@@ -204,6 +206,10 @@ export class VolumeMachine {
   private frozen = false;
   /** A copy of this side is being made before it becomes a sync target. */
   private preserving: { reason: string; sinceMs: number; reconnect: boolean } | null = null;
+  /** When a StandAlone side that waits for the peer's demotion connects again. */
+  private reconnectAtMs: number | null = null;
+  /** The generations of the last split brain logged (a retry while both are primary logs it once). */
+  private lastSplitBrain: string | null = null;
   /** Why the last copy failed (the side stays StandAlone until `connect`). */
   private preserveError: string | null = null;
   /** The in-memory bitmap has bits the durable one lacks. */
@@ -564,7 +570,17 @@ export class VolumeMachine {
         if (mustCopy && copy === null) this.beginPreserve(decided.kind === "unrelated" ? "unrelated data, resolved by the operator" : "split brain, resolved by the operator");
         else this.startResync(outcome.source, outcome.full, peer, peerBitmap, false, divergent ? { changedBlocks: mine.changedBlocks, copy: copy?.path ?? null } : null);
         break;
-      case "split-brain":
+      case "split-brain": {
+        // Both primary under the preserve policy: the cluster manager is about to stop
+        // one of them (the one that became active last). Keep trying to connect, and
+        // the handshake after that demotion preserves and resyncs it.
+        const waitForDemotion = outcome.victim === null && mine.role === "primary" && peer.role === "primary" && this.opt.splitBrainPolicy === "preserve";
+        const key = `${mine.gi.current}/${peer.gi.current}`;
+        if (waitForDemotion && this.lastSplitBrain === key) {
+          this.waitForDemotion();
+          break;
+        }
+        this.lastSplitBrain = key;
         this.emit({
           type: "split-brain",
           policy: this.opt.splitBrainPolicy,
@@ -572,10 +588,12 @@ export class VolumeMachine {
           local: { node: this.opt.nodeId, gi: mine.gi, changedBytes: mine.changedBlocks * BLOCK_SIZE },
           peer: { node: peer.nodeId, gi: peer.gi, changedBytes: peer.changedBlocks * BLOCK_SIZE },
         });
-        if (outcome.victim === null) this.goStandalone("split brain: resolve with `mailha volume resolve --keep-local` on the node whose data wins, `--discard-local` on the other");
+        if (waitForDemotion) this.waitForDemotion();
+        else if (outcome.victim === null) this.goStandalone("split brain: resolve with `mailha volume resolve --keep-local` on the node whose data wins, `--discard-local` on the other");
         else if (mustCopy && copy === null) this.beginPreserve(`split brain, ${this.opt.splitBrainPolicy} policy`);
         else this.startResync(outcome.victim === "me" ? "peer" : "me", false, peer, peerBitmap, true, outcome.victim === "me" ? { changedBlocks: mine.changedBlocks, copy: copy?.path ?? null } : null);
         break;
+      }
     }
     this.drainHandshakeQueue();
   }
@@ -920,6 +938,7 @@ export class VolumeMachine {
   // ---- timers and operator commands ---------------------------------------------------
 
   private onTick(): void {
+    if (this.reconnectAtMs !== null && this.opt.now() >= this.reconnectAtMs) this.enableConnect();
     this.demoteFrozenNow();
     if (this.resync?.side === "source") this.pumpResync();
     this.pumpVerify();
@@ -981,6 +1000,7 @@ export class VolumeMachine {
       }
       case "disconnect":
         if (this.preserving) this.preserving.reconnect = false;
+        this.reconnectAtMs = null;
         this.allowConnect = false;
         this.out.push({ t: "allow-connect", on: false });
         if (this.peer || this.helloSent) this.drop("disconnected by the operator");
@@ -1147,7 +1167,14 @@ export class VolumeMachine {
     // Stays StandAlone: it is never overwritten uncopied. `volume connect` tries again.
   }
 
+  /** StandAlone for a moment, then connect again (see onTick): one side will step down. */
+  private waitForDemotion(): void {
+    this.goStandalone("split brain with both nodes primary: waiting for one to step down, then it is preserved and resynced");
+    this.reconnectAtMs = this.opt.now() + BOTH_PRIMARY_RETRY_MS;
+  }
+
   private enableConnect(): void {
+    this.reconnectAtMs = null;
     if (this.allowConnect) return;
     this.allowConnect = true;
     this.out.push({ t: "allow-connect", on: true });

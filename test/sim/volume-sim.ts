@@ -125,6 +125,8 @@ export interface SimResult {
   readonly fencedDemotions: number;
   /** Copies of a diverged side made before it was overwritten. */
   readonly preserved: number;
+  /** One of two primaries demoted (preserve policy: the volume then heals without the operator). */
+  readonly stepDowns: number;
 }
 
 export class InvariantError extends Error {}
@@ -138,7 +140,7 @@ export function runSimulation(o: SimOptions): SimResult {
   let version = 0;
   let req = 0;
   const log: string[] = [];
-  const stats = { writes: 0, flushesChecked: 0, resyncs: 0, splitBrains: 0, crashes: 0, verifies: 0, fencedDemotions: 0, preserved: 0 };
+  const stats = { writes: 0, flushesChecked: 0, resyncs: 0, splitBrains: 0, crashes: 0, verifies: 0, fencedDemotions: 0, preserved: 0, stepDowns: 0 };
   let splitBrainHappened = false;
   const inSyncAtPeerDeath = new Map<object, boolean>();
   const lastInSync = new Map<object, boolean>();
@@ -445,7 +447,14 @@ export function runSimulation(o: SimOptions): SimResult {
       // Resolve a split brain by hand when the policy left both standalone.
       const sa = nodes.filter((k) => k.m && k.m.connection === "standalone");
       const failedCopy = nodes.find((k) => k.m && k.m.connection === "standalone" && k.m.status().preserveError !== null);
-      if (failedCopy) {
+      const both = nodes.every((k) => k.m && k.m.role === "primary");
+      if (both && o.policy === "preserve") {
+        // The cluster manager stops one of two active nodes; the volume heals itself.
+        const later = pick(nodes);
+        log.push(`${later.id} steps down: the peer is active too`);
+        apply(later, { t: "admin", req: ++req, cmd: { op: "secondary" } });
+        stats.stepDowns++;
+      } else if (failedCopy) {
         // The operator made room after a copy failed: connect again, the copy is retried.
         log.push(`${failedCopy.id}: operator connects again after the failed copy`);
         apply(failedCopy, { t: "admin", req: ++req, cmd: { op: "connect" } });

@@ -24,7 +24,7 @@ const cases: { protocol: Protocol; policy: SplitBrainPolicy; splitBrains: boolea
 for (const c of cases) {
   test(`protocol ${c.protocol}, split-brain policy ${c.policy}${c.splitBrains ? ", with split brains" : ""}`, () => {
     const seeds = ONE !== null ? [ONE] : Array.from({ length: SEEDS }, (_, i) => i + 1);
-    const total = { writes: 0, flushesChecked: 0, resyncs: 0, splitBrains: 0, crashes: 0, verifies: 0, fencedDemotions: 0, preserved: 0 };
+    const total = { writes: 0, flushesChecked: 0, resyncs: 0, splitBrains: 0, crashes: 0, verifies: 0, fencedDemotions: 0, preserved: 0, stepDowns: 0 };
     for (const seed of seeds) {
       let r;
       try {
@@ -43,6 +43,7 @@ for (const c of cases) {
       if (c.splitBrains) assert.ok(total.splitBrains > 5, `too few split brains: ${JSON.stringify(total)}`);
       // Every policy keeps a copy of a diverged side before overwriting it.
       if (c.splitBrains) assert.ok(total.preserved > 3, `too few preserved copies: ${JSON.stringify(total)}`);
+      if (c.splitBrains && c.policy === "preserve") assert.ok(total.stepDowns > 3, `too few healed double primaries: ${JSON.stringify(total)}`);
     }
   });
 }
