@@ -4,10 +4,20 @@
 // and forwards the spool to the active node, deleting a message only after the active
 // node's 250. When this node becomes active, its SMTP service delivers what is left
 // in the spool locally (flushSpool).
+//
+// The drain is exactly-once: each forwarded message opens with a trace field
+// `X-Mailha-Backup-Queue-Id: <spool id>`, which the active node believes only on the
+// first line of a message on port 25 from the peer's service address and removes from
+// every message (here too, on the way into the spool, so no sender can plant one). The
+// active node journals that id with the delivery (delivered-index.ts); a copy forwarded
+// again, because the 250 came but this node died before it removed the spool files, is
+// answered 250 without a second delivery, and a copy this node drains itself after a
+// takeover is dropped when the journals on the volume show it delivered.
 import { createHmac, randomBytes, timingSafeEqual } from "node:crypto";
 import { closeSync, createReadStream, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, unlinkSync } from "node:fs";
 import { get } from "node:http";
 import { join } from "node:path";
+import { pipeline, Readable, Transform, type TransformCallback } from "node:stream";
 import nodemailer from "nodemailer";
 import type { Logger } from "pino";
 import { SMTPServer, type SMTPServerDataStream, type SMTPServerSession } from "smtp-server";
@@ -22,6 +32,107 @@ const RECHECK_MS = 2000;
 const FORWARD_EVERY_MS = 2000;
 const FORWARD_BATCH_MAX = 50;
 const AUTH_SKEW_MS = 60_000;
+
+/** The trace field that carries the backup MX's queue id to the active node. */
+export const PEER_QUEUE_ID_FIELD = "X-Mailha-Backup-Queue-Id";
+const PEER_FIELD_RE = /^x-mailha-backup-queue-id[ \t]*:/i;
+const QUEUE_ID_RE = /^[0-9a-z][0-9a-z-]{0,63}$/;
+/** A header line longer than this is decided by its start and passed on without being held. */
+const LINE_HOLD_MAX = 1024;
+
+/** SOURCE without the trace field; `queueId` is its value on a trusted first line, else null. */
+export type PeerFiltered = Readable & { readonly queueId: Promise<string | null> };
+
+/**
+ * Removes every PEER_QUEUE_ID_FIELD field (and its folded lines) from the header of
+ * SOURCE (up to the first empty line); the body is passed on untouched. With TRUSTED
+ * (a connection from the peer's service address), a field on the first line is the
+ * backup MX's queue id: `queueId` resolves with it once the first line has passed (or
+ * the message ended), with null in every other case. Holds at most LINE_HOLD_MAX bytes.
+ * The result carries the source's `sizeExceeded` flag (smtp-server's) once it ended.
+ */
+export function stripPeerField(source: Readable, trusted: boolean): PeerFiltered {
+  let inHeader = true;
+  let lineNo = 0;
+  let dropping = false; // the field being read is the trace field (folded lines follow it)
+  let midLine: boolean | null = null; // within a long line: whether it is passed on
+  let held: Buffer | null = null;
+  let settle: (id: string | null) => void = () => {};
+  const queueId = new Promise<string | null>((resolve) => (settle = resolve));
+  if (!trusted) settle(null);
+  /** Whether LINE (a whole line, or the first LINE_HOLD_MAX bytes of one) is passed on. */
+  const keep = (line: Buffer, whole: boolean): boolean => {
+    const first = lineNo++ === 0;
+    const text = line.toString("latin1");
+    let pass: boolean;
+    if (text === "\r\n" || text === "\n") {
+      inHeader = false;
+      pass = true;
+    } else if (text[0] === " " || text[0] === "\t") pass = !dropping;
+    else {
+      dropping = PEER_FIELD_RE.test(text);
+      pass = !dropping;
+    }
+    if (first) {
+      const value = text.slice(text.indexOf(":") + 1).trim();
+      settle(trusted && dropping && whole && QUEUE_ID_RE.test(value) ? value : null);
+    }
+    return pass;
+  };
+  const piece = (t: Transform, bytes: Buffer, endsLine: boolean) => {
+    if (midLine !== null) {
+      if (midLine) t.push(bytes);
+      if (endsLine) midLine = null;
+      return;
+    }
+    held = held ? Buffer.concat([held, bytes]) : bytes;
+    if (!endsLine && held.length < LINE_HOLD_MAX) return;
+    const line = held;
+    held = null;
+    const pass = keep(line, endsLine);
+    if (pass) t.push(line);
+    if (!endsLine) midLine = pass;
+  };
+  const out = new Transform({
+    transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback) {
+      let pos = 0;
+      while (inHeader && pos < chunk.length) {
+        const lf = chunk.indexOf(0x0a, pos);
+        const end = lf < 0 ? chunk.length : lf + 1;
+        piece(this, chunk.subarray(pos, end), lf >= 0);
+        pos = end;
+      }
+      if (pos < chunk.length) this.push(pos ? chunk.subarray(pos) : chunk);
+      cb();
+    },
+    flush(cb: TransformCallback) {
+      if (held && keep(held, true)) this.push(held);
+      held = null;
+      settle(null); // no-op once settled
+      cb();
+    },
+  }) as Transform & { queueId: Promise<string | null> };
+  out.queueId = queueId;
+  source.once("end", () => {
+    (out as Readable & { sizeExceeded?: boolean }).sizeExceeded = (source as Readable & { sizeExceeded?: boolean }).sizeExceeded;
+  });
+  pipeline(source, out, () => {
+    settle(null);
+    // pipeline destroys OUT with the source's error; nothing more to do here.
+  });
+  return out;
+}
+
+/** FILE as the backup MX forwards it: the trace field with ID first. */
+function withQueueId(id: string, file: string): Readable {
+  return Readable.from(
+    (async function* () {
+      yield Buffer.from(`${PEER_QUEUE_ID_FIELD}: ${id}\r\n`);
+      for await (const chunk of createReadStream(file)) yield chunk as Buffer;
+    })(),
+    { objectMode: false },
+  );
+}
 
 interface Envelope {
   readonly id: string;
@@ -79,15 +190,22 @@ function removeSpooled(dir: string, id: string): void {
   fsyncPath(dir);
 }
 
-/** Hands every spooled message to DELIVER (local delivery on the active node); removes what it took. */
-export async function flushSpool(paths: NodePaths, deliverOne: (env: Envelope, file: string) => Promise<void>, log: Logger): Promise<number> {
+/**
+ * Hands every spooled message to DELIVERONE (local delivery on the active node, which
+ * says "duplicate" for a message the journals show delivered already); removes what it
+ * took. Bounded by the spool's size: each message is tried once per call.
+ */
+export async function flushSpool(paths: NodePaths, deliverOne: (env: Envelope, file: string) => Promise<"delivered" | "duplicate">, log: Logger): Promise<{ delivered: number; dropped: number }> {
   const dir = spoolDir(paths);
-  let n = 0;
+  const n = { delivered: 0, dropped: 0 };
   for (const env of spooled(dir)) {
     try {
-      await deliverOne(env, join(dir, `${env.id}.eml`));
+      const r = await deliverOne(env, join(dir, `${env.id}.eml`));
       removeSpooled(dir, env.id);
-      n++;
+      if (r === "duplicate") {
+        n.dropped++;
+        log.warn({ id: env.id, from: env.from, to: env.to }, "a spooled message was delivered already (its backup MX queue id is in a delivery journal); dropped from the spool, not delivered again");
+      } else n.delivered++;
     } catch (err) {
       log.error({ err, id: env.id }, "could not deliver a spooled message; it stays in the spool");
     }
@@ -163,7 +281,9 @@ export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; pat
       const from = session.envelope.mailFrom ? aceAddress(session.envelope.mailFrom.address) : "";
       const headers = `Received: from ${session.hostNameAppearsAs ?? "unknown"} ([${session.remoteAddress}])\r\n\tby ${me.service_address} (mailha backup MX) id ${id}; ${new Date().toUTCString()}\r\n`;
       const fd = openSync(eml, "wx", 0o600);
-      copyChecked(stream, fd, headers, c.mail.message_size_max_bytes)
+      // A trace field from the sender is removed: only this node's own, added when it
+      // forwards, may reach the active node.
+      copyChecked(stripPeerField(stream, false), fd, headers, c.mail.message_size_max_bytes)
         .then(() => {
           fsyncSync(fd);
           closeSync(fd);
@@ -201,9 +321,9 @@ export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; pat
       const tx = nodemailer.createTransport({ host: peer.service_address, port: 25, secure: false, name: myName, tls: { rejectUnauthorized: false }, connectionTimeout: 3000, greetingTimeout: 3000, socketTimeout: 30_000 });
       for (const env of spooled(dir).slice(0, FORWARD_BATCH_MAX)) {
         try {
-          await tx.sendMail({ envelope: { from: env.from, to: env.to }, raw: createReadStream(join(dir, `${env.id}.eml`)) });
+          const info = await tx.sendMail({ envelope: { from: env.from, to: env.to }, raw: withQueueId(env.id, join(dir, `${env.id}.eml`)) });
           removeSpooled(dir, env.id);
-          o.log.info({ id: env.id }, "forwarded to the active node");
+          o.log.info({ id: env.id, response: info.response }, "forwarded to the active node");
         } catch (err) {
           const code = (err as { responseCode?: number }).responseCode ?? 0;
           if (code >= 500) {

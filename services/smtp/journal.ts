@@ -1,28 +1,83 @@
 // The change journal of deliveries: one JSON line per delivered message, appended and
 // fsynced on the volume before the SMTP reply, for the reconciliation after a split
-// brain. Ids are node:epoch:seq, the epoch being the SMTP process's start time.
+// brain. Ids are node:epoch:seq, the epoch being the SMTP process's start time. Every
+// entry carries a hybrid logical clock stamp (`hlc`, common/hlc.ts, clock node = the
+// node id) and, for a message that came through the backup MX (forwarded by the peer
+// or drained from this node's spool), that backup MX's queue id (`peerQueueId`): the
+// delivered index (delivered-index.ts) reads it back so such a message is delivered
+// once only.
 // Appends are group-committed: lines that arrive while a write+fsync runs go out
 // together in the next one. The Maildir new/ directories the deliveries renamed into
 // are fsynced in the same round, at the same moment as the journal: both join one
 // journal commit of the file system (fsyncs started after a commit already covered
 // them would each cost ext4 one more device flush, a protocol C round trip here).
-import { closeSync, mkdirSync, openSync, writeSync } from "node:fs";
+//
+// Stamps never go backwards across restarts: at start the clock observes the last
+// stamp in the node's own file (read from its last HLC_TAIL_BYTES only), and a torn
+// last line (a crash in the middle of a write, never acknowledged) is ended with a
+// newline so the next entry starts a line of its own. Known gap: a
+// last stamp more than HLC_DRIFT_MAX_MS ahead of the wall clock (the clock was set back
+// further than that) is refused by the clock, as any such stamp is; then new stamps may
+// sort before old ones, and `clockWarning` says so (the SMTP service logs it).
+import { closeSync, fstatSync, mkdirSync, openSync, readSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import { fsyncAsync, fsyncPathAsync } from "../../common/fsutil.ts";
+import { HlcClock, isHlc, type Hlc } from "../../common/hlc.ts";
 
 export interface JournalEntry {
   readonly id: string;
   readonly node: string;
   readonly epoch: number;
+  readonly hlc: Hlc;
   readonly ts: string;
   readonly kind: "delivery";
   readonly mailbox: string;
   readonly file: string;
   readonly sha256: string;
   readonly size: number;
+  /** The backup MX's queue id of a message that came through it (delivered-index.ts). */
+  readonly peerQueueId?: string;
 }
 
 const BATCH_MAX_BYTES = 1024 * 1024;
+/** How much of its own file's end the journal reads at start to find its last stamp. */
+export const HLC_TAIL_BYTES = 64 * 1024;
+
+/** Where every node's journal lives on the volume; NODE's file in it. */
+export function journalDir(dataDir: string): string {
+  return join(dataDir, "journal");
+}
+export const JOURNAL_FILE_RE = /^deliveries-[^/]+\.jsonl$/;
+const journalFile = (node: string) => `deliveries-${node}.jsonl`;
+
+/**
+ * The end of the open file FD: the last well-formed stamp in its last HLC_TAIL_BYTES, if
+ * any, and whether it ends in the middle of a line (a crash during a write).
+ */
+function tailOf(fd: number): { last?: Hlc; torn: boolean } {
+  const size = fstatSync(fd).size;
+  const len = Math.min(size, HLC_TAIL_BYTES);
+  const buf = Buffer.alloc(len);
+  let got = 0;
+  while (got < len) {
+    const n = readSync(fd, buf, got, len - got, size - len + got);
+    if (n === 0) break;
+    got += n;
+  }
+  const torn = got > 0 && buf[got - 1] !== 0x0a;
+  // Lines are appended in stamp order: the last line with a stamp holds the greatest.
+  // A torn last line does not parse and is passed.
+  const lines = buf.subarray(0, got).toString("utf8").split("\n");
+  for (let i = lines.length - 1; i >= 0; i--) {
+    try {
+      const hlc = (JSON.parse(lines[i]!) as { hlc?: unknown }).hlc;
+      if (isHlc(hlc)) return { last: hlc, torn };
+    } catch {
+      // not a whole line
+    }
+  }
+  return { torn };
+}
 
 /** A directory of the delivery could not be made durable: the delivery fails (4xx). */
 export class DirSyncError extends Error {}
@@ -35,11 +90,33 @@ export class Journal {
   private writing = false;
   private closed = false;
   private idle: Promise<void> = Promise.resolve();
+  private readonly clock: HlcClock;
+  /** Set when the last stamp in the file could not be observed (see the header). */
+  readonly clockWarning: string | null = null;
 
-  constructor(dataDir: string, private readonly node: string) {
-    const dir = join(dataDir, "journal");
+  constructor(dataDir: string, private readonly node: string, now: () => number = Date.now) {
+    const dir = journalDir(dataDir);
     mkdirSync(dir, { recursive: true, mode: 0o700 });
-    this.fd = openSync(join(dir, `deliveries-${node}.jsonl`), "a", 0o600);
+    const file = join(dir, journalFile(node));
+    this.fd = openSync(file, "a", 0o600);
+    this.clock = new HlcClock(node, now);
+    const rd = openSync(file, "r");
+    let tail: ReturnType<typeof tailOf>;
+    try {
+      tail = tailOf(rd);
+    } finally {
+      closeSync(rd);
+    }
+    // A torn last line was never acknowledged; it is ended here, so that it does not
+    // swallow the first new entry (readers pass over a line that does not parse).
+    if (tail.torn) writeSync(this.fd, "\n");
+    const last = tail.last;
+    if (last !== undefined && !this.clock.observe(last)) this.clockWarning = `the journal's last stamp ${last} is ahead of this clock by more than the allowed drift; new stamps may sort before it`;
+  }
+
+  /** Moves the clock past a stamp seen elsewhere (the peer's journal); false if refused (too far ahead). */
+  observe(stamp: Hlc): boolean {
+    return this.clock.observe(stamp);
   }
 
   /**
@@ -47,9 +124,9 @@ export class Journal {
    * durable. Rejects with a DirSyncError when a directory could not be synced (the
    * delivery must fail), with another error when only the journal failed.
    */
-  append(e: Omit<JournalEntry, "id" | "node" | "epoch" | "ts" | "kind">[], dirs: readonly string[] = []): Promise<void> {
+  append(e: Omit<JournalEntry, "id" | "node" | "epoch" | "hlc" | "ts" | "kind">[], dirs: readonly string[] = []): Promise<void> {
     let text = "";
-    for (const x of e) text += JSON.stringify({ id: `${this.node}:${this.epoch}:${++this.seq}`, node: this.node, epoch: this.epoch, ts: new Date().toISOString(), kind: "delivery", ...x }) + "\n";
+    for (const x of e) text += JSON.stringify({ id: `${this.node}:${this.epoch}:${++this.seq}`, node: this.node, epoch: this.epoch, hlc: this.clock.tick(), ts: new Date().toISOString(), kind: "delivery", ...x }) + "\n";
     // Closed (the service is stopping): the directories would go unsynced, so the
     // delivery fails and the client sends it again.
     if (this.closed) return Promise.reject(new DirSyncError("the delivery journal is closed; new/ was not synced"));

@@ -3,9 +3,18 @@
 // (STARTTLS before AUTH) and 465 (implicit TLS) for the same accounts. A message is
 // answered 250 only after it is fsynced in every recipient's Maildir and in the
 // journal; anything short of that is a 4xx or 5xx and leaves nothing in new/.
+// A message that came through the peer's backup MX (forwarded on 25 from the peer's
+// service address, or drained from this node's own spool after it became active) is
+// journaled with the backup MX's queue id and delivered once only: a copy the journals
+// on the volume show delivered already is answered 250 (a forward) or dropped (the
+// spool), never delivered again (delivered-index.ts; the trace field: backup-mx.ts).
+// Known gap: a forwarded message whose recipients all forward elsewhere (aliases to
+// other domains) is queued, not journaled, so a repeated forward queues it again.
 import { randomUUID } from "node:crypto";
 import { createReadStream, readFileSync } from "node:fs";
-import { flushSpool } from "./backup-mx.ts";
+import type { Readable } from "node:stream";
+import { flushSpool, stripPeerField } from "./backup-mx.ts";
+import { DeliveredIndex } from "./delivered-index.ts";
 import { Outbound } from "./outbound.ts";
 import { redisPaths } from "../redis.ts";
 import { join } from "node:path";
@@ -15,7 +24,7 @@ import type { MailhaConfig } from "../../common/config.ts";
 import type { NodePaths } from "../../common/paths.ts";
 import { sleep } from "../../common/exec.ts";
 import { mariadbPaths } from "../mariadb.ts";
-import { DirSyncError, Journal } from "./journal.ts";
+import { DirSyncError, Journal, journalDir } from "./journal.ts";
 import { greetWithoutPause } from "./greeting.ts";
 import { completeHeaders } from "./submission-headers.ts";
 import { aceAddress } from "./address.ts";
@@ -64,13 +73,58 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
   const cert = readFileSync(join(tlsDir, "tls.crt"));
   const dir = new Directory(mariadbPaths(o.paths).socket, c.mail.domains);
   const journal = new Journal(o.paths.data, o.nodeId);
+  if (journal.clockWarning) o.log.warn(journal.clockWarning);
+  // Read in the background: only mail from the peer and the spool drain wait for it.
+  const delivered = new DeliveredIndex(journalDir(o.paths.data));
+  void delivered.load().then(
+    (r) => {
+      if (r.hlcMax && !journal.observe(r.hlcMax)) o.log.warn({ hlc: r.hlcMax }, "a delivery journal's last stamp is too far ahead of this clock; not observed");
+      o.log.info(r, "delivered index loaded from the journals");
+    },
+    (err: Error) => o.log.error({ err }, "could not read the delivery journals; mail from the backup MX waits (4xx) until they can be read"),
+  );
   const myName = c.mail.mx.find((m) => m.node === o.nodeId)?.name ?? c.mail.host;
   const mailRoot = join(o.paths.data, "mail");
+
+  /**
+   * The one delivery path: MAILBOXES get the message all or nothing, and every copy is
+   * journaled (with PEERQUEUEID, the backup MX's queue id, when it came through one)
+   * before this resolves. The message is safe once in the Maildir: a failure of the
+   * journal alone is logged, not a 4xx (which would make the client send it again).
+   */
+  const deliverLocal = async (input: Readable, mailboxes: readonly string[], headers: string, peerQueueId?: string, session?: string) => {
+    const record = (d: { files: string[]; sha256: string; size: number }, newDirs: readonly string[]) =>
+      journal
+        .append(d.files.map((f, i) => ({ mailbox: mailboxes[i]!, file: f.slice(mailRoot.length + 1), sha256: d.sha256, size: d.size, ...(peerQueueId ? { peerQueueId } : {}) })), newDirs)
+        .catch((err: Error) => {
+          // The journal round also syncs the new/ directories: a failure there fails the delivery.
+          if (err instanceof DirSyncError) throw err;
+          o.log.error({ err, session, peerQueueId }, "journal append failed; the reconciliation will not see this delivery");
+        });
+    const d = await deliver(input, mailboxes, { mailRoot, uid: c.mail.mail_uid, gid: c.mail.mail_gid, headers, sizeMax: c.mail.message_size_max_bytes }, record);
+    if (peerQueueId) delivered.record(peerQueueId, mailboxes);
+    return d;
+  };
   const localDeliver = async (from: string, to: string, file: string) => {
     const r = await dir.resolve(to);
     if (r.kind !== "local" || !r.mailboxes.length) throw new Error(`${to} is not a local mailbox`);
-    const d = await deliver(createReadStream(file), r.mailboxes, { mailRoot, uid: c.mail.mail_uid, gid: c.mail.mail_gid, headers: `Return-Path: <${from}>\r\n`, sizeMax: c.mail.message_size_max_bytes });
-    await journal.append(d.files.map((f, i) => ({ mailbox: r.mailboxes[i]!, file: f.slice(mailRoot.length + 1), sha256: d.sha256, size: d.size })));
+    await deliverLocal(createReadStream(file), r.mailboxes, `Return-Path: <${from}>\r\n`);
+  };
+  /**
+   * Runs DELIVER for the backup MX's message QUEUEID to the MAILBOXES it has not reached
+   * yet, or returns "duplicate" when it reached them all; "busy" while another delivery
+   * of the same message runs (the caller answers 4xx or keeps it for later).
+   */
+  const oncePerQueueId = async (queueId: string, mailboxes: readonly string[], deliverTo: (todo: string[]) => Promise<unknown>): Promise<"delivered" | "duplicate" | "busy"> => {
+    if (!delivered.claim(queueId)) return "busy";
+    try {
+      const todo = await delivered.remaining(queueId, mailboxes);
+      if (!todo.length) return "duplicate";
+      await deliverTo(todo);
+      return "delivered";
+    } finally {
+      delivered.release(queueId);
+    }
   };
   const outbound = new Outbound(c, o.paths.data, redisPaths(o.paths).socket, myName, localDeliver, (a) => dir.isLocalDomain(a.slice(a.lastIndexOf("@") + 1)), o.log);
   outbound.start();
@@ -124,17 +178,29 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
     inflight.add(p);
     void p.finally(() => inflight.delete(p));
   };
-  const onData = (stream: SMTPServerDataStream, session: MailhaSession, cb: (err?: Error | null, message?: string) => void) => {
+  // TRUSTPEER: port 25, where the peer's backup MX forwards; only a connection from the
+  // peer's service address may name a backup MX queue id (the trace field); it is
+  // removed from every message, on every port.
+  const peer = c.nodes.find((n) => n.id !== o.nodeId)!;
+  const onData = (trustPeer: boolean) => (stream: SMTPServerDataStream, session: MailhaSession, cb: (err?: Error | null, message?: string) => void) => {
     const t0 = Date.now();
     const from = session.envelope.mailFrom ? aceAddress(session.envelope.mailFrom.address) : "";
     const proto = `E${session.transmissionType ?? "SMTP"}`.replace(/^EE/, "E");
     const headers = `Return-Path: <${from}>\r\nReceived: from ${session.hostNameAppearsAs ?? "unknown"} ([${session.remoteAddress}])\r\n\tby ${myName} (mailha) with ${proto} id ${session.id}\r\n\tfor <${session.envelope.rcptTo.map((r) => aceAddress(r.address)).join(">, <")}>; ${rfc2822(new Date())}\r\n`;
+    const filtered = stripPeerField(stream, trustPeer && session.remoteAddress === peer.service_address);
     // Submission: a message without Date: or Message-ID: gets them (as an MSA does).
-    const input = session.user ? completeHeaders(stream, { date: () => rfc2822(new Date()), messageId: () => `<${randomUUID()}@${myName}>` }) : stream;
+    const input = session.user ? completeHeaders(filtered, { date: () => rfc2822(new Date()), messageId: () => `<${randomUUID()}@${myName}>` }) : filtered;
     const mailboxes = [...(session.mailha?.mailboxes ?? [])];
     const remote = [...(session.mailha?.remote ?? [])];
     session.mailha = { mailboxes: new Set(), remote: new Set() };
-    const opts = { mailRoot, uid: c.mail.mail_uid, gid: c.mail.mail_gid, headers, sizeMax: c.mail.message_size_max_bytes };
+    const fail = (err: Error) => {
+      // Drain whatever the client still sends, then answer.
+      input.resume();
+      if (err instanceof RejectError) return cb(smtpError(err.responseCode, err.message));
+      if ((err as NodeJS.ErrnoException).code === "ECONNECTION") return cb(err);
+      o.log.error({ err, session: session.id }, "delivery failed");
+      cb(smtpError(451, "4.3.0 Could not store the message, try again later"));
+    };
     if (mailboxes.length === 0 && remote.length) {
       track(outbound
         .enqueue(input, from, remote, headers, c.mail.message_size_max_bytes)
@@ -150,31 +216,28 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
         }));
       return;
     }
-    // The journal round also syncs the new/ directories: a failure there fails the
-    // delivery. The message is safe once in the Maildir: a failure of the journal alone
-    // is logged, not a 4xx (which would make the client send it again).
-    const record = (d: { files: string[]; sha256: string; size: number }, newDirs: readonly string[]) =>
-      journal
-        .append(d.files.map((f, i) => ({ mailbox: mailboxes[i]!, file: f.slice(mailRoot.length + 1), sha256: d.sha256, size: d.size })), newDirs)
-        .catch((err: Error) => {
-          if (err instanceof DirSyncError) throw err;
-          o.log.error({ err, session: session.id }, "journal append failed; the reconciliation will not see this delivery");
-        });
-    track(deliver(input, mailboxes, opts, record)
-      .then(async (d) => {
-        // Remote recipients of the same message: queued from the delivered copy.
-        if (remote.length) await outbound.enqueue(createReadStream(d.files[0]!), from, remote, "", c.mail.message_size_max_bytes);
-        o.log.info({ session: session.id, from, to: mailboxes, remote, size: d.size, ms: Date.now() - t0 }, "delivered");
-        cb(null, `2.0.0 Ok: delivered as ${session.id}`);
+    const deliverTo = async (todo: readonly string[], peerQueueId?: string) => {
+      const d = await deliverLocal(input, todo, headers, peerQueueId, session.id);
+      // Remote recipients of the same message: queued from the delivered copy (once:
+      // with the first delivery of a backup MX's message).
+      if (remote.length && todo.length === mailboxes.length) await outbound.enqueue(createReadStream(d.files[0]!), from, remote, "", c.mail.message_size_max_bytes);
+      o.log.info({ session: session.id, from, to: todo, remote, size: d.size, ms: Date.now() - t0, ...(peerQueueId ? { peerQueueId } : {}) }, "delivered");
+      cb(null, `2.0.0 Ok: delivered as ${session.id}`);
+    };
+    track(filtered.queueId
+      .then(async (peerQueueId) => {
+        if (!peerQueueId) return deliverTo(mailboxes);
+        const r = await oncePerQueueId(peerQueueId, mailboxes, (todo) => deliverTo(todo, peerQueueId));
+        if (r === "busy") {
+          input.resume();
+          cb(smtpError(451, `4.3.0 Backup MX message ${peerQueueId} is being delivered now, try again later`));
+        } else if (r === "duplicate") {
+          input.resume();
+          o.log.warn({ session: session.id, peerQueueId, from, to: mailboxes, dropped: delivered.dropped() }, "the backup MX forwarded a message delivered already (its queue id is in a delivery journal); answered 250, not delivered again");
+          cb(null, `2.0.0 Ok: already delivered (backup MX queue id ${peerQueueId})`);
+        }
       })
-      .catch((err: Error) => {
-        // Drain whatever the client still sends, then answer.
-        input.resume();
-        if (err instanceof RejectError) return cb(smtpError(err.responseCode, err.message));
-        if ((err as NodeJS.ErrnoException).code === "ECONNECTION") return cb(err);
-        o.log.error({ err, session: session.id }, "delivery failed");
-        cb(smtpError(451, "4.3.0 Could not store the message, try again later"));
-      }));
+      .catch(fail));
   };
 
   const onAuth = (auth: SMTPServerAuthentication, _session: SMTPServerSession, cb: (err: Error | null | undefined, res?: { user: string }) => void) => {
@@ -198,18 +261,17 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
     socketTimeout: SOCKET_TIMEOUT_MS,
     disableReverseLookup: true,
     logger: false,
-    onData,
   };
   (common as SMTPServerOptions & { maxRecipients?: number; rejectOversized?: boolean }).maxRecipients = RECIPIENTS_MAX;
 
-  const mx = new SMTPServer({ ...common, secure: false, authOptional: true, disabledCommands: ["AUTH"], onRcptTo: onRcptTo(false) });
-  const submission = new SMTPServer({ ...common, secure: false, authMethods: ["PLAIN", "LOGIN"], authOptional: false, allowInsecureAuth: false, onAuth, onMailFrom, onRcptTo: onRcptTo(true) });
-  const submissions = new SMTPServer({ ...common, secure: true, authMethods: ["PLAIN", "LOGIN"], authOptional: false, onAuth, onMailFrom, onRcptTo: onRcptTo(true) });
+  const mx = new SMTPServer({ ...common, secure: false, authOptional: true, disabledCommands: ["AUTH"], onRcptTo: onRcptTo(false), onData: onData(true) });
+  const sub: SMTPServerOptions = { ...common, authMethods: ["PLAIN", "LOGIN"], authOptional: false, onAuth, onMailFrom, onRcptTo: onRcptTo(true), onData: onData(false) };
+  const submission = new SMTPServer({ ...sub, secure: false, allowInsecureAuth: false });
+  const submissions = new SMTPServer({ ...sub, secure: true });
   // Submission forwarded by the passive node's proxy (PROXY v2 from the peer only).
-  const peer = c.nodes.find((n) => n.id !== o.nodeId)!;
   const proxied = { useProxy: [peer.service_address] } as unknown as SMTPServerOptions;
-  const submissionProxied = new SMTPServer({ ...common, ...proxied, secure: false, authMethods: ["PLAIN", "LOGIN"], authOptional: false, allowInsecureAuth: false, onAuth, onMailFrom, onRcptTo: onRcptTo(true) });
-  const submissionsProxied = new SMTPServer({ ...common, ...proxied, secure: true, authMethods: ["PLAIN", "LOGIN"], authOptional: false, onAuth, onMailFrom, onRcptTo: onRcptTo(true) });
+  const submissionProxied = new SMTPServer({ ...sub, ...proxied, secure: false, allowInsecureAuth: false });
+  const submissionsProxied = new SMTPServer({ ...sub, ...proxied, secure: true });
   const servers: [SMTPServer, number][] = [
     [mx, ports.mx],
     [submission, ports.submission],
@@ -227,15 +289,25 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
     });
   }
   o.log.info({ address: me.service_address, ports }, "smtp listening");
-  // Mail this node took as backup MX while it was passive is delivered here now.
+  // Mail this node took as backup MX while it was passive is delivered here now, all
+  // recipients at once, unless a journal shows it delivered (forwarded before).
   const flushed = await flushSpool(
     o.paths,
     async (env, file) => {
-      for (const rcpt of env.to) await localDeliver(env.from, rcpt, file);
+      const mailboxes = new Set<string>();
+      for (const rcpt of env.to) {
+        const r = await dir.resolve(rcpt);
+        if (r.kind !== "local" || !r.mailboxes.length) throw new Error(`${rcpt} is not a local mailbox`);
+        for (const m of r.mailboxes) mailboxes.add(m);
+      }
+      const r = await oncePerQueueId(env.id, [...mailboxes], (todo) => deliverLocal(createReadStream(file), todo, `Return-Path: <${env.from}>\r\n`, env.id));
+      if (r === "busy") throw new Error(`backup MX message ${env.id} is being delivered by another session`);
+      if (r === "duplicate") delivered.dropped();
+      return r;
     },
     o.log,
   );
-  if (flushed) o.log.info({ flushed }, "delivered the backup MX spool");
+  if (flushed.delivered || flushed.dropped) o.log.info(flushed, "drained the backup MX spool");
   return {
     async close() {
       await Promise.all(servers.map(([s]) => new Promise<void>((r) => s.close(() => r()))));

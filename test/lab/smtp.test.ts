@@ -2,10 +2,12 @@
 // nodemailer deliver, imapflow and curl (IMAP, POP3) read; relaying, AUTH before
 // STARTTLS, unknown users and oversize messages are refused; malformed input gets
 // proper replies and leaves nothing behind; account changes reach SMTP; smtp-source's
-// 5,000 messages all arrive, once each.
+// 5,000 messages all arrive, once each; the backup MX's spool drain is exactly-once (a
+// forward repeated after its 250, or the spooled copy drained by the node itself, is
+// dropped), and nobody else can name a backup MX queue id to suppress a delivery.
 import { test, describe, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import nodemailer from "nodemailer";
@@ -17,6 +19,7 @@ import { parseDocument } from "yaml";
 import { writeTestLabConfig } from "../helpers/lab.ts";
 import { RawSmtp } from "../helpers/smtp.ts";
 import { RESOLVED_TTL_MS } from "../../services/smtp/recipients.ts";
+import { fault } from "../helpers/cluster.ts";
 
 const skip = process.getuid?.() !== 0 ? "needs root" : false;
 const PASS = "lab-password-alice";
@@ -149,6 +152,92 @@ describe("mail on the active node", { skip }, () => {
     assert.match(pop.stdout, /^\d+ \d+/m, "POP3 LIST through the passive node");
     const log = readFileSync(join(lab.dir, "a", "log", "dovecot.log"), "utf8");
     assert.match(log, new RegExp(`rip=${lab.w.replace(/\.\d+$/, "")}\.254, lip=${lab.b.replace(/\./g, "\\.")}`), "Dovecot on the active node saw the client's own address (PROXY header)");
+  });
+
+  /** Alice's messages with SUBJECT, as stored. */
+  const stored = (subject: string) => readdirSync(maildir("alice")).map((f) => readFileSync(join(maildir("alice"), f), "utf8")).filter((m) => m.includes(`Subject: ${subject}\r\n`));
+  const spoolOf = (node: string) => join(lab.dir, node, "spool");
+  const logOf = (file: string) => (existsSync(file) ? readFileSync(file, "utf8") : "");
+  const smtpLog = () => logOf(join(lab.dir, "a", "log", "smtp.log"));
+  const until = async (what: string, ok: () => boolean, ms = 30_000) => {
+    for (const t0 = Date.now(); !ok(); await sleep(200)) if (Date.now() - t0 > ms) assert.fail(`waited ${ms} ms for ${what}`);
+  };
+  /** Sends SUBJECT through b's backup MX and returns b's queue id from its reply. */
+  const spoolOnB = async (subject: string) => {
+    const sw = await viaBackupMx(["--to", "alice@mailha.test", "--from", "sender@example.net", "--h-Subject", subject]);
+    const id = /queued on the backup MX as (\S+)/.exec(sw.stdout)?.[1];
+    assert.ok(id, `the backup MX queued the message: ${sw.stdout.slice(-400)}`);
+    return id;
+  };
+
+  test("the backup MX's spool drain is exactly-once: a forward repeated after its 250, and the spooled copy drained locally, are dropped, not delivered again", async () => {
+    // b fetches the recipient list before its route to a goes away.
+    await spoolOnB("exactly-once warm-up");
+    await until("the warm-up message to arrive", () => stored("exactly-once warm-up").length === 1);
+    const subject = `exactly once ${Date.now()}`;
+    // b cannot reach a for a moment: the message waits in b's spool, where the test
+    // keeps a copy of its files (what b would still have had if it had died between
+    // a's 250 and removing them).
+    const ns = `mailha-${lab.name}-b`;
+    await run("ip", ["-n", ns, "route", "add", "unreachable", `${lab.a}/32`]);
+    let id = "";
+    let files: [string, Buffer][] = [];
+    try {
+      id = await spoolOnB(subject);
+      files = [`${id}.eml`, `${id}.json`].map((f) => [f, readFileSync(join(spoolOf("b"), f))]);
+    } finally {
+      await run("ip", ["-n", ns, "route", "del", "unreachable", `${lab.a}/32`]);
+    }
+    await until("b to forward the message", () => stored(subject).length === 1 && !existsSync(join(spoolOf("b"), `${id}.json`)));
+    const journal = readFileSync(join(lab.dir, "a", "data", "journal", "deliveries-a.jsonl"), "utf8").split("\n").filter((l) => l.includes(id)).map((l) => JSON.parse(l) as { peerQueueId?: string; hlc?: string; mailbox: string });
+    assert.equal(journal.length, 1, "a journaled the delivery once");
+    assert.equal(journal[0]!.peerQueueId, id, "with the backup MX's queue id");
+    assert.match(journal[0]!.hlc ?? "", /^\d{13}-\d{5}-a$/, "and an hlc stamp of node a");
+    assert.ok(!stored(subject)[0]!.includes("X-Mailha-Backup-Queue-Id"), "the trace field is not stored");
+
+    // The copy back in b's spool: b forwards it again, a answers 250 and does not deliver.
+    for (const [f, data] of files) writeFileSync(join(spoolOf("b"), f), data, { mode: 0o600 });
+    await until("b to forward the copy again", () => !existsSync(join(spoolOf("b"), `${id}.json`)));
+    assert.match(logOf(join(lab.dir, "b", "log", "passive.log")), new RegExp(`already delivered \\(backup MX queue id ${id}\\)`), "b was told the message was delivered already");
+    assert.match(smtpLog(), new RegExp(`"peerQueueId":"${id}".*answered 250, not delivered again`), "a logged the duplicate as dropped");
+    assert.equal(stored(subject).length, 1, "the message is in the mailbox once after the repeated forward");
+
+    // The same copy in a's own spool, as after a takeover by a node that spooled it: the
+    // restarted SMTP service drains its spool and drops it.
+    mkdirSync(spoolOf("a"), { recursive: true, mode: 0o700 });
+    for (const [f, data] of files) writeFileSync(join(spoolOf("a"), f), data, { mode: 0o600 });
+    await fault(lab, "kill-service", "a", "smtp");
+    await until("a's SMTP service to restart and drain its spool", () => !existsSync(join(spoolOf("a"), `${id}.json`)), 60_000);
+    assert.match(smtpLog(), new RegExp(`"id":"${id}".*dropped from the spool, not delivered again`), "the spooled duplicate is logged as dropped");
+    assert.equal(stored(subject).length, 1, "the message is in the mailbox exactly once");
+  });
+
+  test("a sender cannot name a backup MX queue id: a forged trace field is removed and the message delivered", async () => {
+    const id = await spoolOnB("an id to forge");
+    await until("the message behind the id to arrive", () => stored("an id to forge").length === 1);
+    const dir = mkdtempSync(join(tmpdir(), "mailha-forge-"));
+    try {
+      const forged = (subject: string) => {
+        const f = join(dir, `${subject.replace(/ /g, "-")}.eml`);
+        writeFileSync(f, `X-Mailha-Backup-Queue-Id: ${id}\r\nFrom: mallory@example.net\r\nTo: alice@mailha.test\r\nX-Mailha-Backup-Queue-Id: ${id}\r\nSubject: ${subject}\r\n\r\nplease drop me\r\n`);
+        return `@${f}`;
+      };
+      // Straight to a's port 25 from outside: delivered, the field stripped.
+      const direct = await run("swaks", ["--server", lab.a, "--from", "mallory@example.net", "--to", "alice@mailha.test", "--data", forged("forged to a")]);
+      assert.match(direct.stdout, /250 2\.0\.0 Ok: delivered as/, "a delivers it");
+      // Through b's backup MX: b removes the sender's field, a believes only b's own.
+      const viaB = await viaBackupMx(["--from", "mallory@example.net", "--to", "alice@mailha.test", "--data", forged("forged to b")]);
+      assert.match(viaB.stdout, /250 2\.0\.0 Ok: queued on the backup MX/);
+      await until("the forged message through b to arrive", () => stored("forged to b").length === 1);
+      for (const subject of ["forged to a", "forged to b"]) {
+        const m = stored(subject);
+        assert.equal(m.length, 1, `"${subject}" is delivered once`);
+        assert.ok(!/X-Mailha-Backup-Queue-Id/i.test(m[0]!), `"${subject}" is stored without the forged field`);
+      }
+      assert.equal(stored("an id to forge").length, 1);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   test("an internationalised domain: mail to its ACE or its Unicode form is delivered, also through the backup MX, and read over IMAP", async () => {
