@@ -23,6 +23,11 @@ export interface DovecotOptions {
   /** Addresses allowed to send a PROXY protocol header (the peer's proxy). */
   readonly trustedProxies: readonly string[];
   readonly ports?: { imap: number; imaps: number; pop3: number; pop3s: number };
+  /**
+   * A master user (Dovecot's `user*master` login) for the reconciler, which applies
+   * merged changes to users' mailboxes through IMAP. Its passwd-file holds only a hash.
+   */
+  readonly master?: { readonly user: string; readonly passwordHash: string };
 }
 
 export interface DovecotPaths {
@@ -33,6 +38,7 @@ export interface DovecotPaths {
   readonly log: string;
   readonly stdoutLog: string;
   readonly mailRoot: string;
+  readonly masterPasswd: string;
 }
 
 export function dovecotPaths(p: NodePaths): DovecotPaths {
@@ -44,6 +50,7 @@ export function dovecotPaths(p: NodePaths): DovecotPaths {
     log: join(p.log, "dovecot.log"),
     stdoutLog: join(p.log, "dovecot.out"),
     mailRoot: join(p.data, "mail"),
+    masterPasswd: join(p.etc, "dovecot-master.passwd"),
   };
 }
 
@@ -79,7 +86,14 @@ mail_fsync = always
 mmap_disable = yes
 maildir_very_dirty_syncs = no
 ${o.trustedProxies.length ? `haproxy_trusted_networks = ${o.trustedProxies.join(" ")}\n` : ""}
+${o.master ? `auth_master_user_separator = *
 passdb {
+  driver = passwd-file
+  args = scheme=SHA512-CRYPT ${d.masterPasswd}
+  master = yes
+  pass = yes
+}
+` : ""}passdb {
   driver = sql
   args = ${d.sqlConf}
 }
@@ -182,6 +196,11 @@ export function writeDovecotConfig(o: DovecotOptions, d: DovecotPaths): void {
   writeFileSync(d.conf, renderDovecotConf(o, d), { mode: 0o644 });
   writeFileSync(d.sqlConf, renderDovecotSql(o, d), { mode: 0o600 });
   chmodSync(d.sqlConf, 0o600);
+  if (o.master) {
+    writeFileSync(d.masterPasswd, `${o.master.user}:${o.master.passwordHash}\n`, { mode: 0o600 });
+    chmodSync(d.masterPasswd, 0o600);
+    // The auth process reads it as root; nobody else may.
+  }
 }
 
 function chownQuiet(path: string, uid: number, gid: number): void {
