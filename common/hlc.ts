@@ -59,7 +59,9 @@ export class HlcClock {
     last?: Hlc,
   ) {
     if (!NODE_RE.test(node)) throw new Error(`hlc: bad node id "${node}"`);
-    if (last !== undefined) this.observe(last);
+    // This node's own last stamp is never refused: stamps must not go backwards even
+    // when the wall clock was set back while the node was down.
+    if (last !== undefined) this.advancePast(parseHlc(last));
   }
 
   /** A stamp for a local event, greater than every stamp made or observed before. */
@@ -79,13 +81,16 @@ export class HlcClock {
    */
   observe(stamp: Hlc): boolean {
     const p = parseHlc(stamp);
-    const pt = this.now();
-    if (p.wallMs > pt + HLC_DRIFT_MAX_MS) return false;
+    if (p.wallMs > this.now() + HLC_DRIFT_MAX_MS) return false;
+    this.advancePast(p);
+    return true;
+  }
+
+  private advancePast(p: HlcParts): void {
     if (p.wallMs > this.wallMs) {
       this.wallMs = p.wallMs;
       this.counter = p.counter;
     } else if (p.wallMs === this.wallMs && p.counter > this.counter) this.counter = p.counter;
-    return true;
   }
 
   private bump(): void {
