@@ -15,14 +15,13 @@
 // Stamps never go backwards across restarts: at start the clock observes the last
 // stamp in the node's own file (read from its last HLC_TAIL_BYTES only), and a torn
 // last line (a crash in the middle of a write, never acknowledged) is ended with a
-// newline so the next entry starts a line of its own. Known gap: a
-// last stamp more than HLC_DRIFT_MAX_MS ahead of the wall clock (the clock was set back
-// further than that) is refused by the clock, as any such stamp is; then new stamps may
-// sort before old ones, and `clockWarning` says so (the SMTP service logs it).
+// newline so the next entry starts a line of its own. The node's own last stamp is
+// taken even when it is far ahead of the wall clock (the clock was set back): stamps
+// then run ahead of the wall clock until it catches up, and `clockWarning` says so.
 import { closeSync, fstatSync, mkdirSync, openSync, readSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import { fsyncAsync, fsyncPathAsync } from "../../common/fsutil.ts";
-import { HlcClock, isHlc, type Hlc } from "../../common/hlc.ts";
+import { HLC_DRIFT_MAX_MS, HlcClock, isHlc, parseHlc, type Hlc } from "../../common/hlc.ts";
 
 export interface JournalEntry {
   readonly id: string;
@@ -99,7 +98,6 @@ export class Journal {
     mkdirSync(dir, { recursive: true, mode: 0o700 });
     const file = join(dir, journalFile(node));
     this.fd = openSync(file, "a", 0o600);
-    this.clock = new HlcClock(node, now);
     const rd = openSync(file, "r");
     let tail: ReturnType<typeof tailOf>;
     try {
@@ -111,7 +109,8 @@ export class Journal {
     // swallow the first new entry (readers pass over a line that does not parse).
     if (tail.torn) writeSync(this.fd, "\n");
     const last = tail.last;
-    if (last !== undefined && !this.clock.observe(last)) this.clockWarning = `the journal's last stamp ${last} is ahead of this clock by more than the allowed drift; new stamps may sort before it`;
+    this.clock = new HlcClock(node, now, last);
+    if (last !== undefined && parseHlc(last).wallMs > now() + HLC_DRIFT_MAX_MS) this.clockWarning = `the journal's last stamp ${last} is ahead of the wall clock by more than ${HLC_DRIFT_MAX_MS} ms (was the clock set back?); new stamps continue after it`;
   }
 
   /** Moves the clock past a stamp seen elsewhere (the peer's journal); false if refused (too far ahead). */
