@@ -12,7 +12,6 @@
 // other domains) is queued, not journaled, so a repeated forward queues it again.
 import { randomUUID } from "node:crypto";
 import { createReadStream, readFileSync } from "node:fs";
-import type { Readable } from "node:stream";
 import { flushSpool, stripPeerField } from "./backup-mx.ts";
 import { DeliveredIndex } from "./delivered-index.ts";
 import { Outbound } from "./outbound.ts";
@@ -24,11 +23,12 @@ import type { MailhaConfig } from "../../common/config.ts";
 import type { NodePaths } from "../../common/paths.ts";
 import { sleep } from "../../common/exec.ts";
 import { mariadbPaths } from "../mariadb.ts";
-import { DirSyncError, Journal, journalDir } from "./journal.ts";
+import { Journal, journalDir } from "./journal.ts";
+import { deliveryPath } from "./delivery.ts";
 import { greetWithoutPause } from "./greeting.ts";
 import { completeHeaders } from "./submission-headers.ts";
 import { aceAddress } from "./address.ts";
-import { deliver, RejectError } from "./maildir.ts";
+import { RejectError } from "./maildir.ts";
 import { Directory } from "./recipients.ts";
 
 const CLOSE_TIMEOUT_MS = 1500;
@@ -86,45 +86,11 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
   const myName = c.mail.mx.find((m) => m.node === o.nodeId)?.name ?? c.mail.host;
   const mailRoot = join(o.paths.data, "mail");
 
-  /**
-   * The one delivery path: MAILBOXES get the message all or nothing, and every copy is
-   * journaled (with PEERQUEUEID, the backup MX's queue id, when it came through one)
-   * before this resolves. The message is safe once in the Maildir: a failure of the
-   * journal alone is logged, not a 4xx (which would make the client send it again).
-   */
-  const deliverLocal = async (input: Readable, mailboxes: readonly string[], headers: string, peerQueueId?: string, session?: string) => {
-    const record = (d: { files: string[]; sha256: string; size: number }, newDirs: readonly string[]) =>
-      journal
-        .append(d.files.map((f, i) => ({ mailbox: mailboxes[i]!, file: f.slice(mailRoot.length + 1), sha256: d.sha256, size: d.size, ...(peerQueueId ? { peerQueueId } : {}) })), newDirs)
-        .catch((err: Error) => {
-          // The journal round also syncs the new/ directories: a failure there fails the delivery.
-          if (err instanceof DirSyncError) throw err;
-          o.log.error({ err, session, peerQueueId }, "journal append failed; the reconciliation will not see this delivery");
-        });
-    const d = await deliver(input, mailboxes, { mailRoot, uid: c.mail.mail_uid, gid: c.mail.mail_gid, headers, sizeMax: c.mail.message_size_max_bytes }, record);
-    if (peerQueueId) delivered.record(peerQueueId, mailboxes);
-    return d;
-  };
+  const { deliverLocal, oncePerQueueId } = deliveryPath({ mailRoot, uid: c.mail.mail_uid, gid: c.mail.mail_gid, sizeMax: c.mail.message_size_max_bytes, journal, delivered, log: o.log });
   const localDeliver = async (from: string, to: string, file: string) => {
     const r = await dir.resolve(to);
     if (r.kind !== "local" || !r.mailboxes.length) throw new Error(`${to} is not a local mailbox`);
     await deliverLocal(createReadStream(file), r.mailboxes, `Return-Path: <${from}>\r\n`);
-  };
-  /**
-   * Runs DELIVER for the backup MX's message QUEUEID to the MAILBOXES it has not reached
-   * yet, or returns "duplicate" when it reached them all; "busy" while another delivery
-   * of the same message runs (the caller answers 4xx or keeps it for later).
-   */
-  const oncePerQueueId = async (queueId: string, mailboxes: readonly string[], deliverTo: (todo: string[]) => Promise<unknown>): Promise<"delivered" | "duplicate" | "busy"> => {
-    if (!delivered.claim(queueId)) return "busy";
-    try {
-      const todo = await delivered.remaining(queueId, mailboxes);
-      if (!todo.length) return "duplicate";
-      await deliverTo(todo);
-      return "delivered";
-    } finally {
-      delivered.release(queueId);
-    }
   };
   const outbound = new Outbound(c, o.paths.data, redisPaths(o.paths).socket, myName, localDeliver, (a) => dir.isLocalDomain(a.slice(a.lastIndexOf("@") + 1)), o.log);
   outbound.start();

@@ -1,0 +1,63 @@
+// The one local delivery path of the active node: every message for local mailboxes
+// (from port 25, submission, the peer's backup MX, this node's own spool, the outbound
+// queue's bounces) is delivered here, all or nothing into the Maildirs (maildir.ts),
+// journaled with every copy before the caller answers 250 (journal.ts), and delivered
+// once only when it carries a backup MX queue id (delivered-index.ts).
+import type { Readable } from "node:stream";
+import type { Logger } from "pino";
+import type { DeliveredIndex } from "./delivered-index.ts";
+import { DirSyncError, type Journal } from "./journal.ts";
+import { deliver, type Delivered } from "./maildir.ts";
+
+export interface DeliveryPathOptions {
+  readonly mailRoot: string;
+  readonly uid: number;
+  readonly gid: number;
+  readonly sizeMax: number;
+  readonly journal: Pick<Journal, "append">;
+  readonly delivered: Pick<DeliveredIndex, "claim" | "release" | "remaining" | "record">;
+  readonly log: Logger;
+}
+
+export interface DeliveryPath {
+  /**
+   * MAILBOXES get the message all or nothing, and every copy is journaled (with
+   * PEERQUEUEID, the backup MX's queue id, when it came through one) before this resolves.
+   */
+  deliverLocal(input: Readable, mailboxes: readonly string[], headers: string, peerQueueId?: string, session?: string): Promise<Delivered>;
+  /**
+   * Runs DELIVERTO for the backup MX's message QUEUEID to the MAILBOXES it has not reached
+   * yet, or returns "duplicate" when it reached them all; "busy" while another delivery
+   * of the same message runs (the caller answers 4xx or keeps it for later).
+   */
+  oncePerQueueId(queueId: string, mailboxes: readonly string[], deliverTo: (todo: string[]) => Promise<unknown>): Promise<"delivered" | "duplicate" | "busy">;
+}
+
+export function deliveryPath(o: DeliveryPathOptions): DeliveryPath {
+  return {
+    async deliverLocal(input, mailboxes, headers, peerQueueId, session) {
+      const record = (d: Delivered, newDirs: readonly string[]) =>
+        o.journal
+          .append(d.files.map((f, i) => ({ mailbox: mailboxes[i]!, file: f.slice(o.mailRoot.length + 1), sha256: d.sha256, size: d.size, ...(peerQueueId ? { peerQueueId } : {}) })), newDirs)
+          .catch((err: Error) => {
+            // The journal round also syncs the new/ directories: a failure there fails the delivery.
+            if (err instanceof DirSyncError) throw err;
+            o.log.error({ err, session, peerQueueId }, "journal append failed; the reconciliation will not see this delivery");
+          });
+      const d = await deliver(input, mailboxes, { mailRoot: o.mailRoot, uid: o.uid, gid: o.gid, headers, sizeMax: o.sizeMax }, record);
+      if (peerQueueId) o.delivered.record(peerQueueId, mailboxes);
+      return d;
+    },
+    async oncePerQueueId(queueId, mailboxes, deliverTo) {
+      if (!o.delivered.claim(queueId)) return "busy";
+      try {
+        const todo = await o.delivered.remaining(queueId, mailboxes);
+        if (!todo.length) return "duplicate";
+        await deliverTo(todo);
+        return "delivered";
+      } finally {
+        o.delivered.release(queueId);
+      }
+    },
+  };
+}
