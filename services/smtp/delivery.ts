@@ -3,6 +3,10 @@
 // queue's bounces) is delivered here, all or nothing into the Maildirs (maildir.ts),
 // journaled with every copy before the caller answers 250 (journal.ts), and delivered
 // once only when it carries a backup MX queue id (delivered-index.ts).
+// Known gap: a journal line whose fsync reported an error may still reach the disk. It
+// then names a copy that was taken back out of new/; if it carries a backup MX queue
+// id, the delivered index read at the next start counts that message as delivered and
+// drops a later forward of it (a double fault: the error, and the data persisting anyway).
 import type { Readable } from "node:stream";
 import type { Logger } from "pino";
 import type { DeliveredIndex } from "./delivered-index.ts";
@@ -36,13 +40,15 @@ export interface DeliveryPath {
 export function deliveryPath(o: DeliveryPathOptions): DeliveryPath {
   return {
     async deliverLocal(input, mailboxes, headers, peerQueueId, session) {
+      // The journal round also syncs the new/ directories. Either failing fails the
+      // delivery: deliver() takes the copies out of new/ again, the client gets a 4xx and
+      // sends the message again (a 250 promises the journal line, README "Guarantees").
       const record = (d: Delivered, newDirs: readonly string[]) =>
         o.journal
           .append(d.files.map((f, i) => ({ mailbox: mailboxes[i]!, file: f.slice(o.mailRoot.length + 1), sha256: d.sha256, size: d.size, ...(peerQueueId ? { peerQueueId } : {}) })), newDirs)
           .catch((err: Error) => {
-            // The journal round also syncs the new/ directories: a failure there fails the delivery.
-            if (err instanceof DirSyncError) throw err;
-            o.log.error({ err, session, peerQueueId }, "journal append failed; the reconciliation will not see this delivery");
+            o.log.error({ err, session, peerQueueId, dirs: err instanceof DirSyncError }, "the delivery journal failed; the delivery is undone and refused (4xx)");
+            throw err;
           });
       const d = await deliver(input, mailboxes, { mailRoot: o.mailRoot, uid: o.uid, gid: o.gid, headers, sizeMax: o.sizeMax }, record);
       if (peerQueueId) o.delivered.record(peerQueueId, mailboxes);

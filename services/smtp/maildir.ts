@@ -2,7 +2,9 @@
 // mailbox (checked on the way: no NUL, no bare LF, no line over 998 characters, size),
 // fsynced, hard-linked into tmp/ of every other mailbox, renamed into new/, and each
 // new/ directory is fsynced. Only then does the caller answer 250. On any failure the
-// tmp files are removed and nothing is left in new/. Files belong to the mail uid.
+// tmp files are removed and nothing is left in new/ (a failure of the caller's durable
+// step after the renames, the delivery journal, takes the copies out of new/ again).
+// Files belong to the mail uid.
 import { createHash } from "node:crypto";
 import { chownSync, closeSync, existsSync, fchownSync, linkSync, mkdirSync, openSync, renameSync, unlinkSync, writeSync } from "node:fs";
 import type { FileHandle } from "node:fs/promises";
@@ -120,6 +122,24 @@ export async function copyChecked(stream: Readable, fd: number | FileHandle, hea
 
 const dirSync = new GroupSync();
 
+/** Removes FILES from new/ after a failed durable step; the directories synced as far as they can be. */
+function undo(files: readonly string[], newDirs: readonly string[]): void {
+  for (const f of files) {
+    try {
+      unlinkSync(f);
+    } catch {
+      // gone already
+    }
+  }
+  for (const d of new Set(newDirs)) {
+    try {
+      fsyncPath(d);
+    } catch {
+      // the directory is what failed: nothing more to do here
+    }
+  }
+}
+
 /**
  * Streams the message in, checks it, and delivers it to every mailbox, durably.
  * ALONGSIDE, when given, is the caller's own durable step after the renames and must
@@ -161,8 +181,14 @@ export async function deliver(stream: Readable, mailboxes: readonly string[], o:
     const newDirs = dirs.map((d) => join(d, "new"));
     // With ALONGSIDE (the delivery journal), the new/ directories are fsynced in its
     // round, together with its own fsync; without, here.
-    if (alongside) await alongside(delivered, newDirs);
-    else await Promise.all(newDirs.map((d) => dirSync.sync(d)));
+    try {
+      if (alongside) await alongside(delivered, newDirs);
+      else await Promise.all(newDirs.map((d) => dirSync.sync(d)));
+    } catch (err) {
+      // Not durable: taken back out of new/ (the client is refused and sends it again).
+      undo(files, newDirs);
+      throw err;
+    }
     return delivered;
   } finally {
     if (!closed) {
