@@ -72,6 +72,8 @@ const schema = z
       mail_uid: int("a uid for mail files", 500, 2 ** 31 - 2).default(5000),
       mail_gid: int("a gid for mail files", 500, 2 ** 31 - 2).default(5000),
       message_size_max_bytes: int("a byte count", 1024, 2 ** 31 - 1).default(25 * 1024 * 1024),
+      /** Recipients one message may have (RCPT beyond it: 452 4.5.3), as Postfix's smtpd_recipient_limit. */
+      message_recipients_max: int("a number of recipients", 1, 100_000).default(1000),
       outbound: z
         .strictObject({
           lifetime_s: int("seconds", 1, 30 * 86_400).default(5 * 86_400),

@@ -3,7 +3,8 @@
 // accepts what it would later bounce), spools each message durably on its own disk,
 // and forwards the spool to the active node, deleting a message only after the active
 // node's 250. When this node becomes active, its SMTP service delivers what is left
-// in the spool locally (flushSpool).
+// in the spool locally (flushSpool). It applies the active node's limits (limits.ts:
+// clients, recipients per message, size less the room for what it adds).
 //
 // The drain is exactly-once: each forwarded message opens with a trace field
 // `X-Mailha-Backup-Queue-Id: <spool id>`, which the active node believes only on the
@@ -26,6 +27,7 @@ import { fsyncPath, writeFileDurable } from "../../common/fsutil.ts";
 import type { NodePaths } from "../../common/paths.ts";
 import { aceAddress } from "./address.ts";
 import { copyChecked, RejectError } from "./maildir.ts";
+import { listenerLimits, recipientLimitError, smtpError } from "./limits.ts";
 
 const REFRESH_MS = 10_000;
 const RECHECK_MS = 2000;
@@ -158,12 +160,6 @@ export function checkRecipientsAuth(key: Buffer, header: string | undefined, now
   return want.length === got.length && timingSafeEqual(want, got);
 }
 
-function smtpError(code: number, message: string): Error & { responseCode: number } {
-  const e = new Error(message) as Error & { responseCode: number };
-  e.responseCode = code;
-  return e;
-}
-
 function spooled(dir: string): Envelope[] {
   if (!existsSync(dir)) return [];
   return readdirSync(dir)
@@ -257,10 +253,14 @@ export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; pat
     secure: false,
     authOptional: true,
     disabledCommands: ["AUTH"],
-    size: c.mail.message_size_max_bytes,
+    // The active node's limits (clients, idle time, recipients); the size less the room
+    // for what this node adds when it forwards.
+    ...listenerLimits(c, "backup-mx"),
     disableReverseLookup: true,
     logger: false,
-    onRcptTo(address, _session, cb) {
+    onRcptTo(address, session, cb) {
+      const full = recipientLimitError(session, address.address, c.mail.message_recipients_max);
+      if (full) return cb(full);
       const addr = aceAddress(address.address).toLowerCase();
       const domain = addr.slice(addr.lastIndexOf("@") + 1);
       if (!c.mail.domains.includes(domain)) return cb(smtpError(554, "5.7.1 Relay access denied"));
@@ -283,7 +283,7 @@ export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; pat
       const fd = openSync(eml, "wx", 0o600);
       // A trace field from the sender is removed: only this node's own, added when it
       // forwards, may reach the active node.
-      copyChecked(stripPeerField(stream, false), fd, headers, c.mail.message_size_max_bytes)
+      copyChecked(stripPeerField(stream, false), fd, headers, listenerLimits(c, "backup-mx").size!)
         .then(() => {
           fsyncSync(fd);
           closeSync(fd);

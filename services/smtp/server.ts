@@ -30,6 +30,8 @@ import { completeHeaders } from "./submission-headers.ts";
 import { aceAddress } from "./address.ts";
 import { RejectError } from "./maildir.ts";
 import { Directory } from "./recipients.ts";
+import { listenerLimits, recipientLimitError, smtpError } from "./limits.ts";
+import { Transactions } from "./transaction.ts";
 
 const CLOSE_TIMEOUT_MS = 1500;
 const INFLIGHT_WAIT_MS = 5000;
@@ -42,18 +44,6 @@ export interface SmtpPorts {
 }
 
 export const DEFAULT_PORTS: SmtpPorts = { mx: 25, submission: 587, submissions: 465 };
-const RECIPIENTS_MAX = 100;
-const SOCKET_TIMEOUT_MS = 120_000;
-
-interface MailhaSession extends SMTPServerSession {
-  mailha?: { mailboxes: Set<string>; remote: Set<string> };
-}
-
-function smtpError(code: number, message: string): Error & { responseCode: number } {
-  const e = new Error(message) as Error & { responseCode: number };
-  e.responseCode = code;
-  return e;
-}
 
 function rfc2822(d: Date): string {
   return d.toUTCString().replace(/GMT$/, "+0000");
@@ -100,7 +90,7 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
   // bob). The From: field is not checked (nor is it by Postfix's sender login check).
   // Other domains' addresses are the receivers' to judge (SPF, DMARC); the null sender
   // is allowed (clients send delivery reports with it).
-  const onMailFrom = (address: { address: string }, session: MailhaSession, cb: (err?: Error | null) => void) => {
+  const onMailFrom = (address: { address: string }, session: SMTPServerSession, cb: (err?: Error | null) => void) => {
     const from = aceAddress(address.address).toLowerCase();
     const user = typeof session.user === "string" ? session.user : "";
     if (!from || from === user || !dir.isLocalDomain(from.slice(from.lastIndexOf("@") + 1))) return cb();
@@ -113,22 +103,25 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
     );
   };
 
-  const onRcptTo = (submission: boolean) => (address: { address: string }, session: MailhaSession, cb: (err?: Error | null) => void) => {
+  // Where each recipient goes, per mail transaction (RSET, EHLO, STARTTLS forget it).
+  const transactions = new Transactions();
+  const onRcptTo = (submission: boolean) => (address: { address: string }, session: SMTPServerSession, cb: (err?: Error | null) => void) => {
+    const full = recipientLimitError(session, address.address, c.mail.message_recipients_max);
+    if (full) return cb(full);
     const rcpt = aceAddress(address.address);
     void dir.resolve(rcpt).then(
       (r) => {
-        session.mailha ??= { mailboxes: new Set(), remote: new Set() };
         if (r.kind === "not-local") {
           // Authenticated users may send anywhere: into the outbound queue.
           if (submission && session.user) {
-            session.mailha.remote.add(rcpt.toLowerCase());
+            transactions.add(session, address.address, { mailboxes: [], remote: [rcpt.toLowerCase()] });
             return cb();
           }
           return cb(smtpError(554, "5.7.1 Relay access denied"));
         }
         if (r.kind === "unknown") return cb(smtpError(550, `5.1.1 <${rcpt}>: Recipient address rejected: User unknown`));
-        for (const m of r.mailboxes) session.mailha.mailboxes.add(m);
-        for (const x of r.remote) session.mailha.remote.add(x); // aliases that forward elsewhere
+        // r.remote: aliases that forward elsewhere
+        transactions.add(session, address.address, r);
         cb();
       },
       (err: Error) => {
@@ -148,7 +141,7 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
   // peer's service address may name a backup MX queue id (the trace field); it is
   // removed from every message, on every port.
   const peer = c.nodes.find((n) => n.id !== o.nodeId)!;
-  const onData = (trustPeer: boolean) => (stream: SMTPServerDataStream, session: MailhaSession, cb: (err?: Error | null, message?: string) => void) => {
+  const onData = (trustPeer: boolean) => (stream: SMTPServerDataStream, session: SMTPServerSession, cb: (err?: Error | null, message?: string) => void) => {
     const t0 = Date.now();
     const from = session.envelope.mailFrom ? aceAddress(session.envelope.mailFrom.address) : "";
     const proto = `E${session.transmissionType ?? "SMTP"}`.replace(/^EE/, "E");
@@ -156,9 +149,7 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
     const filtered = stripPeerField(stream, trustPeer && session.remoteAddress === peer.service_address);
     // Submission: a message without Date: or Message-ID: gets them (as an MSA does).
     const input = session.user ? completeHeaders(filtered, { date: () => rfc2822(new Date()), messageId: () => `<${randomUUID()}@${myName}>` }) : filtered;
-    const mailboxes = [...(session.mailha?.mailboxes ?? [])];
-    const remote = [...(session.mailha?.remote ?? [])];
-    session.mailha = { mailboxes: new Set(), remote: new Set() };
+    const { mailboxes, remote } = transactions.targets(session);
     const fail = (err: Error) => {
       // Drain whatever the client still sends, then answer.
       input.resume();
@@ -219,16 +210,13 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
     banner: "mailha ESMTP",
     key,
     cert,
-    size: c.mail.message_size_max_bytes,
-    maxClients: 200,
+    ...listenerLimits(c, "active"),
     // A planned stop waits this long for sessions to end, then cuts them: a client
     // without its 250 sends again, to the node that takes over.
     closeTimeout: CLOSE_TIMEOUT_MS,
-    socketTimeout: SOCKET_TIMEOUT_MS,
     disableReverseLookup: true,
     logger: false,
   };
-  (common as SMTPServerOptions & { maxRecipients?: number; rejectOversized?: boolean }).maxRecipients = RECIPIENTS_MAX;
 
   const mx = new SMTPServer({ ...common, secure: false, authOptional: true, disabledCommands: ["AUTH"], onRcptTo: onRcptTo(false), onData: onData(true) });
   const sub: SMTPServerOptions = { ...common, authMethods: ["PLAIN", "LOGIN"], authOptional: false, onAuth, onMailFrom, onRcptTo: onRcptTo(true), onData: onData(false) };

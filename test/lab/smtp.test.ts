@@ -404,6 +404,93 @@ describe("mail on the active node", { skip }, () => {
     }
   });
 
+  /** Python's smtplib (a client nobody here wrote) running SCRIPT against HOST; its JSON output. In W, from the third host's address. */
+  const smtplib = async (script: string, o: { inW?: boolean } = {}): Promise<unknown> => {
+    const pre = "import smtplib, ssl, json, time\nctx = ssl.create_default_context()\nctx.check_hostname = False\nctx.verify_mode = ssl.CERT_NONE\n";
+    const args = ["-c", pre + script];
+    const r = o.inW ? await runAll("nsenter", [`--net=/run/netns/mailha-${lab.name}-w`, "python3", ...args], { timeoutMs: 120_000 }) : await runAll("python3", args, { timeoutMs: 120_000 });
+    assert.equal(r.code, 0, `smtplib script failed: ${r.stderr.slice(-800)}`);
+    return JSON.parse(r.stdout.trim().split("\n").pop()!);
+  };
+  /** One transaction on a raw connection to HOST:25; the replies. */
+  const transaction = async (host: string, lines: string[], body?: string) => {
+    const c = await RawSmtp.open(host, 25);
+    const replies: string[] = [];
+    try {
+      for (const l of lines) replies.push(await c.cmd(l));
+      if (body !== undefined) {
+        replies.push(await c.cmd("DATA"));
+        replies.push(await c.cmd(`${body}\r\n.\r\n`.replace(/\r\n\r\n\.\r\n$/, "\r\n.\r\n")));
+      }
+    } finally {
+      c.close();
+    }
+    return replies;
+  };
+  /** Waits until b's backup MX accepts RCPT ADDRESS (its recipient list has it). */
+  const bKnows = async (address: string) => {
+    for (let i = 0; i < 100; i++) {
+      const r = await transaction(lab.b, ["EHLO probe", "MAIL FROM:<probe@example.net>", `RCPT TO:<${address}>`]);
+      if (/^250/.test(r[2] ?? "")) return;
+      await sleep(500);
+    }
+    assert.fail(`the backup MX never accepted ${address}`);
+  };
+
+  test("a message goes to the recipients of its own transaction: RSET, EHLO and STARTTLS forget the earlier ones", async () => {
+    for (const reset of ["RSET", "EHLO again"]) {
+      const [a0, b0] = [count("alice"), count("bob")];
+      const r = await transaction(lab.a, ["EHLO test", "MAIL FROM:<x@example.net>", "RCPT TO:<bob@mailha.test>", reset, "MAIL FROM:<x@example.net>", "RCPT TO:<alice@mailha.test>"], `Subject: after ${reset}\r\n\r\nfor alice only`);
+      assert.match(r.at(-1)!, /^250/, `${reset}: ${r.join(" | ")}`);
+      assert.equal(count("alice"), a0 + 1, `${reset}: alice gets the message`);
+      assert.equal(count("bob"), b0, `${reset}: bob, named before the ${reset}, gets nothing`);
+    }
+    const [a0, b0] = [count("alice"), count("bob")];
+    const got = (await smtplib(`s = smtplib.SMTP("${lab.a}", 25, timeout=30)
+s.ehlo("test")
+s.mail("x@example.net")
+s.rcpt("bob@mailha.test")
+s.starttls(context=ctx)
+s.ehlo("test")
+s.mail("x@example.net")
+s.rcpt("alice@mailha.test")
+code, _ = s.data(b"Subject: after STARTTLS\\r\\n\\r\\nfor alice only\\r\\n")
+s.quit()
+print(json.dumps(code))`)) as number;
+    assert.equal(got, 250);
+    assert.equal(count("alice"), a0 + 1, "STARTTLS: alice gets the message");
+    assert.equal(count("bob"), b0, "STARTTLS: bob, named before it, gets nothing");
+  });
+
+  test("a message takes at most 1,000 recipients (452 4.5.3 after), on 25 and on the backup MX", async () => {
+    const { connectMariadb, mariadbPaths } = await import("../../services/mariadb.ts");
+    const { nodePaths } = await import("../../common/paths.ts");
+    const db = await connectMariadb(mariadbPaths(nodePaths(join(lab.dir, "a"))).socket, "mailha");
+    try {
+      const [rows] = await db.query("SELECT id FROM domains WHERE name = 'mailha.test'");
+      const domainId = (rows as { id: number }[])[0]!.id;
+      const values = Array.from({ length: 1001 }, (_, i) => [`many${i}@mailha.test`, "alice@mailha.test", domainId]);
+      await db.query("INSERT IGNORE INTO aliases (source, destination, domain_id) VALUES ?", [values]);
+    } finally {
+      await db.end();
+    }
+    await bKnows("many1000@mailha.test");
+    for (const host of [lab.a, lab.b]) {
+      const c = await RawSmtp.open(host, 25);
+      try {
+        await c.cmd("EHLO test");
+        await c.cmd("MAIL FROM:<x@example.net>");
+        c.send(Array.from({ length: 1001 }, (_, i) => `RCPT TO:<many${i}@mailha.test>\r\n`).join(""));
+        const replies: string[] = [];
+        for (let i = 0; i < 1001; i++) replies.push(await c.reply(30_000));
+        assert.equal(replies.slice(0, 1000).filter((r) => /^250/.test(r)).length, 1000, `${host}: the first 1,000 recipients are accepted (${replies.find((r) => !/^250/.test(r))})`);
+        assert.match(replies[1000]!, /^452 4\.5\.3 /, `${host}: the 1,001st is refused for now`);
+      } finally {
+        c.close();
+      }
+    }
+  });
+
   test("smtp-source: 5,000 messages over 20 sessions, every one in the Maildir exactly once", async () => {
     const before = count("carol");
     const r = await run("smtp-source", ["-s", "20", "-m", "5000", "-l", "2048", "-f", "load@example.net", "-t", "carol@mailha.test", `${lab.a}:25`], { timeoutMs: 600_000 });

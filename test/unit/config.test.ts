@@ -77,6 +77,16 @@ describe("cluster config", () => {
     assert.match(noInject[0]!.expected, /shell command that injects/);
   });
 
+  test("mail.message_recipients_max: 1000 by default, a positive integer up to 100,000", () => {
+    assert.equal(parseConfig(variant(), "t.yaml").mail.message_recipients_max, 1000);
+    assert.equal(parseConfig(variant((d) => d.setIn(["mail", "message_recipients_max"], 50)), "t.yaml").mail.message_recipients_max, 50);
+    for (const bad of [0, 1.5, 200_000, "many"]) {
+      const p = problemsOf(variant((d) => d.setIn(["mail", "message_recipients_max"], bad)));
+      assert.equal(p[0]?.path, "mail.message_recipients_max", `${bad} is refused`);
+      assert.match(p[0]!.expected, /a number of recipients \(an integer from 1 to 100000\)/);
+    }
+  });
+
   test("a missing key is named", () => {
     const p = problemsOf(variant((d) => d.deleteIn(["dns", "zone"])));
     assert.deepEqual(p.map((x) => x.path), ["dns.zone"]);
