@@ -25,7 +25,8 @@ import { SMTPServer, type SMTPServerDataStream, type SMTPServerSession } from "s
 import type { MailhaConfig } from "../../common/config.ts";
 import { fsyncPath, writeFileDurable } from "../../common/fsutil.ts";
 import type { NodePaths } from "../../common/paths.ts";
-import { aceAddress } from "./address.ts";
+import { aceAddress, recipientAddress } from "./address.ts";
+import { applyConformance } from "./conformance.ts";
 import { copyChecked, RejectError } from "./maildir.ts";
 import { listenerLimits, recipientLimitError, smtpError } from "./limits.ts";
 
@@ -240,6 +241,8 @@ export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; pat
   let lastRefresh = Date.now();
   await refresh();
 
+  const conformance = applyConformance();
+  if (!conformance.quotedLocalParts) o.log.warn(conformance, "smtp-server changed: quoted local parts are refused with 501");
   const tlsDir = join(o.paths.data, "etc", "tls");
   const tlsOpts = existsSync(join(tlsDir, "tls.key")) ? { key: readFileSync(join(tlsDir, "tls.key")), cert: readFileSync(join(tlsDir, "tls.crt")) } : { hideSTARTTLS: true };
   const myName = c.mail.mx.find((m) => m.node === o.nodeId)?.name ?? c.mail.host;
@@ -261,7 +264,7 @@ export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; pat
     onRcptTo(address, session, cb) {
       const full = recipientLimitError(session, address.address, c.mail.message_recipients_max);
       if (full) return cb(full);
-      const addr = aceAddress(address.address).toLowerCase();
+      const addr = recipientAddress(address.address, c.mail.domains[0]!).toLowerCase();
       const domain = addr.slice(addr.lastIndexOf("@") + 1);
       if (!c.mail.domains.includes(domain)) return cb(smtpError(554, "5.7.1 Relay access denied"));
       const check = () => {
@@ -287,7 +290,7 @@ export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; pat
         .then(() => {
           fsyncSync(fd);
           closeSync(fd);
-          const env: Envelope = { id, from, to: session.envelope.rcptTo.map((r) => aceAddress(r.address).toLowerCase()), receivedAt: new Date().toISOString() };
+          const env: Envelope = { id, from, to: session.envelope.rcptTo.map((r) => recipientAddress(r.address, c.mail.domains[0]!).toLowerCase()), receivedAt: new Date().toISOString() };
           writeFileDurable(join(dir, `${id}.json`), JSON.stringify(env)); // fsyncs the spool directory too
           o.log.info({ id, from, to: env.to }, "spooled on the backup MX");
           cb(null, `2.0.0 Ok: queued on the backup MX as ${id}`);

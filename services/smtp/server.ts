@@ -27,7 +27,8 @@ import { Journal, journalDir } from "./journal.ts";
 import { deliveryPath } from "./delivery.ts";
 import { greetWithoutPause } from "./greeting.ts";
 import { completeHeaders } from "./submission-headers.ts";
-import { aceAddress } from "./address.ts";
+import { aceAddress, recipientAddress } from "./address.ts";
+import { applyConformance } from "./conformance.ts";
 import { RejectError } from "./maildir.ts";
 import { Directory } from "./recipients.ts";
 import { listenerLimits, recipientLimitError, smtpError } from "./limits.ts";
@@ -58,6 +59,8 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
   const me = c.nodes.find((n) => n.id === o.nodeId)!;
   const ports = o.ports ?? DEFAULT_PORTS;
   if (!greetWithoutPause()) o.log.warn("smtp-server changed: the 100 ms greeting pause stays");
+  const conformance = applyConformance();
+  if (!conformance.authOnlyWhereAllowed || !conformance.quotedLocalParts) o.log.warn(conformance, "smtp-server changed: a correction of it is not applied (AUTH advertised before STARTTLS, or quoted local parts refused with 501)");
   const tlsDir = join(o.paths.data, "etc", "tls");
   const key = readFileSync(join(tlsDir, "tls.key"));
   const cert = readFileSync(join(tlsDir, "tls.crt"));
@@ -108,7 +111,7 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
   const onRcptTo = (submission: boolean) => (address: { address: string }, session: SMTPServerSession, cb: (err?: Error | null) => void) => {
     const full = recipientLimitError(session, address.address, c.mail.message_recipients_max);
     if (full) return cb(full);
-    const rcpt = aceAddress(address.address);
+    const rcpt = recipientAddress(address.address, c.mail.domains[0]!);
     void dir.resolve(rcpt).then(
       (r) => {
         if (r.kind === "not-local") {

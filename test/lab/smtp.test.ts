@@ -491,6 +491,38 @@ print(json.dumps(code))`)) as number;
     }
   });
 
+  test("RCPT TO:<postmaster> without a domain is accepted (the first domain's postmaster); a quoted local part is user unknown, not a syntax error", async () => {
+    assert.equal((await mailha(["alias", "add", "postmaster@mailha.test", "carol@mailha.test", "--config", lab.configFile])).code, 0);
+    await bKnows("postmaster@mailha.test");
+    for (const host of [lab.a, lab.b]) {
+      const c0 = count("carol");
+      const subject = `to the postmaster via ${host}`;
+      const r = await transaction(host, ["EHLO test", "MAIL FROM:<x@example.net>", "RCPT TO:<Postmaster>", 'RCPT TO:<"x y"@mailha.test>'], `Subject: ${subject}\r\n\r\nhello postmaster`);
+      assert.match(r[2]!, /^250/, `${host}: RCPT TO:<Postmaster> is accepted: ${r[2]}`);
+      assert.match(r[3]!, /^550 5\.1\.1 /, `${host}: a quoted local part is valid syntax, and unknown: ${r[3]}`);
+      assert.match(r.at(-1)!, /^250/);
+      for (let i = 0; i < 50 && count("carol") === c0; i++) await sleep(200);
+      assert.equal(count("carol"), c0 + 1, `${host}: the postmaster (carol, by alias) got it`);
+    }
+  });
+
+  test("submission on 587 offers AUTH only inside TLS; 465 offers it at once", async () => {
+    const got = (await smtplib(`s = smtplib.SMTP("${lab.a}", 587, timeout=30)
+s.ehlo("test")
+before = s.has_extn("auth")
+starttls = s.has_extn("starttls")
+s.starttls(context=ctx)
+s.ehlo("test")
+after = s.esmtp_features.get("auth", "")
+s.quit()
+t = smtplib.SMTP_SSL("${lab.a}", 465, timeout=30, context=ctx)
+t.ehlo("test")
+implicit = t.esmtp_features.get("auth", "")
+t.quit()
+print(json.dumps([before, starttls, after, implicit]))`)) as [boolean, boolean, string, string];
+    assert.deepEqual(got, [false, true, " PLAIN LOGIN", " PLAIN LOGIN"], "587: STARTTLS but no AUTH in the clear; AUTH inside TLS and on 465");
+  });
+
   test("smtp-source: 5,000 messages over 20 sessions, every one in the Maildir exactly once", async () => {
     const before = count("carol");
     const r = await run("smtp-source", ["-s", "20", "-m", "5000", "-l", "2048", "-f", "load@example.net", "-t", "carol@mailha.test", `${lab.a}:25`], { timeoutMs: 600_000 });

@@ -2,7 +2,7 @@
 // keeps (and looks up) the ASCII form.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { aceAddress } from "../../services/smtp/address.ts";
+import { aceAddress, recipientAddress } from "../../services/smtp/address.ts";
 
 test("a Unicode domain becomes its ACE form; the local part stays", () => {
   assert.equal(aceAddress("dora@bücher.test"), "dora@xn--bcher-kva.test");
@@ -16,4 +16,11 @@ test("ASCII addresses, addresses without a domain and invalid names are left alo
   assert.equal(aceAddress("postmaster"), "postmaster");
   assert.equal(aceAddress(""), "");
   assert.equal(aceAddress("x@bü cher.test"), "x@bü cher.test");
+});
+
+test("RCPT TO:<postmaster> without a domain is the first local domain's postmaster", () => {
+  assert.equal(recipientAddress("postmaster", "mailha.test"), "postmaster@mailha.test");
+  assert.equal(recipientAddress("PostMaster", "mailha.test"), "postmaster@mailha.test");
+  assert.equal(recipientAddress("postmaster@bücher.test", "mailha.test"), "postmaster@xn--bcher-kva.test");
+  assert.equal(recipientAddress("bob@mailha.test", "mailha.test"), "bob@mailha.test");
 });
