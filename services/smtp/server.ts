@@ -27,6 +27,7 @@ import { Journal, journalDir } from "./journal.ts";
 import { deliveryPath } from "./delivery.ts";
 import { greetWithoutPause } from "./greeting.ts";
 import { completeHeaders } from "./submission-headers.ts";
+import { rfc2822, traceFields } from "./trace.ts";
 import { aceAddress, recipientAddress } from "./address.ts";
 import { applyConformance } from "./conformance.ts";
 import { RejectError } from "./maildir.ts";
@@ -45,10 +46,6 @@ export interface SmtpPorts {
 }
 
 export const DEFAULT_PORTS: SmtpPorts = { mx: 25, submission: 587, submissions: 465 };
-
-function rfc2822(d: Date): string {
-  return d.toUTCString().replace(/GMT$/, "+0000");
-}
 
 export interface SmtpService {
   close(): Promise<void>;
@@ -148,7 +145,7 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
     const t0 = Date.now();
     const from = session.envelope.mailFrom ? aceAddress(session.envelope.mailFrom.address) : "";
     const proto = `E${session.transmissionType ?? "SMTP"}`.replace(/^EE/, "E");
-    const headers = `Return-Path: <${from}>\r\nReceived: from ${session.hostNameAppearsAs ?? "unknown"} ([${session.remoteAddress}])\r\n\tby ${myName} (mailha) with ${proto} id ${session.id}\r\n\tfor <${session.envelope.rcptTo.map((r) => aceAddress(r.address)).join(">, <")}>; ${rfc2822(new Date())}\r\n`;
+    const headers = traceFields({ from, helo: session.hostNameAppearsAs, remoteAddress: session.remoteAddress, by: myName, protocol: proto, id: session.id, rcpts: session.envelope.rcptTo.map((r) => aceAddress(r.address)), date: new Date() });
     const filtered = stripPeerField(stream, trustPeer && session.remoteAddress === peer.service_address);
     // Submission: a message without Date: or Message-ID: gets them (as an MSA does).
     const input = session.user ? completeHeaders(filtered, { date: () => rfc2822(new Date()), messageId: () => `<${randomUUID()}@${myName}>` }) : filtered;

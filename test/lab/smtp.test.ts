@@ -491,6 +491,18 @@ print(json.dumps(code))`)) as number;
     }
   });
 
+  test("a Bcc recipient is not named in the other copies: the Received line says `for` only with one recipient", async () => {
+    const subject = `two recipients ${Date.now()}`;
+    const r = await transaction(lab.a, ["EHLO test", "MAIL FROM:<x@example.net>", "RCPT TO:<alice@mailha.test>", "RCPT TO:<bob@mailha.test>"], `Subject: ${subject}\r\n\r\nhello both`);
+    assert.match(r.at(-1)!, /^250/);
+    const copy = stored(subject)[0] ?? "";
+    assert.match(copy, /^Received: from test /m);
+    assert.ok(!/\bfor </.test(copy.slice(0, copy.indexOf("\r\nSubject:"))), `no recipient is named in the trace field:\n${copy.slice(0, 400)}`);
+    const one = `one recipient ${Date.now()}`;
+    await transaction(lab.a, ["EHLO test", "MAIL FROM:<x@example.net>", "RCPT TO:<alice@mailha.test>"], `Subject: ${one}\r\n\r\nhello`);
+    assert.match(stored(one)[0] ?? "", /\tfor <alice@mailha\.test>; /, "a single recipient is named");
+  });
+
   test("RCPT TO:<postmaster> without a domain is accepted (the first domain's postmaster); a quoted local part is user unknown, not a syntax error", async () => {
     assert.equal((await mailha(["alias", "add", "postmaster@mailha.test", "carol@mailha.test", "--config", lab.configFile])).code, 0);
     await bKnows("postmaster@mailha.test");
