@@ -11,15 +11,16 @@
 // same sweep runs every SWEEP_INTERVAL_MS against what inotify may have dropped (an
 // overflow, which Node does not report; a watch refused at the watch limit). The very
 // first start on a tree takes what is there as it is (a baseline: nothing journaled).
-// Latency: a change is journaled about DEBOUNCE_MS after inotify reports it; a message
+// Latency: a change is journaled about DEBOUNCE_MS after inotify reports it (up to
+// ROUND_INTERVAL_MIN_MS under sustained change, more for a watcher at its CPU bound); a message
 // SMTP delivered is left alone (SMTP journals it) and one that looks like a delivery
 // whose journal line is not there yet waits DELIVERY_GRACE_MS.
 //
 // Bounds: at most WATCHES_MAX inotify watches (the rest of the tree relies on the
 // sweep); a round scans at most USERS_PER_ROUND users (USER_CONCURRENCY at a time), the
-// rest wait for the next; the watcher's CPU is held to DUTY_MAX of one core (a round
-// that cost T of CPU is followed by a pause of T * (1 - DUTY_MAX) / DUTY_MAX, never
-// more than ROUND_DELAY_MAX_MS); memory: the dirty set (users x folders), the watches,
+// rest wait for the next; rounds start at most every ROUND_INTERVAL_MIN_MS, and the
+// watcher's CPU is held to DUTY_MAX of one core (a round that cost T of CPU is followed
+// by a pause of T * (1 - DUTY_MAX) / DUTY_MAX, never more than ROUND_DELAY_MAX_MS); memory: the dirty set (users x folders), the watches,
 // the scan-state LRU (scan-state.ts) and one round's folder states. A user whose scan
 // fails is tried again every round (never given up: giving up would lose changes) and
 // counted in the status file.
@@ -37,7 +38,9 @@ export const DEBOUNCE_MS = 100;
 export const SWEEP_INTERVAL_MS = 30_000;
 export const USERS_PER_ROUND = 64;
 export const USER_CONCURRENCY = 4;
-export const DUTY_MAX = 0.25;
+export const DUTY_MAX = 0.1;
+/** Under sustained change, rounds start at most this often (each one then takes more changes). */
+export const ROUND_INTERVAL_MIN_MS = 500;
 export const ROUND_DELAY_MAX_MS = 5000;
 const FINAL_ROUNDS_MAX = 20;
 const FINAL_MS_MAX = 5000;
@@ -83,6 +86,8 @@ interface DirtyUser {
   readonly folders: Set<string>;
   root: boolean;
   all: boolean;
+  /** Only: compare the folder list and subscriptions with the state (the cheap look). */
+  check?: boolean;
 }
 
 type WatchKind = "mailroot" | "domain" | "userroot" | "folder";
@@ -232,17 +237,30 @@ export class MaildirWatcher {
     this.markAll(u);
   }
 
+  // The watches of a user's Maildir and folders are one-shot: the first event closes
+  // the watch and marks what it covers dirty; the round sets the watch again before it
+  // scans (so what happens in between is in the scan). A busy folder costs one event a
+  // round, not one a change (Dovecot writes its index files in the Maildir root at every
+  // STORE).
   private watchUser(u: UserRef): void {
     this.watchDir(u.maildir, "userroot", (file) => {
-      // Only folder directories and the subscriptions matter here; Dovecot's index,
-      // uidlist and lock files change all the time.
+      this.unwatch(u.maildir);
+      // Folder directories and the subscriptions are what matters here; anything else
+      // (Dovecot's index, uidlist and lock files) only asks for a cheap look.
       if (file === null || file.startsWith(".") || file === "subscriptions") this.markRoot(u);
+      else this.markRootCheck(u);
     });
   }
 
   private watchFolder(u: UserRef, dir: string): void {
     const p = folderPath(u.maildir, dir);
-    for (const sub of ["new", "cur"]) this.watchDir(join(p, sub), "folder", () => this.markFolder(u, dir));
+    for (const sub of ["new", "cur"]) {
+      const path = join(p, sub);
+      this.watchDir(path, "folder", () => {
+        this.unwatch(path);
+        this.markFolder(u, dir);
+      });
+    }
   }
 
   /** After a user's round: watches for the folders it has, none for those it lost. */
@@ -275,6 +293,12 @@ export class MaildirWatcher {
     this.schedule(this.debounceMs);
   }
 
+  /** The user's Maildir root changed somehow: the round compares its folder list and subscriptions. */
+  private markRootCheck(u: UserRef): void {
+    this.entry(u).check = true;
+    this.schedule(this.debounceMs);
+  }
+
   markAll(u: UserRef): void {
     this.entry(u).all = true;
     this.schedule(this.debounceMs);
@@ -282,6 +306,7 @@ export class MaildirWatcher {
 
   private schedule(ms: number): void {
     if (this.timer || this.closed || this.stats.catchUp === "running") return;
+    ms = Math.max(ms, this.lastRoundStart + ROUND_INTERVAL_MIN_MS - Date.now());
     this.timer = setTimeout(() => {
       this.timer = null;
       void this.round().catch((err: Error) => this.o.log.error({ err }, "journal: round failed"));
@@ -295,7 +320,10 @@ export class MaildirWatcher {
     return this.running;
   }
 
+  private lastRoundStart = 0;
+
   private async roundOnce(): Promise<void> {
+    this.lastRoundStart = Date.now();
     const cpu0 = process.cpuUsage();
     this.deliveries.catchUp();
     const batch = [...this.dirty.values()].slice(0, USERS_PER_ROUND);
@@ -305,6 +333,11 @@ export class MaildirWatcher {
       while (next < batch.length) {
         const d = batch[next++]!;
         try {
+          // The watches again first: a change from here on is reported or scanned.
+          this.watchUser(d.user);
+          for (const f of d.folders) this.watchFolder(d.user, f);
+          if (d.check && !d.root && rootMoved(this.store, d.user)) d.root = true;
+          if (!d.root && !d.all && !d.folders.size) continue;
           const r = await scanUser(this.ctx, d.user, d.all ? "all" : d.folders, d.root || d.all);
           this.stats.changes += r.changes;
           this.stats.scans += r.scanned;
@@ -319,6 +352,7 @@ export class MaildirWatcher {
           for (const f of d.folders) e.folders.add(f);
           e.root ||= d.root;
           e.all ||= d.all;
+          e.check ||= d.check;
         }
       }
     };

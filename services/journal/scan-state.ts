@@ -4,20 +4,28 @@
 // UID, inode and size; the directories' mtimes at that scan; the keywords). A state is
 // written only after the journal entries of the changes it reflects are durable, so a
 // crash in between makes the next scan journal those changes again, never lose them.
-// Writes are atomic (temp file, fsync, rename, fsync of the directory).
+// A folder's state is a snapshot (`m<dir>.json`, atomic: temp file, fsync, rename,
+// fsync of the directory) and a log of what changed since (`m<dir>.log`, one fsynced
+// JSON line a round with the messages set and removed, tagged with the snapshot's
+// generation: lines of an older snapshot are ignored, a torn last line too). So a busy
+// folder costs a round a few lines, not its whole list, on the replicated volume; the
+// snapshot is written again once the log outgrows it (at least LOG_BYTES_MIN).
 // Bound: an LRU of parsed mailbox states of at most CACHE_MESSAGES_MAX messages.
-import { existsSync, mkdirSync, readFileSync, renameSync, rmSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, rmSync, statSync } from "node:fs";
 import { open, rename } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { fsyncPathAsync } from "../../common/fsutil.ts";
 
 export const CACHE_MESSAGES_MAX = 200_000;
+export const LOG_BYTES_MIN = 64 * 1024;
 
 /** letters (sorted flag letters), uid (null: not in dovecot-uidlist yet), inode, size. */
 export type MsgState = [letters: string, uid: number | null, ino: number, size: number];
 
 export interface MailboxState {
   readonly v: 1;
+  /** The snapshot generation the state was read from or last written as. */
+  gen?: number;
   guid: string | null;
   uidvalidity: number | null;
   /** mtimes (ns, as strings) of cur/ and new/ and "mtime:size" of dovecot-uidlist at the scan. */
@@ -48,6 +56,13 @@ export async function writeDurable(file: string, text: string): Promise<void> {
   }
   await rename(tmp, file);
   await fsyncPathAsync(dirname(file));
+}
+
+interface Delta {
+  readonly gen: number;
+  readonly set: [string, ...MsgState][];
+  readonly del: string[];
+  readonly meta: Omit<MailboxState, "msgs" | "gen">;
 }
 
 export function emptyMailboxState(): MailboxState {
@@ -90,7 +105,11 @@ export class ScanStore {
     await writeDurable(join(this.userDir(userRel), "user.json"), JSON.stringify(u));
   }
 
-  /** The state of one folder, or null when it has none. */
+  private logFile(userRel: string, dir: string): string {
+    return join(this.userDir(userRel), `m${dir}.log`);
+  }
+
+  /** The state of one folder (its snapshot and log), or null when it has none. */
   loadMailbox(userRel: string, dir: string): MailboxState | null {
     const k = `${userRel}\0${dir}`;
     const hit = this.cache.get(k);
@@ -108,9 +127,27 @@ export class ScanStore {
     if (raw.v !== 1) return null;
     const msgs = new Map<string, MsgState>();
     for (const [key, ...m] of raw.msgs) msgs.set(key, m);
-    const s: MailboxState = { ...raw, msgs };
-    this.remember(k, s);
-    return s;
+    const st: MailboxState = { ...raw, gen: raw.gen ?? 0, msgs };
+    let log = "";
+    try {
+      log = readFileSync(this.logFile(userRel, dir), "utf8");
+    } catch {
+      log = "";
+    }
+    for (const line of log.split("\n")) {
+      let d: Delta;
+      try {
+        d = JSON.parse(line) as Delta;
+      } catch {
+        continue; // a torn last line: that round is scanned again
+      }
+      if (d.gen !== st.gen) continue;
+      for (const [key, ...m] of d.set) st.msgs.set(key, m);
+      for (const key of d.del) st.msgs.delete(key);
+      Object.assign(st, d.meta);
+    }
+    this.remember(k, st);
+    return st;
   }
 
   private remember(k: string, s: MailboxState): void {
@@ -128,23 +165,63 @@ export class ScanStore {
     }
   }
 
+  /**
+   * Saves S as the folder's state: a log line with what differs from the state saved
+   * last (when that is known and the log is small), else a new snapshot.
+   */
   async saveMailbox(userRel: string, dir: string, s: MailboxState): Promise<void> {
+    const k = `${userRel}\0${dir}`;
+    const prev = this.cache.get(k);
+    const logPath = this.logFile(userRel, dir);
+    let logBytes = 0;
+    let snapBytes = 0;
+    try {
+      logBytes = statSync(logPath).size;
+    } catch {
+      logBytes = -1;
+    }
+    try {
+      snapBytes = statSync(this.mailboxFile(userRel, dir)).size;
+    } catch {
+      snapBytes = -1;
+    }
+    if (prev && prev.gen !== undefined && snapBytes >= 0 && logBytes < Math.max(LOG_BYTES_MIN, snapBytes)) {
+      const set: [string, ...MsgState][] = [];
+      const del: string[] = [];
+      for (const [key, m] of s.msgs) {
+        const p = prev.msgs.get(key);
+        if (!p || p[0] !== m[0] || p[1] !== m[1] || p[2] !== m[2] || p[3] !== m[3]) set.push([key, ...m]);
+      }
+      for (const key of prev.msgs.keys()) if (!s.msgs.has(key)) del.push(key);
+      const { msgs: _m, gen: _g, ...meta } = s;
+      const d: Delta = { gen: prev.gen, set, del, meta };
+      const fh = await open(logPath, "a", 0o600);
+      try {
+        // A line of its own even after a torn one (a blank line is passed over).
+        await fh.writeFile("\n" + JSON.stringify(d) + "\n");
+        await fh.sync();
+      } finally {
+        await fh.close();
+      }
+      if (logBytes < 0) await fsyncPathAsync(dirname(logPath));
+      s.gen = prev.gen;
+      this.remember(k, s);
+      return;
+    }
     const { msgs, ...rest } = s;
     const list: [string, ...MsgState][] = [];
     for (const [key, m] of msgs) list.push([key, ...m]);
-    await writeDurable(this.mailboxFile(userRel, dir), JSON.stringify({ ...rest, msgs: list }));
-    this.remember(`${userRel}\0${dir}`, s);
-  }
-
-  /** A folder renamed: its state goes with it (before the new state is saved over it). */
-  renameMailbox(userRel: string, from: string, to: string): void {
-    const f = this.mailboxFile(userRel, from);
-    if (existsSync(f)) renameSync(f, this.mailboxFile(userRel, to));
-    this.forget(userRel, from);
+    // A new generation: the old log's lines no longer apply (removed after, for space).
+    const gen = Math.max(Date.now(), (prev?.gen ?? 0) + 1, (rest.gen ?? 0) + 1);
+    await writeDurable(this.mailboxFile(userRel, dir), JSON.stringify({ ...rest, gen, msgs: list }));
+    rmSync(logPath, { force: true });
+    s.gen = gen;
+    this.remember(k, s);
   }
 
   removeMailbox(userRel: string, dir: string): void {
     rmSync(this.mailboxFile(userRel, dir), { force: true });
+    rmSync(this.logFile(userRel, dir), { force: true });
     this.forget(userRel, dir);
   }
 

@@ -166,6 +166,8 @@ export async function scanUser(ctx: ScanContext, u: UserRef, dirty: Dirty, rootD
   const toScan = new Set<string>(dirty === "all" ? [] : [...dirty]);
   const renamedFrom = new Map<string, string>();
   const removedDirs: string[] = [];
+  /** Folders deleted and made again: their new state starts empty (saved over the old at the commit). */
+  const recreated = new Set<string>();
   const rootMs = statOrNull(u.maildir)?.mtimeMs ?? now();
   // A deleted folder's messages go first, one expunge each: the merge then knows what
   // the delete took (and what the other side added there since).
@@ -185,7 +187,7 @@ export async function scanUser(ctx: ScanContext, u: UserRef, dirty: Dirty, rootD
         // Deleted and created again under the same name between two scans.
         expungeAll(dir, known, rootMs);
         emit("mailbox-delete", { user: u.address, guid: known.guid, name: known.name }, rootMs);
-        ctx.store.removeMailbox(u.rel, dir);
+        recreated.add(dir);
         delete newUser.folders[dir];
       } else if (known) {
         if (!known.guid && guid) newUser.folders[dir] = { ...known, guid };
@@ -237,7 +239,7 @@ export async function scanUser(ctx: ScanContext, u: UserRef, dirty: Dirty, rootD
   for (const dir of toScan) {
     const path = folderPath(u.maildir, dir);
     const info = newUser.folders[dir]!;
-    const prev = ctx.store.loadMailbox(u.rel, renamedFrom.get(dir) ?? dir) ?? emptyMailboxState();
+    const prev = (recreated.has(dir) ? null : ctx.store.loadMailbox(u.rel, renamedFrom.get(dir) ?? dir)) ?? emptyMailboxState();
     const scannedAtMs = now();
     // mtimes before the listing: a change after it moves them and is seen next time.
     const mt = { cur: mtimeNs(join(path, "cur")), new: mtimeNs(join(path, "new")), uidlist: uidlistStamp(path) };

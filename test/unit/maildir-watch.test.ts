@@ -371,3 +371,26 @@ test("a watcher killed (SIGKILL) before it scanned a change journals it after a 
   await new Promise((r) => child.once("exit", r));
   assert.deepEqual(summary(es), [`flags INBOX ${m} +\\Seen -`]);
 });
+
+test("a folder's state is a snapshot and a log of changes: read back whole, a torn line and an old snapshot's lines passed over", async () => {
+  const dir = join(root, `state${++dirs}`);
+  const store = new ScanStore(dir);
+  const st = (msgs: [string, string][]) => ({ v: 1 as const, guid: null, uidvalidity: 1, mt: { cur: "1", new: "2", uidlist: "" }, scannedAtMs: 5, keywords: ["Work"], msgs: new Map(msgs.map(([k, l], i) => [k, [l, i + 1, 100 + i, 10] as [string, number, number, number]])) });
+  await store.saveMailbox("d/u", "", st([["a", ""], ["b", "S"]]));
+  await store.saveMailbox("d/u", "", st([["a", "F"], ["c", ""]]));
+  const log = join(dir, "d", "u", "m.log");
+  assert.ok(existsSync(log), "the second save is a log line");
+  const read = () => new ScanStore(dir).loadMailbox("d/u", "")!;
+  assert.deepEqual([...read().msgs.keys()].sort(), ["a", "c"]);
+  assert.equal(read().msgs.get("a")![0], "F");
+  // A torn line (a crash during the write): that round is as if not saved.
+  appendFileSync(log, '\n{"gen":1,"set":[["z"');
+  assert.deepEqual([...read().msgs.keys()].sort(), ["a", "c"]);
+  // Once the log outgrows its bound, a new snapshot; the old log's lines no longer apply.
+  const big = st(Array.from({ length: 3000 }, (_, i) => [`k${i}`, i % 2 ? "S" : ""] as [string, string]));
+  await store.saveMailbox("d/u", "", big);
+  for (let r = 0; r < 40; r++) await store.saveMailbox("d/u", "", st(Array.from({ length: 3000 }, (_, i) => [`k${i}`, (i + r) % 3 ? "S" : "F"] as [string, string])));
+  const last = st(Array.from({ length: 3000 }, (_, i) => [`k${i}`, (i + 39) % 3 ? "S" : "F"] as [string, string]));
+  assert.deepEqual([...read().msgs], [...last.msgs]);
+  assert.ok(!existsSync(log) || readFileSync(log, "utf8").length < 200_000, "the log is compacted into snapshots");
+});
