@@ -1,7 +1,8 @@
 // The resource group and its agents. Each agent has start, stop, monitor and kill,
 // each bounded by a timeout; the group starts them left to right and stops them right
-// to left: volume primary -> filesystem -> mariadb -> redis -> dovecot -> smtp. A start
-// that fails stops what was started. A start can be aborted (self-fencing during
+// to left: volume primary -> filesystem -> mariadb -> redis -> dovecot -> smtp ->
+// journal (by layer: the journal stops after dovecot and smtp). A start that fails
+// stops what was started. A start can be aborted (self-fencing during
 // activation): between two resources, or at once where a resource waits (a daemon's
 // readiness, the replication link); the kill or stop that asked for it then handles
 // every resource. The data of every service lives on the replicated volume, mounted at
@@ -28,6 +29,8 @@ import { ensureSelfSignedCert } from "../services/tls.ts";
 import { isMounted, mountVolume, unmountVolume } from "../replication/filesystem.ts";
 import { FILE_NAME } from "../replication/fuse-export.ts";
 import { volumeCall, volumeStatus, waitForVolume, type VolumeContext } from "../replication/client.ts";
+import { writeNodeMarker } from "../services/journal/accounts.ts";
+import { readWatchStatus, watchStatusFile } from "../services/journal/maildir-watch.ts";
 
 export type ResourceState = "stopped" | "starting" | "running" | "stopping" | "failed";
 
@@ -339,8 +342,62 @@ const smtpAgent: ResourceAgent = {
   },
 };
 
+/** A watcher that has not written its status for this long is taken as hung. */
+const JOURNAL_STATUS_STALE_MS = 30_000;
+/** When this node daemon last started the watcher (its monitor gives it time to load). */
+let journalStartedAtMs = 0;
+
+/** `mailha journal watch` (services/journal/README.md), a child of the node daemon. */
+function journalSpec(ctx: ResourceContext): Parameters<typeof startDaemon>[0] {
+  return {
+    name: "journal",
+    command: process.execPath,
+    args: [BIN, "journal", "watch", "--config", ctx.config.file, "--node", ctx.nodeId],
+    logFile: join(ctx.paths.log, "journal.log"),
+    // Not waited for: its catch-up at start journals whatever happens before it
+    // watches, so the group (and a takeover) does not wait for it to load.
+    ready: async () => true,
+    readyTimeoutMs: 20_000,
+    // Its last round journals what Dovecot and SMTP did before they stopped (at most 5 s).
+    stopTimeoutMs: 10_000,
+  };
+}
+
+/**
+ * The change journal's Dovecot source. It needs only the file system, so its layer is
+ * that of mariadb and redis: started last (after smtp), it stops after dovecot and smtp
+ * and so sees their last changes. It also names this node beside MariaDB's socket, for
+ * the account entries (services/journal/accounts.ts).
+ */
+const journalAgent: ResourceAgent = {
+  name: "journal",
+  layer: 2,
+  startTimeoutMs: 30_000,
+  stopTimeoutMs: 15_000,
+  monitorTimeoutMs: 3000,
+  async start(ctx) {
+    writeNodeMarker(ctx.paths.run, ctx.nodeId);
+    journalStartedAtMs = Date.now();
+    await startDaemonResource(ctx, journalSpec(ctx));
+  },
+  async stop(ctx) {
+    await stopDaemonResource(ctx, "journal", "stop");
+  },
+  async monitor(ctx) {
+    const rec = ctx.daemons.get("journal");
+    if (!rec || !isAlive(rec)) throw new Error("the journal watcher is not running");
+    const s = readWatchStatus(watchStatusFile(ctx.paths.run));
+    const at = Math.max(Date.parse(s?.at ?? "") || 0, journalStartedAtMs);
+    const age = Date.now() - at;
+    if (!(age < JOURNAL_STATUS_STALE_MS)) throw new Error(`the journal watcher has not reported for ${Math.round(age / 1000)} s`);
+  },
+  async kill(ctx) {
+    await stopDaemonResource(ctx, "journal", "kill");
+  },
+};
+
 /** The ordered group; the dns step joins at the end with issue 6. */
-export const GROUP: readonly ResourceAgent[] = [volumeAgent, filesystemAgent, mariadbAgent, redisAgent, dovecotAgent, smtpAgent];
+export const GROUP: readonly ResourceAgent[] = [volumeAgent, filesystemAgent, mariadbAgent, redisAgent, dovecotAgent, smtpAgent, journalAgent];
 
 function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   return new Promise((resolve, reject) => {

@@ -1,8 +1,11 @@
 // The user and domain store in MariaDB: schema migrations applied by code at start,
 // and the few account operations the lab and the operator commands need. Dovecot reads
-// the same tables (passdb/userdb sql) through a read-only database user.
+// the same tables (passdb/userdb sql) through a read-only database user. Every row an
+// operation changes is also journaled (`account` entries, services/journal/accounts.ts)
+// before the operation returns.
 import type { Connection } from "mysql2/promise";
 import { hashPassword } from "./password.ts";
+import { journalAccountChange } from "./journal/accounts.ts";
 
 export const DATABASE = "mailha";
 
@@ -76,7 +79,8 @@ export async function grantReader(db: Connection, user: string, password: string
 }
 
 export async function addDomain(db: Connection, name: string): Promise<void> {
-  await db.query(`INSERT IGNORE INTO ${DATABASE}.domains (name) VALUES (?)`, [name.toLowerCase()]);
+  const [res] = await db.query(`INSERT IGNORE INTO ${DATABASE}.domains (name) VALUES (?)`, [name.toLowerCase()]);
+  if ((res as { affectedRows: number }).affectedRows) await journalAccountChange(db, { table: "domains", key: name.toLowerCase(), columns: { name: name.toLowerCase() } });
 }
 
 /** Adds a user, or sets the password of an existing one. The domain must exist. */
@@ -89,11 +93,15 @@ export async function upsertUser(db: Connection, email: string, password: string
   const [rows] = await db.query(`SELECT id FROM ${DATABASE}.domains WHERE name = ?`, [domain]);
   const d = (rows as { id: number }[])[0];
   if (!d) throw new Error(`domain ${domain} does not exist (add it first)`);
-  await db.query(
+  const hash = hashPassword(password);
+  const [res] = await db.query(
     `INSERT INTO ${DATABASE}.users (email, local_part, domain_id, password) VALUES (?, ?, ?, ?)
      ON DUPLICATE KEY UPDATE password = VALUES(password)`,
-    [addr, local, d.id, hashPassword(password)],
+    [addr, local, d.id, hash],
   );
+  // 1: inserted, 2: the password changed.
+  const n = (res as { affectedRows: number }).affectedRows;
+  if (n) await journalAccountChange(db, { table: "users", key: addr, columns: n === 1 ? { email: addr, local_part: local, domain, password: hash, active: 1 } : { password: hash } });
 }
 
 function splitAddress(email: string): { local: string; domain: string; addr: string } {
@@ -117,20 +125,25 @@ export async function addUser(db: Connection, email: string, password: string): 
   const id = await domainId(db, domain);
   const [rows] = await db.query(`SELECT 1 FROM ${DATABASE}.users WHERE email = ?`, [addr]);
   if ((rows as unknown[]).length) throw new Error(`user ${addr} already exists (change the password with: mailha user passwd ${addr})`);
-  await db.query(`INSERT INTO ${DATABASE}.users (email, local_part, domain_id, password) VALUES (?, ?, ?, ?)`, [addr, local, id, hashPassword(password)]);
+  const hash = hashPassword(password);
+  await db.query(`INSERT INTO ${DATABASE}.users (email, local_part, domain_id, password) VALUES (?, ?, ?, ?)`, [addr, local, id, hash]);
+  await journalAccountChange(db, { table: "users", key: addr, columns: { email: addr, local_part: local, domain, password: hash, active: 1 } });
 }
 
 export async function setPassword(db: Connection, email: string, password: string): Promise<void> {
   const { addr } = splitAddress(email);
   if (password.length < 8) throw new Error("the password must have at least 8 characters");
-  const [res] = await db.query(`UPDATE ${DATABASE}.users SET password = ? WHERE email = ?`, [hashPassword(password), addr]);
+  const hash = hashPassword(password);
+  const [res] = await db.query(`UPDATE ${DATABASE}.users SET password = ? WHERE email = ?`, [hash, addr]);
   if ((res as { affectedRows: number }).affectedRows === 0) throw new Error(`no user ${addr}`);
+  await journalAccountChange(db, { table: "users", key: addr, columns: { password: hash } });
 }
 
 export async function deleteUser(db: Connection, email: string): Promise<void> {
   const { addr } = splitAddress(email);
   const [res] = await db.query(`DELETE FROM ${DATABASE}.users WHERE email = ?`, [addr]);
   if ((res as { affectedRows: number }).affectedRows === 0) throw new Error(`no user ${addr}`);
+  await journalAccountChange(db, { table: "users", key: addr, columns: {}, deleted: true });
 }
 
 export async function listUsers(db: Connection): Promise<{ email: string; active: boolean; created: string }[]> {
@@ -142,16 +155,22 @@ export async function addAlias(db: Connection, source: string, destination: stri
   const s = splitAddress(source);
   const d = splitAddress(destination);
   const id = await domainId(db, s.domain);
-  await db.query(`INSERT IGNORE INTO ${DATABASE}.aliases (source, destination, domain_id) VALUES (?, ?, ?)`, [s.addr, d.addr, id]);
+  const [res] = await db.query(`INSERT IGNORE INTO ${DATABASE}.aliases (source, destination, domain_id) VALUES (?, ?, ?)`, [s.addr, d.addr, id]);
+  if ((res as { affectedRows: number }).affectedRows) await journalAccountChange(db, { table: "aliases", key: `${s.addr} ${d.addr}`, columns: { source: s.addr, destination: d.addr } });
 }
 
 export async function deleteAlias(db: Connection, source: string, destination?: string): Promise<number> {
   const s = splitAddress(source);
+  // The rows it removes, for the journal (one entry each).
+  const [gone] = destination
+    ? await db.query(`SELECT destination FROM ${DATABASE}.aliases WHERE source = ? AND destination = ?`, [s.addr, splitAddress(destination).addr])
+    : await db.query(`SELECT destination FROM ${DATABASE}.aliases WHERE source = ?`, [s.addr]);
   const [res] = destination
     ? await db.query(`DELETE FROM ${DATABASE}.aliases WHERE source = ? AND destination = ?`, [s.addr, splitAddress(destination).addr])
     : await db.query(`DELETE FROM ${DATABASE}.aliases WHERE source = ?`, [s.addr]);
   const n = (res as { affectedRows: number }).affectedRows;
   if (n === 0) throw new Error(`no alias ${s.addr}${destination ? ` -> ${destination}` : ""}`);
+  for (const r of gone as { destination: string }[]) await journalAccountChange(db, { table: "aliases", key: `${s.addr} ${r.destination}`, columns: {}, deleted: true });
   return n;
 }
 

@@ -16,6 +16,7 @@ import { moveCommands, nodeCommandGroup, statusCommand, witnessCommand } from ".
 import { mailCommands } from "./mail-cmd.ts";
 import { failoverTestCommand } from "./failover-cmd.ts";
 import { dnsCommand } from "./dns-cmd.ts";
+import { journalCommand } from "./journal-cmd.ts";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 const VERSION = (JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8")) as { version: string }).version;
@@ -186,6 +187,7 @@ function program(): Command {
   for (const cmd of moveCommands(DEFAULT_CONFIG)) p.addCommand(cmd);
   for (const cmd of mailCommands(DEFAULT_CONFIG)) p.addCommand(cmd);
   p.addCommand(dnsCommand(DEFAULT_CONFIG));
+  p.addCommand(journalCommand(DEFAULT_CONFIG));
   p.addCommand(failoverTestCommand(DEFAULT_LAB_CONFIG));
 
   lab
