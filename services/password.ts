@@ -1,7 +1,11 @@
 // Password hashes Dovecot understands: SHA512-CRYPT (the $6$ scheme of crypt(3), as
 // specified by Ulrich Drepper), stored as "{SHA512-CRYPT}$6$salt$hash". Written here
 // from the specification so that account tools need no native module.
+// A service that checks passwords (SMTP AUTH) does it off its event loop, in a small
+// pool of worker threads (PasswordVerifier): a bounded queue, a time limit per check.
+// The cost grows with the square of the password's length, so callers bound that too.
 import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
+import { isMainThread, parentPort, Worker, workerData } from "node:worker_threads";
 
 const ITOA64 = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 const ROUNDS_DEFAULT = 5000;
@@ -88,4 +92,125 @@ export function verifyPassword(password: string, stored: string): boolean {
   const want = Buffer.from(stored.slice("{SHA512-CRYPT}".length));
   const got = Buffer.from(again);
   return want.length === got.length && timingSafeEqual(want, got);
+}
+
+const WORKER_ROLE = "mailha-password-verify";
+/** Worker threads that hash at once (the machine's cores serve the rest of the service too). */
+export const VERIFY_WORKERS = 2;
+/** Checks waiting for a worker; beyond it a check is refused at once (the caller answers 4xx). */
+export const VERIFY_QUEUE_MAX = 64;
+/** One check longer than this (an absurd rounds= in a stored hash) ends its worker. */
+export const VERIFY_TIMEOUT_MS = 5000;
+
+interface VerifyJob {
+  readonly id: number;
+  readonly password: string;
+  readonly stored: string;
+  readonly done: (err: Error | null, ok?: boolean) => void;
+}
+
+/** Thrown when VERIFY_QUEUE_MAX checks are already waiting. */
+export class VerifierBusyError extends Error {}
+
+/** The module itself, run in a worker thread (tsx loads the TypeScript there too). */
+function workerUrl(): URL {
+  const code = `import { register } from ${JSON.stringify(import.meta.resolve("tsx/esm/api"))}; register(); await import(${JSON.stringify(import.meta.url)});`;
+  return new URL(`data:text/javascript,${encodeURIComponent(code)}`);
+}
+
+/** verifyPassword in a pool of worker threads: the caller's event loop never hashes. */
+export class PasswordVerifier {
+  private readonly idle: Worker[] = [];
+  private readonly busy = new Map<Worker, { job: VerifyJob; timer: NodeJS.Timeout }>();
+  private readonly queue: VerifyJob[] = [];
+  private workers = 0;
+  private seq = 0;
+  private closed = false;
+
+  constructor(
+    private readonly size = VERIFY_WORKERS,
+    private readonly queueMax = VERIFY_QUEUE_MAX,
+    private readonly timeoutMs = VERIFY_TIMEOUT_MS,
+  ) {}
+
+  verify(password: string, stored: string): Promise<boolean> {
+    if (this.closed) return Promise.reject(new Error("the password verifier is closed"));
+    if (this.queue.length >= this.queueMax) return Promise.reject(new VerifierBusyError(`${this.queueMax} password checks are waiting already`));
+    return new Promise((resolve, reject) => {
+      this.queue.push({ id: ++this.seq, password, stored, done: (err, ok) => (err ? reject(err) : resolve(ok === true)) });
+      this.dispatch();
+    });
+  }
+
+  private spawn(): Worker {
+    const w = new Worker(workerUrl(), { workerData: { role: WORKER_ROLE } });
+    w.unref();
+    this.workers++;
+    w.on("message", (m: { id: number; ok: boolean }) => {
+      const b = this.busy.get(w);
+      if (!b || b.job.id !== m.id) return;
+      clearTimeout(b.timer);
+      this.busy.delete(w);
+      this.idle.push(w);
+      b.job.done(null, m.ok);
+      this.dispatch();
+    });
+    const gone = (err: Error) => {
+      const b = this.busy.get(w);
+      this.busy.delete(w);
+      const i = this.idle.indexOf(w);
+      if (i >= 0) this.idle.splice(i, 1);
+      this.workers--;
+      if (b) {
+        clearTimeout(b.timer);
+        b.job.done(err);
+      }
+      this.dispatch();
+    };
+    w.once("error", gone);
+    w.once("exit", (code) => gone(new Error(`password worker exited (${code})`)));
+    return w;
+  }
+
+  private dispatch(): void {
+    while (!this.closed && this.queue.length) {
+      const w = this.idle.pop() ?? (this.workers < this.size ? this.spawn() : null);
+      if (!w) return;
+      const job = this.queue.shift()!;
+      const timer = setTimeout(() => {
+        // The worker is stuck in one hash: it goes, a new one takes its place.
+        this.busy.delete(w);
+        this.workers--;
+        w.removeAllListeners();
+        w.on("error", () => {});
+        void w.terminate();
+        job.done(new Error(`a password check took more than ${this.timeoutMs} ms`));
+        this.dispatch();
+      }, this.timeoutMs);
+      timer.unref();
+      this.busy.set(w, { job, timer });
+      w.postMessage({ id: job.id, password: job.password, stored: job.stored });
+    }
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    for (const j of this.queue.splice(0)) j.done(new Error("the password verifier is closed"));
+    const all = [...this.idle, ...this.busy.keys()];
+    for (const [, b] of this.busy) {
+      clearTimeout(b.timer);
+      b.job.done(new Error("the password verifier is closed"));
+    }
+    this.busy.clear();
+    this.idle.length = 0;
+    for (const w of all) w.removeAllListeners().on("error", () => {});
+    await Promise.all(all.map((w) => w.terminate()));
+  }
+}
+
+// In a worker thread of a PasswordVerifier: answer each check.
+if (!isMainThread && (workerData as { role?: string } | null)?.role === WORKER_ROLE) {
+  parentPort!.on("message", (m: { id: number; password: string; stored: string }) => {
+    parentPort!.postMessage({ id: m.id, ok: verifyPassword(m.password, m.stored) });
+  });
 }

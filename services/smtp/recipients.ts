@@ -1,12 +1,12 @@
 // Who mail is for: local domains, users and aliases from the account store in
-// MariaDB, and password checks for SMTP AUTH. Aliases are followed a bounded number of
+// MariaDB, and the stored password hashes SMTP AUTH checks against. Aliases are followed a bounded number of
 // levels; a destination outside the local domains is reported as remote. Addresses
 // found to be local are remembered for RESOLVED_TTL_MS (bounded), so a busy MX does
 // not ask MariaDB twice per recipient; unknown addresses are always asked again, so a
-// new user receives mail at once and a removed one is refused within the TTL.
+// new user receives mail at once and a removed one is refused within the TTL. The
+// password check itself is auth.ts's (bounded, off the event loop).
 import mysql from "mysql2/promise";
 import { DATABASE } from "../accounts.ts";
-import { verifyPassword } from "../password.ts";
 
 const ALIAS_DEPTH_MAX = 5;
 const EXPANSION_MAX = 100;
@@ -78,10 +78,10 @@ export class Directory {
     return { kind: "local", mailboxes: [...mailboxes], remote: [...remote] };
   }
 
-  async authenticate(user: string, password: string): Promise<boolean> {
+  /** USER's stored password hash (for SMTP AUTH, auth.ts), or null when there is no such active user. */
+  async storedPassword(user: string): Promise<string | null> {
     const [rows] = await this.pool.query("SELECT password FROM users WHERE email = ? AND active = 1", [user.toLowerCase()]);
-    const row = (rows as { password: string }[])[0];
-    return !!row && verifyPassword(password, row.password);
+    return (rows as { password: string }[])[0]?.password ?? null;
   }
 
   /** Every address mail is accepted for (users and alias sources), for the backup MX. */

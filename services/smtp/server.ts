@@ -1,6 +1,7 @@
 // The SMTP service of the active node (`mailha smtp run`): MX on 25 (no AUTH, local
 // domains only, recipients checked at RCPT, never relays), submission on 587
-// (STARTTLS before AUTH) and 465 (implicit TLS) for the same accounts. A message is
+// (AUTH offered only after STARTTLS) and 465 (implicit TLS) for the same accounts, AUTH
+// bounded in cost and rate (auth.ts), every listener within limits.ts. A message is
 // answered 250 only after it is fsynced in every recipient's Maildir and in the
 // journal; anything short of that is a 4xx or 5xx and leaves nothing in new/.
 // A message that came through the peer's backup MX (forwarded on 25 from the peer's
@@ -10,7 +11,7 @@
 // spool), never delivered again (delivered-index.ts; the trace field: backup-mx.ts).
 // Known gap: a forwarded message whose recipients all forward elsewhere (aliases to
 // other domains) is queued, not journaled, so a repeated forward queues it again.
-import { randomUUID } from "node:crypto";
+import { randomBytes, randomUUID } from "node:crypto";
 import { createReadStream, readFileSync } from "node:fs";
 import { flushSpool, stripPeerField } from "./backup-mx.ts";
 import { DeliveredIndex } from "./delivered-index.ts";
@@ -34,6 +35,8 @@ import { RejectError } from "./maildir.ts";
 import { Directory } from "./recipients.ts";
 import { listenerLimits, recipientLimitError, smtpError } from "./limits.ts";
 import { Transactions } from "./transaction.ts";
+import { SmtpAuth } from "./auth.ts";
+import { hashPassword, PasswordVerifier } from "../password.ts";
 
 const CLOSE_TIMEOUT_MS = 1500;
 const INFLIGHT_WAIT_MS = 5000;
@@ -197,12 +200,17 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
       .catch(fail));
   };
 
-  const onAuth = (auth: SMTPServerAuthentication, _session: SMTPServerSession, cb: (err: Error | null | undefined, res?: { user: string }) => void) => {
+  // AUTH: bounded in length, hashed in the worker pool, penalised per client address.
+  const verifier = new PasswordVerifier();
+  const smtpAuth = new SmtpAuth({ lookup: (u) => dir.storedPassword(u), verify: (p, h) => verifier.verify(p, h), dummyHash: hashPassword(randomBytes(16).toString("hex")) });
+  const onAuth = (auth: SMTPServerAuthentication, session: SMTPServerSession, cb: (err: Error | null | undefined, res?: { user: string }) => void) => {
     const user = auth.username ?? "";
-    void dir.authenticate(user, auth.password ?? "").then(
-      (ok) => (ok ? cb(null, { user: user.toLowerCase() }) : cb(smtpError(535, "5.7.8 Authentication credentials invalid"))),
-      () => cb(smtpError(454, "4.7.0 Temporary authentication failure")),
-    );
+    void smtpAuth.check(session.remoteAddress, user, auth.password ?? "").then((v) => {
+      if (v === "ok") return cb(null, { user: user.toLowerCase() });
+      if (v === "invalid") return cb(smtpError(535, "5.7.8 Authentication credentials invalid"));
+      if (v === "throttled") return cb(smtpError(454, "4.7.0 Too many failed logins from your address, try again later"));
+      cb(smtpError(454, "4.7.0 Temporary authentication failure"));
+    });
   };
 
   const common: SMTPServerOptions = {
@@ -269,7 +277,7 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
       // Each bounded: a dead Redis or MariaDB (the reason for a restart, often) must
       // not hold the stop until the resource manager's SIGKILL.
       const bounded = (p: Promise<unknown>) => Promise.race([p.catch(() => {}), sleep(CLIENT_CLOSE_MS)]);
-      await Promise.all([bounded(outbound.close()), bounded(dir.close())]);
+      await Promise.all([bounded(outbound.close()), bounded(dir.close()), bounded(verifier.close())]);
       await bounded(journal.close());
     },
   };

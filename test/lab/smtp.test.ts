@@ -551,4 +551,52 @@ print(json.dumps([before, starttls, after, implicit]))`)) as [boolean, boolean, 
       }
     }
   });
+
+  // Last: it leaves the third host's address with a record of failed logins.
+  test("AUTH is bounded: a long password is refused at once, failed logins from one address slow down, the event loop keeps serving", async () => {
+    const lag: number[] = [];
+    const probe = await RawSmtp.open(lab.a, 25);
+    let probing = true;
+    const probing$ = (async () => {
+      while (probing) {
+        const t0 = Date.now();
+        await probe.cmd("NOOP");
+        lag.push(Date.now() - t0);
+        await sleep(20);
+      }
+    })();
+    const times = (await smtplib(`out = []
+def attempt(pw):
+    s = smtplib.SMTP_SSL("${lab.a}", 465, timeout=90, context=ctx)
+    s.ehlo("w")
+    s.user, s.password = "bob@mailha.test", pw
+    t = time.time()
+    try:
+        s.auth("PLAIN", s.auth_plain)
+        code = 235
+    except smtplib.SMTPException as e:
+        code = getattr(e, "smtp_code", -1)
+    dt = time.time() - t
+    s.close()
+    return [code, dt]
+out.append(attempt("y" * 12000))
+for i in range(5):
+    out.append(attempt("wrong-password-%d" % i))
+print(json.dumps(out))`, { inW: true })) as [number, number][];
+    probing = false;
+    await probing$;
+    probe.close();
+    assert.equal(times[0]![0], 535, "a 12 KB password is refused");
+    assert.ok(times[0]![1] < 0.2, `the 12 KB password is refused before any hashing (${times[0]![1].toFixed(3)} s)`);
+    assert.ok(Math.max(...lag) < 250, `other clients were answered meanwhile (longest NOOP ${Math.max(...lag)} ms)`);
+    for (const [code] of times) assert.equal(code, 535);
+    const waits = times.slice(1).map(([, s]) => s);
+    assert.ok(waits[4]! > 1.5 && waits[4]! > waits[1]! && waits[3]! > waits[0]!, `each failed login from the address waits longer: ${waits.map((w) => w.toFixed(2)).join(", ")} s`);
+    // Another address is not held up: bob logs in from the operator's seat at once.
+    const t0 = Date.now();
+    const tx = nodemailer.createTransport({ host: lab.a, port: 465, secure: true, tls: { rejectUnauthorized: false }, auth: { user: "bob@mailha.test", pass: "bob-password-1" } });
+    await tx.verify();
+    tx.close();
+    assert.ok(Date.now() - t0 < 1500, `a login from another address is not delayed (${Date.now() - t0} ms)`);
+  });
 });

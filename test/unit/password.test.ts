@@ -1,7 +1,8 @@
-// SHA512-CRYPT hashes must be what Dovecot and crypt(3) compute.
+// SHA512-CRYPT hashes must be what Dovecot and crypt(3) compute; services check them in
+// a bounded pool of worker threads, never on their event loop.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { hashPassword, sha512Crypt, verifyPassword } from "../../services/password.ts";
+import { hashPassword, PasswordVerifier, sha512Crypt, VerifierBusyError, verifyPassword } from "../../services/password.ts";
 
 test("the test vectors of the SHA-crypt specification", () => {
   // From Ulrich Drepper's "Unix crypt using SHA-256 and SHA-512", test vectors section.
@@ -24,4 +25,49 @@ test("hashPassword makes a salted hash that verifies only the right password", (
   assert.equal(verifyPassword("correct horse", h1), true);
   assert.equal(verifyPassword("correct horse!", h1), false);
   assert.equal(verifyPassword("correct horse", "{PLAIN}correct horse"), false);
+});
+
+test("checks run off the event loop, in the worker pool: a 1 KiB password costs the loop nothing", async () => {
+  const v = new PasswordVerifier();
+  try {
+    const long = "p".repeat(1024);
+    const h = hashPassword(long);
+    const t0 = performance.now();
+    assert.equal(verifyPassword(long, h), true);
+    const inline = performance.now() - t0;
+    await v.verify(long, h); // the workers are up
+    // The loop ticks every few ms while eight checks run in the pool; inline, the eight
+    // would hold it for 8 x INLINE at once.
+    let ticks = 0;
+    let worst = 0;
+    let last = performance.now();
+    const timer = setInterval(() => {
+      const now = performance.now();
+      worst = Math.max(worst, now - last);
+      last = now;
+      ticks++;
+    }, 2);
+    const results = await Promise.all([...Array.from({ length: 7 }, () => v.verify(long, h)), v.verify("wrong", h)]);
+    clearInterval(timer);
+    assert.deepEqual(results, [true, true, true, true, true, true, true, false]);
+    assert.ok(ticks > 3, `the event loop kept running (${ticks} ticks)`);
+    assert.ok(worst < (8 * inline) / 2, `no tick waited for the hashes (worst gap ${worst.toFixed(1)} ms, one check inline ${inline.toFixed(1)} ms)`);
+  } finally {
+    await v.close();
+  }
+});
+
+test("the pool is bounded: a full queue refuses at once, a stuck check ends its worker and the next check is served", async () => {
+  const v = new PasswordVerifier(1, 2, 300);
+  try {
+    // rounds=999999999: minutes of hashing, stopped after 300 ms.
+    const slow = sha512Crypt("x", "saltsalt", 1000).replace("rounds=1000", "rounds=999999999");
+    const stuck = v.verify("x", `{SHA512-CRYPT}${slow}`);
+    const waiting = [v.verify("a", hashPassword("a")), v.verify("b", hashPassword("b"))];
+    await assert.rejects(v.verify("c", hashPassword("c")), VerifierBusyError, "a third waiting check is refused");
+    await assert.rejects(stuck, /took more than 300 ms/);
+    assert.deepEqual(await Promise.all(waiting), [true, true], "the checks behind it are served by a new worker");
+  } finally {
+    await v.close();
+  }
 });
