@@ -1,10 +1,13 @@
 // The passive node's backup MX: it accepts mail for the local domains on port 25,
 // checking recipients against a list fetched from the active node (so it never
 // accepts what it would later bounce), spools each message durably on its own disk,
-// and forwards the spool to the active node, deleting a message only after the active
-// node's 250. When this node becomes active, its SMTP service delivers what is left
-// in the spool locally (flushSpool). It applies the active node's limits (limits.ts:
-// clients, recipients per message, size less the room for what it adds).
+// and forwards the spool to the active node, deleting a message only once the active
+// node answered for every recipient: refused ones are bounced to the sender (a DSN,
+// spooled and forwarded like any message), deferred ones tried again (for at most
+// mail.outbound.lifetime_s, then bounced). When this node becomes active, its SMTP
+// service delivers what is left in the spool locally (flushSpool). It applies the
+// active node's limits (limits.ts: clients, recipients per message, size less the room
+// for what it adds).
 //
 // The drain is exactly-once: each forwarded message opens with a trace field
 // `X-Mailha-Backup-Queue-Id: <spool id>`, which the active node believes only on the
@@ -15,7 +18,7 @@
 // answered 250 without a second delivery, and a copy this node drains itself after a
 // takeover is dropped when the journals on the volume show it delivered.
 import { createHmac, randomBytes, timingSafeEqual } from "node:crypto";
-import { closeSync, createReadStream, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, unlinkSync } from "node:fs";
+import { closeSync, createReadStream, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, unlinkSync } from "node:fs";
 import { get } from "node:http";
 import { join } from "node:path";
 import { pipeline, Readable, Transform, type TransformCallback } from "node:stream";
@@ -29,6 +32,8 @@ import { aceAddress, recipientAddress } from "./address.ts";
 import { applyConformance } from "./conformance.ts";
 import { copyChecked, RejectError } from "./maildir.ts";
 import { listenerLimits, recipientLimitError, smtpError } from "./limits.ts";
+import { dsnMessage, headerOf, type Failure } from "./dsn.ts";
+import { relay } from "./relay.ts";
 
 const REFRESH_MS = 10_000;
 const RECHECK_MS = 2000;
@@ -212,6 +217,28 @@ export async function flushSpool(paths: NodePaths, deliverOne: (env: Envelope, f
 
 const CLOSE_TIMEOUT_MS = 500;
 
+/** A new spool queue id (QUEUE_ID_RE). */
+function newQueueId(): string {
+  return `${Date.now()}-${randomBytes(6).toString("hex")}`;
+}
+
+/**
+ * Spools a delivery status notification (dsn.ts) to ENV's sender for FAILURES, to be
+ * forwarded like any spooled message (the active node delivers or queues it); durable
+ * before the caller changes ENV. A bounce of a bounce (the null sender) is dropped.
+ */
+async function spoolBounce(dir: string, env: Envelope, failures: readonly Failure[], reportingMta: string, log: Logger): Promise<void> {
+  if (!env.from) {
+    log.error({ id: env.id, failures }, "recipients of a bounce were refused; the bounce is dropped");
+    return;
+  }
+  const id = newQueueId();
+  const text = dsnMessage({ reportingMta, to: env.from, arrival: new Date(env.receivedAt), failures, originalHeader: await headerOf(join(dir, `${env.id}.eml`)) });
+  writeFileDurable(join(dir, `${id}.eml`), text);
+  writeFileDurable(join(dir, `${id}.json`), JSON.stringify({ id, from: "", to: [env.from], receivedAt: new Date().toISOString() } satisfies Envelope));
+  log.warn({ id: env.id, bounce: id, to: env.from, failures }, "recipients of a spooled message were refused; a bounce to the sender is spooled");
+}
+
 export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; paths: NodePaths; key: Buffer; log: Logger }): Promise<{ close(): Promise<void> }> {
   const c = o.config;
   const me = c.nodes.find((n) => n.id === o.nodeId)!;
@@ -279,7 +306,7 @@ export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; pat
       void refresh().then(check);
     },
     onData(stream: SMTPServerDataStream, session: SMTPServerSession, cb) {
-      const id = `${Date.now()}-${randomBytes(6).toString("hex")}`;
+      const id = newQueueId();
       const eml = join(dir, `${id}.eml`);
       const from = session.envelope.mailFrom ? aceAddress(session.envelope.mailFrom.address) : "";
       const headers = `Received: from ${session.hostNameAppearsAs ?? "unknown"} ([${session.remoteAddress}])\r\n\tby ${me.service_address} (mailha backup MX) id ${id}; ${new Date().toUTCString()}\r\n`;
@@ -315,29 +342,39 @@ export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; pat
     server.listen(25, me.service_address, () => resolve());
   });
 
+  // Forwarding, recipient by recipient (relay.ts): those the active node took are done,
+  // those it refused (5xx) are bounced to the sender, those it deferred (4xx) stay in
+  // the spool alone and are tried again, until mail.outbound.lifetime_s after the
+  // message came (then bounced, 4.4.7). While the active node does not answer at all,
+  // the spool waits: it drains here when this node takes over.
   let forwarding = false;
   const forward = async () => {
     if (forwarding) return;
     forwarding = true;
+    // EHLO with this node's MX name: the active node's Received line names the backup MX.
+    const tx = nodemailer.createTransport({ host: peer.service_address, port: 25, secure: false, name: myName, tls: { rejectUnauthorized: false }, connectionTimeout: 3000, greetingTimeout: 3000, socketTimeout: 30_000 });
     try {
-      // EHLO with this node's MX name: the active node's Received line names the backup MX.
-      const tx = nodemailer.createTransport({ host: peer.service_address, port: 25, secure: false, name: myName, tls: { rejectUnauthorized: false }, connectionTimeout: 3000, greetingTimeout: 3000, socketTimeout: 30_000 });
       for (const env of spooled(dir).slice(0, FORWARD_BATCH_MAX)) {
-        try {
-          const info = await tx.sendMail({ envelope: { from: env.from, to: env.to }, raw: withQueueId(env.id, join(dir, `${env.id}.eml`)) });
-          removeSpooled(dir, env.id);
-          o.log.info({ id: env.id, response: info.response }, "forwarded to the active node");
-        } catch (err) {
-          const code = (err as { responseCode?: number }).responseCode ?? 0;
-          if (code >= 500) {
-            mkdirSync(join(dir, "failed"), { recursive: true });
-            for (const f of [`${env.id}.json`, `${env.id}.eml`]) renameSync(join(dir, f), join(dir, "failed", f));
-            o.log.error({ id: env.id, code }, "the active node refused a spooled message for good; moved to spool/failed");
-          } else break; // the active node is not there: try again later
+        const eml = join(dir, `${env.id}.eml`);
+        const out = await relay(tx, env, withQueueId(env.id, eml), "the active node");
+        if (!out.answered) break; // the active node is not there: try again later
+        const refused = [...out.refused];
+        let deferred = out.deferred;
+        if (deferred.length && Date.now() - Date.parse(env.receivedAt) >= c.mail.outbound.lifetime_s * 1000) {
+          for (const f of deferred) refused.push({ rcpt: f.rcpt, status: "4.4.7", diagnostic: `4.4.7 Delivery time expired: the active node still deferred it, last: ${f.diagnostic}` });
+          deferred = [];
         }
+        if (refused.length) await spoolBounce(dir, env, refused, myName, o.log);
+        if (deferred.length) {
+          writeFileDurable(join(dir, `${env.id}.json`), JSON.stringify({ ...env, to: deferred.map((f) => f.rcpt) } satisfies Envelope));
+          o.log.warn({ id: env.id, delivered: out.delivered, deferred }, "the active node deferred recipients of a spooled message; they stay in the spool");
+        } else removeSpooled(dir, env.id);
+        if (out.delivered.length) o.log.info({ id: env.id, to: out.delivered }, "forwarded to the active node");
       }
-      tx.close();
+    } catch (err) {
+      o.log.error({ err }, "forwarding the spool failed; it is tried again");
     } finally {
+      tx.close();
       forwarding = false;
     }
   };

@@ -4,10 +4,12 @@
 // the queue survives a failover. Workers look up the MX hosts, try them in preference
 // order, retry with exponential backoff (bounded by the configured lifetime, five days
 // by default, as RFC 5321 suggests), and on a permanent failure or when the lifetime
-// is over send a delivery status notification (RFC 3464) to the sender.
+// is over send a delivery status notification (RFC 3464, dsn.ts) to the sender. Each
+// recipient counts on its own (relay.ts): of a message some recipients took, the
+// refused ones are bounced at once and the deferred ones retried, alone.
 import { randomBytes } from "node:crypto";
 import { Resolver } from "node:dns/promises";
-import { createReadStream, existsSync, mkdirSync, readFileSync, unlinkSync } from "node:fs";
+import { createReadStream, existsSync, mkdirSync, unlinkSync } from "node:fs";
 import { open } from "node:fs/promises";
 import { join } from "node:path";
 import { Queue, UnrecoverableError, Worker, type Job } from "bullmq";
@@ -17,10 +19,14 @@ import type { Readable } from "node:stream";
 import type { MailhaConfig } from "../../common/config.ts";
 import { fsyncPath } from "../../common/fsutil.ts";
 import { copyChecked } from "./maildir.ts";
+import { dsnMessage, headerOf, writeDsnFile, type Failure } from "./dsn.ts";
+import { relay, type RelayOutcome } from "./relay.ts";
 
 export const QUEUE = "outbound";
 const CONCURRENCY = 8;
 const CONNECT_TIMEOUT_MS = 10_000;
+/** MX hosts of one domain tried per attempt. */
+const MX_HOSTS_MAX = 10;
 
 export interface OutboundJob {
   readonly id: string;
@@ -30,11 +36,8 @@ export interface OutboundJob {
   readonly queuedAt: number;
   /** A bounce has an empty sender and is never bounced itself. */
   readonly isBounce: boolean;
-}
-
-interface Attempt {
-  readonly permanent: boolean;
-  readonly message: string;
+  /** Refused recipients whose bounce is still to be sent (a retry sends it first). */
+  readonly unbounced?: readonly Failure[];
 }
 
 export class Outbound {
@@ -113,10 +116,16 @@ export class Outbound {
   }
 
   private async process(job: Job<OutboundJob>): Promise<void> {
-    const j = job.data;
+    let j = job.data;
     if (!existsSync(j.file)) return; // already delivered (a retry after a crash)
-    const remaining: string[] = [];
-    const failures: { rcpt: string; message: string }[] = [];
+    // A bounce the last try decided on but did not get out (its own failure): first.
+    if (j.unbounced?.length) {
+      await this.bounce(j, j.unbounced);
+      j = { ...j, unbounced: [] };
+      await job.updateData(j);
+    }
+    const refused: Failure[] = [];
+    const deferred: Failure[] = [];
     const byDomain = new Map<string, string[]>();
     for (const r of j.to) {
       const d = r.slice(r.lastIndexOf("@") + 1).toLowerCase();
@@ -124,114 +133,94 @@ export class Outbound {
     }
     for (const [domain, rcpts] of byDomain) {
       const res = await this.sendToDomain(domain, j.from, rcpts, j.file);
-      if (res === null) continue;
-      if (res.permanent) for (const r of rcpts) failures.push({ rcpt: r, message: res.message });
-      else remaining.push(...rcpts);
+      refused.push(...res.refused);
+      deferred.push(...res.deferred);
     }
     const expired = Date.now() - j.queuedAt >= this.c.mail.outbound.lifetime_s * 1000;
     const lastTry = job.attemptsMade + 1 >= (job.opts.attempts ?? 1);
-    if (remaining.length && (expired || lastTry)) {
-      for (const r of remaining) failures.push({ rcpt: r, message: `4.4.7 Delivery time expired: still failing after ${Math.round((Date.now() - j.queuedAt) / 1000)} s` });
-      remaining.length = 0;
+    if (deferred.length && (expired || lastTry)) {
+      const s = Math.round((Date.now() - j.queuedAt) / 1000);
+      for (const f of deferred.splice(0)) refused.push({ rcpt: f.rcpt, status: "4.4.7", diagnostic: `4.4.7 Delivery time expired: still failing after ${s} s, last: ${f.diagnostic}` });
     }
-    if (failures.length) await this.bounce(j, failures);
-    if (remaining.length) {
-      // Retry only those still pending: rewrite the job's recipients.
-      await job.updateData({ ...j, to: remaining });
-      throw new Error(`temporary failure for ${remaining.join(", ")}`);
+    if (refused.length) {
+      // Recorded before it is sent: a retry never sends to a recipient again that was
+      // delivered or refused, and still sends a bounce that failed to go out.
+      j = { ...j, to: deferred.map((f) => f.rcpt), unbounced: refused };
+      await job.updateData(j);
+      await this.bounce(j, refused);
+      j = { ...j, unbounced: [] };
+      await job.updateData(j);
+    }
+    if (deferred.length) {
+      // Retry only those still pending: the job's recipients rewritten.
+      if (!refused.length) await job.updateData({ ...j, to: deferred.map((f) => f.rcpt) });
+      throw new Error(`temporary failure for ${deferred.map((f) => `${f.rcpt} (${f.diagnostic})`).join(", ")}`);
     }
     unlinkSync(j.file);
     fsyncPath(this.dir);
-    if (failures.length && !remaining.length) throw new UnrecoverableError(`permanent failure: ${failures.map((f) => f.rcpt).join(", ")}`);
+    if (refused.length) throw new UnrecoverableError(`permanent failure: ${refused.map((f) => f.rcpt).join(", ")}`);
   }
 
-  /** null when delivered; else whether the failure is permanent. */
-  private async sendToDomain(domain: string, from: string, rcpts: string[], file: string): Promise<Attempt | null> {
+  /** Each of RCPTS at DOMAIN delivered, refused or deferred, by the domain's first MX host that answers. */
+  private async sendToDomain(domain: string, from: string, rcpts: string[], file: string): Promise<RelayOutcome> {
+    const all = (permanent: boolean, status: string, diagnostic: string): RelayOutcome => {
+      const f = rcpts.map((rcpt) => ({ rcpt, status, diagnostic }));
+      return { delivered: [], refused: permanent ? f : [], deferred: permanent ? [] : f, answered: false };
+    };
     let hosts: string[];
     try {
       const mx = await this.resolver.resolveMx(domain);
       hosts = mx.sort((a, b) => a.priority - b.priority).map((m) => m.exchange);
-      if (hosts.length === 1 && hosts[0] === "") return { permanent: true, message: `5.1.10 ${domain} accepts no mail (null MX)` };
+      if (hosts.length === 1 && hosts[0] === "") return all(true, "5.1.10", `5.1.10 ${domain} accepts no mail (null MX)`);
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
       if (code === "ENOTFOUND" || code === "ENODATA") hosts = [domain]; // no MX: the domain's own address (RFC 5321 5.1)
-      else return { permanent: false, message: `4.4.3 MX lookup for ${domain} failed (${code})` };
+      else return all(false, "4.4.3", `4.4.3 MX lookup for ${domain} failed (${code})`);
     }
-    let last: Attempt = { permanent: false, message: `4.4.1 no MX host of ${domain} answered` };
-    for (const host of hosts) {
+    let last = all(false, "4.4.1", `4.4.1 no MX host of ${domain} answered`);
+    for (const host of hosts.slice(0, MX_HOSTS_MAX)) {
       let addr: string;
       try {
         addr = (await this.resolver.resolve4(host))[0] ?? host;
       } catch {
-        last = { permanent: false, message: `4.4.4 cannot resolve ${host}` };
+        last = all(false, "4.4.4", `4.4.4 cannot resolve ${host}`);
         continue;
       }
       const tx = nodemailer.createTransport({ host: addr, port: 25, secure: false, name: this.myName, tls: { rejectUnauthorized: false, servername: host }, connectionTimeout: CONNECT_TIMEOUT_MS, greetingTimeout: CONNECT_TIMEOUT_MS, socketTimeout: 60_000 });
       try {
-        await tx.sendMail({ envelope: { from: from || "", to: rcpts }, raw: createReadStream(file) });
-        this.log.info({ domain, host, rcpts }, "outbound delivered");
-        return null;
-      } catch (err) {
-        const code = (err as { responseCode?: number }).responseCode ?? 0;
-        last = { permanent: code >= 500 && code < 600, message: `${code || "4.4.2"} ${host}: ${(err as Error).message.split("\n")[0]}` };
-        if (last.permanent) return last; // a 5xx from an MX is the domain's answer
+        last = await relay(tx, { from, to: rcpts }, createReadStream(file), host);
       } finally {
         tx.close();
       }
+      if (last.delivered.length) this.log.info({ domain, host, rcpts: last.delivered }, "outbound delivered");
+      // A host that answered gave the domain's answer; one that did not: the next MX.
+      if (last.answered) return last;
     }
     return last;
   }
 
-  /** A delivery status notification to the sender (never for a bounce). */
-  private async bounce(j: OutboundJob, failures: { rcpt: string; message: string }[]): Promise<void> {
+  /**
+   * A delivery status notification to the sender of J for FAILURES (never for a bounce):
+   * each one a new job of its own (a job can bounce more than once: refused recipients
+   * now, expired ones later), its file and the queue's directory fsynced first.
+   */
+  async bounce(j: Pick<OutboundJob, "id" | "from" | "file" | "queuedAt" | "isBounce">, failures: readonly Failure[]): Promise<void> {
     if (j.isBounce || !j.from) {
       this.log.error({ id: j.id, failures }, "a bounce could not be delivered; dropped");
       return;
     }
-    const boundary = `mailha-${randomBytes(8).toString("hex")}`;
-    const original = readFileSync(j.file, "latin1");
-    const headerEnd = original.indexOf("\r\n\r\n");
-    const headers = headerEnd >= 0 ? original.slice(0, headerEnd + 2) : original.slice(0, 4000);
-    const text = [
-      `From: Mail Delivery System <MAILER-DAEMON@${this.myName}>`,
-      `To: <${j.from}>`,
-      `Subject: Undelivered Mail Returned to Sender`,
-      `Date: ${new Date().toUTCString()}`,
-      `Auto-Submitted: auto-replied`,
-      `MIME-Version: 1.0`,
-      `Content-Type: multipart/report; report-type=delivery-status; boundary="${boundary}"`,
-      "",
-      `--${boundary}`,
-      "Content-Type: text/plain; charset=us-ascii",
-      "",
-      `Your message could not be delivered to ${failures.length === 1 ? "this recipient" : "these recipients"}:`,
-      ...failures.map((f) => `  <${f.rcpt}>: ${f.message}`),
-      "",
-      `--${boundary}`,
-      "Content-Type: message/delivery-status",
-      "",
-      `Reporting-MTA: dns; ${this.myName}`,
-      `Arrival-Date: ${new Date(j.queuedAt).toUTCString()}`,
-      "",
-      ...failures.flatMap((f) => [`Final-Recipient: rfc822; ${f.rcpt}`, "Action: failed", `Status: ${/^[45]\.\d+\.\d+/.exec(f.message.replace(/^\d{3} /, ""))?.[0] ?? (f.message.startsWith("5") ? "5.0.0" : "4.4.7")}`, `Diagnostic-Code: smtp; ${f.message}`, ""]),
-      `--${boundary}`,
-      "Content-Type: text/rfc822-headers",
-      "",
-      headers.trimEnd(),
-      "",
-      `--${boundary}--`,
-      "",
-    ].join("\r\n");
-    const file = join(this.dir, `${j.id}.bounce.eml`);
-    const fh = await open(file, "w", 0o600);
-    await fh.write(text);
-    await fh.sync();
-    await fh.close();
+    const text = dsnMessage({ reportingMta: this.myName, to: j.from, arrival: new Date(j.queuedAt), failures, originalHeader: existsSync(j.file) ? await headerOf(j.file) : "" });
+    const id = `${j.id}-bounce-${randomBytes(4).toString("hex")}`;
+    const file = writeDsnFile(this.dir, `${id}.eml`, text);
     if (this.isLocal(j.from)) {
-      await this.localDeliver("", j.from, file);
-      unlinkSync(file);
-    } else await this.add({ id: `${j.id}-bounce`, from: "", to: [j.from], file, queuedAt: Date.now(), isBounce: true });
-    this.log.info({ id: j.id, to: j.from, failures: failures.length }, "bounce sent");
+      try {
+        await this.localDeliver("", j.from, file);
+      } finally {
+        unlinkSync(file);
+        fsyncPath(this.dir);
+      }
+    } else await this.add({ id, from: "", to: [j.from], file, queuedAt: Date.now(), isBounce: true });
+    this.log.info({ id: j.id, bounce: id, to: j.from, failures: failures.length }, "bounce sent");
   }
 
   async close(): Promise<void> {

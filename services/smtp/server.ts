@@ -1,9 +1,10 @@
 // The SMTP service of the active node (`mailha smtp run`): MX on 25 (no AUTH, local
-// domains only, recipients checked at RCPT, never relays), submission on 587
-// (AUTH offered only after STARTTLS) and 465 (implicit TLS) for the same accounts, AUTH
-// bounded in cost and rate (auth.ts), every listener within limits.ts. A message is
-// answered 250 only after it is fsynced in every recipient's Maildir and in the
-// journal; anything short of that is a 4xx or 5xx and leaves nothing in new/.
+// domains only, recipients checked at RCPT, relays nothing but the bounces the peer's
+// backup MX hands on), submission on 587 (AUTH offered only after STARTTLS) and 465
+// (implicit TLS) for the same accounts, AUTH bounded in cost and rate (auth.ts), every
+// listener within limits.ts. A message is answered 250 only after it is fsynced in
+// every recipient's Maildir and in the journal; anything short of that is a 4xx or 5xx
+// and leaves nothing in new/.
 // A message that came through the peer's backup MX (forwarded on 25 from the peer's
 // service address, or drained from this node's own spool after it became active) is
 // journaled with the backup MX's queue id and delivered once only: a copy the journals
@@ -33,6 +34,7 @@ import { aceAddress, recipientAddress } from "./address.ts";
 import { applyConformance } from "./conformance.ts";
 import { RejectError } from "./maildir.ts";
 import { Directory } from "./recipients.ts";
+import type { Failure } from "./dsn.ts";
 import { listenerLimits, recipientLimitError, smtpError } from "./limits.ts";
 import { Transactions } from "./transaction.ts";
 import { SmtpAuth } from "./auth.ts";
@@ -108,6 +110,11 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
 
   // Where each recipient goes, per mail transaction (RSET, EHLO, STARTTLS forget it).
   const transactions = new Transactions();
+  const peer = c.nodes.find((n) => n.id !== o.nodeId)!;
+  // The peer's backup MX forwards on 25 the bounces it made (null sender) for senders of
+  // other domains: those, and only from the peer's service address, go into the
+  // outbound queue; any other relaying on 25 is refused.
+  const peerBounce = (session: SMTPServerSession) => session.remoteAddress === peer.service_address && !!session.envelope.mailFrom && session.envelope.mailFrom.address === "";
   const onRcptTo = (submission: boolean) => (address: { address: string }, session: SMTPServerSession, cb: (err?: Error | null) => void) => {
     const full = recipientLimitError(session, address.address, c.mail.message_recipients_max);
     if (full) return cb(full);
@@ -116,7 +123,7 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
       (r) => {
         if (r.kind === "not-local") {
           // Authenticated users may send anywhere: into the outbound queue.
-          if (submission && session.user) {
+          if ((submission && session.user) || (!submission && peerBounce(session))) {
             transactions.add(session, address.address, { mailboxes: [], remote: [rcpt.toLowerCase()] });
             return cb();
           }
@@ -143,7 +150,6 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
   // TRUSTPEER: port 25, where the peer's backup MX forwards; only a connection from the
   // peer's service address may name a backup MX queue id (the trace field); it is
   // removed from every message, on every port.
-  const peer = c.nodes.find((n) => n.id !== o.nodeId)!;
   const onData = (trustPeer: boolean) => (stream: SMTPServerDataStream, session: SMTPServerSession, cb: (err?: Error | null, message?: string) => void) => {
     const t0 = Date.now();
     const from = session.envelope.mailFrom ? aceAddress(session.envelope.mailFrom.address) : "";
@@ -163,7 +169,7 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
     };
     if (mailboxes.length === 0 && remote.length) {
       track(outbound
-        .enqueue(input, from, remote, headers, c.mail.message_size_max_bytes)
+        .enqueue(input, from, remote, headers, c.mail.message_size_max_bytes, from === "")
         .then((id) => {
           o.log.info({ session: session.id, from, to: remote, queued: id }, "queued for other domains");
           cb(null, `2.0.0 Ok: queued as ${id}`);
@@ -256,15 +262,28 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
   const flushed = await flushSpool(
     o.paths,
     async (env, file) => {
+      // Local mailboxes get it here; other domains' addresses (a bounce the backup MX
+      // made for a remote sender, an alias forwarding elsewhere) go to the outbound
+      // queue, and a recipient who is gone by now is bounced.
       const mailboxes = new Set<string>();
+      const remote: string[] = [];
+      const refused: Failure[] = [];
       for (const rcpt of env.to) {
         const r = await dir.resolve(rcpt);
-        if (r.kind !== "local" || !r.mailboxes.length) throw new Error(`${rcpt} is not a local mailbox`);
-        for (const m of r.mailboxes) mailboxes.add(m);
+        if (r.kind === "local") {
+          for (const m of r.mailboxes) mailboxes.add(m);
+          remote.push(...r.remote);
+        } else if (r.kind === "not-local") remote.push(rcpt);
+        else refused.push({ rcpt, status: "5.1.1", diagnostic: `550 5.1.1 <${rcpt}>: Recipient address rejected: User unknown (${myName})` });
       }
-      const r = await oncePerQueueId(env.id, [...mailboxes], (todo) => deliverLocal(createReadStream(file), todo, `Return-Path: <${env.from}>\r\n`, env.id));
+      const r = mailboxes.size ? await oncePerQueueId(env.id, [...mailboxes], (todo) => deliverLocal(createReadStream(file), todo, `Return-Path: <${env.from}>\r\n`, env.id)) : "delivered";
       if (r === "busy") throw new Error(`backup MX message ${env.id} is being delivered by another session`);
-      if (r === "duplicate") delivered.dropped();
+      if (r === "duplicate") {
+        delivered.dropped();
+        return r; // its other recipients went with the delivery the journals show
+      }
+      if (remote.length) await outbound.enqueue(createReadStream(file), env.from, remote, "", Number.MAX_SAFE_INTEGER, env.from === "");
+      if (refused.length) await outbound.bounce({ id: env.id, from: env.from, file, queuedAt: Date.parse(env.receivedAt), isBounce: env.from === "" }, refused);
       return r;
     },
     o.log,

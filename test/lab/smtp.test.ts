@@ -518,6 +518,109 @@ print(json.dumps(code))`)) as number;
     }
   });
 
+  test("a recipient the active node refuses after the backup MX took the message is bounced to the sender, not dropped", async () => {
+    for (const u of ["gone1@mailha.test", "gone2@mailha.test"]) assert.equal((await mailha(["user", "add", u, "--password", "gone-password-1", "--config", lab.configFile])).code, 0);
+    await bKnows("gone2@mailha.test");
+    await bKnows("gone1@mailha.test");
+    const bob0 = count("bob");
+    const ns = `mailha-${lab.name}-b`;
+    const s1 = `partly refused ${Date.now()}`;
+    const s2 = `wholly refused ${Date.now()}`;
+    await run("ip", ["-n", ns, "route", "add", "unreachable", `${lab.a}/32`]);
+    try {
+      for (const [subject, to] of [[s1, ["alice@mailha.test", "gone1@mailha.test"]], [s2, ["gone2@mailha.test"]]] as const) {
+        const sw = await viaBackupMx([...to.flatMap((t) => ["--to", t]), "--from", "bob@mailha.test", "--h-Subject", subject]);
+        assert.match(sw.stdout, /250 2\.0\.0 Ok: queued on the backup MX/);
+      }
+      for (const u of ["gone1@mailha.test", "gone2@mailha.test"]) assert.equal((await mailha(["user", "del", u, "--config", lab.configFile])).code, 0);
+      await sleep(RESOLVED_TTL_MS + 500);
+    } finally {
+      await run("ip", ["-n", ns, "route", "del", "unreachable", `${lab.a}/32`]);
+    }
+    await until("alice's copy of the partly refused message", () => stored(s1).length === 1);
+    const bounces = () => readdirSync(maildir("bob")).map((f) => readFileSync(join(maildir("bob"), f), "utf8")).filter((m) => m.includes("Undelivered Mail Returned to Sender") && (m.includes(s1) || m.includes(s2)));
+    await until("bob's two bounces", () => bounces().length >= 2, 30_000).catch(() => assert.fail(`bob got ${bounces().length} bounces, not 2 (spool/failed: ${existsSync(join(spoolOf("b"), "failed")) ? readdirSync(join(spoolOf("b"), "failed")).join(", ") : "none"})`));
+    assert.equal(count("bob") - bob0, 2, "one bounce for each message");
+    for (const [subject, rcpt] of [[s1, "gone1@mailha.test"], [s2, "gone2@mailha.test"]] as const) {
+      const b = bounces().find((m) => m.includes(subject))!;
+      assert.match(b, /report-type=delivery-status/);
+      assert.match(b, new RegExp(`Final-Recipient: rfc822; ${rcpt.replace(/\./g, "\\.")}\r\n`));
+      assert.match(b, /Action: failed\r\nStatus: 5\.1\.1\r\n/);
+      assert.match(b, /^Return-Path: <>/m, "the bounce has the null sender");
+    }
+    assert.ok(!bounces().find((m) => m.includes(s1))!.includes("Final-Recipient: rfc822; alice@"), "the recipient who got the message is not in the bounce");
+  });
+
+  /** A remote domain's MX on the third host whose answer depends on the recipient: refuse* 550, later* 451 once, never* 451 always, others 250. */
+  const pickySink = async (sinkDir: string) => {
+    const script = `import { SMTPServer } from "smtp-server";
+import { mkdirSync, writeFileSync } from "node:fs";
+const dir = ${JSON.stringify(sinkDir)};
+mkdirSync(dir, { recursive: true });
+const seen = new Set();
+let n = 0;
+const server = new SMTPServer({ authOptional: true, disabledCommands: ["AUTH", "STARTTLS"], logger: false,
+  onRcptTo(a, _s, cb) {
+    const local = a.address.split("@")[0];
+    const e = (code, text) => Object.assign(new Error(text), { responseCode: code });
+    if (local.startsWith("refuse")) return cb(e(550, "5.1.1 no such user here"));
+    if (local.startsWith("never")) return cb(e(451, "4.2.0 try again later"));
+    if (local.startsWith("later") && !seen.has(a.address)) { seen.add(a.address); return cb(e(451, "4.2.0 try again later")); }
+    cb();
+  },
+  onData(stream, session, cb) {
+    const chunks = [];
+    stream.on("data", (d) => chunks.push(d));
+    stream.on("end", () => {
+      n++;
+      writeFileSync(dir + "/" + n + ".eml", Buffer.concat(chunks));
+      writeFileSync(dir + "/" + n + ".json", JSON.stringify({ from: session.envelope.mailFrom.address, to: session.envelope.rcptTo.map((r) => r.address) }));
+      cb(null, "2.0.0 sunk");
+    });
+  } });
+server.listen(25, ${JSON.stringify(lab.w)}, () => process.stdout.write("listening\\n"));
+process.on("SIGTERM", () => server.close(() => process.exit(0)));
+`;
+    const sink = spawn("nsenter", [`--net=/run/netns/mailha-${lab.name}-w`, process.execPath, "--input-type=module", "-e", script], { cwd: ROOT, stdio: ["ignore", "pipe", "inherit"] });
+    await new Promise<void>((resolve) => sink.stdout!.once("data", () => resolve()));
+    const got = () =>
+      existsSync(sinkDir)
+        ? readdirSync(sinkDir).filter((f) => f.endsWith(".json")).map((f) => ({ ...(JSON.parse(readFileSync(join(sinkDir, f), "utf8")) as { from: string; to: string[] }), text: readFileSync(join(sinkDir, f.replace(/json$/, "eml")), "utf8") }))
+        : [];
+    return { sink, got };
+  };
+
+  test("outbound: recipients refused by the remote MX are bounced, deferred ones retried; every bounce for the job reaches the sender", async () => {
+    const { sink, got } = await pickySink(join(dirname(lab.configFile), "picky-sink"));
+    try {
+      const tx = nodemailer.createTransport({ host: lab.a, port: 587, secure: false, requireTLS: true, tls: { rejectUnauthorized: false }, auth: { user: "bob@mailha.test", pass: "bob-password-1" } });
+      const s1 = `partly accepted ${Date.now()}`;
+      const s2 = `two bounces ${Date.now()}`;
+      const sender = "bob-away@sink.test"; // a remote sender: the bounces go through the queue too
+      await tx.sendMail({ envelope: { from: sender, to: ["ok1@sink.test", "refuse1@sink.test", "later1@sink.test"] }, from: sender, to: "ok1@sink.test", subject: s1, text: "some of you" });
+      await tx.sendMail({ envelope: { from: sender, to: ["refuse2@sink.test", "nobody@dead.test"] }, from: sender, to: "refuse2@sink.test", subject: s2, text: "none of you" });
+      tx.close();
+      const bouncesOf = (subject: string) => got().filter((m) => m.from === "" && m.text.includes(subject));
+      const copiesFor = (rcpt: string, subject: string) => got().filter((m) => m.from === sender && m.to.includes(rcpt) && m.text.includes(subject)).length;
+      // This lab's outbound lifetime is 6 s: dead.test is given up after about 7 s.
+      await until("the retried recipient and both bounces of the second message", () => copiesFor("later1@sink.test", s1) === 1 && bouncesOf(s2).length === 2, 40_000).catch(() =>
+        assert.fail(`later1 copies ${copiesFor("later1@sink.test", s1)}, bounces of the first message ${bouncesOf(s1).length}, of the second ${bouncesOf(s2).length}`),
+      );
+      await sleep(2000);
+      assert.equal(copiesFor("ok1@sink.test", s1), 1, "the accepted recipient got one copy");
+      assert.equal(copiesFor("later1@sink.test", s1), 1, "the deferred recipient got one copy, on a retry");
+      const b1 = bouncesOf(s1);
+      assert.equal(b1.length, 1, "one bounce for the refused recipient of the first message");
+      assert.deepEqual(b1[0]!.to, [sender]);
+      assert.match(b1[0]!.text, /Final-Recipient: rfc822; refuse1@sink\.test\r\nAction: failed\r\nStatus: 5\.1\.1/);
+      assert.ok(!/Final-Recipient: rfc822; (ok1|later1)@/.test(b1[0]!.text), "only the refused recipient is in it");
+      const b2 = bouncesOf(s2);
+      assert.ok(b2.some((m) => /Final-Recipient: rfc822; refuse2@sink\.test/.test(m.text)) && b2.some((m) => /Final-Recipient: rfc822; nobody@dead\.test\r\nAction: failed\r\nStatus: 4\.4\.7/.test(m.text)), "the refusal and the expiry each bounced");
+    } finally {
+      sink.kill("SIGTERM");
+    }
+  });
+
   test("submission on 587 offers AUTH only inside TLS; 465 offers it at once", async () => {
     const got = (await smtplib(`s = smtplib.SMTP("${lab.a}", 587, timeout=30)
 s.ehlo("test")
