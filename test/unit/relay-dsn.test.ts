@@ -12,7 +12,7 @@ import { join } from "node:path";
 import { Readable } from "node:stream";
 import nodemailer from "nodemailer";
 import { SMTPServer } from "smtp-server";
-import { dsnMessage, headerOf, HEADER_BYTES_MAX, statusOf, writeDsnFile } from "../../services/smtp/dsn.ts";
+import { dsnMessage, headerOf, HEADER_BYTES_MAX, statusOf } from "../../services/smtp/dsn.ts";
 import { relay } from "../../services/smtp/relay.ts";
 import { ROOT } from "../helpers/cli.ts";
 
