@@ -155,6 +155,8 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
     const from = session.envelope.mailFrom ? aceAddress(session.envelope.mailFrom.address) : "";
     const proto = `E${session.transmissionType ?? "SMTP"}`.replace(/^EE/, "E");
     const headers = traceFields({ from, helo: session.hostNameAppearsAs, remoteAddress: session.remoteAddress, by: myName, protocol: proto, id: session.id, rcpts: session.envelope.rcptTo.map((r) => aceAddress(r.address)), date: new Date() });
+    // Mail for other domains leaves without the Return-Path line (RFC 5321 4.4).
+    const returnPath = headers.slice(0, headers.indexOf("\r\n") + 2);
     const filtered = stripPeerField(stream, trustPeer && session.remoteAddress === peer.service_address);
     // Submission: a message without Date: or Message-ID: gets them (as an MSA does).
     const input = session.user ? completeHeaders(filtered, { date: () => rfc2822(new Date()), messageId: () => `<${randomUUID()}@${myName}>` }) : filtered;
@@ -169,7 +171,7 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
     };
     if (mailboxes.length === 0 && remote.length) {
       track(outbound
-        .enqueue(input, from, remote, headers, c.mail.message_size_max_bytes, from === "")
+        .enqueue(input, from, remote, headers.slice(returnPath.length), c.mail.message_size_max_bytes, from === "")
         .then((id) => {
           o.log.info({ session: session.id, from, to: remote, queued: id }, "queued for other domains");
           cb(null, `2.0.0 Ok: queued as ${id}`);
@@ -185,8 +187,11 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
     const deliverTo = async (todo: readonly string[], peerQueueId?: string) => {
       const d = await deliverLocal(input, todo, headers, peerQueueId, session.id);
       // Remote recipients of the same message: queued from the delivered copy (once:
-      // with the first delivery of a backup MX's message).
-      if (remote.length && todo.length === mailboxes.length) await outbound.enqueue(createReadStream(d.files[0]!), from, remote, "", c.mail.message_size_max_bytes);
+      // with the first delivery of a backup MX's message), without the Return-Path line
+      // (the final delivery's to write) and not measured again: the client's bytes were
+      // within the limit, and the copy's own fields (Received, a submission's Date:) must
+      // not make the queue refuse what the mailboxes already have.
+      if (remote.length && todo.length === mailboxes.length) await outbound.enqueue(createReadStream(d.files[0]!, { start: Buffer.byteLength(returnPath) }), from, remote, "", d.size);
       o.log.info({ session: session.id, from, to: todo, remote, size: d.size, ms: Date.now() - t0, ...(peerQueueId ? { peerQueueId } : {}) }, "delivered");
       cb(null, `2.0.0 Ok: delivered as ${session.id}`);
     };

@@ -621,6 +621,32 @@ process.on("SIGTERM", () => server.close(() => process.exit(0)));
     }
   });
 
+  test("a message at the size limit for a local and a remote recipient is delivered to both (not stored, then refused)", async () => {
+    const sinkDir = join(dirname(lab.configFile), "sink-at-limit");
+    const sink = spawn("nsenter", [`--net=/run/netns/mailha-${lab.name}-w`, process.execPath, "--import", "tsx", join(ROOT, "test", "helpers", "sink.ts"), lab.w, sinkDir], { cwd: ROOT, stdio: ["ignore", "pipe", "inherit"] });
+    try {
+      await new Promise<void>((resolve) => sink.stdout!.once("data", () => resolve()));
+      const subject = `at the limit ${Date.now()}`;
+      const head = `From: bob@mailha.test\r\nTo: alice@mailha.test, someone@sink.test\r\nSubject: ${subject}\r\nDate: ${new Date().toUTCString()}\r\nMessage-ID: <${Date.now()}@limit.test>\r\n\r\n`;
+      const limit = 25 * 1024 * 1024;
+      const line = `${"x".repeat(98)}\r\n`;
+      let body = line.repeat(Math.floor((limit - head.length) / line.length));
+      const rest = limit - head.length - body.length;
+      body += rest >= 2 ? `${"y".repeat(rest - 2)}\r\n` : "";
+      const raw = head + body;
+      assert.equal(Buffer.byteLength(raw), limit);
+      const a0 = count("alice");
+      const tx = nodemailer.createTransport({ host: lab.a, port: 587, secure: false, requireTLS: true, tls: { rejectUnauthorized: false }, auth: { user: "bob@mailha.test", pass: "bob-password-1" }, socketTimeout: 120_000 });
+      const info = await tx.sendMail({ envelope: { from: "bob@mailha.test", to: ["alice@mailha.test", "someone@sink.test"] }, raw });
+      tx.close();
+      assert.match(info.response, /^250/, `the message at the limit is accepted: ${info.response}`);
+      assert.equal(count("alice"), a0 + 1);
+      await until("the remote copy at the sink", () => existsSync(sinkDir) && readdirSync(sinkDir).some((f) => f.endsWith(".eml") && statSync(join(sinkDir, f)).size >= limit), 60_000);
+    } finally {
+      sink.kill("SIGTERM");
+    }
+  });
+
   test("submission on 587 offers AUTH only inside TLS; 465 offers it at once", async () => {
     const got = (await smtplib(`s = smtplib.SMTP("${lab.a}", 587, timeout=30)
 s.ehlo("test")
