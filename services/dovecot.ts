@@ -2,13 +2,16 @@
 // here from the cluster config (nothing from /etc/dovecot is read), with its own
 // base_dir, state_dir and logs, Maildirs on the node's data directory, and accounts
 // from MariaDB through a read-only SQL user. Mail files belong to the mail uid.
-import { chmodSync, chownSync, existsSync, mkdirSync, writeFileSync } from "node:fs";
+import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { DaemonSpec } from "../common/daemon.ts";
 import { probeLine } from "../common/probe.ts";
 import type { NodePaths } from "../common/paths.ts";
 import { DATABASE } from "./accounts.ts";
 import type { TlsFiles } from "./tls.ts";
+
+/** The master login the reconciler uses (`<user>*reconcile`). */
+export const MASTER_USER = "reconcile";
 
 export interface DovecotOptions {
   readonly instance: string;
@@ -83,6 +86,9 @@ last_valid_uid = ${o.mailUid}
 first_valid_gid = ${o.mailGid}
 last_valid_gid = ${o.mailGid}
 mail_fsync = always
+# Messages are kept with CRLF line ends, as SMTP stores them: an APPEND of a delivered
+# message (the reconciler's) then keeps its bytes, and its content hash.
+mail_save_crlf = yes
 mmap_disable = yes
 maildir_very_dirty_syncs = no
 ${o.trustedProxies.length ? `haproxy_trusted_networks = ${o.trustedProxies.join(" ")}\n` : ""}
@@ -199,8 +205,25 @@ export function writeDovecotConfig(o: DovecotOptions, d: DovecotPaths): void {
   if (o.master) {
     writeFileSync(d.masterPasswd, `${o.master.user}:${o.master.passwordHash}\n`, { mode: 0o600 });
     chmodSync(d.masterPasswd, 0o600);
-    // The auth process reads it as root; nobody else may.
+    // Dovecot's auth process opens it as its own user (`dovecot`); nobody else may read it.
+    const auth = systemUser("dovecot");
+    if (auth) chownQuiet(d.masterPasswd, auth.uid, auth.gid);
   }
+}
+
+/** A system user's ids from /etc/passwd, or null. */
+function systemUser(name: string): { uid: number; gid: number } | null {
+  let text = "";
+  try {
+    text = readFileSync("/etc/passwd", "utf8");
+  } catch {
+    return null;
+  }
+  for (const line of text.split("\n")) {
+    const f = line.split(":");
+    if (f[0] === name && f.length >= 4) return { uid: Number(f[2]), gid: Number(f[3]) };
+  }
+  return null;
 }
 
 function chownQuiet(path: string, uid: number, gid: number): void {

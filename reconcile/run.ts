@@ -1,0 +1,251 @@
+// One reconciliation, end to end: mount the victim's preserved copy read-only, read
+// both sides (reconcile/sides.ts), plan the merge (reconcile/rules.ts), and unless it is
+// a dry run, put the plan's operations into the BullMQ `reconcile` queue on the
+// survivor's Redis (job id = operation id) and let a worker apply them in order through
+// Dovecot and the account store (reconcile/apply.ts), with progress; then write the
+// report and, when everything applied, mark the copy reconciled.
+//
+// Re-running is safe and is how an interrupted run finishes: the plan is made again
+// from both sides' current state, so what was applied is not planned again; every
+// operation is idempotent besides. The queue holds one run's operations: a run starts
+// by emptying it (no worker of an earlier run is alive then: the run holds the lock
+// file `<survivor run>/reconcile.lock`).
+// Bounds: one worker, one job at a time (the order matters); a job is tried
+// JOB_ATTEMPTS times; the wait for the queue has a deadline per job.
+import { mkdirSync, openSync, closeSync, readFileSync, rmSync, unlinkSync, writeFileSync, existsSync } from "node:fs";
+import { join } from "node:path";
+import { Queue, Worker, type Job } from "bullmq";
+import { writeFileDurable } from "../common/fsutil.ts";
+import { mountPreservedCopy } from "../replication/filesystem.ts";
+import { connectMariadb } from "../services/mariadb.ts";
+import { closeAccountJournals } from "../services/journal/accounts.ts";
+import { Applier, type ApplyOutcome } from "./apply.ts";
+import type { Operation, Plan, Report } from "./model.ts";
+import { merge } from "./rules.ts";
+import { readAccounts, readEntries, readMail, sinceSplit, toEvents, unifyStandIns, victimAccounts } from "./sides.ts";
+
+export const QUEUE = "reconcile";
+const JOB_ATTEMPTS = 3;
+const JOB_DEADLINE_MS = 120_000;
+
+export interface ReconcileOptions {
+  /** The victim's preserved copy (a folder with `image`). */
+  readonly copy: string;
+  /** The survivor: its data directory (the mounted volume), run directory, sockets, IMAP. */
+  readonly survivor: {
+    readonly node: string;
+    readonly data: string;
+    readonly run: string;
+    readonly mariadbSocket: string;
+    readonly redisSocket: string;
+    readonly dovecotConf: string;
+    readonly imapHost: string;
+    readonly imapPort: number;
+  };
+  /** Where mail of users deleted on the survivor goes (a folder `Recovered/<address>`). */
+  readonly postmaster: string;
+  readonly dryRun: boolean;
+  readonly onProgress?: (step: string, detail: Record<string, unknown>) => void;
+}
+
+export interface OpResult {
+  readonly id: string;
+  readonly op: Operation["op"];
+  readonly done: boolean;
+  readonly says?: string;
+}
+
+export interface ReconcileResult {
+  readonly copy: string;
+  readonly dryRun: boolean;
+  readonly events: { readonly victim: number; readonly survivor: number; readonly common: number };
+  readonly plan: Plan;
+  readonly applied: number;
+  readonly notApplied: readonly OpResult[];
+  readonly seconds: number;
+  readonly reportFile: string | null;
+}
+
+export function reconcileStateFile(runDir: string): string {
+  return join(runDir, "reconcile-state.json");
+}
+
+export interface ReconcileState {
+  readonly status: "planning" | "running" | "done" | "incomplete";
+  readonly copy: string;
+  readonly total: number;
+  readonly applied: number;
+  readonly at: string;
+  readonly pid: number;
+}
+
+/** What `mailha status` and `failback` look at: a run in progress, or one that left work. */
+export function readReconcileState(runDir: string): ReconcileState | null {
+  try {
+    return JSON.parse(readFileSync(reconcileStateFile(runDir), "utf8")) as ReconcileState;
+  } catch {
+    return null;
+  }
+}
+
+function writeState(runDir: string, s: Omit<ReconcileState, "at" | "pid">): void {
+  writeFileDurable(reconcileStateFile(runDir), JSON.stringify({ ...s, at: new Date().toISOString(), pid: process.pid }), 0o644);
+}
+
+function takeLock(runDir: string): () => void {
+  const f = join(runDir, "reconcile.lock");
+  if (existsSync(f)) {
+    const pid = Number(readFileSync(f, "utf8").trim());
+    let alive = false;
+    try {
+      process.kill(pid, 0);
+      alive = pid !== process.pid;
+    } catch {
+      alive = false;
+    }
+    if (alive) throw new Error(`a reconcile runs already (pid ${pid})`);
+    unlinkSync(f);
+  }
+  const fd = openSync(f, "wx", 0o644);
+  writeFileSync(fd, `${process.pid}\n`);
+  closeSync(fd);
+  return () => rmSync(f, { force: true });
+}
+
+export async function reconcile(o: ReconcileOptions): Promise<ReconcileResult> {
+  const t0 = Date.now();
+  const progress = o.onProgress ?? (() => {});
+  const s = o.survivor;
+  const release = takeLock(s.run);
+  const mnt = join(s.run, "reconcile-view");
+  mkdirSync(mnt, { recursive: true });
+  progress("mounting the preserved copy", { copy: o.copy });
+  const view = await mountPreservedCopy(o.copy, mnt);
+  const db = await connectMariadb(s.mariadbSocket);
+  try {
+    if (!o.dryRun) writeState(s.run, { status: "planning", copy: o.copy, total: 0, applied: 0 });
+    progress("reading the victim's copy", {});
+    const vMail = await readMail(view.mountpoint);
+    const vEntries = await readEntries(view.mountpoint);
+    progress("reading the survivor", {});
+    const sMail = await readMail(s.data);
+    const sEntries = await readEntries(s.data);
+    const split = sinceSplit(vEntries, sEntries);
+    const standIns = unifyStandIns(vMail, sMail);
+    const sAccounts = await readAccounts(db);
+    const survivorState = { mail: sMail.mail, accounts: sAccounts };
+    const victimEventsRaw = toEvents(split.victim, { mail: vMail.mail, accounts: sAccounts }, standIns);
+    const victimState = { mail: vMail.mail, accounts: victimAccounts(sAccounts, victimEventsRaw) };
+    const victimEvents = victimEventsRaw;
+    const survivorEvents = toEvents(split.survivor, survivorState, standIns);
+    progress("planning", { victimEvents: victimEvents.length, survivorEvents: survivorEvents.length, messages: vMail.messages + sMail.messages });
+    const plan = merge({ survivor: survivorState, victim: victimState, victimEvents, survivorEvents }, { lostFound: { user: o.postmaster } });
+    const events = { victim: victimEvents.length, survivor: survivorEvents.length, common: split.common };
+    if (o.dryRun) return { copy: o.copy, dryRun: true, events, plan, applied: 0, notApplied: [], seconds: (Date.now() - t0) / 1000, reportFile: null };
+
+    writeState(s.run, { status: "running", copy: o.copy, total: plan.ops.length, applied: 0 });
+    const results = await runQueue(plan.ops, {
+      redisSocket: s.redisSocket,
+      applier: new Applier({ survivorData: s.data, imap: { host: s.imapHost, port: s.imapPort, masterPassword: readFileSync(join(s.data, "etc", "dovecot-master.secret"), "utf8").trim() }, dovecotConf: s.dovecotConf, db, victimFiles: vMail.files, standIns }),
+      onDone: (n) => {
+        progress("applying", { done: n, of: plan.ops.length, percent: plan.ops.length ? Math.floor((100 * n) / plan.ops.length) : 100 });
+        if (n % 100 === 0) writeState(s.run, { status: "running", copy: o.copy, total: plan.ops.length, applied: n });
+      },
+    });
+    const notApplied = results.filter((r) => !r.done);
+    const applied = results.length - notApplied.length;
+    const complete = plan.report.complete && notApplied.length === 0;
+    writeState(s.run, { status: complete ? "done" : "incomplete", copy: o.copy, total: plan.ops.length, applied });
+    const result: ReconcileResult = { copy: o.copy, dryRun: false, events, plan, applied, notApplied, seconds: (Date.now() - t0) / 1000, reportFile: join(s.data, "reconcile", `report-${new Date(t0).toISOString().replace(/[:.]/g, "-")}.json`) };
+    mkdirSync(join(s.data, "reconcile"), { recursive: true, mode: 0o700 });
+    writeFileDurable(result.reportFile!, JSON.stringify({ ...result, plan: { report: plan.report, ops: plan.ops.length } }, null, 2));
+    return result;
+  } finally {
+    await db.end().catch(() => {});
+    await closeAccountJournals().catch(() => {});
+    await view.close().catch(() => {});
+    rmSync(mnt, { recursive: true, force: true });
+    release();
+  }
+}
+
+interface QueueOptions {
+  readonly redisSocket: string;
+  readonly applier: Applier;
+  readonly onDone: (n: number) => void;
+}
+
+/** The plan's operations through the `reconcile` queue, one at a time, in order. */
+async function runQueue(ops: readonly Operation[], o: QueueOptions): Promise<OpResult[]> {
+  const connection = { path: o.redisSocket, maxRetriesPerRequest: null };
+  const queue = new Queue(QUEUE, { connection });
+  const results = new Map<string, OpResult>();
+  let worker: Worker | null = null;
+  try {
+    // No worker of an earlier run is alive (the lock): what it left is planned anew.
+    await queue.obliterate({ force: true });
+    if (ops.length === 0) return [];
+    let n = 0;
+    let finished!: () => void;
+    const allDone = new Promise<void>((r) => (finished = r));
+    const record = (r: OpResult) => {
+      if (results.has(r.id)) return;
+      results.set(r.id, r);
+      o.onDone(++n);
+      if (n === ops.length) finished();
+    };
+    worker = new Worker(
+      QUEUE,
+      async (job: Job<Operation>) => {
+        try {
+          const r: ApplyOutcome = await o.applier.apply(job.data);
+          return r;
+        } catch (err) {
+          // imapflow says "Command failed"; the server's words are in responseText.
+          const e = err as Error & { responseText?: string };
+          throw new Error(e.responseText ? `${e.message}: ${e.responseText}` : e.message);
+        }
+      },
+      { connection, concurrency: 1, lockDuration: 30_000, autorun: true },
+    );
+    worker.on("completed", (job, r: ApplyOutcome) => record({ id: job.id!, op: (job.data as Operation).op, done: r.done, ...(r.says ? { says: r.says } : {}) }));
+    worker.on("failed", (job, err) => {
+      if (job && job.attemptsMade >= JOB_ATTEMPTS) record({ id: job.id!, op: (job.data as Operation).op, done: false, says: err.message });
+    });
+    for (let i = 0; i < ops.length; i += 500) {
+      await queue.addBulk(ops.slice(i, i + 500).map((op) => ({ name: op.op, data: op, opts: { jobId: op.id, attempts: JOB_ATTEMPTS, backoff: { type: "fixed", delay: 500 }, removeOnComplete: false, removeOnFail: false } })));
+    }
+    let last = -1;
+    for (;;) {
+      const t = new Promise<"tick">((r) => setTimeout(() => r("tick"), JOB_DEADLINE_MS));
+      const w = await Promise.race([allDone.then(() => "done" as const), t]);
+      if (w === "done") break;
+      if (n === last) throw new Error(`reconcile: no operation finished within ${JOB_DEADLINE_MS / 1000} s (${n} of ${ops.length} done); run it again`);
+      last = n;
+    }
+    return ops.map((op) => results.get(op.id)!);
+  } finally {
+    await worker?.close().catch(() => {});
+    await o.applier.close();
+    await queue.close();
+  }
+}
+
+/** The report in words, for the operator. */
+export function formatReport(r: ReconcileResult): string {
+  const rep: Report = r.plan.report;
+  const lines = [
+    `${r.dryRun ? "plan (dry run)" : "reconcile"} from ${r.copy}`,
+    `  events since the split: victim ${r.events.victim}, survivor ${r.events.survivor} (${r.events.common} shared before it)`,
+    `  operations: ${Object.entries(rep.ops).map(([k, v]) => `${k} ${v}`).join(", ") || "none"}`,
+  ];
+  for (const [user, boxes] of Object.entries(rep.mailboxes)) for (const [box, ops] of Object.entries(boxes)) lines.push(`    ${user} ${box}: ${Object.entries(ops).map(([k, v]) => `${k} ${v}`).join(", ")}`);
+  for (const e of rep.entries) lines.push(`  ${e.outcome}: ${e.says} [${e.rule}]${e.user ? ` ${e.user}` : ""}${e.mailbox ? ` ${e.mailbox}` : ""}${e.key ? ` ${e.key}` : ""}${e.row ? ` ${e.table}/${e.row}` : ""}`);
+  if (!r.dryRun) {
+    lines.push(`  applied ${r.applied} of ${r.plan.ops.length} in ${r.seconds.toFixed(1)} s`);
+    for (const x of r.notApplied) lines.push(`  not applied: ${x.op} ${x.id}: ${x.says ?? ""}`);
+    if (r.reportFile) lines.push(`  report: ${r.reportFile}`);
+  }
+  if (!rep.complete) lines.push("  the plan is incomplete (see stranded entries): look before relying on it");
+  return lines.join("\n");
+}
