@@ -22,7 +22,8 @@ import { isAlive, killDaemon, startDaemon, stopDaemon, type DaemonRecord } from 
 import type { NodePaths } from "../common/paths.ts";
 import { probeLine } from "../common/probe.ts";
 import { addDomain, grantReader, migrate, upsertUser } from "../services/accounts.ts";
-import { dovecotPaths, dovecotSpec, writeDovecotConfig, type DovecotOptions } from "../services/dovecot.ts";
+import { dovecotPaths, dovecotSpec, MASTER_USER, writeDovecotConfig, type DovecotOptions } from "../services/dovecot.ts";
+import { hashPassword } from "../services/password.ts";
 import { connectMariadb, initMariadbDatadir, mariadbPaths, mariadbSpec, pingMariadb } from "../services/mariadb.ts";
 import { pingRedis, redisPaths, redisSpec } from "../services/redis.ts";
 import { ensureSelfSignedCert } from "../services/tls.ts";
@@ -230,6 +231,8 @@ function dovecotOptions(ctx: ResourceContext): DovecotOptions {
     mariadbSocket: mariadbPaths(ctx.paths).socket,
     sqlUser: DOVECOT_SQL_USER,
     sqlPassword: dataSecret(ctx, "dovecot-sql.secret"),
+    // The reconciler's login (`user*reconcile`); its secret is on the volume, its hash in Dovecot's passwd-file.
+    master: { user: MASTER_USER, passwordHash: hashPassword(dataSecret(ctx, "dovecot-master.secret")) },
     tls: { cert: join(ctx.paths.data, "etc", "tls", "tls.crt"), key: join(ctx.paths.data, "etc", "tls", "tls.key") },
     trustedProxies: [peer.service_address],
   };

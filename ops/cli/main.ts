@@ -17,6 +17,7 @@ import { mailCommands } from "./mail-cmd.ts";
 import { failoverTestCommand } from "./failover-cmd.ts";
 import { dnsCommand } from "./dns-cmd.ts";
 import { journalCommand } from "./journal-cmd.ts";
+import { reconcileCommand } from "./reconcile-cmd.ts";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 const VERSION = (JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8")) as { version: string }).version;
@@ -188,6 +189,7 @@ function program(): Command {
   for (const cmd of mailCommands(DEFAULT_CONFIG)) p.addCommand(cmd);
   p.addCommand(dnsCommand(DEFAULT_CONFIG));
   p.addCommand(journalCommand(DEFAULT_CONFIG));
+  p.addCommand(reconcileCommand(DEFAULT_CONFIG));
   p.addCommand(failoverTestCommand(DEFAULT_LAB_CONFIG));
 
   lab
