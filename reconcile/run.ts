@@ -16,7 +16,7 @@ import { mkdirSync, openSync, closeSync, readFileSync, rmSync, unlinkSync, write
 import { join } from "node:path";
 import { Queue, Worker, type Job } from "bullmq";
 import { writeFileDurable } from "../common/fsutil.ts";
-import { mountPreservedCopy } from "../replication/filesystem.ts";
+import { mountPreservedCopy, unmountStale } from "../replication/filesystem.ts";
 import { connectMariadb } from "../services/mariadb.ts";
 import { closeAccountJournals } from "../services/journal/accounts.ts";
 import { Applier, type ApplyOutcome } from "./apply.ts";
@@ -119,6 +119,8 @@ export async function reconcile(o: ReconcileOptions): Promise<ReconcileResult> {
   const release = takeLock(s.run);
   const mnt = join(s.run, "reconcile-view");
   mkdirSync(mnt, { recursive: true });
+  // An earlier run killed mid-way left its view mounted (the lock says it is dead).
+  if (await unmountStale(mnt)) progress("unmounted the view an interrupted run left", { mountpoint: mnt });
   progress("mounting the preserved copy", { copy: o.copy });
   const view = await mountPreservedCopy(o.copy, mnt);
   const db = await connectMariadb(s.mariadbSocket);

@@ -158,3 +158,13 @@ export async function mountPreservedCopy(copyDir: string, mountpoint: string): P
     throw err;
   }
 }
+
+/** Unmounts what a dead process left mounted on MOUNTPOINT (a preserved view) and detaches its loop device. */
+export async function unmountStale(mountpoint: string): Promise<boolean> {
+  const line = readFileSync("/proc/self/mounts", "utf8").split("\n").find((l) => l.split(" ")[1] === mountpoint);
+  if (!line) return false;
+  const dev = line.split(" ")[0]!;
+  await run("umount", [mountpoint], { timeoutMs: 120_000 });
+  if (dev.startsWith("/dev/loop")) await tryRun("losetup", ["-d", dev]);
+  return true;
+}

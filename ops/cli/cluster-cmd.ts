@@ -13,6 +13,7 @@ import { localNodes, nodeCommand, nodeSpec, nodeStatus, witnessReadyFile, type N
 import { runNode } from "../../cluster/node.ts";
 import { runWitness } from "../../cluster/witness.ts";
 import { resolveNode } from "../../replication/client.ts";
+import { describePending, reconcilePending, type ReconcilePending } from "./reconcile-cmd.ts";
 import { createOutput, table, type Output } from "./output.ts";
 import { formatBytes } from "./volume-cmd.ts";
 
@@ -112,7 +113,7 @@ async function gather(c: MailhaConfig, only?: string): Promise<{ nodes: (NodeSta
   return { nodes };
 }
 
-function render(c: MailhaConfig, st: { nodes: (NodeStatusView | { node: string; error: string })[] }): string {
+function render(c: MailhaConfig, st: { nodes: (NodeStatusView | { node: string; error: string })[]; pending?: ReconcilePending }): string {
   const rows: string[][] = [["node", "state", "peer", "links", "quorum", "volume (role conn disk/peer)", "resources"]];
   const extra: string[] = [];
   for (const n of st.nodes) {
@@ -127,6 +128,7 @@ function render(c: MailhaConfig, st: { nodes: (NodeStatusView | { node: string; 
     const h = n.heartbeats;
     extra.push(`${n.node}: heartbeats accepted ${h.accepted}, dropped: forged ${h.forged}, foreign ${h.foreign}, replayed ${h.replayed}, stale ${h.stale}${n.witness ? `; witness lease ${n.witness.held ? `held (${n.witness.expiresInMs} ms left)` : "not held"}` : ""}${n.ping ? `; ping targets ${n.ping.ok ? "reachable" : "UNREACHABLE"}` : ""}`);
   }
+  if (st.pending) extra.push(...describePending(st.pending));
   return [`cluster ${c.cluster.name} (preferred node ${c.cluster.preferred_node}, auto_failback ${c.cluster.auto_failback ? "on" : "off"})`, table(rows), ...extra].join("\n");
 }
 
@@ -141,7 +143,7 @@ export function statusCommand(defaultConfig: string): Command {
       const c = loadConfig(o.config);
       const out = createOutput(!!o.json);
       for (;;) {
-        const st = await gather(c, o.node);
+        const st = { ...(await gather(c, o.node)), pending: await reconcilePending(c) };
         if (o.watch && !o.json) process.stdout.write("\x1b[2J\x1b[H");
         if (o.json && o.watch) process.stdout.write(JSON.stringify({ time: new Date().toISOString(), ...st }) + "\n");
         else out.result(st, () => render(c, st));
@@ -208,6 +210,11 @@ export function moveCommands(defaultConfig: string): Command[] {
         if (!active) throw new Error("no active node answers here; say --node");
         id = active.node;
       } else id = resolveNode(c, o.node);
+      if (name === "failback") {
+        // A failback would serve the preferred node's data before the victim's changes are merged.
+        const pending = describePending(await reconcilePending(c));
+        if (pending.length) throw new Error(`failback refused while a reconcile is pending or running:\n  ${pending.join("\n  ")}`);
+      }
       const r = await nodeCommand(c, id, name, !!o.force);
       if (!moves || o.wait === false) return out.result({ node: id, ...(r as object) }, () => `${name} on ${id}: done (${JSON.stringify(r)})`);
       // takeover: this node takes the group; switchover, failback: the active node hands it over.

@@ -12,7 +12,7 @@ import { listPreserved, markReconciled, volumeContext } from "../../replication/
 import { dovecotPaths } from "../../services/dovecot.ts";
 import { mariadbPaths } from "../../services/mariadb.ts";
 import { redisPaths } from "../../services/redis.ts";
-import { formatReport, reconcile } from "../../reconcile/run.ts";
+import { formatReport, readReconcileState, reconcile } from "../../reconcile/run.ts";
 import { createOutput } from "./output.ts";
 
 interface Opts {
@@ -79,4 +79,40 @@ export function reconcileCommand(defaultConfig: string): Command {
       out.result({ ...r, plan: o.json ? r.plan : undefined, complete }, () => formatReport(r));
       if (!complete && !r.dryRun) process.exitCode = 1;
     });
+}
+
+export interface ReconcilePending {
+  /** Preserved copies not reconciled yet, per node whose volume answers here. */
+  readonly copies: { readonly node: string; readonly path: string }[];
+  /** A run in progress, or one that left operations not applied. */
+  readonly runs: { readonly node: string; readonly status: string; readonly applied: number; readonly total: number }[];
+}
+
+/** What `failback` refuses on and `mailha status` shows: reconciliation not done yet. */
+export async function reconcilePending(c: MailhaConfig): Promise<ReconcilePending> {
+  const copies: ReconcilePending["copies"][number][] = [];
+  const runs: ReconcilePending["runs"][number][] = [];
+  for (const n of c.nodes) {
+    const list = await listPreserved(volumeContext(c, n.id)).catch(() => []);
+    for (const p of list) if (!p.reconciledAtMs) copies.push({ node: n.id, path: p.path });
+    const st = readReconcileState(nodePaths(nodeStateDir(c, n.id)).run);
+    if (st && st.status !== "done") {
+      let alive = st.status === "incomplete";
+      try {
+        process.kill(st.pid, 0);
+        alive = true;
+      } catch {
+        // the run is gone: planning/running left behind means interrupted
+      }
+      runs.push({ node: n.id, status: alive ? st.status : "interrupted", applied: st.applied, total: st.total });
+    }
+  }
+  return { copies, runs };
+}
+
+export function describePending(p: ReconcilePending): string[] {
+  const out: string[] = [];
+  for (const r of p.runs) out.push(`reconcile on ${r.node}: ${r.status} (${r.applied} of ${r.total} applied)${r.status === "running" || r.status === "planning" ? "" : "; run: mailha reconcile"}`);
+  for (const x of p.copies) out.push(`split-brain copy of ${x.node} not reconciled: ${x.path}; run: mailha reconcile (or look first: mailha reconcile --dry-run)`);
+  return out;
 }

@@ -8,10 +8,11 @@
 import { test, describe, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { rmSync } from "node:fs";
-import { dirname } from "node:path";
+import { dirname, join } from "node:path";
+import { spawn } from "node:child_process";
 import { ImapFlow } from "imapflow";
 import { runAll, sleep } from "../../common/exec.ts";
-import { mailha } from "../helpers/cli.ts";
+import { mailha, ROOT } from "../helpers/cli.ts";
 import { writeTestLabConfig, type TestLab } from "../helpers/lab.ts";
 import { fault, waitNode } from "../helpers/cluster.ts";
 
@@ -131,6 +132,13 @@ describe("split brain: the victim's changes are reconciled into the survivor", {
     assert.ok(kinds.includes("mailbox-create") && kinds.includes("move") && kinds.includes("set-flags") && kinds.includes("account-set"), `plan: ${kinds.join(", ")}`);
     assert.ok(plan.plan.report.complete);
 
+    // Until it is merged: status says what to run, and failback is refused.
+    const st = await cli(lab, ["status"]);
+    assert.match(st.stdout, /split-brain copy of a not reconciled: .*run: mailha reconcile/);
+    const fb = await cli(lab, ["failback"]);
+    assert.notEqual(fb.code, 0, "failback must be refused while the reconcile is pending");
+    assert.match(fb.stderr, /failback refused while a reconcile is pending/);
+
     const r = await cli(lab, ["reconcile"]);
     assert.equal(r.code, 0, `reconcile: ${r.stdout}\n${r.stderr}`);
     assert.match(r.stdout, /applied (\d+) of \1/);
@@ -162,5 +170,44 @@ describe("split brain: the victim's changes are reconciled into the survivor", {
     assert.equal(replan.code, 0, replan.stderr);
     const ops = (JSON.parse(replan.stdout) as { plan: { ops: { op: string; id: string }[] } }).plan.ops;
     assert.deepEqual(ops.map((o) => o.op), [], "re-planning after the merge gives nothing to do");
+    assert.doesNotMatch((await cli(lab, ["status"])).stdout, /not reconciled/);
+  });
+
+  test("a reconcile killed mid-way (SIGKILL) and run again ends with every message once", async () => {
+    // This time b (active now) diverges and a is forced to take over.
+    await fault(lab, "cut-link", "b", "replication");
+    await waitNode(lab, "a", "marking its disk Outdated", (s) => s.volume?.disk === "outdated", 15_000);
+    const tags = Array.from({ length: 40 }, (_, i) => `k-${i}`);
+    for (const tg of tags) await send(lab.b, "bob", tg);
+    await sleep(1000);
+    await fault(lab, "kill-node", "b");
+    await waitNode(lab, "a", "refusing its Outdated disk", (s) => s.state === "failed", 30_000);
+    assert.equal((await cli(lab, ["takeover", "--force", "--node", "a"])).code, 0);
+    await waitNode(lab, "a", "active", (s) => s.state === "active", 90_000);
+    await fault(lab, "boot-node", "b");
+    await fault(lab, "heal");
+    await waitNode(lab, "b", "preserved and resynced from a", (x) => x.volume?.connection === "connected" && x.volume.outOfSyncBytes === 0 && x.volume.disk === "uptodate", 120_000);
+    // Killed once some of the 40 are applied.
+    const child = spawn(process.execPath, [join(ROOT, "ops", "bin", "mailha.mjs"), "reconcile", "--json", "--config", lab.configFile], { stdio: ["ignore", "ignore", "pipe"] });
+    let err = "";
+    await new Promise<void>((resolve) => {
+      child.stderr.on("data", (d: Buffer) => {
+        err += d.toString();
+        const m = [...err.matchAll(/"done":(\d+)/g)].at(-1);
+        if (m && Number(m[1]) >= 10) {
+          child.kill("SIGKILL");
+          resolve();
+        }
+      });
+      child.on("exit", () => resolve());
+    });
+    await new Promise((r) => child.once("close", r));
+    assert.match(err, /"step":"applying"/, `the first run never applied anything:\n${err.slice(-800)}`);
+    const st = await cli(lab, ["status"]);
+    assert.match(st.stdout, /reconcile on a: interrupted|not reconciled/, "status shows the interrupted run");
+    const again = await cli(lab, ["reconcile"]);
+    assert.equal(again.code, 0, `${again.stdout}\n${again.stderr}`);
+    const bob = await mailOf(lab.a, "bob");
+    for (const tg of tags) assert.equal(bob.msgs.filter((m) => m.subject === tg).length, 1, `"${tg}" must be on a exactly once after the interrupted and the second run`);
   });
 });
