@@ -1,12 +1,13 @@
-// `npm run bench [-- NAME]`: runs the benchmarks (volume, failover, smtp) and prints every
+// `npm run bench [-- NAME]`: runs the benchmarks (volume, failover, smtp, reconcile) and prints every
 // figure as `NAME VALUE UNIT`, ratios against a baseline measured in the same run, then
 // rewrites that benchmark's section of BENCHMARKS.md. The machine is shared and noisy:
 // compare ratios, not absolute times.
 import { runVolumeBench } from "./volume.ts";
 import { runFailoverBench } from "./failover.ts";
 import { runSmtpBench } from "./smtp.ts";
+import { runReconcileBench } from "./reconcile.ts";
 
-const BENCHES: Record<string, () => Promise<void>> = { volume: runVolumeBench, failover: runFailoverBench, smtp: runSmtpBench };
+const BENCHES: Record<string, () => Promise<void>> = { volume: runVolumeBench, failover: runFailoverBench, smtp: runSmtpBench, reconcile: runReconcileBench };
 const wanted = process.argv.slice(2).filter((a) => !a.startsWith("-"));
 const names = wanted.length ? wanted : Object.keys(BENCHES);
 for (const n of names) {
