@@ -369,7 +369,7 @@ export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; pat
           writeFileDurable(join(dir, `${env.id}.json`), JSON.stringify({ ...env, to: deferred.map((f) => f.rcpt) } satisfies Envelope));
           o.log.warn({ id: env.id, delivered: out.delivered, deferred }, "the active node deferred recipients of a spooled message; they stay in the spool");
         } else removeSpooled(dir, env.id);
-        if (out.delivered.length) o.log.info({ id: env.id, to: out.delivered }, "forwarded to the active node");
+        if (out.delivered.length) o.log.info({ id: env.id, to: out.delivered, response: out.response }, "forwarded to the active node");
       }
     } catch (err) {
       o.log.error({ err }, "forwarding the spool failed; it is tried again");

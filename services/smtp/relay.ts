@@ -14,6 +14,8 @@ export interface RelayOutcome {
   readonly deferred: Failure[];
   /** Whether the server answered the transaction at all (false: no connection, a timeout). */
   readonly answered: boolean;
+  /** The server's reply to the end of the message, when it took it. */
+  readonly response?: string;
 }
 
 interface SmtpErrorLike {
@@ -36,7 +38,7 @@ function failureOf(rcpt: string, err: SmtpErrorLike, where: string): Failure {
 /** Sends RAW from FROM to TO through TX (WHERE names the server in diagnostics) and sorts the recipients. */
 export async function relay(tx: Transporter, envelope: { from: string; to: readonly string[] }, raw: Readable, where: string): Promise<RelayOutcome> {
   const to = [...envelope.to];
-  const sortOut = (errors: readonly SmtpErrorLike[], delivered: string[], answered: boolean): RelayOutcome => {
+  const sortOut = (errors: readonly SmtpErrorLike[], delivered: string[], answered: boolean, response?: string): RelayOutcome => {
     const refused: Failure[] = [];
     const deferred: Failure[] = [];
     const seen = new Set<string>();
@@ -48,12 +50,12 @@ export async function relay(tx: Transporter, envelope: { from: string; to: reado
     const ok = new Set(delivered.map((d) => d.toLowerCase()));
     // A recipient the result names nowhere was not delivered: tried again.
     for (const r of to) if (!ok.has(r.toLowerCase()) && !seen.has(r.toLowerCase())) deferred.push({ rcpt: r, status: "4.4.0", diagnostic: `no reply for this recipient (${where})` });
-    return { delivered: to.filter((r) => ok.has(r.toLowerCase())), refused, deferred, answered };
+    return { delivered: to.filter((r) => ok.has(r.toLowerCase())), refused, deferred, answered, ...(response ? { response } : {}) };
   };
   try {
-    const info = (await tx.sendMail({ envelope: { from: envelope.from, to }, raw })) as { accepted?: unknown[]; rejectedErrors?: SmtpErrorLike[] };
+    const info = (await tx.sendMail({ envelope: { from: envelope.from, to }, raw })) as { accepted?: unknown[]; rejectedErrors?: SmtpErrorLike[]; response?: string };
     const accepted = (info.accepted ?? []).map((a) => (typeof a === "string" ? a : String((a as { address?: string }).address ?? a)));
-    return sortOut(info.rejectedErrors ?? [], accepted, true);
+    return sortOut(info.rejectedErrors ?? [], accepted, true, info.response);
   } catch (e) {
     const err = e as SmtpErrorLike & { code?: string };
     // Every recipient refused at RCPT: each with its own reply.
