@@ -336,6 +336,9 @@ export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; pat
         });
     },
   });
+  // smtp-server reports a client's failed TLS handshake or reset connection as an
+  // 'error' event: without a listener it would end this process (and the proxy with it).
+  server.on("error", (err) => o.log.warn({ err: err.message }, "backup MX connection error"));
   server.server.on("connection", (sock: import("node:net").Socket) => sock.setNoDelay(true));
   await new Promise<void>((resolve, reject) => {
     server.server.once("error", reject);
