@@ -237,4 +237,7 @@ async function main(argv: string[]): Promise<number> {
   }
 }
 
-process.exit(await main(process.argv));
+const code = await main(process.argv);
+// A large --json result may still be in the pipe's buffer: let it out before exiting.
+await new Promise<void>((resolve) => process.stdout.write("", () => resolve()));
+process.exit(code);
