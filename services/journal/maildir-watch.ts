@@ -176,7 +176,11 @@ export class MaildirWatcher {
   /** Runs rounds until nothing is dirty (or the bound); the catch-up and the final round use it. */
   private async drain(msMax: number): Promise<void> {
     const end = Date.now() + msMax;
-    for (let i = 0; this.dirty.size && Date.now() < end && i < 100_000; i++) await this.round();
+    for (let i = 0; this.dirty.size && Date.now() < end && i < 100_000; i++) {
+      await this.round();
+      // What is left fails each time: the scheduled rounds try it again, paced.
+      if ([...this.dirty.keys()].every((k) => this.failing.has(k))) break;
+    }
   }
 
   // ---- watches ----
