@@ -4,11 +4,17 @@
 // is the exact current value (or its absence): compare-and-set, so when two nodes race
 // the server lets exactly one through. Expiry is wall-clock time, so the nodes need
 // synchronised clocks (NTP); a node counts its lease from before it asked.
+// The lease is won only on a NOERROR the server signed with our TSIG key over our
+// request (RFC 8945; BIND9 signs its answers to signed requests), within the fudge: an
+// unsigned or forged answer is dropped while the client waits for the server's own,
+// and without it the lease is not held. Known gap: the read of the current record is
+// an unsigned query, so a forged read can make a node believe the lease is taken (it
+// then does not take over: the safe side) or make its compare-and-set fail.
 import { readFileSync } from "node:fs";
 import type { MailhaConfig } from "../common/config.ts";
 import { query } from "./query.ts";
 import { parseTsigKeyFile } from "./tsig-key.ts";
-import { sendUpdate, type Prereq } from "./update.ts";
+import { sendUpdate, type Prereq, type UpdateOptions } from "./update.ts";
 
 export interface LeaseValue {
   readonly node: string;
@@ -43,14 +49,15 @@ export interface TakeResult {
 }
 
 /** Takes (or renews) the lease for NODE for LEASEMS; exactly one of two racing nodes wins. */
-export async function takeLease(c: MailhaConfig, node: string, leaseMs: number, now = Date.now()): Promise<TakeResult> {
+export async function takeLease(c: MailhaConfig, node: string, leaseMs: number, now = Date.now(), opts: Pick<UpdateOptions, "timeoutMs" | "tries"> = {}): Promise<TakeResult> {
   const key = parseTsigKeyFile(readFileSync(c.dns.tsig_key_file, "utf8"));
   const cur = await readLease(c);
   if (cur?.value && cur.value.node !== node && cur.value.expiresMs > now) return { won: false, holder: cur.value.node, expiresMs: cur.value.expiresMs, reason: `held by ${cur.value.node}` };
   const next: LeaseValue = { node, epoch: (cur?.value?.epoch ?? 0) + 1, expiresMs: now + leaseMs };
   const name = leaseName(c);
   const pre: Prereq[] = cur ? [{ pre: "rrset-exists-value", name, type: "TXT", data: cur.raw }] : [{ pre: "rrset-absent", name, type: "TXT" }];
-  const r = await sendUpdate(c.dns.server, c.dns.port, c.dns.zone, pre, [{ op: "delete-rrset", name, type: "TXT" }, { op: "add", name, type: "TXT", ttl: 1, data: formatLease(next) }], key);
+  const r = await sendUpdate(c.dns.server, c.dns.port, c.dns.zone, pre, [{ op: "delete-rrset", name, type: "TXT" }, { op: "add", name, type: "TXT", ttl: 1, data: formatLease(next) }], key, { ...opts, requireSignedAnswer: true });
+  if (r.rcode === "NOERROR" && r.answerSigned !== true) return { won: false, holder: null, expiresMs: 0, reason: `the server's answer is not signed with our key${r.signatureProblem ? ` (${r.signatureProblem})` : ""}: the lease is not held` };
   if (r.rcode === "NOERROR") return { won: true, holder: node, expiresMs: next.expiresMs, reason: "taken" };
   if (r.rcode === "NXRRSET" || r.rcode === "YXRRSET") return { won: false, holder: null, expiresMs: 0, reason: "another node changed the lease first" };
   throw new Error(`lease update refused: ${r.rcode}${r.tsigError ? ` (${r.tsigError})` : ""}`);

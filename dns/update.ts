@@ -2,8 +2,11 @@
 // message is built here byte by byte (dns-packet cannot express the delete forms or
 // TSIG), sent over UDP with a bounded number of tries, and the server's answer is
 // reported by name (NOERROR, REFUSED, NOTAUTH with BADSIG/BADKEY/BADTIME, NOTZONE,
-// YXRRSET/NXRRSET for a failed prerequisite...). Answers are checked against their
-// TSIG when the server signs them.
+// YXRRSET/NXRRSET for a failed prerequisite...). Answers are untrusted input: every
+// read is bounds-checked (names: labels <= 63 bytes, names <= 255, at most 16
+// compression pointers, each pointing back), a datagram is taken only from the
+// server's address and port with our id, and its TSIG is verified (RFC 8945: over our
+// request's MAC, within the fudge); the rest is dropped and counted (answerCounters).
 import { createHmac, randomInt, timingSafeEqual } from "node:crypto";
 import { createSocket } from "node:dgram";
 import { isIPv4 } from "node:net";
@@ -121,16 +124,10 @@ export function buildUpdate(id: number, zone: string, prereqs: readonly Prereq[]
   return Buffer.concat([header, zoneSec, ...pre, ...upd]);
 }
 
-function tsigVariables(key: TsigKey, timeSigned: number, error = 0, other: Uint8Array = Buffer.alloc(0)): Buffer {
-  const t = Buffer.alloc(6);
-  t.writeUIntBE(timeSigned, 0, 6);
-  return Buffer.concat([wireName(key.name), u16(CLASS_ANY), u32(0), wireName(`${key.algorithm}.`), t, u16(FUDGE_S), u16(error), u16(other.length), other]);
-}
-
 /** Appends a TSIG record to MESSAGE (whose ARCOUNT does not count it yet). */
 export function signMessage(message: Buffer, key: TsigKey, timeSigned = Math.floor(Date.now() / 1000)): { signed: Buffer; mac: Buffer } {
   if (key.algorithm !== "hmac-sha256") throw new Error(`unsupported TSIG algorithm ${key.algorithm} (use hmac-sha256)`);
-  const mac = createHmac("sha256", key.secret).update(message).update(tsigVariables(key, timeSigned)).digest();
+  const mac = createHmac("sha256", key.secret).update(message).update(tsigVariablesOf(key.name, CLASS_ANY, 0, key.algorithm, timeSigned, FUDGE_S, 0, Buffer.alloc(0))).digest();
   const t = Buffer.alloc(6);
   t.writeUIntBE(timeSigned, 0, 6);
   const tsigRdata = Buffer.concat([wireName(`${key.algorithm}.`), t, u16(FUDGE_S), u16(mac.length), mac, message.subarray(0, 2), u16(0), u16(0)]);
@@ -142,59 +139,206 @@ export function signMessage(message: Buffer, key: TsigKey, timeSigned = Math.flo
 export interface UpdateResult {
   readonly rcode: string;
   readonly tsigError: string | null;
-  /** The answer carried a TSIG that verified with our key (null: the answer was unsigned). */
+  /**
+   * The answer's TSIG: true when it verified with our key (MAC over our request's MAC
+   * and the answer, signed within its fudge of our clock), false when it was present
+   * but did not, null when the answer was unsigned.
+   */
   readonly answerSigned: boolean | null;
+  /** Why a present TSIG did not verify (null otherwise). */
+  readonly signatureProblem: string | null;
 }
 
-function skipName(b: Buffer, off: number): number {
-  for (;;) {
-    const len = b[off]!;
-    if (len === 0) return off + 1;
-    if ((len & 0xc0) === 0xc0) return off + 2;
-    off += len + 1;
+/** An answer that does not parse: cut short, a name that loops or is too long, junk. */
+export class DnsFormatError extends Error {
+  constructor(what: string) {
+    super(`malformed DNS answer: ${what}`);
   }
 }
 
-/** Reads the rcode and, if present, the TSIG of an answer; verifies the TSIG MAC. */
-export function parseAnswer(b: Buffer, key: TsigKey | null, requestMac: Buffer | null): UpdateResult {
-  const rcode = RCODES[b.readUInt16BE(2) & 0x0f] ?? `RCODE${b.readUInt16BE(2) & 0x0f}`;
+/** What became of each datagram a client socket received. */
+export type AnswerVerdict = "accepted" | "foreign" | "mismatched" | "malformed" | "forged" | "unsigned";
+export type AnswerCounters = { received: number } & Record<AnswerVerdict, number>;
+/** Datagrams received by update clients in this process, by verdict. */
+export const answerCounters: AnswerCounters = { received: 0, accepted: 0, foreign: 0, mismatched: 0, malformed: 0, forged: 0, unsigned: 0 };
+
+const NAME_BYTES_MAX = 255;
+const LABEL_BYTES_MAX = 63;
+/** Compression pointers followed in one name; each must point before the last one. */
+const NAME_POINTERS_MAX = 16;
+
+function need(b: Buffer, off: number, n: number, what: string): void {
+  if (!Number.isInteger(off) || off < 0 || off + n > b.length) throw new DnsFormatError(`${what} runs past the end (${n} bytes at ${off} of ${b.length})`);
+}
+const rd16 = (b: Buffer, off: number, what: string) => (need(b, off, 2, what), b.readUInt16BE(off));
+const rd32 = (b: Buffer, off: number, what: string) => (need(b, off, 4, what), b.readUInt32BE(off));
+
+/**
+ * Reads the domain name at OFF: its labels (lower-cased) and the offset after it in
+ * the message. Every read is bounds-checked; labels, the name's length and pointer
+ * jumps are capped, and a pointer must point back, so a loop is refused, not followed.
+ */
+export function readName(b: Buffer, off: number): { labels: string[]; end: number } {
+  const labels: string[] = [];
+  let nameBytes = 1;
+  let end = -1;
+  let jumps = 0;
+  let pos = off;
+  // Bound: every pass consumes a label (nameBytes grows) or a pointer (jumps grows).
+  for (;;) {
+    need(b, pos, 1, "a name");
+    const len = b[pos]!;
+    if (len === 0) {
+      if (end < 0) end = pos + 1;
+      return { labels, end };
+    }
+    const kind = len & 0xc0;
+    if (kind === 0xc0) {
+      const target = rd16(b, pos, "a compression pointer") & 0x3fff;
+      if (end < 0) end = pos + 2;
+      if (++jumps > NAME_POINTERS_MAX) throw new DnsFormatError(`more than ${NAME_POINTERS_MAX} compression pointers in a name`);
+      if (target >= pos) throw new DnsFormatError(`a compression pointer at ${pos} points forward (to ${target})`);
+      pos = target;
+      continue;
+    }
+    if (kind !== 0) throw new DnsFormatError(`label type 0x${kind.toString(16)} at ${pos}`);
+    if (len > LABEL_BYTES_MAX) throw new DnsFormatError(`a label of ${len} bytes`);
+    nameBytes += len + 1;
+    if (nameBytes > NAME_BYTES_MAX) throw new DnsFormatError(`a name longer than ${NAME_BYTES_MAX} bytes`);
+    need(b, pos + 1, len, "a label");
+    labels.push(b.toString("latin1", pos + 1, pos + 1 + len).toLowerCase());
+    pos += len + 1;
+  }
+}
+
+/** One resource record: where it starts, its owner, type and rdata bounds. */
+export interface RawRecord {
+  readonly start: number;
+  readonly owner: string[];
+  readonly type: number;
+  readonly klass: number;
+  readonly ttl: number;
+  readonly rdStart: number;
+  readonly rdEnd: number;
+}
+
+/** Splits a message into its header counts, questions and records, all bounds-checked. */
+export function parseMessage(b: Buffer): { id: number; flags: number; counts: readonly number[]; questionsEnd: number; records: RawRecord[] } {
+  if (b.length < 12) throw new DnsFormatError(`${b.length} bytes, shorter than a header`);
   const counts = [b.readUInt16BE(4), b.readUInt16BE(6), b.readUInt16BE(8), b.readUInt16BE(10)];
   let off = 12;
-  for (let i = 0; i < counts[0]!; i++) off = skipName(b, off) + 4;
-  let tsigError: string | null = null;
-  let answerSigned: boolean | null = null;
+  // Bounds: each count is at most 65535, and each pass consumes bytes or throws.
+  for (let i = 0; i < counts[0]!; i++) off = readName(b, off).end + 4;
+  need(b, 12, off - 12, "the question section");
+  const questionsEnd = off;
+  const records: RawRecord[] = [];
   const rrTotal = counts[1]! + counts[2]! + counts[3]!;
   for (let i = 0; i < rrTotal; i++) {
     const start = off;
-    off = skipName(b, off);
-    const type = b.readUInt16BE(off);
-    const rdlen = b.readUInt16BE(off + 8);
+    const owner = readName(b, off);
+    off = owner.end;
+    const type = rd16(b, off, "a record type");
+    const klass = rd16(b, off + 2, "a record class");
+    const ttl = rd32(b, off + 4, "a record TTL");
+    const rdlen = rd16(b, off + 8, "an rdata length");
     const rdStart = off + 10;
-    if (type === TYPES.TSIG && i === rrTotal - 1) {
-      let p = skipName(b, rdStart);
-      const timeSigned = b.readUIntBE(p, 6);
-      p += 8;
-      const macLen = b.readUInt16BE(p);
-      const mac = b.subarray(p + 2, p + 2 + macLen);
-      p += 2 + macLen + 2;
-      const err = b.readUInt16BE(p);
-      const otherLen = b.readUInt16BE(p + 2);
-      const other = b.subarray(p + 4, p + 4 + otherLen);
-      if (err) tsigError = TSIG_ERRORS[err] ?? `TSIG error ${err}`;
-      if (key && requestMac && macLen > 0) {
-        const unsigned = Buffer.from(b.subarray(0, start));
-        unsigned.writeUInt16BE(counts[3]! - 1, 10);
-        const want = createHmac("sha256", key.secret).update(u16(requestMac.length)).update(requestMac).update(unsigned).update(tsigVariables(key, timeSigned, err, other)).digest();
-        answerSigned = want.length === mac.length && timingSafeEqual(want, mac);
-      }
-    }
+    need(b, rdStart, rdlen, "an rdata");
     off = rdStart + rdlen;
+    records.push({ start, owner: owner.labels, type, klass, ttl, rdStart, rdEnd: off });
   }
-  return { rcode, tsigError, answerSigned };
+  if (off !== b.length) throw new DnsFormatError(`${b.length - off} bytes after the last record`);
+  return { id: b.readUInt16BE(0), flags: b.readUInt16BE(2), counts, questionsEnd, records };
+}
+
+function tsigVariablesOf(keyName: string, klass: number, ttl: number, algorithm: string, timeSigned: number, fudge: number, error: number, other: Uint8Array): Buffer {
+  const t = Buffer.alloc(6);
+  t.writeUIntBE(timeSigned, 0, 6);
+  return Buffer.concat([wireName(keyName), u16(klass), u32(ttl), wireName(algorithm), t, u16(fudge), u16(error), u16(other.length), other]);
+}
+
+/**
+ * Reads the rcode and, if present, the TSIG of an answer; verifies the TSIG (RFC 8945
+ * 5.3: our key and algorithm, the MAC over our request's MAC, the answer with its
+ * original id and without the TSIG, and the TSIG variables; time within the fudge).
+ * Throws DnsFormatError on anything malformed.
+ */
+export function parseAnswer(b: Buffer, key: TsigKey | null, requestMac: Buffer | null, nowS = Math.floor(Date.now() / 1000)): UpdateResult {
+  const m = parseMessage(b);
+  if ((m.flags & 0x8000) === 0) throw new DnsFormatError("a query, not an answer");
+  const code = m.flags & 0x0f;
+  const rcode = RCODES[code] ?? `RCODE${code}`;
+  let tsigError: string | null = null;
+  let answerSigned: boolean | null = null;
+  let signatureProblem: string | null = null;
+  m.records.forEach((r, i) => {
+    if (r.type !== TYPES.TSIG) return;
+    if (i !== m.records.length - 1 || m.counts[3] === 0) throw new DnsFormatError("a TSIG record that is not the last additional record");
+    const alg = readName(b, r.rdStart);
+    let p = alg.end;
+    need(b, p, 10, "the TSIG fields");
+    const timeSigned = b.readUIntBE(p, 6);
+    const fudge = b.readUInt16BE(p + 6);
+    const macLen = b.readUInt16BE(p + 8);
+    need(b, p + 10, macLen + 6, "the TSIG MAC");
+    const mac = b.subarray(p + 10, p + 10 + macLen);
+    p += 10 + macLen;
+    const originalId = b.readUInt16BE(p);
+    const err = b.readUInt16BE(p + 2);
+    const otherLen = b.readUInt16BE(p + 4);
+    need(b, p + 6, otherLen, "the TSIG other data");
+    if (p + 6 + otherLen !== r.rdEnd) throw new DnsFormatError("TSIG rdata of the wrong length");
+    const other = b.subarray(p + 6, p + 6 + otherLen);
+    if (err) tsigError = TSIG_ERRORS[err] ?? `TSIG error ${err}`;
+    if (macLen === 0) return; // an unsigned error answer (BADSIG, BADKEY) carries an empty MAC
+    answerSigned = false;
+    const keyName = r.owner.join(".");
+    const algorithm = alg.labels.join(".");
+    if (!key || !requestMac) signatureProblem = "no key to check it with";
+    else if (keyName !== key.name.toLowerCase().replace(/\.$/, "")) signatureProblem = `signed with another key (${keyName})`;
+    else if (algorithm !== key.algorithm) signatureProblem = `signed with ${algorithm}, not ${key.algorithm}`;
+    else {
+      const unsigned = Buffer.from(b.subarray(0, r.start));
+      unsigned.writeUInt16BE(originalId, 0);
+      unsigned.writeUInt16BE(m.counts[3]! - 1, 10);
+      const want = createHmac("sha256", key.secret).update(u16(requestMac.length)).update(requestMac).update(unsigned).update(tsigVariablesOf(keyName, r.klass, r.ttl, algorithm, timeSigned, fudge, err, other)).digest();
+      if (want.length !== mac.length || !timingSafeEqual(want, mac)) signatureProblem = "the MAC does not verify";
+      else if (Math.abs(nowS - timeSigned) > fudge) signatureProblem = `signed at ${timeSigned}, ${nowS - timeSigned} s from our clock (fudge ${fudge} s)`;
+      else answerSigned = true;
+    }
+  });
+  return { rcode, tsigError, answerSigned, signatureProblem };
+}
+
+export interface UpdateOptions {
+  readonly timeoutMs?: number;
+  readonly tries?: number;
+  /**
+   * Take a NOERROR only when it is signed with our key: an unsigned or forged one is
+   * dropped and the client goes on waiting for the server's own (for the DNS lease).
+   */
+  readonly requireSignedAnswer?: boolean;
+}
+
+type UpdateVerdict = Exclude<AnswerVerdict, "accepted" | "foreign">;
+
+/** The verdict on one datagram received for the update with ID (signed with REQUESTMAC). */
+export function judgeUpdateAnswer(answer: Buffer, id: number, key: TsigKey | null, requestMac: Buffer | null, requireSigned: boolean): Judgement<UpdateResult, UpdateVerdict> {
+  if (answer.length < 12 || answer.readUInt16BE(0) !== id) return { verdict: "mismatched" };
+  let r: UpdateResult;
+  try {
+    r = parseAnswer(answer, key, requestMac);
+  } catch (err) {
+    if (err instanceof DnsFormatError) return { verdict: "malformed" };
+    throw err;
+  }
+  // A signature that does not verify is not the server's: wait for the real answer.
+  if (r.answerSigned === false) return { verdict: "forged" };
+  if (requireSigned && r.answerSigned !== true && r.rcode === "NOERROR") return { verdict: "unsigned" };
+  return { verdict: "accepted", result: r };
 }
 
 /** Sends an update (signed when KEY is given); retries a timeout a bounded number of times. */
-export async function sendUpdate(server: string, port: number, zone: string, prereqs: readonly Prereq[], ops: readonly Op[], key: TsigKey | null, opts: { timeoutMs?: number; tries?: number } = {}): Promise<UpdateResult> {
+export async function sendUpdate(server: string, port: number, zone: string, prereqs: readonly Prereq[], ops: readonly Op[], key: TsigKey | null, opts: UpdateOptions = {}): Promise<UpdateResult> {
   const tries = opts.tries ?? 3;
   let lastErr: Error | null = null;
   for (let i = 0; i < tries; i++) {
@@ -202,8 +346,7 @@ export async function sendUpdate(server: string, port: number, zone: string, pre
     const msg = buildUpdate(id, zone, prereqs, ops);
     const { signed, mac } = key ? signMessage(msg, key) : { signed: msg, mac: null };
     try {
-      const answer = await exchange(server, port, signed, id, opts.timeoutMs ?? 2000);
-      return parseAnswer(answer, key, mac);
+      return await exchange(server, port, signed, opts.timeoutMs ?? 2000, (m) => judgeUpdateAnswer(m, id, key, mac, !!opts.requireSignedAnswer), answerCounters);
     } catch (err) {
       lastErr = err as Error;
     }
@@ -211,24 +354,52 @@ export async function sendUpdate(server: string, port: number, zone: string, pre
   throw new Error(`no answer from ${server}:${port} to the update after ${tries} tries (${lastErr?.message})`);
 }
 
-function exchange(server: string, port: number, msg: Buffer, id: number, timeoutMs: number): Promise<Buffer> {
+/** A judge's verdict on one datagram: dropped (by name), or accepted with its result. */
+export type Judgement<T, V extends string> = { readonly verdict: V } | { readonly verdict: "accepted"; readonly result: T };
+
+/**
+ * Sends MSG to SERVER:PORT and resolves with the first datagram from that address and
+ * port that JUDGE accepts; every other one is dropped and counted in COUNTERS by its
+ * verdict (a datagram from elsewhere is "foreign"). Bounded by TIMEOUTMS; nothing
+ * thrown by JUDGE escapes the socket handler (it counts as "malformed").
+ */
+export function exchange<T, V extends string>(
+  server: string,
+  port: number,
+  msg: Buffer,
+  timeoutMs: number,
+  judge: (m: Buffer) => Judgement<T, V>,
+  counters: { received: number; accepted: number; foreign: number; malformed: number } & Record<V, number>,
+): Promise<T> {
   return new Promise((resolve, reject) => {
     const sock = createSocket("udp4");
-    const t = setTimeout(() => {
-      sock.close();
-      reject(new Error(`timeout after ${timeoutMs} ms`));
-    }, timeoutMs);
-    sock.on("message", (m) => {
-      if (m.length < 12 || m.readUInt16BE(0) !== id) return;
+    let done = false;
+    const finish = (err: Error | null, value?: T) => {
+      if (done) return;
+      done = true;
       clearTimeout(t);
       sock.close();
-      resolve(m);
+      if (err) reject(err);
+      else resolve(value as T);
+    };
+    const t = setTimeout(() => finish(new Error(`no answer from ${server}:${port} within ${timeoutMs} ms`)), timeoutMs);
+    sock.on("message", (m, rinfo) => {
+      if (done) return;
+      counters.received++;
+      if (rinfo.address !== server || rinfo.port !== port) {
+        counters.foreign++;
+        return;
+      }
+      let v: Judgement<T, V | "malformed">;
+      try {
+        v = judge(m);
+      } catch {
+        v = { verdict: "malformed" };
+      }
+      (counters as Record<string, number>)[v.verdict]!++;
+      if (v.verdict === "accepted") finish(null, (v as { result: T }).result);
     });
-    sock.on("error", (err) => {
-      clearTimeout(t);
-      sock.close();
-      reject(err);
-    });
-    sock.send(msg, port, server);
+    sock.on("error", (err) => finish(err));
+    sock.send(msg, port, server, (err) => err && finish(err));
   });
 }
