@@ -66,7 +66,8 @@ export type Command = "standby" | "online" | "takeover" | "switchover" | "failba
 
 export type Event =
   | { readonly t: "tick"; readonly now: number }
-  | { readonly t: "heartbeat"; readonly now: number; readonly link: string; readonly summary: Summary }
+  /** SUMMARY is null when a later one was already heard on another link: the link is alive, the news old. */
+  | { readonly t: "heartbeat"; readonly now: number; readonly link: string; readonly summary: Summary | null }
   | { readonly t: "ping"; readonly now: number; readonly ok: boolean }
   | { readonly t: "lease"; readonly now: number; readonly held: boolean; readonly expiresMs: number }
   | { readonly t: "volume"; readonly now: number; readonly inSync: boolean; readonly writingAlone?: boolean }
@@ -218,7 +219,7 @@ export class ClusterMachine {
         break;
       case "heartbeat":
         this.heard.set(ev.link, ev.now);
-        this.peerSummary = ev.summary;
+        if (ev.summary) this.peerSummary = ev.summary;
         break;
       case "ping":
         this.pingOk = ev.ok;

@@ -240,18 +240,19 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
   }
 
   // ---- heartbeats ----------------------------------------------------------------------------
-  const receiver = new HeartbeatReceiver(key, c.cluster.name, peer.id);
+  const receiver = new HeartbeatReceiver(key, c.cluster.name, peer.id, { deadtimeMs: c.timers.deadtime_ms });
   const sockets: { name: string; sock: UdpSocket; peerAddress: string }[] = [];
   for (const l of me.heartbeat_links) {
     const peerLink = peer.heartbeat_links.find((x) => x.name === l.name)!;
     const sock = createSocket({ type: "udp4", reuseAddr: true });
     sock.on("message", (msg) => {
       const v = receiver.accept(msg, Date.now());
-      if (v.verdict === "ok" && v.hb) {
+      if (v.verdict === "ok") {
         if (v.hb.link !== l.name) return; // a packet for another link: ignore, it counts there
-        dispatch({ t: "heartbeat", now: Date.now(), link: l.name, summary: v.hb.summary });
-        if (v.hb.summary.writingAlone && lastVolume) void outdateIfPeerWritesAlone(lastVolume);
-      } else if (v.verdict !== "ok") log.warn({ link: l.name, verdict: v.verdict }, "heartbeat dropped");
+        // The summary only when no later round was heard on any link (null: old news).
+        dispatch({ t: "heartbeat", now: Date.now(), link: l.name, summary: v.summary });
+        if (v.summary?.writingAlone && lastVolume) void outdateIfPeerWritesAlone(lastVolume);
+      } else log.warn({ link: l.name, verdict: v.verdict }, "heartbeat dropped");
     });
     sock.on("error", (err) => log.error({ err, link: l.name }, "heartbeat socket error"));
     await new Promise<void>((resolve) => sock.bind(c.heartbeat.port, l.address, () => resolve()));

@@ -106,3 +106,14 @@ test("auto_failback: the preferred node takes the group back once the volume is 
   assert.equal(p.m.a.nodeState, "active");
   assert.equal(p.m.b.nodeState, "passive");
 });
+
+test("a heartbeat that brings no newer summary shows the link alive and keeps the peer's last word", () => {
+  const p = pair();
+  p.run(2000);
+  const before = p.m.b.status().peer.summary;
+  assert.equal(before?.state, "active");
+  // A late packet on a second look at the same link: heard, but its summary was older.
+  p.m.b.handle({ t: "heartbeat", now: 2010, link: "service", summary: null });
+  assert.equal(p.m.b.status().peer.summary?.state, "active", "the newest summary stays");
+  assert.equal(p.m.b.status().links.service, "up");
+});

@@ -50,3 +50,25 @@ test("an older incarnation or a far-off timestamp is stale; a restart (newer inc
   assert.equal(r.accept(encodeHeartbeat(hb({ seq: 61, ts: 5000 - 120_000 }), key), 5000).verdict, "stale");
   assert.equal(r.accept(encodeHeartbeat(hb({ inc: 2000, seq: 1 }), key), 5000).verdict, "ok", "the peer restarted: its sequence starts again");
 });
+
+test("a summary older than one already taken from another link does not replace it", () => {
+  const r = new HeartbeatReceiver(key, "c", "a", { deadtimeMs: 2000 });
+  const newer = r.accept(encodeHeartbeat(hb({ seq: 10, link: "service", summary: { ...summary, state: "deactivating" } }), key), 5000);
+  assert.equal(newer.verdict, "ok");
+  assert.equal(newer.summary?.state, "deactivating", "the newest packet's summary is taken");
+  // A packet of an earlier round, late on the other link: the link is alive, its news is old.
+  const late = r.accept(encodeHeartbeat(hb({ seq: 8, link: "replication", summary: { ...summary, state: "active" } }), key), 5000);
+  assert.equal(late.verdict, "ok", "it still shows the replication link alive");
+  assert.equal(late.summary, null, "but its older summary does not roll the peer's view back");
+  const same = r.accept(encodeHeartbeat(hb({ seq: 10, link: "replication", summary: { ...summary, state: "deactivating" } }), key), 5000);
+  assert.equal(same.summary?.state, "deactivating", "the same round on another link is as new");
+});
+
+test("a heartbeat older than a few deadtimes is stale, however new its sequence", () => {
+  const r = new HeartbeatReceiver(key, "c", "a", { deadtimeMs: 600 });
+  assert.equal(r.accept(encodeHeartbeat(hb({ seq: 1, ts: 100_000 }), key), 100_000).verdict, "ok");
+  // Held back by someone on the path for 10 s, then delivered: the peer may be dead by now.
+  assert.equal(r.accept(encodeHeartbeat(hb({ seq: 2, ts: 100_000 }), key), 110_000).verdict, "stale");
+  assert.equal(r.accept(encodeHeartbeat(hb({ seq: 3, ts: 110_000 - 4 * 600 + 1 }), key), 110_000).verdict, "ok", "within 4 deadtimes of our clock");
+  assert.equal(r.counters.stale, 1);
+});
