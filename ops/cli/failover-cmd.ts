@@ -21,14 +21,15 @@ const number = (what: string, min: number, max: number) => (v: string) => {
 export function failoverTestCommand(defaultConfig: string): Command {
   return new Command("failover-test")
     .description(
-      "run real clients (nodemailer to the MX hosts in order, imapflow sessions that fetch and set flags and reconnect, POP3 RETR/DELE) while a fault is injected on the active node; report lost and duplicated messages, outages per protocol, UID stability, detection and takeover, as a table and an HTML timeline",
+      "run real clients (nodemailer to the MX hosts in order, imapflow sessions that fetch and set flags and reconnect, POP3 RETR/DELE) while a fault is injected on the active node (split-brain: apart, both writing, healed, then `mailha reconcile`); report lost and duplicated messages, outages per protocol, UID stability, detection and takeover, as a table and an HTML timeline",
     )
     .addOption(new Option("-c, --config <file>", "cluster configuration file").default(defaultConfig))
-    .option("--fault <fault>", "lab: kill-node, freeze-node, cut-replication, cut-links, partition, kill-service; anywhere: switchover, failback, none, or a fault of failover_test.faults", "kill-node")
+    .option("--fault <fault>", "lab: kill-node, freeze-node, cut-replication, cut-links, partition, kill-service, split-brain; anywhere: switchover, failback, none, or a fault of failover_test.faults", "kill-node")
     .option("--trials <n>", "run the trial this many times", number("--trials", 1, 1000), 1)
     .option("--duration <s>", "seconds of client traffic per trial", number("--duration", 2, 3600), 20)
     .option("--fault-after <s>", "seconds of traffic before the fault", number("--fault-after", 0, 3600), 5)
     .option("--freeze-seconds <s>", "how long freeze-node keeps the node stopped", number("--freeze-seconds", 0.1, 600), 5)
+    .option("--split-seconds <s>", "split-brain: seconds the clients write on each side while the nodes are apart", number("--split-seconds", 0, 600), 4)
     .addOption(new Option("--service <name>", "the daemon kill-service kills").choices(SERVICES).default("dovecot"))
     .option("--smtp-interval <ms>", "one message every this many ms", number("--smtp-interval", 10, 60_000), 200)
     .option("--imap-sessions <n>", "concurrent IMAP sessions (alternating 143 STARTTLS and 993)", number("--imap-sessions", 0, 50), 2)
@@ -59,7 +60,7 @@ export function failoverTestCommand(defaultConfig: string): Command {
           config: c,
           configFile: o.config,
           fault: o.fault,
-          faultOptions: { freezeMs: o.freezeSeconds * 1000, service: o.service },
+          faultOptions: { freezeMs: o.freezeSeconds * 1000, service: o.service, splitMs: o.splitSeconds * 1000 },
           faultAfterMs: o.faultAfter * 1000,
           durationMs: o.duration * 1000,
           smtpEveryMs: o.smtpInterval,
@@ -103,6 +104,7 @@ interface Opts {
   duration: number;
   faultAfter: number;
   freezeSeconds: number;
+  splitSeconds: number;
   service: (typeof SERVICES)[number];
   smtpInterval: number;
   imapSessions: number;

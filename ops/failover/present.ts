@@ -27,6 +27,12 @@ export function trialRows(r: TrialResult): string[][] {
     rows.push(["POP3 outage (longest)", ms(r.pop3.outageMs)]);
     rows.push(["POP3 acknowledged / retrieved", `${r.pop3.acked} / ${r.pop3.retrieved}`]);
   }
+  if (r.splitBrain) {
+    const sb = r.splitBrain;
+    rows.push([`split brain: acknowledged by ${sb.old ?? "?"} / by ${sb.new ?? "?"} while apart`, `${sb.ackedByOld} / ${sb.ackedByNew}`]);
+    const rc = sb.reconcile;
+    rows.push(["reconcile", rc ? `applied ${rc.applied} of ${rc.ops} operations in ${rc.seconds.toFixed(1)} s${rc.complete ? "" : " (INCOMPLETE)"}` : "NO (not run)"]);
+  }
   rows.push(["UIDVALIDITY unchanged", yes(r.imap.uidValidityStable)]);
   rows.push(["older UIDs unchanged", yes(r.imap.oldUidsStable)]);
   rows.push(["healthy afterwards", yes(r.healthyAfter)]);

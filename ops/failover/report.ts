@@ -17,6 +17,7 @@ export const COLORS = {
   passive: "#b9c3cf",
   down: "#4a2f6b",
   fault: "#c2185b",
+  step: "#6a4c93",
 } as const;
 
 const STATE_COLOR: Record<string, string> = {
@@ -60,8 +61,10 @@ function stateSegments(r: TrialResult, node: string, t0: number, t1: number): { 
     from = to;
     state = next;
   };
-  // A killed node logs nothing until it is booted again: it is down from the fault on.
-  const downAt = r.fault === "kill-node" && r.target === node && r.faultAt ? r.faultAt : null;
+  // A killed node logs nothing until it is booted again: it is down from the fault on
+  // (from the kill step of a split brain).
+  const killStep = r.splitBrain?.old === node ? r.splitBrain.steps.find((s) => s.step === "kill-node") : undefined;
+  const downAt = r.fault === "kill-node" && r.target === node && r.faultAt ? r.faultAt : killStep ? killStep.start : null;
   let down = false;
   for (const e of evs) {
     if (downAt !== null && !down && e.time >= downAt) {
@@ -86,7 +89,8 @@ export function timelineSvg(r: TrialResult): string {
   const x = (t: number) => left + ((Math.min(Math.max(t, t0), t1) - t0) / (t1 - t0)) * (W - left - right);
   const protos = PROTOS.filter((p) => p !== "pop3" || r.pop3);
   const nodes = Object.keys(r.timeline.initialStates);
-  const lanes = [...protos.map((p) => p.toUpperCase()), ...nodes.map((n) => `node ${n}`)];
+  const steps = r.splitBrain?.steps ?? [];
+  const lanes = [...protos.map((p) => p.toUpperCase()), ...nodes.map((n) => `node ${n}`), ...(steps.length ? ["fault steps"] : [])];
   const top = 24;
   const H = top + lanes.length * laneH + 40;
   const laneY = (i: number) => top + i * laneH;
@@ -129,6 +133,14 @@ export function timelineSvg(r: TrialResult): string {
       parts.push(`<path d="M${ex.toFixed(1)},${laneY(i) + 6} l-4,-6 h8 z" fill="#111"><title>${esc(`${new Date(e.time).toISOString()} node ${n}: ${label}`)}</title></path>`);
     }
   });
+  // A multi-step fault (split brain): each step as a bar in its own lane, labels alternating above and below.
+  steps.forEach((s, k) => {
+    const i = protos.length + nodes.length;
+    const x0 = x(s.start);
+    const wd = Math.max(3, x(s.end) - x0);
+    parts.push(`<rect x="${x0.toFixed(1)}" y="${laneY(i) + 10}" width="${wd.toFixed(1)}" height="10" fill="${s.ok ? COLORS.step : COLORS.failed}"><title>${esc(`${s.label}: ${((s.end - s.start) / 1000).toFixed(2)} s${s.ok ? "" : " FAILED"}${s.detail ? ` (${s.detail})` : ""}`)}</title></rect>`);
+    parts.push(`<text x="${x0.toFixed(1)}" y="${laneY(i) + (k % 2 ? 30 : 8)}" class="small">${esc(s.step)}</text>`);
+  });
   if (r.faultAt) {
     const fx = x(r.faultAt);
     parts.push(`<line x1="${fx.toFixed(1)}" y1="${top - 6}" x2="${fx.toFixed(1)}" y2="${laneY(lanes.length) - 4}" stroke="${COLORS.fault}" stroke-width="2" stroke-dasharray="5,3"/>`);
@@ -157,6 +169,7 @@ const LEGEND = `<p class="legend">
 <span style="background:${COLORS.transition}"></span> activating / deactivating
 <span style="background:${COLORS.passive}"></span> passive
 <span style="background:${COLORS.down}"></span> down
+<span style="background:${COLORS.step}"></span> fault step (split brain)
 <b style="color:${COLORS.fault}">- - -</b> fault &#9660; cluster event (hover for details)</p>`;
 
 export function renderReport(results: readonly TrialResult[], meta: { cluster: string; command: string; seed?: number }): string {
@@ -164,6 +177,7 @@ export function renderReport(results: readonly TrialResult[], meta: { cluster: s
     (r, i) => `<section><h2>Trial ${i + 1}: ${esc(r.fault)}${r.target ? ` on ${esc(r.target)}` : ""} &mdash; ${r.ok ? '<span class="ok">OK</span>' : '<span class="bad">FAILED</span>'}</h2>
 <p>${esc(r.description)}. Started ${esc(new Date(r.startedAt).toISOString())}${r.faultDetail ? `; ${esc(r.faultDetail)}` : ""}.</p>
 ${timelineSvg(r)}
+${r.splitBrain?.steps.length ? htmlTable([["step", "at", "took", "outcome"], ...r.splitBrain.steps.map((s) => [s.label, `+${((s.start - r.startedAt) / 1000).toFixed(1)} s`, `${((s.end - s.start) / 1000).toFixed(1)} s`, s.ok ? (s.detail ?? "ok") : `FAILED: ${s.detail ?? ""}`])]) : ""}
 ${htmlTable(trialRows(r))}
 ${r.notes.length ? `<ul class="notes">${r.notes.map((n) => `<li>${esc(n)}</li>`).join("")}</ul>` : ""}
 </section>`,

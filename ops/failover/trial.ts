@@ -12,7 +12,7 @@ import { sleep } from "../../common/exec.ts";
 import { nodeCommand } from "../../cluster/client.ts";
 import { labFault } from "../lab/faults.ts";
 import { clusterEvents, clusterView, healthy, type ClusterEvent } from "./cluster-view.ts";
-import { faultPlan, type FaultOptions } from "./faults.ts";
+import { faultPlan, splitAcks, type FaultOptions, type FaultStepRecord, type ReconcileSummary } from "./faults.ts";
 import { imapSnapshot } from "./snapshot.ts";
 import { longest, outages, Recorder, type OpRecord, type Window } from "./record.ts";
 import { finder } from "./resolve.ts";
@@ -70,6 +70,8 @@ export interface TrialResult {
   readonly smtp: ProtoFigures & { sent: number; acked: number; found: number; lost: string[]; duplicated: string[] };
   readonly imap: ProtoFigures & { flagsSet: number; flagsLost: number; uidValidityStable: boolean; oldUidsStable: boolean };
   readonly pop3: (ProtoFigures & { acked: number; retrieved: number; lost: string[]; duplicated: string[] }) | null;
+  /** split-brain only: the two sides, what each acknowledged while apart, the steps and the reconcile. */
+  readonly splitBrain?: { readonly old: string | null; readonly new: string | null; readonly ackedByOld: number; readonly ackedByNew: number; readonly steps: readonly FaultStepRecord[]; readonly reconcile: ReconcileSummary | null } | null;
   readonly healthyAfter: boolean;
   readonly notes: string[];
   readonly ok: boolean;
@@ -112,7 +114,7 @@ export async function runTrial(o: TrialOptions): Promise<TrialResult> {
   const c = o.config;
   const say = o.say ?? (() => {});
   const notes: string[] = [];
-  const plan = faultPlan(c, o.configFile, o.fault, o.faultOptions);
+  const plan = faultPlan(c, o.configFile, o.fault, o.faultOptions, (line) => say(`split-brain: ${line}`));
   if (!(await waitHealthy(c, 60_000))) throw new Error("the cluster is not healthy (one active node, both up, volume in sync): a trial needs a healthy start; see mailha status");
   if (o.fault === "failback") {
     const active = await activeNode(c);
@@ -207,8 +209,13 @@ export async function runTrial(o: TrialOptions): Promise<TrialResult> {
 
   const lost = imapAcked.filter((id) => !after.ids.has(id));
   const duplicated = [...after.ids].filter(([id, uids]) => id.startsWith(ctx.run) && uids.length > 1).map(([id]) => id);
-  const flagged = new Set(watchers.flatMap((w) => [...w.flagged]));
-  const flagsLost = [...flagged].filter((u) => after.uids.has(u) && !after.seen.has(u)).length;
+  // This trial's messages are followed by their id (after a split brain a UID may name
+  // another message on the other side, and the merge gives the victim's new mail new
+  // UIDs); the mailbox's older messages by their UID, which must not change.
+  const flaggedIds = new Set(watchers.flatMap((w) => [...w.flaggedIds]).filter((id) => id.startsWith(`${ctx.run}-`)));
+  const flaggedOld = new Set(watchers.flatMap((w) => [...w.flagged]).filter((u) => before.uids.has(u)));
+  const flagsLost =
+    [...flaggedIds].filter((id) => after.ids.has(id) && !after.ids.get(id)!.some((u) => after.seen.has(u))).length + [...flaggedOld].filter((u) => after.uids.has(u) && !after.seen.has(u)).length;
   const oldUidsStable = [...before.uids].every((u) => after.uids.has(u));
   const uidValidityStable = before.uidValidity === after.uidValidity && watchers.every((w) => w.uidValidityChanges === 0);
   const events = clusterEvents(c, startedAt - 1000);
@@ -229,7 +236,17 @@ export async function runTrial(o: TrialOptions): Promise<TrialResult> {
     };
   }
   const smtp = { ...fig("smtp"), sent: sender.sent.length, acked: sender.acked.size, found: imapAcked.length - lost.length + (pop3?.retrieved ?? 0), lost: [...lost, ...(pop3?.lost ?? [])], duplicated: [...duplicated, ...(pop3?.duplicated ?? [])] };
-  const imap = { ...fig("imap"), flagsSet: flagged.size, flagsLost, uidValidityStable, oldUidsStable };
+  const imap = { ...fig("imap"), flagsSet: flaggedIds.size + flaggedOld.size, flagsLost, uidValidityStable, oldUidsStable };
+  let splitBrain: NonNullable<TrialResult["splitBrain"]> | null = null;
+  if (plan.splitBrain) {
+    const sb = plan.splitBrain;
+    const addr = (id: string | null) => c.nodes.find((n) => n.id === id)?.service_address ?? "";
+    const acks = splitAcks(sb.log, sender.ackedBy.values(), addr(sb.old), addr(sb.new));
+    splitBrain = { old: sb.old, new: sb.new, ackedByOld: acks.byOld, ackedByNew: acks.byNew, steps: [...sb.log], reconcile: sb.reconcile };
+    const regressions = watchers.reduce((n, w) => n + w.uidNextRegressions, 0);
+    if (regressions) notes.push(`IMAP sessions saw UIDNEXT go back ${regressions} time(s) after the forced takeover (the survivor gave out again UIDs the victim had given) and looked at the whole mailbox again`);
+    if (!sb.reconcile) notes.push("the split brain was not reconciled (a step failed before `mailha reconcile`)");
+  }
   if (rec.dropped) notes.push(`${rec.dropped} client records beyond the bound were counted but not kept`);
   return {
     fault: o.fault,
@@ -244,9 +261,10 @@ export async function runTrial(o: TrialOptions): Promise<TrialResult> {
     smtp,
     imap,
     pop3,
+    splitBrain,
     healthyAfter,
     notes,
-    ok: smtp.lost.length === 0 && uidValidityStable && oldUidsStable && healthyAfter,
+    ok: smtp.lost.length === 0 && uidValidityStable && oldUidsStable && healthyAfter && (!splitBrain || !!splitBrain.reconcile?.complete),
     timeline: { ops: rec.ops, events, initialStates },
   };
 }

@@ -56,6 +56,8 @@ export class SmtpSender {
   readonly sent: { id: string; to: string; at: number }[] = [];
   /** Message id -> the mailbox it went to, for every message a server answered 250. */
   readonly acked = new Map<string, string>();
+  /** Message id -> the server that answered 250 and when. */
+  readonly ackedBy = new Map<string, { host: string; at: number }>();
   private n = 0;
 
   constructor(private readonly ctx: WorkloadContext, private readonly o: { everyMs: number; recipients: readonly string[]; pop3Share: number }) {}
@@ -88,7 +90,10 @@ export class SmtpSender {
         }
       }
       this.ctx.rec.add({ proto: "smtp", op: "send", start, end: Date.now(), ok: !!host, host, error: host ? undefined : errors.join("; ").slice(0, 300) });
-      if (host) this.acked.set(id, to);
+      if (host) {
+        this.acked.set(id, to);
+        this.ackedBy.set(id, { host, at: Date.now() });
+      }
       await sleep(this.o.everyMs);
     }
   }
@@ -99,8 +104,12 @@ export class ImapWatcher {
   readonly seen = new Map<string, number>();
   /** UIDs whose \Seen flag the server acknowledged. */
   readonly flagged = new Set<number>();
+  /** Tagged messages whose \Seen flag the server acknowledged (a UID names another message after a split brain). */
+  readonly flaggedIds = new Set<string>();
   uidValidity: bigint | null = null;
   uidValidityChanges = 0;
+  /** Selects where UIDNEXT was at or below a UID this session had seen (a forced takeover after a split brain). */
+  uidNextRegressions = 0;
 
   constructor(private readonly ctx: WorkloadContext, private readonly o: Mailbox & { port: 143 | 993; pollMs: number }) {}
 
@@ -124,6 +133,12 @@ export class ImapWatcher {
           const box = await op("select", () => c.mailboxOpen("INBOX"));
           if (this.uidValidity !== null && box.uidValidity !== this.uidValidity) this.uidValidityChanges++;
           this.uidValidity = box.uidValidity;
+          // After a split brain the node that took over gives out again UIDs the other
+          // had given: look at the whole mailbox again, not only above the last UID seen.
+          if (box.uidNext !== undefined && box.uidNext <= lastUid) {
+            this.uidNextRegressions++;
+            lastUid = 0;
+          }
           served = true;
           wait = BACKOFF_MIN_MS;
           while (!this.ctx.stopped()) {
@@ -146,13 +161,17 @@ export class ImapWatcher {
               if (m.id) this.seen.set(m.id, m.uid);
             }
             const uids = fresh.map((m) => m.uid);
+            const ids = fresh.map((m) => m.id).filter((x): x is string => x !== null);
             if (uids.length) {
               const ok = await op("store-flags", async () => {
                 const r = await c.messageFlagsAdd(uids.join(","), ["\\Seen"], { uid: true });
                 if (!c.usable || !r) throw new Error("flags not stored");
                 return r;
               });
-              if (ok) for (const u of uids) this.flagged.add(u);
+              if (ok) {
+                for (const u of uids) this.flagged.add(u);
+                for (const id of ids) this.flaggedIds.add(id);
+              }
             }
             await sleep(this.o.pollMs);
           }

@@ -1,7 +1,8 @@
 // The operator's own faults for `mailha failover-test` on real nodes: the inject and
 // recover commands from mailha.yaml run with the target in the environment, a
 // failing or hanging command is reported with its output, and the lab's faults are
-// refused on a cluster that is not a lab.
+// refused on a cluster that is not a lab; the split-brain fault's steps, how they run,
+// what counts as each side's acknowledgements and how the reconcile's result is read.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
@@ -9,7 +10,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseDocument } from "yaml";
 import { parseConfig } from "../../common/config.ts";
-import { availableFaults, faultPlan } from "../../ops/failover/faults.ts";
+import type { NodeStatusView } from "../../cluster/client.ts";
+import { availableFaults, faultPlan, reached, reconcileSummary, runSteps, splitAcks, splitBrainSteps, type FaultStepRecord } from "../../ops/failover/faults.ts";
 import { ROOT } from "../helpers/cli.ts";
 
 let dir: string;
@@ -56,4 +58,82 @@ test("lab faults need the lab; unknown faults are named with what is known", () 
   assert.throws(() => faultPlan(real, real.file, "meteor", opts), /unknown fault "meteor" \(known here: switchover, failback, none\)/);
   const lab = config({});
   assert.ok(availableFaults(lab).includes("kill-service") && availableFaults(lab).includes("cut-links"));
+});
+
+test("split brain: cut, Outdated, writes on the old side, kill, failed, forced takeover, writes on the new side, boot, heal, resynced, reconcile", () => {
+  const steps = splitBrainSteps("a", "b", 3000);
+  assert.deepEqual(
+    steps.map((s) => `${s.kind}${"args" in s ? ` ${s.args.join(" ")}` : ""}${"node" in s ? ` ${s.node}` : ""}${"until" in s ? ` ${s.until}` : ""}${"ms" in s ? ` ${s.ms}` : ""}`.trim()),
+    ["cut-link a replication", "wait b outdated", "traffic 3000", "kill-node a", "wait b failed", "takeover b", "wait b active", "traffic 3000", "boot-node a", "heal", "wait a resynced", "reconcile"],
+  );
+  const lab = config({});
+  assert.ok(availableFaults(lab).includes("split-brain"));
+  const plan = faultPlan(lab, lab.file, "split-brain", { ...opts, splitMs: 3000 });
+  assert.match(plan.description, /forced to take over.*mailha reconcile/);
+  assert.deepEqual(plan.splitBrain, { old: null, new: null, log: [], reconcile: null });
+  const real = config({}, false);
+  assert.ok(!availableFaults(real).includes("split-brain"));
+  assert.throws(() => faultPlan(real, real.file, "split-brain", opts), /needs the lab/);
+});
+
+test("split brain: each wait step's condition on the node's status", () => {
+  const st = (state: string, volume: NodeStatusView["volume"]) => ({ state, volume }) as NodeStatusView;
+  const vol = (connection: string, disk: string, outOfSyncBytes = 0) => ({ role: "secondary", connection, disk, outOfSyncBytes, peer: { disk: "uptodate" } });
+  assert.ok(reached("outdated", st("passive", vol("standalone", "outdated"))));
+  assert.ok(!reached("outdated", st("passive", vol("connected", "uptodate"))));
+  assert.ok(reached("failed", st("failed", null)) && !reached("failed", st("passive", null)));
+  assert.ok(reached("active", st("active", null)) && !reached("active", st("activating", null)));
+  assert.ok(reached("resynced", st("passive", vol("connected", "uptodate"))));
+  assert.ok(!reached("resynced", st("passive", vol("connected", "inconsistent", 4096))), "a resync still running");
+  assert.ok(!reached("resynced", st("passive", vol("connected", "uptodate", 4096))));
+  assert.ok(!reached("resynced", st("passive", vol("standalone", "uptodate"))));
+  assert.ok(!reached("active", null), "a node that does not answer");
+});
+
+test("split brain: the steps run in order and are logged; the first failure ends the run and names its step", async () => {
+  const steps = splitBrainSteps("b", "a", 10);
+  const ran: string[] = [];
+  const log: FaultStepRecord[] = [];
+  const said: string[] = [];
+  await assert.rejects(
+    runSteps(steps, async (s) => {
+      ran.push(s.kind);
+      if (s.kind === "takeover") throw new Error("the peer answers");
+      return s.kind === "wait" ? "after 0.1 s" : undefined;
+    }, log, (l) => said.push(l)),
+    /split-brain step "mailha takeover --force --node a" failed: the peer answers/,
+  );
+  assert.deepEqual(ran, ["cut-link", "wait", "traffic", "kill-node", "wait", "takeover"]);
+  assert.deepEqual(log.map((r) => [r.step, r.ok]), [["cut-link", true], ["wait", true], ["traffic", true], ["kill-node", true], ["wait", true], ["takeover", false]]);
+  assert.equal(log[1]!.detail, "after 0.1 s");
+  assert.equal(log.at(-1)!.detail, "the peer answers");
+  assert.ok(log.every((r) => r.end >= r.start));
+  assert.equal(said[0], "cut the replication link of b");
+});
+
+test("split brain: acknowledgements count for the old side from the cut to the kill, for the new side from the kill to the boot", () => {
+  const rec = (step: FaultStepRecord["step"], start: number): FaultStepRecord => ({ step, label: step, start, end: start + 1, ok: true });
+  const log = [rec("cut-link", 100), rec("kill-node", 200), rec("takeover", 250), rec("boot-node", 300), rec("reconcile", 400)];
+  const A = "10.0.0.1";
+  const B = "10.0.0.2";
+  const acks = [
+    { host: A, at: 50 }, // before the split
+    { host: A, at: 150 },
+    { host: A, at: 199 },
+    { host: B, at: 150 }, // b's backup MX before the kill: not the new side yet
+    { host: B, at: 260 },
+    { host: B, at: 299 },
+    { host: B, at: 350 }, // after the heal
+  ];
+  assert.deepEqual(splitAcks(log, acks, A, B), { byOld: 2, byNew: 2 });
+  assert.deepEqual(splitAcks([rec("cut-link", 100)], acks, A, B), { byOld: 0, byNew: 0 }, "no kill: nobody was apart");
+});
+
+test("split brain: `mailha reconcile --json` read in brief; no copy to reconcile is an error", () => {
+  const json = JSON.stringify({ copy: "/x", dryRun: false, events: { victim: 12, survivor: 9, common: 0 }, plan: { ops: [{}, {}, {}] }, applied: 3, notApplied: [], seconds: 1.25, reportFile: "/r.json", complete: true });
+  assert.deepEqual(reconcileSummary(json), { ops: 3, applied: 3, notApplied: 0, complete: true, seconds: 1.25, events: { victim: 12, survivor: 9 }, reportFile: "/r.json" });
+  const partial = reconcileSummary(JSON.stringify({ plan: { ops: [{}, {}] }, applied: 1, notApplied: [{ op: "add-message" }], complete: false, seconds: 2 }));
+  assert.equal(partial.complete, false);
+  assert.equal(partial.notApplied, 1);
+  assert.throws(() => reconcileSummary(JSON.stringify({ copy: null, says: "nothing to reconcile" })), /no preserved copy/);
 });
