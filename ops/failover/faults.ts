@@ -4,8 +4,9 @@
 //                (one resource daemon), through `mailha lab fault`; split-brain (the
 //                scenario of issue 14 under client load: the replication link cut,
 //                the active node writing alone, killed, the passive forced to take
-//                over, both healed, the old node preserved and resynced, then
-//                `mailha reconcile`; its steps are logged with their times);
+//                over and writing alone; after the traffic both are healed, the old
+//                node is preserved and resynced, then `mailha reconcile`; its steps
+//                are logged with their times);
 //   anywhere     switchover and failback (mailha's own commands, on a local node),
 //                and the operator's own faults from mailha.yaml (failover_test.faults:
 //                an inject and a recover shell command each, run with the target in
@@ -48,6 +49,8 @@ export interface ReconcileSummary {
   readonly seconds: number;
   readonly events: { readonly victim: number; readonly survivor: number } | null;
   readonly reportFile: string | null;
+  /** Why the plan is incomplete: the report's stranded entries (at most 10). */
+  readonly incomplete: readonly string[];
 }
 
 /** The split-brain fault's record: who was apart when, and what the reconcile did. */
@@ -132,7 +135,16 @@ export async function runSteps(steps: readonly SplitStep[], run: (s: SplitStep) 
 
 /** The brief of `mailha reconcile --json`'s result. */
 export function reconcileSummary(json: string): ReconcileSummary {
-  const r = JSON.parse(json) as { applied?: number; notApplied?: unknown[]; complete?: boolean; seconds?: number; events?: { victim: number; survivor: number }; reportFile?: string | null; plan?: { ops?: unknown[] }; says?: string };
+  const r = JSON.parse(json) as {
+    applied?: number;
+    notApplied?: unknown[];
+    complete?: boolean;
+    seconds?: number;
+    events?: { victim: number; survivor: number };
+    reportFile?: string | null;
+    plan?: { ops?: unknown[]; report?: { entries?: { rule: string; outcome: string; says: string; user?: string; victimEvents?: string[]; survivorEvents?: string[] }[] } };
+    says?: string;
+  };
   if (r.says === "nothing to reconcile") throw new Error("mailha reconcile found no preserved copy to reconcile (the old node was not preserved?)");
   return {
     ops: r.plan?.ops?.length ?? r.applied ?? 0,
@@ -142,6 +154,10 @@ export function reconcileSummary(json: string): ReconcileSummary {
     seconds: r.seconds ?? 0,
     events: r.events ? { victim: r.events.victim, survivor: r.events.survivor } : null,
     reportFile: r.reportFile ?? null,
+    incomplete: (r.plan?.report?.entries ?? [])
+      .filter((e) => e.outcome === "stranded")
+      .slice(0, 10)
+      .map((e) => `${e.rule}${e.user ? ` (${e.user})` : ""}: ${e.says}${e.victimEvents?.length || e.survivorEvents?.length ? ` [victim ${(e.victimEvents ?? []).join(",") || "-"}; survivor ${(e.survivorEvents ?? []).join(",") || "-"}]` : ""}`),
   };
 }
 
@@ -199,6 +215,32 @@ async function waitFor(c: MailhaConfig, node: string, until: Extract<SplitStep, 
 function splitBrainPlan(c: MailhaConfig, configFile: string, o: FaultOptions, say: (line: string) => void): FaultPlan {
   const run: SplitBrainRun = { old: null, new: null, log: [], reconcile: null };
   const lab = (fault: Parameters<typeof labFault>[1], args: readonly string[]) => labFault(configFile, fault, [...args]);
+  let healing: SplitStep[] | null = null;
+  const step = async (s: SplitStep): Promise<string | void> => {
+    switch (s.kind) {
+      case "cut-link":
+      case "kill-node":
+      case "boot-node":
+      case "heal":
+        await lab(s.kind, s.args);
+        return;
+      case "wait":
+        return waitFor(c, s.node, s.until, s.timeoutMs);
+      case "traffic":
+        await sleep(s.ms);
+        return;
+      case "takeover":
+        await nodeCommand(c, s.node, "takeover", true);
+        return;
+      case "reconcile": {
+        const r = await runReconcile(configFile);
+        run.reconcile = r;
+        const d = `applied ${r.applied} of ${r.ops} operations in ${r.seconds.toFixed(1)} s${r.complete ? "" : `, INCOMPLETE${r.incomplete.length ? `: ${r.incomplete.join("; ")}` : ""}`}`;
+        if (!r.complete) throw new Error(d);
+        return d;
+      }
+    }
+  };
   return {
     name: "split-brain",
     description: `split brain: the active node's replication link is cut, it writes alone for ${(o.splitMs ?? 4000) / 1000} s and is killed; the passive node is forced to take over and writes alone; both are healed, the old node is preserved and resynced, then \`mailha reconcile\` merges its mail`,
@@ -207,39 +249,20 @@ function splitBrainPlan(c: MailhaConfig, configFile: string, o: FaultOptions, sa
       const passive = c.nodes.find((n) => n.id !== target)!.id;
       run.old = target;
       run.new = passive;
-      await runSteps(
-        splitBrainSteps(target, passive, o.splitMs ?? 4000),
-        async (s) => {
-          switch (s.kind) {
-            case "cut-link":
-            case "kill-node":
-            case "boot-node":
-            case "heal":
-              await lab(s.kind, s.args);
-              return;
-            case "wait":
-              return waitFor(c, s.node, s.until, s.timeoutMs);
-            case "traffic":
-              await sleep(s.ms);
-              return;
-            case "takeover":
-              await nodeCommand(c, s.node, "takeover", true);
-              return;
-            case "reconcile": {
-              const r = await runReconcile(configFile);
-              run.reconcile = r;
-              const d = `applied ${r.applied} of ${r.ops} operations in ${r.seconds.toFixed(1)} s${r.complete ? "" : ", INCOMPLETE"}`;
-              if (!r.complete) throw new Error(d);
-              return d;
-            }
-          }
-        },
-        run.log,
-        say,
-      );
-      return `split brain between ${target} (killed, the victim) and ${passive} (forced takeover, the survivor); reconciled: ${run.log.at(-1)?.detail ?? "-"}`;
+      const steps = splitBrainSteps(target, passive, o.splitMs ?? 4000);
+      const apart = steps.findIndex((s) => s.kind === "boot-node");
+      await runSteps(steps.slice(0, apart), step, run.log, say);
+      healing = steps.slice(apart);
+      return `split brain between ${target} (killed, the victim) and ${passive} (forced takeover, the survivor)`;
     },
-    recover: async () => void (await lab("heal", [])),
+    // After the traffic: boot the old node, heal, wait for its resync, then reconcile.
+    // (A step failed while they were apart: only heal; the trial boots a node that is down.)
+    async recover() {
+      if (!healing) return void (await lab("heal", []));
+      const rest = healing;
+      healing = null;
+      await runSteps(rest, step, run.log, say);
+    },
   };
 }
 

@@ -85,7 +85,8 @@ export function timelineSvg(r: TrialResult): string {
   const right = 20;
   const laneH = 36;
   const t0 = r.startedAt;
-  const t1 = Math.max(r.trafficEndAt, t0 + 1000);
+  // A split brain's heal and reconcile come after the traffic: the timeline runs on to them.
+  const t1 = Math.max(r.trafficEndAt, t0 + 1000, ...(r.splitBrain?.steps ?? []).map((s) => s.end));
   const x = (t: number) => left + ((Math.min(Math.max(t, t0), t1) - t0) / (t1 - t0)) * (W - left - right);
   const protos = PROTOS.filter((p) => p !== "pop3" || r.pop3);
   const nodes = Object.keys(r.timeline.initialStates);

@@ -35,9 +35,8 @@ describe("failover-test --fault split-brain", { skip }, () => {
     t.diagnostic(`split brain: ${JSON.stringify(res.splitBrain)}; smtp ${res.smtp.acked} acked, ${res.smtp.found} found; flags ${res.imap.flagsSet} set, ${res.imap.flagsLost} lost; notes: ${res.notes.join(" | ")}`);
     const sb = res.splitBrain;
     assert.ok(sb, "the result has the split brain");
-    for (const s of sb.steps) assert.ok(s.ok, `step "${s.label}" failed: ${s.detail}`);
     assert.deepEqual(sb.steps.map((s) => s.step).slice(-1), ["reconcile"], "the reconcile is the last step");
-    assert.ok(sb.reconcile?.complete, `the reconcile is complete: ${JSON.stringify(sb.reconcile)}`);
+    assert.ok(sb.reconcile, "mailha reconcile ran");
     assert.ok(sb.ackedByOld > 0, `the old node ${sb.old} acknowledged mail while apart`);
     assert.ok(sb.ackedByNew > 0, `the new node ${sb.new} acknowledged mail while apart`);
     assert.ok((sb.reconcile?.applied ?? 0) >= 1, "the reconcile brought the old node's mail over");
@@ -45,6 +44,8 @@ describe("failover-test --fault split-brain", { skip }, () => {
     assert.deepEqual(res.smtp.duplicated, [], "no message is there twice");
     assert.ok(res.imap.uidValidityStable && res.imap.oldUidsStable, "UIDVALIDITY and the UIDs of older messages did not change");
     assert.ok(res.healthyAfter, "the cluster is healthy afterwards");
+    for (const s of sb.steps) assert.ok(s.ok, `step "${s.label}" failed: ${s.detail}`);
+    assert.ok(sb.reconcile.complete, `the reconcile is complete: ${JSON.stringify(sb.reconcile)}`);
     assert.equal(r.code, 0, `failover-test failed:\n${r.stderr.slice(-2000)}`);
   });
 });

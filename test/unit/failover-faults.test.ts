@@ -131,9 +131,10 @@ test("split brain: acknowledgements count for the old side from the cut to the k
 
 test("split brain: `mailha reconcile --json` read in brief; no copy to reconcile is an error", () => {
   const json = JSON.stringify({ copy: "/x", dryRun: false, events: { victim: 12, survivor: 9, common: 0 }, plan: { ops: [{}, {}, {}] }, applied: 3, notApplied: [], seconds: 1.25, reportFile: "/r.json", complete: true });
-  assert.deepEqual(reconcileSummary(json), { ops: 3, applied: 3, notApplied: 0, complete: true, seconds: 1.25, events: { victim: 12, survivor: 9 }, reportFile: "/r.json" });
-  const partial = reconcileSummary(JSON.stringify({ plan: { ops: [{}, {}] }, applied: 1, notApplied: [{ op: "add-message" }], complete: false, seconds: 2 }));
+  assert.deepEqual(reconcileSummary(json), { ops: 3, applied: 3, notApplied: 0, complete: true, seconds: 1.25, events: { victim: 12, survivor: 9 }, reportFile: "/r.json", incomplete: [] });
+  const partial = reconcileSummary(JSON.stringify({ plan: { ops: [{}, {}], report: { entries: [{ rule: "message-existence/no-expunge", outcome: "stranded", says: "neither side has its file", user: "u@x" }, { rule: "flags/later-change-wins", outcome: "conflict", says: "-" }] } }, applied: 1, notApplied: [{ op: "add-message" }], complete: false, seconds: 2 }));
   assert.equal(partial.complete, false);
+  assert.deepEqual(partial.incomplete, ["message-existence/no-expunge (u@x): neither side has its file"]);
   assert.equal(partial.notApplied, 1);
   assert.throws(() => reconcileSummary(JSON.stringify({ copy: null, says: "nothing to reconcile" })), /no preserved copy/);
 });
