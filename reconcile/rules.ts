@@ -1395,7 +1395,10 @@ function mergeUser(user: string, input: MergeInput, vEvents: readonly MailEvent[
     }
     const src = l.v?.status === "present" ? l.v : undefined;
     if (!src) {
-      out.entry({ rule: l.keep!.rule, outcome: "stranded", says: "the message should stay, but neither side has its file any more", user, mailbox: target, sha256: l.v?.sha256 ?? l.s?.sha256, victimEvents: l.v?.events ?? [], survivorEvents: l.s?.events ?? [] });
+      // Gone from both sides' files: an expunge (a POP3 DELE, say) that no journal had
+      // recorded when the state was read, or mail that arrived after the survivor was
+      // read. Nothing can be restored from nowhere; the plan stays complete.
+      out.entry({ rule: l.keep!.rule, outcome: "note", says: "the journals say the message should stay, but neither side has its file (an expunge not journaled yet, or mail that arrived while the survivor was read): nothing to do", user, mailbox: target, sha256: l.v?.sha256 ?? l.s?.sha256, victimEvents: l.v?.events ?? [], survivorEvents: l.s?.events ?? [] });
       continue;
     }
     const restore = l.kind === "pre" || l.s !== undefined;
