@@ -91,7 +91,16 @@ export async function journalAccountChange(db: Connection, change: AccountChange
     warned = true;
     return;
   }
-  await journalFor(target).append("account", { ...change });
+  // Closed after each change: a long-lived caller (the node daemon's bootstrap, a test)
+  // must not hold a file open on the volume, or the file system's stop would have to
+  // kill it to unmount. Account changes are rare; each one gets a small segment.
+  const j = journalFor(target);
+  try {
+    await j.append("account", { ...change });
+  } finally {
+    for (const [k, v] of journals) if (v === j) journals.delete(k);
+    await j.close();
+  }
 }
 
 /** Closes the journals this process opened for account changes (tests, long-lived callers). */
