@@ -14,7 +14,9 @@
 import { createHash } from "node:crypto";
 import { Bitmap } from "./bitmap.ts";
 import { decideConnect, type ConnectOutcome, type Side } from "./gi.ts";
+import { applyBitmapChunk, bitmapChunks, FrameError } from "./wire.ts";
 import {
+  BITMAP_CHUNK_BLOCKS,
   BLOCK_SIZE,
   EXTENT_BLOCKS,
   EXTENT_BYTES,
@@ -214,7 +216,9 @@ export class VolumeMachine {
   private preserveError: string | null = null;
   /** The in-memory bitmap has bits the durable one lacks. */
   private bitmapDirty = false;
-  private stats = { writes: 0, writeBytes: 0, resyncedBytes: 0, flushes: 0 };
+  /** The peer's hello, waiting for the bitmap chunks it announced (BLOCKS: the peer's size in blocks). */
+  private incoming: { hello: Hello; bitmap: Bitmap; blocks: number; left: number; nextFirst: number } | null = null;
+  private stats = { writes: 0, writeBytes: 0, resyncedBytes: 0, flushes: 0, protocolErrors: 0 };
   private out: Action[] = [];
 
   constructor(
@@ -459,12 +463,14 @@ export class VolumeMachine {
 
   private onConnected(): void {
     if (!this.allowConnect) return this.drop("standalone: not connecting");
-    const hello = this.hello();
+    const chunks = bitmapChunks(this.bitmap);
+    const hello = this.hello(chunks.length);
     this.helloSent = hello;
     this.send(hello);
+    for (const c of chunks) this.send(c);
   }
 
-  private hello(): Hello {
+  private hello(bitmapChunks = 0): Hello {
     return {
       t: "hello",
       nodeId: this.opt.nodeId,
@@ -476,7 +482,7 @@ export class VolumeMachine {
       crashedPrimary: this.meta.crashedPrimary,
       primarySinceMs: this.meta.primarySinceMs,
       changedBlocks: this.bitmap.count,
-      bitmap: Buffer.from(this.bitmap.bytes).toString("base64"),
+      bitmapChunks,
       resolve: this.resolveAs,
     };
   }
@@ -486,6 +492,7 @@ export class VolumeMachine {
     const hadPeer = this.peer !== null;
     this.helloSent = null;
     this.peer = null;
+    this.incoming = null;
     this.peerRole = null;
     this.setPeerDisk("unknown");
     if (this.verify) {
@@ -539,7 +546,34 @@ export class VolumeMachine {
     this.emit({ type: "generation", reason: why, gi: next });
   }
 
-  private onHello(peer: Hello): void {
+  /** The peer's hello: its bitmap follows in BITMAPCHUNKS messages (wire.ts). */
+  private onPeerHello(peer: Hello): void {
+    const blocks = Number.isSafeInteger(peer.sizeBytes) && peer.sizeBytes > 0 ? Math.ceil(peer.sizeBytes / BLOCK_SIZE) : 0;
+    if (blocks === 0 || !Number.isSafeInteger(peer.bitmapChunks) || peer.bitmapChunks < 0 || peer.bitmapChunks > Math.ceil(blocks / BITMAP_CHUNK_BLOCKS))
+      return this.protocolError(`a hello for ${peer.sizeBytes} bytes with ${peer.bitmapChunks} bitmap chunks`);
+    this.incoming = { hello: peer, bitmap: new Bitmap(this.bitmap.blocks), blocks, left: peer.bitmapChunks, nextFirst: 0 };
+    if (peer.bitmapChunks === 0) this.helloComplete();
+  }
+
+  private onBitmapChunk(m: Extract<Msg, { t: "bitmap" }>): void {
+    const i = this.incoming;
+    if (!i || i.left === 0) return this.protocolError("a bitmap chunk not announced by a hello");
+    try {
+      i.nextFirst = applyBitmapChunk(m, i.bitmap, i.blocks, i.nextFirst);
+    } catch (err) {
+      if (err instanceof FrameError) return this.protocolError(err.message);
+      throw err;
+    }
+    if (--i.left === 0) this.helloComplete();
+  }
+
+  private helloComplete(): void {
+    const { hello, bitmap } = this.incoming!;
+    this.incoming = null;
+    this.onHello(hello, bitmap);
+  }
+
+  private onHello(peer: Hello, peerBitmap: Bitmap): void {
     this.peer = peer;
     this.peerRole = peer.role;
     this.setPeerDisk(peer.disk);
@@ -554,7 +588,6 @@ export class VolumeMachine {
     const mustCopy = divergent && (decided.kind === "unrelated" || mine.changedBlocks > 0);
     const copy = mustCopy ? this.copyOfCurrent() : null;
     this.emit({ type: "handshake", peer: peer.nodeId, outcome: outcome.kind, reason: outcome.reason, ...(outcome.kind === "resync" ? { source: outcome.source === "me" ? this.opt.nodeId : peer.nodeId, full: outcome.full } : {}) });
-    const peerBitmap = new Bitmap(this.bitmap.blocks, new Uint8Array(Buffer.from(peer.bitmap, "base64")));
     switch (outcome.kind) {
       case "refuse":
       case "unrelated":
@@ -874,9 +907,12 @@ export class VolumeMachine {
   private onMsg(m: Msg): void {
     switch (m.t) {
       case "hello":
-        return this.onHello(m);
+        return this.onPeerHello(m);
+      case "bitmap":
+        return this.onBitmapChunk(m);
       case "data":
         if (this.meta.role === "primary") return this.drop("protocol error: data sent to a primary");
+        if (!this.inVolume(m.offset, m.data.length)) return this.protocolError(`a data block at ${m.offset} (+${m.data.length} bytes) outside the volume (${this.meta.sizeBytes} bytes)`);
         this.store.write(m.offset, m.data);
         if (this.meta.fresh) {
           this.meta.fresh = false;
@@ -898,6 +934,7 @@ export class VolumeMachine {
       case "role-reply":
         return this.onRoleReply(m.granted, m.reason);
       case "resync-data":
+        if (!this.inVolume(m.offset, m.data.length) || m.offset % BLOCK_SIZE !== 0) return this.protocolError(`a resync block at ${m.offset} (+${m.data.length} bytes) outside the volume (${this.meta.sizeBytes} bytes) or not block-aligned`);
         return this.onResyncData(m.offset, m.data);
       case "resync-barrier":
         return this.onResyncBarrier(m.count);
@@ -1204,6 +1241,16 @@ export class VolumeMachine {
   }
   private drop(reason: string): void {
     this.out.push({ t: "drop", reason });
+  }
+  /** The peer sent what it must not: drop the link, count it, say why. */
+  private protocolError(what: string): void {
+    this.stats.protocolErrors++;
+    this.emit({ type: "protocol-error", reason: what });
+    this.drop(`protocol error: ${what}`);
+  }
+  /** [OFFSET, OFFSET+LENGTH) is a range of bytes of this volume. */
+  private inVolume(offset: number, length: number): boolean {
+    return Number.isSafeInteger(offset) && offset >= 0 && length >= 0 && offset + length <= this.meta.sizeBytes;
   }
   private setConn(c: ConnState): void {
     if (c === this.conn) return;

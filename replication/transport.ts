@@ -2,12 +2,17 @@
 // addresses. The node with the lower id connects (retrying with a bounded backoff);
 // the other accepts, only from the peer's address. Both sides ping; a link silent for
 // pingTimeoutMs is declared down (TCP alone takes minutes to notice a pulled cable).
+// After the challenge-response (auth.ts) every frame in either direction carries a
+// MAC under that direction's session key and frame counter (wire.ts): a frame changed,
+// replayed, reordered, left out or injected closes the link, counted as forged; a frame
+// that does not parse, as malformed; each with the reason in the log. The protocol
+// core checks what the frames say (offsets against the volume size).
 import { EventEmitter } from "node:events";
 import { createConnection, createServer, type Server, type Socket } from "node:net";
 import type { Logger } from "pino";
-import { makeNonce, proof, verifyProof } from "./auth.ts";
+import { makeNonce, proof, sessionKey, verifyProof } from "./auth.ts";
 import type { Msg } from "./types.ts";
-import { Decoder, encode, type Frame } from "./wire.ts";
+import { Decoder, encode, FrameError, FrameMac, type Frame } from "./wire.ts";
 
 export interface LinkOptions {
   readonly nodeId: string;
@@ -31,6 +36,10 @@ interface Conn {
   readonly nonce: string;
   peerNonce: string | null;
   authed: boolean;
+  /** MACs of the frames we send: set when we send our proof. */
+  sendMac: FrameMac | null;
+  /** MACs of the frames the peer sends: set when its proof verifies. */
+  recvMac: FrameMac | null;
   lastRecvMs: number;
 }
 
@@ -40,6 +49,10 @@ export interface LinkStats {
   disconnects: number;
   refusedAddresses: number;
   bytesSent: number;
+  /** Frames whose MAC did not verify (changed, replayed, reordered, missing, injected). */
+  forgedFrames: number;
+  /** Frames that did not parse, or came out of turn (a message before the handshake). */
+  malformedFrames: number;
 }
 
 export class PeerLink extends EventEmitter {
@@ -51,10 +64,10 @@ export class PeerLink extends EventEmitter {
   private retryTimer: NodeJS.Timeout | null = null;
   private pingTimer: NodeJS.Timeout | null = null;
   private backoffMs = BACKOFF_MIN_MS;
-  /** Data frames waiting for the end of this event-loop turn (see send()). */
-  private queued: Buffer[] = [];
+  /** Data messages waiting for the end of this event-loop turn (see send()); at most what one turn writes. */
+  private queued: Msg[] = [];
   private flushScheduled = false;
-  readonly stats: LinkStats = { authFailures: 0, connects: 0, disconnects: 0, refusedAddresses: 0, bytesSent: 0 };
+  readonly stats: LinkStats = { authFailures: 0, connects: 0, disconnects: 0, refusedAddresses: 0, bytesSent: 0, forgedFrames: 0, malformedFrames: 0 };
 
   constructor(private readonly o: LinkOptions) {
     super();
@@ -107,9 +120,8 @@ export class PeerLink extends EventEmitter {
   send(msg: Msg): boolean {
     const s = this.session;
     if (!s) return false;
-    const bufs = encode({ kind: "msg", msg });
     if (msg.t === "data" || msg.t === "resync-data") {
-      for (const b of bufs) this.queued.push(b);
+      this.queued.push(msg);
       if (!this.flushScheduled) {
         this.flushScheduled = true;
         setImmediate(() => {
@@ -119,8 +131,7 @@ export class PeerLink extends EventEmitter {
       }
       return true;
     }
-    this.flushQueued();
-    this.writeBufs(s, bufs);
+    this.write(s, { kind: "msg", msg });
     return true;
   }
 
@@ -128,9 +139,10 @@ export class PeerLink extends EventEmitter {
   flushQueued(): void {
     const s = this.session;
     if (this.queued.length === 0 || !s) return;
-    const bufs = this.queued;
+    const msgs = this.queued;
     this.queued = [];
-    this.writeBufs(s, bufs);
+    // Sealed now, in the order they are written: every other write flushes these first.
+    this.writeBufs(s, msgs.flatMap((msg) => encode({ kind: "msg", msg }, s.sendMac!)));
   }
 
   /** Bytes queued in the socket but not yet handed to the kernel. */
@@ -139,7 +151,9 @@ export class PeerLink extends EventEmitter {
   }
 
   private write(c: Conn, f: Frame): void {
-    this.writeBufs(c, encode(f));
+    if (f.kind !== "auth" && !c.sendMac) throw new Error("replication link: a frame before the handshake");
+    if (c === this.session) this.flushQueued();
+    this.writeBufs(c, encode(f, f.kind === "auth" ? null : c.sendMac));
   }
 
   private writeBufs(c: Conn, bufs: readonly Buffer[]): void {
@@ -182,21 +196,27 @@ export class PeerLink extends EventEmitter {
 
   private track(sock: Socket): Conn {
     sock.setNoDelay(true);
-    const c: Conn = { sock, decoder: new Decoder(), nonce: makeNonce(), peerNonce: null, authed: false, lastRecvMs: Date.now() };
+    const c: Conn = { sock, decoder: new Decoder(), nonce: makeNonce(), peerNonce: null, authed: false, sendMac: null, recvMac: null, lastRecvMs: Date.now() };
     this.pending.add(c);
     const authTimer = setTimeout(() => {
       if (!c.authed) this.close(c, "authentication timed out");
     }, this.o.authTimeoutMs);
     sock.on("data", (chunk: Buffer) => {
       c.lastRecvMs = Date.now();
-      let frames: Frame[];
-      try {
-        frames = c.decoder.push(chunk);
-      } catch (err) {
-        return this.close(c, `protocol error: ${(err as Error).message}`);
-      }
-      for (const f of frames) {
-        if (sock.destroyed) return;
+      c.decoder.push(chunk);
+      // One frame at a time: the handshake sets the peer's key between two frames.
+      // Bound: each frame consumes at least 5 buffered bytes.
+      while (!sock.destroyed) {
+        let f: Frame | null;
+        try {
+          f = c.decoder.next(c.recvMac);
+        } catch (err) {
+          if (!(err instanceof FrameError)) throw err;
+          if (err.verdict === "forged") this.stats.forgedFrames++;
+          else this.stats.malformedFrames++;
+          return this.close(c, `protocol error: ${err.message}`);
+        }
+        if (!f) return;
         this.onFrame(c, f);
       }
     });
@@ -213,21 +233,34 @@ export class PeerLink extends EventEmitter {
   }
 
   private onFrame(c: Conn, f: Frame): void {
+    if (f.kind === "auth") {
+      if (!c.recvMac) return this.onAuth(c, f.body);
+      // The peer may refuse our proof after we accepted its own; nothing else comes unsealed now.
+      if (f.body.t === "auth-refused") return this.authFailed(c, "the peer refused our proof (wrong replication secret?)");
+      this.stats.malformedFrames++;
+      return this.close(c, "protocol error: an authentication frame after the handshake");
+    }
+    if (!c.recvMac || !c.authed) {
+      this.stats.malformedFrames++;
+      return this.close(c, "protocol error: a message before authentication");
+    }
     if (f.kind === "ping") return this.write(c, { kind: "pong" });
     if (f.kind === "pong") return;
-    if (f.kind === "auth") return this.onAuth(c, f.body);
-    if (!c.authed || c !== this.session) return this.close(c, "message before authentication");
+    if (c !== this.session) return this.close(c, "a message on a connection that is not the session");
     this.emit("msg", f.msg);
   }
 
   private onAuth(c: Conn, body: Record<string, unknown>): void {
     if (body.t === "auth-hello") {
-      if (body.node !== this.o.peerId || body.cluster !== this.o.cluster || typeof body.nonce !== "string") {
+      if (c.peerNonce !== null) return this.authFailed(c, "the peer introduced itself twice");
+      if (body.node !== this.o.peerId || body.cluster !== this.o.cluster || typeof body.nonce !== "string" || body.nonce.length > 128) {
         this.authFailed(c, `peer introduced itself as node ${String(body.node)} of cluster ${String(body.cluster)}`);
         return;
       }
       c.peerNonce = body.nonce;
       this.write(c, { kind: "auth", body: { t: "auth-proof", mac: proof(this.o.secret, this.o.cluster, this.o.nodeId, body.nonce, c.nonce) } });
+      // Everything we send after our proof is sealed.
+      c.sendMac = new FrameMac(sessionKey(this.o.secret, this.o.cluster, this.o.nodeId, c.nonce, body.nonce));
       return;
     }
     if (body.t === "auth-proof") {
@@ -237,6 +270,7 @@ export class PeerLink extends EventEmitter {
         return;
       }
       c.authed = true;
+      c.recvMac = new FrameMac(sessionKey(this.o.secret, this.o.cluster, this.o.peerId, c.peerNonce, c.nonce));
       this.pending.delete(c);
       if (this.session) this.close(this.session, "replaced by a newer connection");
       this.session = c;

@@ -12,6 +12,8 @@ export const BLOCK_SIZE = 4096;
 /** Activity-log extent: 4 MiB = 1024 blocks. */
 export const EXTENT_BLOCKS = 1024;
 export const EXTENT_BYTES = EXTENT_BLOCKS * BLOCK_SIZE;
+/** Blocks one `bitmap` message covers at most: 32 GiB of volume, 1 MiB of raw bits. */
+export const BITMAP_CHUNK_BLOCKS = 8 * 1024 * 1024;
 
 /** Generation identifiers: 16 hex digits each; "" means empty. */
 export interface GenIds {
@@ -79,14 +81,20 @@ export interface Hello {
   /** Blocks set in the bitmap: changes since the peer was last in sync, and the
    *  activity-log extents of a primary that crashed. */
   readonly changedBlocks: number;
-  /** The raw bitmap (base64 in JSON). */
-  readonly bitmap: string;
+  /**
+   * How many `bitmap` messages follow this hello: the bitmap in chunks of
+   * BITMAP_CHUNK_BLOCKS blocks (wire.ts), those with no bit set left out, so that the
+   * handshake of any volume size fits in frames.
+   */
+  readonly bitmapChunks: number;
   /** The operator's split-brain resolution: keep this side's data, or the peer's. */
   readonly resolve: "local" | "peer" | null;
 }
 
 export type Msg =
   | Hello
+  /** Part of the sender's bitmap, after its hello: blocks [first, first+blocks), as raw bits or runs of set bits (base64). */
+  | { readonly t: "bitmap"; readonly first: number; readonly blocks: number; readonly encoding: "raw" | "runs"; readonly data: string }
   | { readonly t: "data"; readonly seq: number; readonly offset: number; readonly data: Buffer }
   | { readonly t: "barrier"; readonly seq: number }
   | { readonly t: "barrier-ack"; readonly seq: number }

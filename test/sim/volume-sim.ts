@@ -183,9 +183,15 @@ export function runSimulation(o: SimOptions): SimResult {
 
   const act = (n: SimNode, a: Action) => {
     switch (a.t) {
-      case "send":
-        if (linkUp) queues.get(other(n))!.push({ at: now + Math.floor(r() * 5), msg: a.msg });
+      case "send": {
+        if (!linkUp) break;
+        const q = queues.get(other(n))!;
+        // The bitmap chunks after a hello leave in the same write as the hello: same
+        // delivery time, and no draw from the seeded stream (schedules stay as they were).
+        if (a.msg.t === "bitmap") q.push({ at: q.at(-1)?.at ?? now, msg: a.msg });
+        else q.push({ at: now + Math.floor(r() * 5), msg: a.msg });
         break;
+      }
       case "drop":
         log.push(`${n.id} drops the link: ${a.reason}`);
         linkDown();
@@ -277,6 +283,8 @@ export function runSimulation(o: SimOptions): SimResult {
       if (o.trace && (m.msg.t === "data" || m.msg.t === "resync-data")) log.push(`${n.id} recv ${m.msg.t} blocks ${m.msg.offset / BLOCK_SIZE}+${m.msg.data.length / BLOCK_SIZE} v${m.msg.data.readDoubleLE(0)}`);
       else if (o.trace && m.msg.t !== "hello") log.push(`${n.id} recv ${JSON.stringify(m.msg)}`);
       apply(n, { t: "msg", msg: m.msg });
+      // A hello's bitmap chunks arrive with it, in the same step (no extra draws).
+      while (q[0]?.msg.t === "bitmap") apply(n, { t: "msg", msg: q.shift()!.msg });
     }
   };
 

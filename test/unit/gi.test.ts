@@ -9,7 +9,7 @@ import type { GenIds, Hello, SplitBrainPolicy } from "../../replication/types.ts
 function hello(nodeId: string, gi: Partial<GenIds>, more: Partial<Hello> = {}): Hello {
   return {
     t: "hello", nodeId, sizeBytes: 1 << 24, gi: { current: "", bitmap: "", history: ["", ""], ...gi }, disk: "consistent", role: "secondary",
-    fresh: false, crashedPrimary: false, primarySinceMs: null, changedBlocks: 0, bitmap: "", resolve: null, ...more,
+    fresh: false, crashedPrimary: false, primarySinceMs: null, changedBlocks: 0, bitmapChunks: 0, resolve: null, ...more,
   };
 }
 
