@@ -147,6 +147,11 @@ export interface UpdateResult {
   readonly answerSigned: boolean | null;
   /** Why a present TSIG did not verify (null otherwise). */
   readonly signatureProblem: string | null;
+  /**
+   * The MAC was made with our key for our request, but outside the fudge of our clock:
+   * the server's answer, from a server whose clock is off (a forger cannot make it).
+   */
+  readonly signedOutOfTime: boolean;
 }
 
 /** An answer that does not parse: cut short, a name that loops or is too long, junk. */
@@ -270,6 +275,7 @@ export function parseAnswer(b: Buffer, key: TsigKey | null, requestMac: Buffer |
   let tsigError: string | null = null;
   let answerSigned: boolean | null = null;
   let signatureProblem: string | null = null;
+  let signedOutOfTime = false;
   m.records.forEach((r, i) => {
     if (r.type !== TYPES.TSIG) return;
     if (i !== m.records.length - 1 || m.counts[3] === 0) throw new DnsFormatError("a TSIG record that is not the last additional record");
@@ -302,11 +308,14 @@ export function parseAnswer(b: Buffer, key: TsigKey | null, requestMac: Buffer |
       unsigned.writeUInt16BE(m.counts[3]! - 1, 10);
       const want = createHmac("sha256", key.secret).update(u16(requestMac.length)).update(requestMac).update(unsigned).update(tsigVariablesOf(keyName, r.klass, r.ttl, algorithm, timeSigned, fudge, err, other)).digest();
       if (want.length !== mac.length || !timingSafeEqual(want, mac)) signatureProblem = "the MAC does not verify";
-      else if (Math.abs(nowS - timeSigned) > fudge) signatureProblem = `signed at ${timeSigned}, ${nowS - timeSigned} s from our clock (fudge ${fudge} s)`;
+      else if (Math.abs(nowS - timeSigned) > fudge) {
+        signatureProblem = `signed at ${timeSigned}, ${nowS - timeSigned} s from our clock (fudge ${fudge} s)`;
+        signedOutOfTime = true;
+      }
       else answerSigned = true;
     }
   });
-  return { rcode, tsigError, answerSigned, signatureProblem };
+  return { rcode, tsigError, answerSigned, signatureProblem, signedOutOfTime };
 }
 
 export interface UpdateOptions {
@@ -332,8 +341,9 @@ export function judgeUpdateAnswer(answer: Buffer, id: number, key: TsigKey | nul
     throw err;
   }
   // A signature that does not verify is not the server's: wait for the real answer.
-  if (r.answerSigned === false) return { verdict: "forged" };
-  if (requireSigned && r.answerSigned !== true && r.rcode === "NOERROR") return { verdict: "unsigned" };
+  // (One that verifies but is out of time is the server's: its caller hears why.)
+  if (r.answerSigned === false && !r.signedOutOfTime) return { verdict: "forged" };
+  if (requireSigned && r.answerSigned !== true && !r.signedOutOfTime && r.rcode === "NOERROR") return { verdict: "unsigned" };
   return { verdict: "accepted", result: r };
 }
 
