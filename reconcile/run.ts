@@ -136,9 +136,8 @@ export async function reconcile(o: ReconcileOptions): Promise<ReconcileResult> {
     const standIns = unifyStandIns(vMail, sMail);
     const sAccounts = await readAccounts(db);
     const survivorState = { mail: sMail.mail, accounts: sAccounts };
-    const victimEventsRaw = toEvents(split.victim, { mail: vMail.mail, accounts: sAccounts }, standIns);
-    const victimState = { mail: vMail.mail, accounts: victimAccounts(sAccounts, victimEventsRaw) };
-    const victimEvents = victimEventsRaw;
+    const victimEvents = toEvents(split.victim, { mail: vMail.mail, accounts: sAccounts }, standIns);
+    const victimState = { mail: vMail.mail, accounts: victimAccounts(sAccounts, victimEvents) };
     const survivorEvents = toEvents(split.survivor, survivorState, standIns);
     progress("planning", { victimEvents: victimEvents.length, survivorEvents: survivorEvents.length, messages: vMail.messages + sMail.messages });
     const plan = merge({ survivor: survivorState, victim: victimState, victimEvents, survivorEvents }, { lostFound: { user: o.postmaster } });

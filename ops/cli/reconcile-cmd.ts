@@ -4,7 +4,7 @@
 // is not reconciled yet (or --copy). Run where both are reachable: the survivor's data
 // directory, sockets and IMAP port, and the copy's folder (in the lab, on the host).
 import { Command, Option } from "commander";
-import { loadConfig, type MailhaConfig } from "../../common/config.ts";
+import { loadConfig, nodeById, peerOf, type MailhaConfig } from "../../common/config.ts";
 import { UsageError } from "../../common/errors.ts";
 import { nodePaths, nodeStateDir } from "../../common/paths.ts";
 import { nodeStatus } from "../../cluster/client.ts";
@@ -43,9 +43,8 @@ export function reconcileCommand(defaultConfig: string): Command {
       const c = loadConfig(o.config);
       const out = createOutput(!!o.json);
       const survivor = o.node ?? (await activeNode(c));
-      const peer = c.nodes.find((n) => n.id !== survivor);
-      const me = c.nodes.find((n) => n.id === survivor);
-      if (!peer || !me) throw new UsageError(`no node ${survivor} in ${c.file}`);
+      const me = nodeById(c, survivor);
+      const peer = peerOf(c, survivor);
       const victimVol = volumeContext(c, peer.id);
       let copy = o.copy;
       if (!copy) {
@@ -74,8 +73,14 @@ export function reconcileCommand(defaultConfig: string): Command {
         onProgress: (step, detail) => out.progress(step, detail),
       });
       const complete = r.plan.report.complete && r.notApplied.length === 0;
-      // A copy given by path may lie outside the peer's list (moved by hand): nothing to mark then.
-      if (!r.dryRun && complete) await markReconciled(victimVol, copy).catch((err: Error) => (o.copy ? undefined : Promise.reject(err)));
+      if (!r.dryRun && complete) {
+        try {
+          await markReconciled(victimVol, copy);
+        } catch (err) {
+          // A copy given by path may lie outside the peer's list (moved by hand): nothing to mark.
+          if (!o.copy) throw err;
+        }
+      }
       out.result({ ...r, plan: o.json ? r.plan : undefined, complete }, () => formatReport(r));
       if (!complete && !r.dryRun) process.exitCode = 1;
     });
