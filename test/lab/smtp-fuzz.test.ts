@@ -443,7 +443,9 @@ const scripts: Record<string, (w: Wire, r: Rng, t: Target, marker: (i: number) =
       w.destroy(true);
       return [];
     }
-    // 465: the Wire is already in TLS; open a raw one beside it and cut that one.
+    // 465: the Wire is already in TLS; wait for its greeting (a client that talks first is
+    // an early talker, refused), then open a raw connection beside it and cut that one.
+    await w.until(1);
     const raw = netConnect({ host: t.host, port: t.port });
     raw.on("error", () => {});
     await new Promise<void>((resolve) => raw.once("connect", () => resolve()).once("error", () => resolve()));
