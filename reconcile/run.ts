@@ -18,6 +18,7 @@ import { Queue, Worker, type Job } from "bullmq";
 import { writeFileDurable } from "../common/fsutil.ts";
 import { mountPreservedCopy, unmountStale } from "../replication/filesystem.ts";
 import { connectMariadb } from "../services/mariadb.ts";
+import { redisConnection } from "../services/redis.ts";
 import { closeAccountJournals } from "../services/journal/accounts.ts";
 import { Applier, type ApplyOutcome } from "./apply.ts";
 import type { Operation, Plan, Report } from "./model.ts";
@@ -178,7 +179,7 @@ interface QueueOptions {
 
 /** The plan's operations through the `reconcile` queue, one at a time, in order. */
 async function runQueue(ops: readonly Operation[], o: QueueOptions): Promise<OpResult[]> {
-  const connection = { path: o.redisSocket, maxRetriesPerRequest: null };
+  const connection = redisConnection(o.redisSocket);
   const queue = new Queue(QUEUE, { connection });
   const results = new Map<string, OpResult>();
   let worker: Worker | null = null;

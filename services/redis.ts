@@ -46,3 +46,8 @@ export function redisSpec(name: string, r: RedisPaths, netns?: string): DaemonSp
 export function pingRedis(socket: string, timeoutMs = 1000): Promise<boolean> {
   return probeLine({ connect: { path: socket }, send: "PING", expect: "+PONG", timeoutMs });
 }
+
+/** How a client reaches this node's Redis (ioredis/BullMQ options): every client takes them from here. */
+export function redisConnection(socket: string): { path: string; maxRetriesPerRequest: null } {
+  return { path: socket, maxRetriesPerRequest: null };
+}

@@ -21,6 +21,7 @@ import { fsyncPath } from "../../common/fsutil.ts";
 import { copyChecked } from "./maildir.ts";
 import { dsnMessage, headerOf, writeDsnFile, type Failure } from "./dsn.ts";
 import { relay, type RelayOutcome } from "./relay.ts";
+import { redisConnection } from "../redis.ts";
 
 export const QUEUE = "outbound";
 const CONCURRENCY = 8;
@@ -58,11 +59,11 @@ export class Outbound {
     this.dir = join(dataDir, "outbound");
     mkdirSync(this.dir, { recursive: true, mode: 0o700 });
     if (c.mail.outbound.resolvers.length) this.resolver.setServers(c.mail.outbound.resolvers);
-    this.queue = new Queue(QUEUE, { connection: { path: redisSocket, maxRetriesPerRequest: null } });
-    this.connection = { path: redisSocket, maxRetriesPerRequest: null };
+    this.queue = new Queue(QUEUE, { connection: redisConnection(redisSocket) });
+    this.connection = redisConnection(redisSocket);
   }
 
-  private readonly connection: { path: string; maxRetriesPerRequest: null };
+  private readonly connection: ReturnType<typeof redisConnection>;
 
   private backoffMs(attempt: number): number {
     const o = this.c.mail.outbound;
