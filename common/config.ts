@@ -112,6 +112,18 @@ const schema = z
         restart_window_ms: ms(1000, 86_400_000).default(60_000),
         self_fence_ms: ms(100, 600_000).default(3000),
         metrics_port: port().default(9647),
+        // The node-to-node channel (cluster/peer-rpc.ts: TLS with a key derived from the
+        // heartbeat key) on the service address: the recipient list, split-brain copies.
+        peer_port: port().default(9648),
+      })
+      .prefault({}),
+    reconcile: z
+      .strictObject({
+        // After a split brain heals, the active node merges the victim's preserved copy
+        // by itself; false: it waits for `mailha reconcile` (look first with --dry-run).
+        auto: z.boolean({ error: "true or false" }).default(true),
+        attempts_max: int("a number of attempts", 1, 100).default(5),
+        retry_ms: ms(1000, 86_400_000).default(30_000),
       })
       .prefault({}),
     heartbeat: z.strictObject({
