@@ -3,7 +3,8 @@
 // talks to the witness, fences the peer, runs the resource group and its monitors,
 // and feeds all of it to the node state machine, which decides. Serves a control
 // socket for the operator, a Prometheus endpoint, and writes the cluster event log.
-import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { spawn, type ChildProcess } from "node:child_process";
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { createSocket, type Socket as UdpSocket } from "node:dgram";
 import { createServer as createHttpServer } from "node:http";
@@ -15,7 +16,7 @@ import { tryRun } from "../common/exec.ts";
 import { createLogger } from "../common/log.ts";
 import { EventLog, Pending } from "../common/eventlog.ts";
 import { nodeNetns, nodePaths, nodeStateDir } from "../common/paths.ts";
-import { readEngineRecord, startEngine, stopEngine, volumeCall, volumeContext, volumeStatus, type VolumeStatus } from "../replication/client.ts";
+import { listPreserved, markReconciled, readEngineRecord, startEngine, stopEngine, volumeCall, volumeContext, volumeStatus, type VolumeStatus } from "../replication/client.ts";
 import { controlEvents, serveControl, type ControlRequest } from "../replication/control.ts";
 import { isMounted, unmountVolume } from "../replication/filesystem.ts";
 import { commandAgent, labAgent, noneAgent, type FenceAgent } from "./fencing.ts";
@@ -25,7 +26,9 @@ import { GROUP, GroupRunner, type ResourceContext } from "./resources.ts";
 import { WitnessClient } from "./witness.ts";
 import { applyDns } from "../dns/apply.ts";
 import { takeLease } from "../dns/lease.ts";
-import { checkRecipientsAuth } from "../services/smtp/backup-mx.ts";
+import { callPeer, peerEnds, servePeerRpc } from "../common/peer-rpc.ts";
+import { decideAuto, type AutoTry } from "../reconcile/auto.ts";
+import { VictimExport } from "../reconcile/export.ts";
 import { Directory } from "../services/smtp/recipients.ts";
 import { mariadbPaths } from "../services/mariadb.ts";
 
@@ -43,6 +46,7 @@ const WATCHDOG_TIMEOUT_MS = 2000;
 const WATCHDOG_MISSES_MAX = 3;
 const PING_INTERVAL_MS = 1000;
 const WITNESS_TIMEOUT_MS = 500;
+const AUTO_RECONCILE_CHECK_MS = 3000;
 
 export async function runNode(o: { config: MailhaConfig; nodeId: string }): Promise<void> {
   const c = o.config;
@@ -132,6 +136,10 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
     c.fencing.agent === "command" ? commandAgent(c.fencing.command!, c.fencing.timeout_ms) : c.fencing.agent === "lab" ? labAgent((id) => nodeNetns(c, id)!) : noneAgent();
   const witness = c.quorum.witness ? new WitnessClient({ host: c.quorum.witness.address, port: c.quorum.witness.port, key, cluster: c.cluster.name, node: me.id, localAddress: me.service_address }) : null;
 
+  // Set once the reconcile wiring below exists: stops an automatic reconcile run (its
+  // child reads and writes on the volume) before the group leaves this node.
+  let stopReconcile = (): void => {};
+
   function dispatch(ev: Event): void {
     for (const a of m.handle(ev)) act(a);
   }
@@ -194,6 +202,7 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
         });
         break;
       case "stop-group":
+        stopReconcile();
         runner.requestAbort();
         void runner.stop().then((r) => {
           dispatch({ t: "group-stopped", now: Date.now(), ok: r.ok, error: r.error });
@@ -201,6 +210,7 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
         });
         break;
       case "kill-group":
+        stopReconcile();
         runner.requestAbort();
         // Fencing ourselves (or giving up a group that would not stop): freeze the
         // volume's I/O first, so nothing written from here on counts as durable and
@@ -412,6 +422,118 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
     }, WATCHDOG_INTERVAL_MS),
   );
 
+  // ---- the peer channel: the recipient list, this node's split-brain copies -------------
+  const victimExport = new VictimExport({
+    runDir: paths.run,
+    listCopies: async () => [...(await listPreserved(vol))].sort((x, y) => x.atMs - y.atMs),
+    markReconciled: (path) => markReconciled(vol, path),
+  });
+  const peerRpc = await servePeerRpc({
+    host: me.service_address,
+    port: c.manager.peer_port,
+    key,
+    cluster: c.cluster.name,
+    self: me.id,
+    peer: peer.id,
+    log,
+    handlers: {
+      // The passive node's backup MX checks recipients against this list.
+      recipients: async () => {
+        if (m.nodeState !== "active") throw new Error(`node ${me.id} is not active`);
+        const dir = new Directory(mariadbPaths(paths).socket, c.mail.domains);
+        try {
+          return { result: { recipients: await dir.allRecipients() } };
+        } finally {
+          void dir.close();
+        }
+      },
+      "preserved-list": async () => ({ result: await victimExport.pending() }),
+      "victim-open": async (args) => ({ result: await victimExport.openCopy(String(args.copy)) }),
+      "victim-file": async (args) => {
+        const f = await victimExport.file(String(args.copy), String(args.file));
+        return { result: { mtimeMs: f.mtimeMs }, body: f.body };
+      },
+      "victim-close": async (args) => {
+        const r = await victimExport.close({ path: String(args.copy), reconciled: args.reconciled === true });
+        if (r.marked) emit({ type: "preserved-reconciled", path: String(args.copy) });
+        return { result: r };
+      },
+    },
+  });
+
+  // ---- after a split brain: the survivor merges the victim's copy (reconcile.auto) ------
+  const autoRec = {
+    running: null as { copy: string; pid: number; sinceMs: number; child: ChildProcess } | null,
+    tries: {} as Record<string, AutoTry>,
+    waiting: null as { copy: string; says: string } | null,
+    last: null as { copy: string; ok: boolean; atMs: number; says: string } | null,
+    checking: false,
+    /** The peer's copies not reconciled yet, as last heard (null: not asked or no answer). */
+    peerCopies: null as string[] | null,
+  };
+  const reconcileLog = join(paths.log, "reconcile.log");
+  stopReconcile = () => {
+    if (autoRec.running) autoRec.running.child.kill("SIGTERM");
+  };
+  function startReconcile(copy: string, attempt: number): void {
+    const fd = openSync(reconcileLog, "a", 0o600);
+    const child = spawn(process.execPath, [BIN, "reconcile", "--config", c.file, "--node", me.id, "--json"], { stdio: ["ignore", fd, fd] });
+    closeSync(fd);
+    autoRec.running = { copy, pid: child.pid ?? 0, sinceMs: Date.now(), child };
+    autoRec.waiting = null;
+    emit({ type: "reconcile-started", copy, attempt, pid: child.pid, log: reconcileLog });
+    child.once("exit", (code, signal) => {
+      autoRec.running = null;
+      const ok = code === 0;
+      const says = ok ? "merged" : `mailha reconcile exited ${signal ?? code}; see ${reconcileLog}`;
+      autoRec.last = { copy, ok, atMs: Date.now(), says };
+      if (ok) {
+        delete autoRec.tries[copy];
+        emit({ type: "reconcile-done", copy });
+      } else {
+        autoRec.tries[copy] = { attempts: attempt, lastMs: Date.now(), error: says };
+        emit({ type: "reconcile-failed", copy, attempt, error: says });
+      }
+    });
+  }
+  timers.push(
+    setInterval(() => {
+      if (autoRec.running && m.nodeState !== "active") {
+        // The group leaves this node: the run stops with it (the next active node reruns it).
+        stopReconcile();
+        return;
+      }
+      if (autoRec.checking || stopping || m.nodeState !== "active") return;
+      autoRec.checking = true;
+      void callPeer(peerEnds(c, me.id), "preserved-list", {}, { timeoutMs: 3000 })
+        .then(
+          (a) => (Array.isArray(a.result) ? (a.result as { path?: unknown }[]).map((x) => String(x.path)) : null),
+          () => null,
+        )
+        .then((copies) => {
+          autoRec.peerCopies = copies;
+          const s = lastVolume;
+          const v = decideAuto({
+            now: Date.now(),
+            enabled: c.reconcile.auto,
+            active: m.nodeState === "active" && !stopping,
+            volumeInSync: !!s && s.connection === "connected" && s.disk === "uptodate" && s.peer.disk === "uptodate",
+            peerCopies: copies,
+            running: !!autoRec.running,
+            tries: autoRec.tries,
+            attemptsMax: c.reconcile.attempts_max,
+            retryMs: c.reconcile.retry_ms,
+          });
+          if (v.t === "start") startReconcile(v.copy, v.attempt);
+          else if (v.t === "operator") {
+            if (autoRec.waiting?.copy !== v.copy || autoRec.waiting.says !== v.says) emit({ type: "reconcile-waits", copy: v.copy, says: v.says });
+            autoRec.waiting = { copy: v.copy, says: v.says };
+          } else if (v.why === "nothing-to-do") autoRec.waiting = null;
+        })
+        .finally(() => (autoRec.checking = false));
+    }, AUTO_RECONCILE_CHECK_MS),
+  );
+
   // ---- operator interface ----------------------------------------------------------------------
   const status = () => ({
     ...m.status(),
@@ -421,6 +543,15 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
     heartbeats: receiver.counters,
     volume: lastVolume,
     timers: c.timers,
+    peerChannel: peerRpc.counters,
+    reconcile: {
+      auto: c.reconcile.auto,
+      running: autoRec.running ? { copy: autoRec.running.copy, pid: autoRec.running.pid, sinceMs: autoRec.running.sinceMs } : null,
+      waiting: autoRec.waiting,
+      last: autoRec.last,
+      peerCopies: autoRec.peerCopies,
+      tries: autoRec.tries,
+    },
   });
 
   const control = await serveControl(nodeControlSocket(c, o.nodeId), async (req: ControlRequest, sock: Socket) => {
@@ -445,20 +576,6 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
   });
 
   const metrics = createHttpServer((req, res) => {
-    if (req.url === "/recipients") {
-      // The passive node's backup MX checks recipients against this list.
-      if (!checkRecipientsAuth(key, req.headers["x-mailha-auth"] as string | undefined)) return void res.writeHead(403).end("forbidden\n");
-      if (m.nodeState !== "active") return void res.writeHead(503).end("not active\n");
-      const dir = new Directory(mariadbPaths(paths).socket, c.mail.domains);
-      void dir
-        .allRecipients()
-        .then(
-          (list) => res.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify({ recipients: list })),
-          () => res.writeHead(503).end("account store not available\n"),
-        )
-        .finally(() => void dir.close());
-      return;
-    }
     if (req.url !== "/metrics") {
       res.writeHead(404).end("see /metrics\n");
       return;
@@ -466,6 +583,7 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
     res.writeHead(200, { "content-type": "text/plain; version=0.0.4" }).end(renderMetrics(o.nodeId, status()));
   });
   await new Promise<void>((resolve) => metrics.listen(c.manager.metrics_port, me.service_address, () => resolve()));
+
 
   emit({ type: "node-started", pid: process.pid, incarnation: inc, links: me.heartbeat_links.map((l) => l.name), witness: !!witness, fencing: fence.name });
 
@@ -484,8 +602,11 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
     if (witness) await witness.request("release", WITNESS_TIMEOUT_MS).catch(() => null);
     for (const s of sockets) s.sock.close();
     witness?.close();
+    stopReconcile();
+    await victimExport.close().catch(() => {});
     control.close();
     metrics.close();
+    peerRpc.close();
     await stopEngine(vol).catch(() => {});
     process.exit(0);
   };

@@ -112,7 +112,7 @@ const schema = z
         restart_window_ms: ms(1000, 86_400_000).default(60_000),
         self_fence_ms: ms(100, 600_000).default(3000),
         metrics_port: port().default(9647),
-        // The node-to-node channel (cluster/peer-rpc.ts: TLS with a key derived from the
+        // The node-to-node channel (common/peer-rpc.ts: TLS with a key derived from the
         // heartbeat key) on the service address: the recipient list, split-brain copies.
         peer_port: port().default(9648),
       })

@@ -13,7 +13,7 @@
 // Lookups on the survivor (a folder's directory by GUID, a message's UID by Maildir
 // key) read Dovecot's own files, read only.
 import { createHash } from "node:crypto";
-import { readdirSync, readFileSync, statSync } from "node:fs";
+import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { ImapFlow } from "imapflow";
 import type { Connection } from "mysql2/promise";
@@ -36,8 +36,10 @@ export interface ApplyContext {
   /** `doveadm -c <conf>` for folders made with a given GUID. */
   readonly dovecotConf: string;
   readonly db: Connection;
-  /** Victim user -> mailbox GUID -> key -> the message file in the mounted copy. */
+  /** Victim user -> mailbox GUID -> key -> the message file in the copy (as victimFile takes it). */
   readonly victimFiles: ReadonlyMap<string, ReadonlyMap<string, ReadonlyMap<string, string>>>;
+  /** One message file of the victim's copy, wherever it lies (run.ts: VictimSource). */
+  readonly victimFile: (file: string) => Promise<{ body: Buffer; mtime: Date }>;
   /** Stand-in GUIDs (folders Dovecot never opened) -> the real GUID the plan uses (sides.ts). */
   readonly standIns: ReadonlyMap<string, string>;
 }
@@ -117,10 +119,10 @@ export class Applier {
         if (name === null) return { done: false, says: `folder ${op.mailbox} of ${op.user} is missing on the survivor` };
         const have = this.contentsOf(op.user, op.mailbox);
         if (have.has(op.sha256)) return { done: true, says: "the message is there already" };
-        const body = readFileSync(file);
+        const { body, mtime } = await this.ctx.victimFile(file);
         if (createHash("sha256").update(body).digest("hex") !== op.sha256) return { done: false, says: `message ${op.source.key} in the victim's copy does not have the planned content` };
         const flags = op.flags.filter((f) => f !== "\\Recent");
-        await (await this.session(op.user)).append(name, body, flags, statSync(file).mtime);
+        await (await this.session(op.user)).append(name, body, flags, mtime);
         have.add(op.sha256);
         return { done: true };
       }

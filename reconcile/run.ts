@@ -12,26 +12,97 @@
 // file `<survivor run>/reconcile.lock`).
 // Bounds: one worker, one job at a time (the order matters); a job is tried
 // JOB_ATTEMPTS times; the wait for the queue has a deadline per job.
-import { mkdirSync, openSync, closeSync, readFileSync, rmSync, unlinkSync, writeFileSync, existsSync } from "node:fs";
+import { mkdirSync, openSync, closeSync, readFileSync, rmSync, statSync, unlinkSync, writeFileSync, existsSync } from "node:fs";
 import { join } from "node:path";
 import { Queue, Worker, type Job } from "bullmq";
 import { writeFileDurable } from "../common/fsutil.ts";
-import { mountPreservedCopy, unmountStale } from "../replication/filesystem.ts";
+import type { Connection } from "mysql2/promise";
+import { callPeer, type PeerEnds } from "../common/peer-rpc.ts";
+import { mountPreservedCopy, unmountStale, type PreservedView } from "../replication/filesystem.ts";
+import type { JournalEntry } from "../services/journal/changes.ts";
 import { connectMariadb } from "../services/mariadb.ts";
 import { redisConnection } from "../services/redis.ts";
 import { closeAccountJournals } from "../services/journal/accounts.ts";
 import { Applier, type ApplyOutcome } from "./apply.ts";
 import type { Operation, Plan, Report } from "./model.ts";
 import { merge } from "./rules.ts";
-import { readAccounts, readEntries, readMail, sinceSplit, toEvents, unifyStandIns, victimAccounts } from "./sides.ts";
+import { FILE_BYTES_MAX, fromWire, type VictimSide } from "./export.ts";
+import { readAccounts, readEntries, readMail, sinceSplit, toEvents, unifyStandIns, victimAccounts, type MailRead } from "./sides.ts";
 
 export const QUEUE = "reconcile";
 const JOB_ATTEMPTS = 3;
 const JOB_DEADLINE_MS = 120_000;
+/** The victim mounts and hashes its whole copy before it answers. */
+const OPEN_DEADLINE_MS = 30 * 60_000;
+const SIDE_BYTES_MAX = 256 * 1024 * 1024;
+
+/**
+ * Where the victim's preserved copy is read: mounted on this host (`localCopy`, when
+ * its folder is here), or on the victim itself over the peer channel (`peerCopy`:
+ * reconcile/export.ts answers there).
+ */
+export interface VictimSource {
+  readonly copy: string;
+  read(progress: (step: string, detail: Record<string, unknown>) => void): Promise<{ mail: MailRead; entries: JournalEntry[] }>;
+  file(f: string): Promise<{ body: Buffer; mtime: Date }>;
+  /** Done with the copy; RECONCILED: every change in it is merged (mark it so). */
+  close(reconciled: boolean): Promise<void>;
+}
+
+/** The copy's folder is on this host: mount it under RUNDIR and read it here. */
+export function localCopy(copy: string, runDir: string, markReconciled: () => Promise<void>): VictimSource {
+  const mnt = join(runDir, "reconcile-view");
+  let view: PreservedView | null = null;
+  return {
+    copy,
+    async read(progress) {
+      mkdirSync(mnt, { recursive: true });
+      // An earlier run killed mid-way left its view mounted (the lock says it is dead).
+      if (await unmountStale(mnt)) progress("unmounted the view an interrupted run left", { mountpoint: mnt });
+      progress("mounting the preserved copy", { copy });
+      view = await mountPreservedCopy(copy, mnt);
+      progress("reading the victim's copy", {});
+      return { mail: await readMail(view.mountpoint), entries: await readEntries(view.mountpoint) };
+    },
+    async file(f) {
+      return { body: readFileSync(f), mtime: statSync(f).mtime };
+    },
+    async close(reconciled) {
+      await view?.close().catch(() => {});
+      view = null;
+      rmSync(mnt, { recursive: true, force: true });
+      if (reconciled) await markReconciled();
+    },
+  };
+}
+
+/** The copy lies on the victim: it mounts and reads it there and sends what the merge needs. */
+export function peerCopy(ends: PeerEnds & { host: string; port: number }, copy: string): VictimSource {
+  return {
+    copy,
+    async read(progress) {
+      progress("reading the victim's copy on the victim", { node: ends.peer, copy });
+      const a = await callPeer(ends, "victim-open", { copy }, { timeoutMs: OPEN_DEADLINE_MS, maxBytes: SIDE_BYTES_MAX });
+      const side = a.result as VictimSide;
+      if (!side || typeof side !== "object" || side.copy !== copy || !Array.isArray(side.entries) || typeof side.mail !== "object" || typeof side.files !== "object") {
+        throw new Error(`node ${ends.peer} answered victim-open with something that is not a copy's side`);
+      }
+      return { mail: fromWire(side), entries: side.entries };
+    },
+    async file(f) {
+      const a = await callPeer(ends, "victim-file", { copy, file: f }, { timeoutMs: 60_000, maxBytes: FILE_BYTES_MAX });
+      const mtimeMs = (a.result as { mtimeMs?: unknown } | null)?.mtimeMs;
+      return { body: a.body ?? Buffer.alloc(0), mtime: new Date(typeof mtimeMs === "number" ? mtimeMs : Date.now()) };
+    },
+    async close(reconciled) {
+      await callPeer(ends, "victim-close", { copy, reconciled }, { timeoutMs: 120_000 });
+    },
+  };
+}
 
 export interface ReconcileOptions {
-  /** The victim's preserved copy (a folder with `image`). */
-  readonly copy: string;
+  /** The victim's preserved copy, and where it is read. */
+  readonly victim: VictimSource;
   /** The survivor: its data directory (the mounted volume), run directory, sockets, IMAP. */
   readonly survivor: {
     readonly node: string;
@@ -117,19 +188,14 @@ export async function reconcile(o: ReconcileOptions): Promise<ReconcileResult> {
   const t0 = Date.now();
   const progress = o.onProgress ?? (() => {});
   const s = o.survivor;
+  const copy = o.victim.copy;
   const release = takeLock(s.run);
-  const mnt = join(s.run, "reconcile-view");
-  mkdirSync(mnt, { recursive: true });
-  // An earlier run killed mid-way left its view mounted (the lock says it is dead).
-  if (await unmountStale(mnt)) progress("unmounted the view an interrupted run left", { mountpoint: mnt });
-  progress("mounting the preserved copy", { copy: o.copy });
-  const view = await mountPreservedCopy(o.copy, mnt);
-  const db = await connectMariadb(s.mariadbSocket);
+  let complete = false;
+  let db: Connection | null = null;
   try {
-    if (!o.dryRun) writeState(s.run, { status: "planning", copy: o.copy, total: 0, applied: 0 });
-    progress("reading the victim's copy", {});
-    const vMail = await readMail(view.mountpoint);
-    const vEntries = await readEntries(view.mountpoint);
+    db = await connectMariadb(s.mariadbSocket);
+    if (!o.dryRun) writeState(s.run, { status: "planning", copy, total: 0, applied: 0 });
+    const { mail: vMail, entries: vEntries } = await o.victim.read(progress);
     progress("reading the survivor", {});
     const sMail = await readMail(s.data);
     const sEntries = await readEntries(s.data);
@@ -143,30 +209,30 @@ export async function reconcile(o: ReconcileOptions): Promise<ReconcileResult> {
     progress("planning", { victimEvents: victimEvents.length, survivorEvents: survivorEvents.length, messages: vMail.messages + sMail.messages });
     const plan = merge({ survivor: survivorState, victim: victimState, victimEvents, survivorEvents }, { lostFound: { user: o.postmaster } });
     const events = { victim: victimEvents.length, survivor: survivorEvents.length, common: split.common };
-    if (o.dryRun) return { copy: o.copy, dryRun: true, events, plan, applied: 0, notApplied: [], seconds: (Date.now() - t0) / 1000, reportFile: null };
+    if (o.dryRun) return { copy, dryRun: true, events, plan, applied: 0, notApplied: [], seconds: (Date.now() - t0) / 1000, reportFile: null };
 
-    writeState(s.run, { status: "running", copy: o.copy, total: plan.ops.length, applied: 0 });
+    writeState(s.run, { status: "running", copy, total: plan.ops.length, applied: 0 });
     const results = await runQueue(plan.ops, {
       redisSocket: s.redisSocket,
-      applier: new Applier({ survivorData: s.data, imap: { host: s.imapHost, port: s.imapPort, masterPassword: readFileSync(join(s.data, "etc", "dovecot-master.secret"), "utf8").trim() }, dovecotConf: s.dovecotConf, db, victimFiles: vMail.files, standIns }),
+      applier: new Applier({ survivorData: s.data, imap: { host: s.imapHost, port: s.imapPort, masterPassword: readFileSync(join(s.data, "etc", "dovecot-master.secret"), "utf8").trim() }, dovecotConf: s.dovecotConf, db, victimFiles: vMail.files, victimFile: (f) => o.victim.file(f), standIns }),
       onDone: (n) => {
         progress("applying", { done: n, of: plan.ops.length, percent: plan.ops.length ? Math.floor((100 * n) / plan.ops.length) : 100 });
-        if (n % 100 === 0) writeState(s.run, { status: "running", copy: o.copy, total: plan.ops.length, applied: n });
+        if (n % 100 === 0) writeState(s.run, { status: "running", copy, total: plan.ops.length, applied: n });
       },
     });
     const notApplied = results.filter((r) => !r.done);
     const applied = results.length - notApplied.length;
-    const complete = plan.report.complete && notApplied.length === 0;
-    writeState(s.run, { status: complete ? "done" : "incomplete", copy: o.copy, total: plan.ops.length, applied });
-    const result: ReconcileResult = { copy: o.copy, dryRun: false, events, plan, applied, notApplied, seconds: (Date.now() - t0) / 1000, reportFile: join(s.data, "reconcile", `report-${new Date(t0).toISOString().replace(/[:.]/g, "-")}.json`) };
+    complete = plan.report.complete && notApplied.length === 0;
+    writeState(s.run, { status: complete ? "done" : "incomplete", copy, total: plan.ops.length, applied });
+    const result: ReconcileResult = { copy, dryRun: false, events, plan, applied, notApplied, seconds: (Date.now() - t0) / 1000, reportFile: join(s.data, "reconcile", `report-${new Date(t0).toISOString().replace(/[:.]/g, "-")}.json`) };
     mkdirSync(join(s.data, "reconcile"), { recursive: true, mode: 0o700 });
-    writeFileDurable(result.reportFile!, JSON.stringify({ ...result, plan: { report: plan.report, ops: plan.ops.length } }, null, 2));
+    writeFileDurable(result.reportFile!, JSON.stringify({ ...result, complete, plan: { report: plan.report, ops: plan.ops.length } }, null, 2));
     return result;
   } finally {
-    await db.end().catch(() => {});
+    await db?.end().catch(() => {});
     await closeAccountJournals().catch(() => {});
-    await view.close().catch(() => {});
-    rmSync(mnt, { recursive: true, force: true });
+    // The copy is marked reconciled only after a complete run (the report is written).
+    await o.victim.close(complete && !o.dryRun).catch((err: Error) => progress("could not close the victim's copy", { error: err.message }));
     release();
   }
 }

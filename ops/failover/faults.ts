@@ -12,10 +12,13 @@
 //                an inject and a recover shell command each, run with the target in
 //                MAILHA_TARGET_NODE / MAILHA_TARGET_ADDRESS / MAILHA_PEER_NODE).
 import { spawn } from "node:child_process";
+import { readdirSync, readFileSync } from "node:fs";
+import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import type { MailhaConfig } from "../../common/config.ts";
 import { UsageError } from "../../common/errors.ts";
 import { sleep } from "../../common/exec.ts";
+import { nodePaths, nodeStateDir } from "../../common/paths.ts";
 import { nodeCommand, nodeStatus, type NodeStatusView } from "../../cluster/client.ts";
 import { labFault } from "../lab/faults.ts";
 
@@ -83,9 +86,9 @@ export type SplitStep =
   | { readonly kind: "wait"; readonly label: string; readonly node: string; readonly until: "outdated" | "failed" | "active" | "resynced"; readonly timeoutMs: number }
   | { readonly kind: "traffic"; readonly label: string; readonly ms: number }
   | { readonly kind: "takeover"; readonly label: string; readonly node: string }
-  | { readonly kind: "reconcile"; readonly label: string };
+  | { readonly kind: "reconcile"; readonly label: string; readonly node: string; readonly auto: boolean };
 
-export function splitBrainSteps(active: string, passive: string, splitMs: number): SplitStep[] {
+export function splitBrainSteps(active: string, passive: string, splitMs: number, auto = true): SplitStep[] {
   return [
     { kind: "cut-link", label: `cut the replication link of ${active}`, args: [active, "replication"] },
     { kind: "wait", label: `${passive} marks its disk Outdated`, node: passive, until: "outdated", timeoutMs: 15_000 },
@@ -98,7 +101,7 @@ export function splitBrainSteps(active: string, passive: string, splitMs: number
     { kind: "boot-node", label: `boot ${active}`, args: [active] },
     { kind: "heal", label: "heal the links", args: [] },
     { kind: "wait", label: `${active} preserved and resynced (connected, in sync, UpToDate)`, node: active, until: "resynced", timeoutMs: 180_000 },
-    { kind: "reconcile", label: "mailha reconcile" },
+    auto ? { kind: "reconcile", label: `${passive} merges ${active}'s copy by itself (reconcile.auto)`, node: passive, auto } : { kind: "reconcile", label: "mailha reconcile", node: passive, auto },
   ];
 }
 
@@ -142,12 +145,12 @@ export function reconcileSummary(json: string): ReconcileSummary {
     seconds?: number;
     events?: { victim: number; survivor: number };
     reportFile?: string | null;
-    plan?: { ops?: unknown[]; report?: { entries?: { rule: string; outcome: string; says: string; user?: string; victimEvents?: string[]; survivorEvents?: string[] }[] } };
+    plan?: { ops?: unknown[] | number; report?: { entries?: { rule: string; outcome: string; says: string; user?: string; victimEvents?: string[]; survivorEvents?: string[] }[] } };
     says?: string;
   };
   if (r.says === "nothing to reconcile") throw new Error("mailha reconcile found no preserved copy to reconcile (the old node was not preserved?)");
   return {
-    ops: r.plan?.ops?.length ?? r.applied ?? 0,
+    ops: (typeof r.plan?.ops === "number" ? r.plan.ops : r.plan?.ops?.length) ?? r.applied ?? 0,
     applied: r.applied ?? 0,
     notApplied: r.notApplied?.length ?? 0,
     complete: r.complete === true,
@@ -201,6 +204,31 @@ function runReconcile(configFile: string): Promise<ReconcileSummary> {
   });
 }
 
+/** The survivor's automatic reconcile: waits until it merged every copy of its peer, then reads its report. */
+interface AutoReconcileView {
+  readonly running: unknown;
+  readonly waiting: { copy: string; says: string } | null;
+  readonly last: { copy: string; ok: boolean; says: string } | null;
+  readonly peerCopies: string[] | null;
+}
+
+async function awaitAutoReconcile(c: MailhaConfig, node: string): Promise<ReconcileSummary> {
+  const t0 = Date.now();
+  let last: AutoReconcileView | undefined;
+  while (Date.now() - t0 < RECONCILE_TIMEOUT_MS) {
+    last = ((await nodeStatus(c, node, 2000).catch(() => null)) as { reconcile?: AutoReconcileView } | null)?.reconcile;
+    if (last?.waiting) throw new Error(`the automatic reconcile waits for the operator: ${last.waiting.says}`);
+    if (last && !last.running && last.last?.ok && Array.isArray(last.peerCopies) && last.peerCopies.length === 0) {
+      const dir = join(nodePaths(nodeStateDir(c, node)).data, "reconcile");
+      const newest = readdirSync(dir).filter((f) => f.startsWith("report-")).sort().at(-1);
+      if (!newest) throw new Error(`the automatic reconcile left no report in ${dir}`);
+      return reconcileSummary(readFileSync(join(dir, newest), "utf8"));
+    }
+    await sleep(1000);
+  }
+  throw new Error(`the automatic reconcile did not finish within ${RECONCILE_TIMEOUT_MS / 1000} s (last: ${JSON.stringify(last ?? null)})`);
+}
+
 async function waitFor(c: MailhaConfig, node: string, until: Extract<SplitStep, { kind: "wait" }>["until"], timeoutMs: number): Promise<string> {
   const t0 = Date.now();
   let last: NodeStatusView | null = null;
@@ -233,7 +261,7 @@ function splitBrainPlan(c: MailhaConfig, configFile: string, o: FaultOptions, sa
         await nodeCommand(c, s.node, "takeover", true);
         return;
       case "reconcile": {
-        const r = await runReconcile(configFile);
+        const r = s.auto ? await awaitAutoReconcile(c, s.node) : await runReconcile(configFile);
         run.reconcile = r;
         const d = `applied ${r.applied} of ${r.ops} operations in ${r.seconds.toFixed(1)} s${r.complete ? "" : `, INCOMPLETE${r.incomplete.length ? `: ${r.incomplete.join("; ")}` : ""}`}`;
         if (!r.complete) throw new Error(d);
@@ -243,13 +271,13 @@ function splitBrainPlan(c: MailhaConfig, configFile: string, o: FaultOptions, sa
   };
   return {
     name: "split-brain",
-    description: `split brain: the active node's replication link is cut, it writes alone for ${(o.splitMs ?? 4000) / 1000} s and is killed; the passive node is forced to take over and writes alone; both are healed, the old node is preserved and resynced, then \`mailha reconcile\` merges its mail`,
+    description: `split brain: the active node's replication link is cut, it writes alone for ${(o.splitMs ?? 4000) / 1000} s and is killed; the passive node is forced to take over and writes alone; both are healed, the old node is preserved and resynced, then ${c.reconcile.auto ? "the survivor merges its mail by itself (reconcile.auto)" : "\`mailha reconcile\` merges its mail"}`,
     splitBrain: run,
     async inject(target) {
       const passive = c.nodes.find((n) => n.id !== target)!.id;
       run.old = target;
       run.new = passive;
-      const steps = splitBrainSteps(target, passive, o.splitMs ?? 4000);
+      const steps = splitBrainSteps(target, passive, o.splitMs ?? 4000, c.reconcile.auto);
       const apart = steps.findIndex((s) => s.kind === "boot-node");
       await runSteps(steps.slice(0, apart), step, run.log, say);
       healing = steps.slice(apart);

@@ -17,9 +17,8 @@
 // again, because the 250 came but this node died before it removed the spool files, is
 // answered 250 without a second delivery, and a copy this node drains itself after a
 // takeover is dropped when the journals on the volume show it delivered.
-import { createHmac, randomBytes, timingSafeEqual } from "node:crypto";
+import { randomBytes } from "node:crypto";
 import { closeSync, createReadStream, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, unlinkSync } from "node:fs";
-import { get } from "node:http";
 import { join } from "node:path";
 import { pipeline, Readable, Transform, type TransformCallback } from "node:stream";
 import nodemailer from "nodemailer";
@@ -27,6 +26,7 @@ import type { Logger } from "pino";
 import { SMTPServer, type SMTPServerDataStream, type SMTPServerSession } from "smtp-server";
 import type { MailhaConfig } from "../../common/config.ts";
 import { fsyncPath, writeFileDurable } from "../../common/fsutil.ts";
+import { callPeer, peerEnds } from "../../common/peer-rpc.ts";
 import type { NodePaths } from "../../common/paths.ts";
 import { aceAddress, recipientAddress } from "./address.ts";
 import { applyConformance } from "./conformance.ts";
@@ -39,7 +39,6 @@ const REFRESH_MS = 10_000;
 const RECHECK_MS = 2000;
 const FORWARD_EVERY_MS = 2000;
 const FORWARD_BATCH_MAX = 50;
-const AUTH_SKEW_MS = 60_000;
 
 /** The trace field that carries the backup MX's queue id to the active node. */
 export const PEER_QUEUE_ID_FIELD = "X-Mailha-Backup-Queue-Id";
@@ -153,17 +152,20 @@ export function spoolDir(paths: NodePaths): string {
   return join(paths.state, "spool");
 }
 
-/** The header the active node checks before it hands out its recipient list. */
-export function recipientsAuth(key: Buffer, now = Date.now()): string {
-  return `${now}:${createHmac("sha256", key).update(`recipients|${now}`).digest("hex")}`;
-}
+const RECIPIENTS_MAX = 1_000_000;
+const RECIPIENTS_BYTES_MAX = 64 * 1024 * 1024;
 
-export function checkRecipientsAuth(key: Buffer, header: string | undefined, now = Date.now()): boolean {
-  const [ts, mac] = (header ?? "").split(":");
-  if (!ts || !mac || Math.abs(now - Number(ts)) > AUTH_SKEW_MS) return false;
-  const want = Buffer.from(createHmac("sha256", key).update(`recipients|${ts}`).digest("hex"));
-  const got = Buffer.from(mac);
-  return want.length === got.length && timingSafeEqual(want, got);
+/** The last list fetched (a cache: a damaged file is ignored and fetched again). */
+function readRecipientCache(file: string, log: Logger): Set<string> | null {
+  if (!existsSync(file)) return null;
+  try {
+    const list = JSON.parse(readFileSync(file, "utf8")) as unknown;
+    if (Array.isArray(list) && list.every((x) => typeof x === "string")) return new Set(list as string[]);
+  } catch {
+    // damaged: below
+  }
+  log.warn({ file }, "the cached recipient list is damaged: ignored, fetched again");
+  return null;
 }
 
 function spooled(dir: string): Envelope[] {
@@ -246,25 +248,27 @@ export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; pat
   const dir = spoolDir(o.paths);
   mkdirSync(dir, { recursive: true, mode: 0o700 });
   const cacheFile = join(o.paths.run, "recipients.json");
-  let recipients: Set<string> | null = existsSync(cacheFile) ? new Set(JSON.parse(readFileSync(cacheFile, "utf8")) as string[]) : null;
+  let recipients: Set<string> | null = readRecipientCache(cacheFile, o.log);
 
-  const refresh = () =>
-    new Promise<void>((resolve) => {
-      const req = get({ host: peer.service_address, port: c.manager.metrics_port, path: "/recipients", headers: { "x-mailha-auth": recipientsAuth(o.key) }, timeout: 3000 }, (res) => {
-        let body = "";
-        res.on("data", (d) => (body += d));
-        res.on("end", () => {
-          if (res.statusCode === 200) {
-            const list = (JSON.parse(body) as { recipients: string[] }).recipients;
-            recipients = new Set(list);
-            writeFileDurable(cacheFile, JSON.stringify(list));
-          }
-          resolve();
-        });
-      });
-      req.on("error", () => resolve());
-      req.on("timeout", () => req.destroy());
-    });
+  // The list comes from the active node over the peer channel (TLS with the cluster's
+  // key: not readable or replayable on the service network), bounded; a bad answer is
+  // logged and the list kept as it was.
+  const ends = peerEnds(c, o.nodeId);
+  const refresh = async (): Promise<void> => {
+    try {
+      const a = await callPeer(ends, "recipients", {}, { timeoutMs: 3000, maxBytes: RECIPIENTS_BYTES_MAX });
+      const list = (a.result as { recipients?: unknown } | null)?.recipients;
+      if (!Array.isArray(list) || list.length > RECIPIENTS_MAX || !list.every((x) => typeof x === "string" && x.length <= 320)) {
+        o.log.warn({ peer: peer.id }, "the active node's recipient list is malformed: kept the one we had");
+        return;
+      }
+      recipients = new Set(list as string[]);
+      writeFileDurable(cacheFile, JSON.stringify(list));
+    } catch (err) {
+      // Not active, not reachable, or refused: try again at the next refresh.
+      o.log.debug({ peer: peer.id, err: (err as Error).message }, "recipient list not fetched");
+    }
+  };
   let lastRefresh = Date.now();
   await refresh();
 

@@ -2,12 +2,13 @@
 // on both sides while they are apart (swaks deliveries, imapflow flag changes,
 // expunges, a folder made and a message moved into it, account changes), then the
 // links heal, the node that is not active is preserved and resynced, and `mailha
-// reconcile` merges its changes into the survivor through Dovecot. A user then sees
+// reconcile` (run by hand here: reconcile.auto is off; the automatic path is in
+// splitbrain.test.ts) merges its changes into the survivor through Dovecot. A user then sees
 // every acknowledged message exactly once, flags from both sides, the expunge rules
 // applied, old UIDs and UIDVALIDITY unchanged; a second run changes nothing.
 import { test, describe, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { rmSync } from "node:fs";
+import { appendFileSync, rmSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { spawn } from "node:child_process";
 import { ImapFlow } from "imapflow";
@@ -69,6 +70,8 @@ async function cli(lab: TestLab, args: string[]): Promise<{ code: number; stdout
 
 describe("split brain: the victim's changes are reconciled into the survivor", { skip }, () => {
   const lab = writeTestLabConfig("r", 113);
+  // The manual path: the operator looks first (`--dry-run`), then runs the merge.
+  appendFileSync(lab.configFile, "\nreconcile:\n  auto: false\n");
   let before0: { msgs: Msg[]; uidValidity: Record<string, string> };
 
   before(async () => {
@@ -134,7 +137,12 @@ describe("split brain: the victim's changes are reconciled into the survivor", {
 
     // Until it is merged: status says what to run, and failback is refused.
     const st = await cli(lab, ["status"]);
-    assert.match(st.stdout, /split-brain copy of a not reconciled: .*run: mailha reconcile/);
+    assert.match(st.stdout, /split-brain copy of a not reconciled: .*reconcile\.auto is off.*mailha reconcile/);
+    // The copy cannot be dropped while it holds changes not merged.
+    const copies = JSON.parse((await cli(lab, ["volume", "preserved", "list", "--node", "a", "--json"])).stdout) as { path: string }[];
+    const drop = await cli(lab, ["volume", "preserved", "drop", copies.at(-1)!.path, "--node", "a"]);
+    assert.equal(drop.code, 1, "dropping an unreconciled copy must be refused");
+    assert.match(drop.stderr, /not yet reconciled.*--force/);
     const fb = await cli(lab, ["failback"]);
     assert.notEqual(fb.code, 0, "failback must be refused while the reconcile is pending");
     assert.match(fb.stderr, /failback refused while a reconcile is pending/);

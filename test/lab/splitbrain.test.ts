@@ -85,6 +85,15 @@ async function diverge(lab: TestLab, active: string, round: string, n = 5): Prom
   return { onOld, onNew };
 }
 
+async function waitFor<T>(fn: () => Promise<T>, ms: number): Promise<T | undefined> {
+  const end = Date.now() + ms;
+  for (;;) {
+    const v = await fn().catch(() => undefined);
+    if (v || Date.now() > end) return v;
+    await new Promise((r) => setTimeout(r, 1000));
+  }
+}
+
 describe("split brain: the side that is overwritten is preserved first", { skip }, () => {
   const lab = writeTestLabConfig("s", 109);
   const data = (n: string) => join(lab.dir, n, "data");
@@ -100,7 +109,7 @@ describe("split brain: the side that is overwritten is preserved first", { skip 
     rmSync(dirname(lab.configFile), { recursive: true, force: true });
   });
 
-  test("automatic: when the links come back, the node that is not active is copied, then resynced; its acknowledged mail is in the copy", async () => {
+  test("automatic: when the links come back, the node that is not active is copied, then resynced; its acknowledged mail is in the copy, and the active node merges it by itself", async () => {
     const { onOld, onNew } = await diverge(lab, "a", "auto");
     await fault(lab, "boot-node", "a");
     await fault(lab, "heal");
@@ -114,12 +123,26 @@ describe("split brain: the side that is overwritten is preserved first", { skip 
     for (const t of onNew) assert.ok(!inCopy.includes(t), `a's copy cannot hold ${t}, which only b accepted`);
     const live = tagsIn(data("b"));
     for (const t of onNew) assert.ok(live.includes(t), `message ${t} accepted by b is missing on b`);
-    // The copy shows in status, with its path; drop refuses while it is not reconciled.
+    // The copy shows in status, with its path.
     const shown = await mailha(["volume", "status", "--node", "a", "--config", lab.configFile]);
-    assert.match(shown.stdout, new RegExp(`preserved copy: ${list[0]!.path.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")} .*not reconciled yet`));
-    const drop = await mailha(["volume", "preserved", "drop", list[0]!.path, "--node", "a", "--config", lab.configFile]);
-    assert.equal(drop.code, 1, "dropping an unreconciled copy must be refused");
-    assert.match(drop.stderr, /not yet reconciled.*--force/);
+    assert.match(shown.stdout, new RegExp(`preserved copy: ${list[0]!.path.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")} `));
+    // Nobody runs anything: b (active, in sync again) reads a's copy on a over the peer
+    // channel and merges it; every message a acknowledged arrives in b's Maildir, once.
+    const until = Date.now() + 180_000;
+    let merged: string[] = [];
+    while (Date.now() < until) {
+      merged = tagsIn(data("b"));
+      if (onOld.every((t) => merged.includes(t))) break;
+      await new Promise((r) => setTimeout(r, 1000));
+    }
+    for (const t of [...onOld, ...onNew]) assert.equal(merged.filter((x) => x === t).length, 1, `message ${t} must be on b exactly once after the automatic reconcile (b has ${merged.join(", ")})`);
+    const marked = await waitFor(async () => ((await vol(lab, "a", ["preserved", "list"])) as Preserved[])[0]?.reconciledAtMs, 60_000);
+    assert.ok(marked, "a's copy is marked reconciled once b merged it");
+    const cluster = readFileSync(join(lab.dir, "b", "log", "cluster-events.jsonl"), "utf8");
+    assert.match(cluster, /"type":"reconcile-started"/);
+    assert.match(cluster, /"type":"reconcile-done"/);
+    const st = await mailha(["status", "--config", lab.configFile]);
+    assert.doesNotMatch(st.stdout, /not reconciled/, `status after the automatic reconcile:\n${st.stdout}`);
     const events = readFileSync(join(lab.dir, "a", "log", "volume-events.jsonl"), "utf8").split("\n").filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>);
     const preservedAt = events.findIndex((e) => e.type === "preserved");
     const resyncAt = events.findIndex((e, i) => i > preservedAt && e.type === "resync-started" && e.side === "target");

@@ -64,12 +64,13 @@ test("split brain: cut, Outdated, writes on the old side, kill, failed, forced t
   const steps = splitBrainSteps("a", "b", 3000);
   assert.deepEqual(
     steps.map((s) => `${s.kind}${"args" in s ? ` ${s.args.join(" ")}` : ""}${"node" in s ? ` ${s.node}` : ""}${"until" in s ? ` ${s.until}` : ""}${"ms" in s ? ` ${s.ms}` : ""}`.trim()),
-    ["cut-link a replication", "wait b outdated", "traffic 3000", "kill-node a", "wait b failed", "takeover b", "wait b active", "traffic 3000", "boot-node a", "heal", "wait a resynced", "reconcile"],
+    ["cut-link a replication", "wait b outdated", "traffic 3000", "kill-node a", "wait b failed", "takeover b", "wait b active", "traffic 3000", "boot-node a", "heal", "wait a resynced", "reconcile b"],
   );
   const lab = config({});
   assert.ok(availableFaults(lab).includes("split-brain"));
   const plan = faultPlan(lab, lab.file, "split-brain", { ...opts, splitMs: 3000 });
-  assert.match(plan.description, /forced to take over.*mailha reconcile/);
+  assert.match(plan.description, /forced to take over.*merges its mail by itself \(reconcile\.auto\)/);
+  assert.deepEqual(splitBrainSteps("a", "b", 10, false).at(-1), { kind: "reconcile", label: "mailha reconcile", node: "b", auto: false });
   assert.deepEqual(plan.splitBrain, { old: null, new: null, log: [], reconcile: null });
   const real = config({}, false);
   assert.ok(!availableFaults(real).includes("split-brain"));

@@ -8,7 +8,7 @@ import { randomBytes } from "node:crypto";
 import { createConnection } from "node:net";
 import { connect as tlsConnect } from "node:tls";
 import { pino } from "pino";
-import { callPeer, peerKey, servePeerRpc } from "../../cluster/peer-rpc.ts";
+import { callPeer, peerKey, servePeerRpc } from "../../common/peer-rpc.ts";
 
 const key = randomBytes(32);
 const log = pino({ level: "silent" });

@@ -13,7 +13,9 @@
 // and by the reconciler (the victim's preserved copy, read where it lies).
 import { hkdfSync } from "node:crypto";
 import { connect as tlsConnect, createServer as createTlsServer, type Server, type TLSSocket } from "node:tls";
+import { readFileSync } from "node:fs";
 import type { Logger } from "pino";
+import { peerOf, type MailhaConfig } from "./config.ts";
 
 const CIPHERS = "ECDHE-PSK-CHACHA20-POLY1305";
 export const REQUEST_BYTES_MAX = 64 * 1024;
@@ -29,6 +31,12 @@ export interface PeerEnds {
   readonly self: string;
   /** The only node this end talks to. */
   readonly peer: string;
+}
+
+/** Node SELF's end of the channel to its peer (the peer's service address and peer port). */
+export function peerEnds(c: MailhaConfig, self: string): PeerEnds & { host: string; port: number } {
+  const peer = peerOf(c, self);
+  return { key: Buffer.from(readFileSync(c.heartbeat.key_file, "utf8").trim()), cluster: c.cluster.name, self, peer: peer.id, host: peer.service_address, port: c.manager.peer_port };
 }
 
 /** The channel's key: HKDF-SHA256 of the heartbeat key, bound to the cluster's name. */
@@ -109,7 +117,8 @@ export async function servePeerRpc(o: PeerEnds & { host: string; port: number; h
           (a) => {
             counters.served++;
             sock.write(JSON.stringify({ ok: true, result: a.result ?? null, bodyBytes: a.body?.length ?? 0 }) + "\n");
-            sock.end(a.body ?? undefined);
+            if (a.body) sock.end(a.body);
+            else sock.end();
           },
           (err: Error) => {
             counters.served++;
@@ -185,14 +194,17 @@ export function callPeer(o: PeerEnds & { host: string; port: number }, op: strin
           if (got > max) finish(new Error(`peer ${o.peer}: answer to ${op} is over ${max} bytes`));
           return;
         }
+        let h: unknown;
         try {
-          head = JSON.parse(all.subarray(0, nl).toString("utf8")) as NonNullable<typeof head>;
+          h = JSON.parse(all.subarray(0, nl).toString("utf8"));
         } catch {
           return finish(new Error(`peer ${o.peer}: the answer to ${op} is not JSON`));
         }
-        if (!head || typeof head !== "object") return finish(new Error(`peer ${o.peer}: the answer to ${op} is not an object`));
-        if (head.ok !== true) return finish(new Error(typeof head.error === "string" ? head.error.slice(0, 500) : `peer ${o.peer}: ${op} failed`));
-        const n = head.bodyBytes;
+        if (!h || typeof h !== "object") return finish(new Error(`peer ${o.peer}: the answer to ${op} is not an object`));
+        const hd = h as { ok?: unknown; result?: unknown; error?: unknown; bodyBytes?: unknown };
+        head = hd;
+        if (hd.ok !== true) return finish(new Error(typeof hd.error === "string" ? hd.error.slice(0, 500) : `peer ${o.peer}: ${op} failed`));
+        const n = hd.bodyBytes;
         if (typeof n !== "number" || !Number.isSafeInteger(n) || n < 0 || n > max) return finish(new Error(`peer ${o.peer}: bad body length in the answer to ${op}`));
         headEnd = nl + 1;
         chunks.length = 0;
