@@ -27,7 +27,9 @@ import { WitnessClient } from "./witness.ts";
 import { applyDns } from "../dns/apply.ts";
 import { takeLease } from "../dns/lease.ts";
 import { callPeer, peerEnds, servePeerRpc } from "../common/peer-rpc.ts";
-import { decideAuto, type AutoTry } from "../reconcile/auto.ts";
+import { decideAuto, mayPruneJournal, type AutoTry } from "../reconcile/auto.ts";
+import { formatHlc } from "../common/hlc.ts";
+import { pruneJournal } from "../services/journal/changes.ts";
 import { VictimExport } from "../reconcile/export.ts";
 import { Directory } from "../services/smtp/recipients.ts";
 import { mariadbPaths } from "../services/mariadb.ts";
@@ -47,6 +49,7 @@ const WATCHDOG_MISSES_MAX = 3;
 const PING_INTERVAL_MS = 1000;
 const WITNESS_TIMEOUT_MS = 500;
 const AUTO_RECONCILE_CHECK_MS = 3000;
+const JOURNAL_PRUNE_EVERY_MS = 3_600_000;
 
 export async function runNode(o: { config: MailhaConfig; nodeId: string }): Promise<void> {
   const c = o.config;
@@ -532,6 +535,30 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
         })
         .finally(() => (autoRec.checking = false));
     }, AUTO_RECONCILE_CHECK_MS),
+  );
+
+  // ---- the change journal: pruned on the active node while in sync, nothing to merge -----
+  let lastPrune = 0;
+  timers.push(
+    setInterval(() => {
+      if (Date.now() - lastPrune < JOURNAL_PRUNE_EVERY_MS || m.nodeState !== "active") return;
+      const s = lastVolume;
+      void listPreserved(vol)
+        .then((own) => {
+          const may = mayPruneJournal({
+            active: m.nodeState === "active" && !stopping,
+            volumeInSync: !!s && s.connection === "connected" && s.disk === "uptodate" && s.peer.disk === "uptodate",
+            peerCopies: autoRec.peerCopies,
+            localCopies: own.filter((p) => !p.reconciledAtMs).length,
+            running: !!autoRec.running,
+          });
+          if (!may.ok) return;
+          lastPrune = Date.now();
+          const r = pruneJournal(paths.data, formatHlc({ wallMs: Date.now() - c.reconcile.journal_keep_ms, counter: 0, node: me.id }));
+          if (r.removed.length) emit({ type: "journal-pruned", removed: r.removed.length, kept: r.kept });
+        })
+        .catch((err: Error) => emit({ type: "journal-prune-failed", error: err.message }));
+    }, 60_000),
   );
 
   // ---- operator interface ----------------------------------------------------------------------

@@ -124,6 +124,8 @@ const schema = z
         auto: z.boolean({ error: "true or false" }).default(true),
         attempts_max: int("a number of attempts", 1, 100).default(5),
         retry_ms: ms(1000, 86_400_000).default(30_000),
+        // Change-journal segments older than this are removed (while in sync, nothing to merge).
+        journal_keep_ms: ms(3_600_000, 3_650 * 86_400_000).default(7 * 86_400_000),
       })
       .prefault({}),
     heartbeat: z.strictObject({

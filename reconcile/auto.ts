@@ -68,3 +68,19 @@ export function decideAuto(i: AutoInput): AutoVerdict {
   for (const r of AUTO_RULES) if (r.when(i)) return r.then(i);
   throw new Error("decideAuto: no rule matched"); // the last rule always matches
 }
+
+/**
+ * Whether the active node may prune the change journal now. Segments are removed only
+ * while both disks hold the same journal (in sync) and nothing waits to be merged
+ * (no copy on either side, no run): a merge needs both sides' entries since the split,
+ * and a side pruned alone would count the other's old entries as new. What goes is
+ * older than the retention (`reconcile.journal_keep_ms`).
+ */
+export function mayPruneJournal(i: { readonly active: boolean; readonly volumeInSync: boolean; readonly peerCopies: readonly string[] | null; readonly localCopies: number; readonly running: boolean }): { readonly ok: boolean; readonly why: string } {
+  if (!i.active) return { ok: false, why: "not active" };
+  if (!i.volumeInSync) return { ok: false, why: "the volume is not in sync" };
+  if (i.running) return { ok: false, why: "a reconcile runs" };
+  if (i.peerCopies === null) return { ok: false, why: "the peer's copies are not known" };
+  if (i.peerCopies.length > 0 || i.localCopies > 0) return { ok: false, why: "a split-brain copy is not reconciled yet" };
+  return { ok: true, why: "in sync, nothing to merge" };
+}

@@ -3,7 +3,7 @@
 // on, one at a time, for the oldest copy, within its attempts and after the wait).
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { decideAuto, type AutoInput } from "../../reconcile/auto.ts";
+import { decideAuto, mayPruneJournal, type AutoInput } from "../../reconcile/auto.ts";
 
 const base: AutoInput = { now: 100_000, enabled: true, active: true, volumeInSync: true, peerCopies: ["/v/p1", "/v/p2"], running: false, tries: {}, attemptsMax: 3, retryMs: 10_000 };
 
@@ -51,4 +51,15 @@ test("seeded random inputs follow the rules", () => {
       if (ready) assert.equal(v.why, "retry-later", ctx);
     }
   }
+});
+
+test("the journal is pruned only on the active node, in sync, with nothing left to merge", () => {
+  const ok = { active: true, volumeInSync: true, peerCopies: [] as string[], localCopies: 0, running: false };
+  assert.equal(mayPruneJournal(ok).ok, true);
+  assert.match(mayPruneJournal({ ...ok, active: false }).why, /not active/);
+  assert.match(mayPruneJournal({ ...ok, volumeInSync: false }).why, /not in sync/);
+  assert.match(mayPruneJournal({ ...ok, running: true }).why, /reconcile runs/);
+  assert.match(mayPruneJournal({ ...ok, peerCopies: null }).why, /not known/);
+  assert.match(mayPruneJournal({ ...ok, peerCopies: ["/v/p1"] }).why, /not reconciled/);
+  assert.match(mayPruneJournal({ ...ok, localCopies: 1 }).why, /not reconciled/);
 });
