@@ -7,9 +7,6 @@
 // readiness, the replication link); the kill or stop that asked for it then handles
 // every resource. The data of every service lives on the replicated volume, mounted at
 // the node's data directory.
-import { randomBytes } from "node:crypto";
-import { existsSync, mkdirSync, readFileSync } from "node:fs";
-import { fsyncPath, writeFileDurable } from "../common/fsutil.ts";
 import { tryRun } from "../common/exec.ts";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -21,11 +18,12 @@ import type { MailhaConfig } from "../common/config.ts";
 import { isAlive, killDaemon, startDaemon, stopDaemon, type DaemonRecord } from "../common/daemon.ts";
 import type { NodePaths } from "../common/paths.ts";
 import { probeLine } from "../common/probe.ts";
-import { addDomain, grantReader, migrate, upsertUser } from "../services/accounts.ts";
+import { addDomain, grantAccount, migrate, SQL_ACCOUNTS, upsertUser, type SqlAccount } from "../services/accounts.ts";
 import { dovecotPaths, dovecotSpec, MASTER_USER, writeDovecotConfig, type DovecotOptions } from "../services/dovecot.ts";
 import { hashPassword } from "../services/password.ts";
-import { connectMariadb, initMariadbDatadir, mariadbPaths, mariadbSpec, pingMariadb } from "../services/mariadb.ts";
-import { pingRedis, redisPaths, redisSpec } from "../services/redis.ts";
+import { connectMariadb, initMariadbDatadir, mariadbPaths, mariadbSpec, pingMariadb, prepareMariadbFiles, secureRootAccount } from "../services/mariadb.ts";
+import { pingRedis, prepareRedisFiles, redisPaths, redisSpec } from "../services/redis.ts";
+import { serviceSecret } from "../services/privileges.ts";
 import { ensureSelfSignedCert } from "../services/tls.ts";
 import { isMounted, mountVolume, unmountVolume } from "../replication/filesystem.ts";
 import { FILE_NAME } from "../replication/fuse-export.ts";
@@ -69,18 +67,10 @@ export interface ResourceAgent {
 
 /** Files the services share through the volume (passwords, TLS), created once. */
 function dataSecret(ctx: ResourceContext, name: string): string {
-  const dir = join(ctx.paths.data, "etc");
-  if (!existsSync(dir)) {
-    mkdirSync(dir, { recursive: true, mode: 0o700 });
-    fsyncPath(ctx.paths.data);
-  }
-  const f = join(dir, name);
-  if (!existsSync(f)) writeFileDurable(f, randomBytes(18).toString("base64url"));
-  return readFileSync(f, "utf8").trim();
+  return serviceSecret(join(ctx.paths.data, "etc"), name);
 }
 
 export const MONITOR_LOCAL_PART = "mailha-monitor";
-const DOVECOT_SQL_USER = "dovecot";
 
 async function startDaemonResource(ctx: ResourceContext, spec: Parameters<typeof startDaemon>[0]): Promise<void> {
   const prev = ctx.daemons.get(spec.name);
@@ -176,12 +166,17 @@ const mariadbAgent: ResourceAgent = {
   monitorTimeoutMs: 5000,
   async start(ctx) {
     const mp = mariadbPaths(ctx.paths);
+    // mysql's datadir (also on a volume an earlier version left root's); the socket's
+    // directory open to the mail gid (SMTP, after it dropped root).
+    prepareMariadbFiles(mp, ctx.config.mail.mail_gid);
     await initMariadbDatadir(mp);
     await startDaemonResource(ctx, mariadbSpec("mariadb", mp));
     const db = await connectMariadb(mp.socket);
     try {
+      const secured = await secureRootAccount(db);
+      if (secured.length) ctx.log.info({ changes: secured }, "MariaDB root logs in by unix_socket only now");
       await migrate(db);
-      await grantReader(db, DOVECOT_SQL_USER, dataSecret(ctx, "dovecot-sql.secret"));
+      for (const a of Object.keys(SQL_ACCOUNTS) as SqlAccount[]) await grantAccount(db, a, dataSecret(ctx, SQL_ACCOUNTS[a].secret));
       for (const d of ctx.config.mail.domains) await addDomain(db, d);
       await upsertUser(db, `${MONITOR_LOCAL_PART}@${ctx.config.mail.domains[0]}`, dataSecret(ctx, "monitor.secret"));
     } finally {
@@ -206,7 +201,9 @@ const redisAgent: ResourceAgent = {
   stopTimeoutMs: 20_000,
   monitorTimeoutMs: 3000,
   async start(ctx) {
-    await startDaemonResource(ctx, redisSpec("redis", redisPaths(ctx.paths)));
+    const rp = redisPaths(ctx.paths);
+    prepareRedisFiles(rp, ctx.config.mail.mail_gid);
+    await startDaemonResource(ctx, redisSpec("redis", rp));
   },
   async stop(ctx) {
     await stopDaemonResource(ctx, "redis", "stop");
@@ -229,8 +226,8 @@ function dovecotOptions(ctx: ResourceContext): DovecotOptions {
     mailGid: ctx.config.mail.mail_gid,
     postmaster: `postmaster@${ctx.config.mail.domains[0]}`,
     mariadbSocket: mariadbPaths(ctx.paths).socket,
-    sqlUser: DOVECOT_SQL_USER,
-    sqlPassword: dataSecret(ctx, "dovecot-sql.secret"),
+    sqlUser: SQL_ACCOUNTS.dovecot.user,
+    sqlPassword: dataSecret(ctx, SQL_ACCOUNTS.dovecot.secret),
     // The reconciler's login (`user*reconcile`); its secret is on the volume, its hash in Dovecot's passwd-file.
     master: { user: MASTER_USER, passwordHash: hashPassword(dataSecret(ctx, "dovecot-master.secret")) },
     tls: { cert: join(ctx.paths.data, "etc", "tls", "tls.crt"), key: join(ctx.paths.data, "etc", "tls", "tls.key") },
@@ -379,7 +376,7 @@ const journalAgent: ResourceAgent = {
   stopTimeoutMs: 15_000,
   monitorTimeoutMs: 3000,
   async start(ctx) {
-    writeNodeMarker(ctx.paths.run, ctx.nodeId);
+    writeNodeMarker(dirname(mariadbPaths(ctx.paths).socket), ctx.nodeId);
     journalStartedAtMs = Date.now();
     await startDaemonResource(ctx, journalSpec(ctx));
   },

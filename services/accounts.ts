@@ -1,6 +1,7 @@
 // The user and domain store in MariaDB: schema migrations applied by code at start,
 // and the few account operations the lab and the operator commands need. Dovecot reads
-// the same tables (passdb/userdb sql) through a read-only database user. Every row an
+// the same tables (passdb/userdb sql) through a read-only database user; each service
+// has its own account with the least grants it needs (SQL_ACCOUNTS). Every row an
 // operation changes is also journaled (`account` entries, services/journal/accounts.ts)
 // before the operation returns.
 import type { Connection } from "mysql2/promise";
@@ -71,11 +72,32 @@ export async function migrate(db: Connection): Promise<number[]> {
   return applied;
 }
 
-/** Grants a read-only database user for Dovecot's passdb/userdb. */
-export async function grantReader(db: Connection, user: string, password: string): Promise<void> {
-  await db.query("CREATE USER IF NOT EXISTS ?@'localhost' IDENTIFIED BY ?", [user, password]);
-  await db.query("ALTER USER ?@'localhost' IDENTIFIED BY ?", [user, password]);
-  await db.query(`GRANT SELECT ON ${DATABASE}.* TO ?@'localhost'`, [user]);
+/**
+ * The MariaDB accounts of the services, each with the least it needs; root (unix_socket,
+ * the OS root only) makes the schema and these grants. Their passwords are files in the
+ * volume's etc/ (0600), shared by both nodes as the database is.
+ */
+export const SQL_ACCOUNTS = {
+  /** SMTP's recipient and AUTH lookups (services/smtp/recipients.ts): read only. */
+  smtp: { user: "mailha_smtp", secret: "mariadb-smtp.secret", grants: [`SELECT ON ${DATABASE}.users`, `SELECT ON ${DATABASE}.aliases`] },
+  /** Dovecot's passdb/userdb (services/dovecot.ts): the users table, read only. */
+  dovecot: { user: "dovecot", secret: "dovecot-sql.secret", grants: [`SELECT ON ${DATABASE}.users`] },
+  /** The account store's commands (users, aliases, domains): rows, never the schema. */
+  accounts: { user: "mailha", secret: "mariadb-accounts.secret", grants: [`SELECT, INSERT, UPDATE, DELETE ON ${DATABASE}.*`] },
+} as const;
+
+export type SqlAccount = keyof typeof SQL_ACCOUNTS;
+
+/**
+ * Makes ACCOUNT (local socket logins only) with PASSWORD and exactly its grants: what
+ * an earlier version granted more (Dovecot had SELECT on every table) is taken back.
+ */
+export async function grantAccount(db: Connection, account: SqlAccount, password: string): Promise<void> {
+  const a = SQL_ACCOUNTS[account];
+  await db.query("CREATE USER IF NOT EXISTS ?@'localhost' IDENTIFIED BY ?", [a.user, password]);
+  await db.query("ALTER USER ?@'localhost' IDENTIFIED BY ?", [a.user, password]);
+  await db.query("REVOKE ALL PRIVILEGES, GRANT OPTION FROM ?@'localhost'", [a.user]);
+  for (const g of a.grants) await db.query(`GRANT ${g} TO ?@'localhost'`, [a.user]);
 }
 
 export async function addDomain(db: Connection, name: string): Promise<void> {

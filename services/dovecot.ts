@@ -1,14 +1,17 @@
 // Dovecot (IMAP, POP3, LMTP) as a managed daemon: its whole configuration is rendered
 // here from the cluster config (nothing from /etc/dovecot is read), with its own
 // base_dir, state_dir and logs, Maildirs on the node's data directory, and accounts
-// from MariaDB through a read-only SQL user. Mail files belong to the mail uid.
-import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+// from MariaDB through a read-only SQL user (SELECT on the users table; its
+// auth-worker, root as Dovecot's default, reaches MariaDB's socket). Mail files belong
+// to the mail uid, the uid SMTP runs as after it dropped root.
+import { chmodSync, chownSync, existsSync, mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { DaemonSpec } from "../common/daemon.ts";
 import { probeLine } from "../common/probe.ts";
 import type { NodePaths } from "../common/paths.ts";
 import { DATABASE } from "./accounts.ts";
 import type { TlsFiles } from "./tls.ts";
+import { systemUser } from "./privileges.ts";
 
 /** The master login the reconciler uses (`<user>*reconcile`). */
 export const MASTER_USER = "reconcile";
@@ -209,21 +212,6 @@ export function writeDovecotConfig(o: DovecotOptions, d: DovecotPaths): void {
     const auth = systemUser("dovecot");
     if (auth) chownQuiet(d.masterPasswd, auth.uid, auth.gid);
   }
-}
-
-/** A system user's ids from /etc/passwd, or null. */
-function systemUser(name: string): { uid: number; gid: number } | null {
-  let text = "";
-  try {
-    text = readFileSync("/etc/passwd", "utf8");
-  } catch {
-    return null;
-  }
-  for (const line of text.split("\n")) {
-    const f = line.split(":");
-    if (f[0] === name && f.length >= 4) return { uid: Number(f[2]), gid: Number(f[3]) };
-  }
-  return null;
 }
 
 function chownQuiet(path: string, uid: number, gid: number): void {

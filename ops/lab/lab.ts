@@ -15,9 +15,10 @@ import { nodePaths, type NodePaths } from "../../common/paths.ts";
 import { bindPaths, bindSpec, writeBindConfig } from "../../dns/bind.ts";
 import { query } from "../../dns/query.ts";
 import { upsertUser } from "../../services/accounts.ts";
-import { connectMariadb, mariadbPaths } from "../../services/mariadb.ts";
+import { connectMariadbAs, mariadbPaths } from "../../services/mariadb.ts";
 import { pingRedis, redisPaths } from "../../services/redis.ts";
 import { ensurePackages } from "../setup/packages.ts";
+import { ensureMailUser } from "../setup/users.ts";
 import { createVolume } from "../../replication/store.ts";
 import { newGenId } from "../../replication/gi.ts";
 import { mountVolume } from "../../replication/filesystem.ts";
@@ -132,6 +133,8 @@ export async function labUp(configFile: string, progress: Progress, opts: UpOpti
   progress("packages", { note: "checking Debian packages" });
   const pk = await ensurePackages((line) => progress("packages", { note: line }));
   if (pk.installed.length) progress("packages", { installed: pk.installed });
+  const mu = await ensureMailUser(c.mail.mail_uid, c.mail.mail_gid);
+  if (mu.created) progress("users", { created: mu.name, uid: c.mail.mail_uid, gid: c.mail.mail_gid });
 
   mkdirSync(c.lab.dir, { recursive: true, mode: 0o755 });
   chmodSync(c.lab.dir, 0o755); // daemons drop privileges (dovecot, mail uid) and must traverse it
@@ -205,7 +208,7 @@ export async function labUp(configFile: string, progress: Progress, opts: UpOpti
       await sleep(200);
     }
     progress("cluster", { active: active.id });
-    const db = await connectMariadb(mariadbPaths(np).socket);
+    const db = await connectMariadbAs(mariadbPaths(np).socket, "accounts");
     try {
       await upsertUser(db, c.lab.test_user.address, c.lab.test_user.password);
       if (c.lab.pop3_user) await upsertUser(db, c.lab.pop3_user.address, c.lab.pop3_user.password);
@@ -243,8 +246,8 @@ function connectHints(c: LabConfig, np: NodePaths, configFile: string): Record<s
     read: `curl -sk --ssl-reqd 'imap://${a.service_address}/INBOX;UID=1' -u '${c.lab.test_user.address}:${c.lab.test_user.password}'`,
     pop3: `curl -sk --ssl-reqd pop3://${a.service_address}/ -u '${c.lab.test_user.address}:${c.lab.test_user.password}'`,
     dns: `dig @${w} ${c.mail.domains[0]} MX`,
-    sql: `mariadb --socket=${mariadbPaths(np).socket} mailha`,
-    redis: `redis-cli -s ${redisPaths(np).socket}`,
+    sql: `mariadb --socket=${mariadbPaths(np).socket} mailha   (as root: MariaDB's root logs in by unix_socket only)`,
+    redis: `REDISCLI_AUTH="$(cat ${redisPaths(np).secret})" redis-cli -s ${redisPaths(np).socket}`,
     third_host_shell: `ip netns exec ${nsPrefix(c.lab.name)}${WITNESS_ID} bash`,
     status: `mailha lab status --config ${configFile}`,
     down: `mailha lab down --config ${configFile}`,
@@ -273,7 +276,7 @@ export async function labCheck(c: LabConfig): Promise<CheckResult[]> {
     }
   };
   await attempt("mariadb", async () => {
-    const db = await connectMariadb(mariadbPaths(np).socket, "mailha");
+    const db = await connectMariadbAs(mariadbPaths(np).socket, "accounts", "mailha");
     try {
       const [rows] = await db.query("SELECT COUNT(*) AS n FROM users");
       return `${(rows as { n: number }[])[0]?.n} user(s) in mailha.users`;
@@ -283,7 +286,7 @@ export async function labCheck(c: LabConfig): Promise<CheckResult[]> {
   });
   await attempt("redis", async () => {
     if (!(await pingRedis(redisPaths(np).socket))) throw new Error("no PONG");
-    return "PING answered PONG (appendfsync always)";
+    return "AUTH and PING answered PONG (appendfsync always)";
   });
   await attempt("imap", async () => {
     const client = new ImapFlow({

@@ -7,11 +7,14 @@
 // is over send a delivery status notification (RFC 3464, dsn.ts) to the sender. Each
 // recipient counts on its own (relay.ts): of a message some recipients took, the
 // refused ones are bounced at once and the deferred ones retried, alone.
+// A job is data from Redis, not an instruction: the worker mails, and at the end
+// unlinks, only a regular file directly in its own spool (resolved, so no link leads
+// out); any other job fails for good, logged, and the file it names is left alone.
 import { randomBytes } from "node:crypto";
 import { Resolver } from "node:dns/promises";
-import { createReadStream, existsSync, mkdirSync, unlinkSync } from "node:fs";
+import { createReadStream, existsSync, lstatSync, mkdirSync, realpathSync, statSync, unlinkSync } from "node:fs";
 import { open } from "node:fs/promises";
-import { join } from "node:path";
+import { dirname, isAbsolute, join, resolve } from "node:path";
 import { Queue, UnrecoverableError, Worker, type Job } from "bullmq";
 import nodemailer from "nodemailer";
 import type { Logger } from "pino";
@@ -39,6 +42,49 @@ export interface OutboundJob {
   readonly isBounce: boolean;
   /** Refused recipients whose bounce is still to be sent (a retry sends it first). */
   readonly unbounced?: readonly Failure[];
+}
+
+/** Recipients one job may name (more is not a job this service made). */
+const JOB_RECIPIENTS_MAX = 10_000;
+
+export type SpoolFile = { readonly kind: "ok"; readonly path: string } | { readonly kind: "missing" } | { readonly kind: "refused"; readonly reason: string };
+
+/**
+ * Whether FILE (a job's) is a message of the spool DIR: a regular file directly in it,
+ * with one link, after resolving every symbolic link. "missing": in the spool by name
+ * but gone (delivered before a crash). Nothing outside DIR is even looked at.
+ */
+export function spoolFileOf(dir: string, file: unknown): SpoolFile {
+  if (typeof file !== "string" || !isAbsolute(file) || file.length > 4096 || file.includes("\0")) return { kind: "refused", reason: "the file is not an absolute path" };
+  const spool = resolve(dir);
+  if (dirname(resolve(file)) !== spool) return { kind: "refused", reason: `${file} is not in the outbound spool ${spool}` };
+  let real: string;
+  try {
+    real = realpathSync(file);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") {
+      try {
+        lstatSync(file);
+      } catch {
+        return { kind: "missing" };
+      }
+      return { kind: "refused", reason: `${file} is a link that leads nowhere` };
+    }
+    return { kind: "refused", reason: `${file}: ${(err as NodeJS.ErrnoException).code}` };
+  }
+  if (dirname(real) !== realpathSync(spool)) return { kind: "refused", reason: `${file} leads outside the outbound spool (to ${real})` };
+  const st = statSync(real);
+  if (!st.isFile()) return { kind: "refused", reason: `${file} is not a regular file` };
+  if (st.nlink !== 1) return { kind: "refused", reason: `${file} has ${st.nlink} hard links (a spool file has one)` };
+  return { kind: "ok", path: real };
+}
+
+/** Why the data of a job is not one this service made, or null. */
+function badJob(j: Partial<OutboundJob>): string | null {
+  if (typeof j.from !== "string") return "no sender";
+  if (!Array.isArray(j.to) || j.to.length > JOB_RECIPIENTS_MAX || !j.to.every((r) => typeof r === "string")) return "the recipients are not a list of addresses";
+  if (typeof j.queuedAt !== "number") return "no queue time";
+  return null;
 }
 
 export class Outbound {
@@ -117,8 +163,14 @@ export class Outbound {
   }
 
   private async process(job: Job<OutboundJob>): Promise<void> {
-    let j = job.data;
-    if (!existsSync(j.file)) return; // already delivered (a retry after a crash)
+    const where = spoolFileOf(this.dir, job.data.file);
+    const bad = where.kind === "refused" ? where.reason : badJob(job.data);
+    if (bad) {
+      this.log.error({ id: job.id, file: String(job.data.file).slice(0, 512), reason: bad }, "outbound job refused: not a message of the outbound spool; the file it names is left alone");
+      throw new UnrecoverableError(`refused: ${bad}`);
+    }
+    if (where.kind !== "ok") return; // missing: already delivered (a retry after a crash)
+    let j: OutboundJob = { ...job.data, file: where.path };
     // A bounce the last try decided on but did not get out (its own failure): first.
     if (j.unbounced?.length) {
       await this.bounce(j, j.unbounced);

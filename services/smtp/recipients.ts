@@ -1,12 +1,14 @@
-// Who mail is for: local domains, users and aliases from the account store in
-// MariaDB, and the stored password hashes SMTP AUTH checks against. Aliases are followed a bounded number of
-// levels; a destination outside the local domains is reported as remote. Addresses
-// found to be local are remembered for RESOLVED_TTL_MS (bounded), so a busy MX does
-// not ask MariaDB twice per recipient; unknown addresses are always asked again, so a
-// new user receives mail at once and a removed one is refused within the TTL. The
-// password check itself is auth.ts's (bounded, off the event loop).
+// Who mail is for: local domains, users and aliases from the account store in MariaDB
+// (read with SMTP's own read-only account), and the stored password hashes SMTP AUTH
+// checks against. Aliases are followed a bounded number of levels; a destination
+// outside the local domains is reported as remote. Addresses found to be local are
+// remembered for RESOLVED_TTL_MS (bounded), so a busy MX does not ask MariaDB twice per
+// recipient; unknown addresses are always asked again, so a new user receives mail at
+// once and a removed one is refused within the TTL. The password check itself is
+// auth.ts's (bounded, off the event loop).
 import mysql from "mysql2/promise";
 import { DATABASE } from "../accounts.ts";
+import { sqlLogin } from "../mariadb.ts";
 
 const ALIAS_DEPTH_MAX = 5;
 const EXPANSION_MAX = 100;
@@ -23,7 +25,9 @@ export class Directory {
   private readonly resolved = new Map<string, { at: number; r: Resolution }>();
 
   constructor(socket: string, private readonly domains: readonly string[]) {
-    this.pool = mysql.createPool({ socketPath: socket, user: "root", database: DATABASE, connectionLimit: 4, connectTimeout: 3000 });
+    // SMTP's own account (SELECT on users and aliases); its password is read here, while
+    // the service still runs as root.
+    this.pool = mysql.createPool({ ...sqlLogin(socket, "smtp"), database: DATABASE, connectionLimit: 4, connectTimeout: 3000 });
   }
 
   isLocalDomain(domain: string): boolean {

@@ -12,6 +12,7 @@
 // spool), never delivered again (delivered-index.ts; the trace field: backup-mx.ts).
 // Known gap: a forwarded message whose recipients all forward elsewhere (aliases to
 // other domains) is queued, not journaled, so a repeated forward queues it again.
+// Started as root, it binds its ports and then runs as the mail uid (run-as.ts).
 import { randomBytes, randomUUID } from "node:crypto";
 import { createReadStream, readFileSync } from "node:fs";
 import { flushSpool, stripPeerField } from "./backup-mx.ts";
@@ -39,6 +40,8 @@ import { listenerLimits, recipientLimitError, smtpError } from "./limits.ts";
 import { Transactions } from "./transaction.ts";
 import { SmtpAuth } from "./auth.ts";
 import { hashPassword, PasswordVerifier } from "../password.ts";
+import { isRoot, type Ids } from "../privileges.ts";
+import { dropToMailUser, prepareSmtpFiles } from "./run-as.ts";
 
 const CLOSE_TIMEOUT_MS = 1500;
 const INFLIGHT_WAIT_MS = 5000;
@@ -56,7 +59,17 @@ export interface SmtpService {
   close(): Promise<void>;
 }
 
-export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: NodePaths; log: Logger; ports?: SmtpPorts }): Promise<SmtpService> {
+export interface SmtpOptions {
+  readonly config: MailhaConfig;
+  readonly nodeId: string;
+  readonly paths: NodePaths;
+  readonly log: Logger;
+  readonly ports?: SmtpPorts;
+  /** Who to run as once the ports are bound: the mail uid when started as root (null: stay). */
+  readonly runAs?: Ids | null;
+}
+
+export async function runSmtp(o: SmtpOptions): Promise<SmtpService> {
   const c = o.config;
   const me = c.nodes.find((n) => n.id === o.nodeId)!;
   const ports = o.ports ?? DEFAULT_PORTS;
@@ -67,8 +80,11 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
   const key = readFileSync(join(tlsDir, "tls.key"));
   const cert = readFileSync(join(tlsDir, "tls.crt"));
   const dir = new Directory(mariadbPaths(o.paths).socket, c.mail.domains);
+  const runAs = o.runAs !== undefined ? o.runAs : isRoot() ? { uid: c.mail.mail_uid, gid: c.mail.mail_gid } : null;
   const journal = new Journal(o.paths.data, o.nodeId);
   if (journal.clockWarning) o.log.warn(journal.clockWarning);
+  // What it writes and reads after it dropped root is the mail uid's (its journal too).
+  if (runAs) prepareSmtpFiles(o.paths, runAs, o.log);
   // Read in the background: only mail from the peer and the spool drain wait for it.
   const delivered = new DeliveredIndex(journalDir(o.paths.data));
   void delivered.load().then(
@@ -88,7 +104,6 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
     await deliverLocal(createReadStream(file), r.mailboxes, `Return-Path: <${from}>\r\n`);
   };
   const outbound = new Outbound(c, o.paths.data, redisPaths(o.paths).socket, myName, localDeliver, (a) => dir.isLocalDomain(a.slice(a.lastIndexOf("@") + 1)), o.log);
-  outbound.start();
 
   // Submission: an address of a local domain may be the envelope sender (MAIL FROM) only
   // of its own user, or of a member of the alias (team@ for bob when team@ delivers to
@@ -262,6 +277,9 @@ export async function runSmtp(o: { config: MailhaConfig; nodeId: string; paths: 
     });
   }
   o.log.info({ address: me.service_address, ports }, "smtp listening");
+  if (runAs) dropToMailUser(runAs, o.log);
+  // Only now: every file the worker writes (bounces) is the mail uid's.
+  outbound.start();
   // Mail this node took as backup MX while it was passive is delivered here now, all
   // recipients at once, unless a journal shows it delivered (forwarded before).
   const flushed = await flushSpool(

@@ -237,7 +237,7 @@ describe("cluster: power loss of the active node", { skip }, () => {
     await db.query("CREATE TABLE before_crash (id INT PRIMARY KEY, note TEXT)");
     await db.query("INSERT INTO before_crash VALUES (1, 'committed on a')");
     await db.end();
-    await run("redis-cli", ["-s", join(lab.dir, "a", "run", "redis.sock"), "SET", "before-crash", "queued on a"]);
+    await run("redis-cli", ["-s", join(lab.dir, "a", "run", "redis", "redis.sock"), "SET", "before-crash", "queued on a"], { env: { ...process.env, REDISCLI_AUTH: readFileSync(join(lab.dir, "a", "data", "etc", "redis.secret"), "utf8").trim() } });
     const client = await imap(lab.a);
     await client.append("INBOX", "From: x@mailha.test\r\nSubject: before the crash\r\n\r\nhello\r\n");
     await client.logout();
@@ -267,7 +267,7 @@ describe("cluster: power loss of the active node", { skip }, () => {
     const [rows] = await db2.query("SELECT note FROM before_crash");
     await db2.end();
     assert.deepEqual(rows, [{ note: "committed on a" }], "the row committed on a before the crash is served by b");
-    const v = (await run("redis-cli", ["-s", join(lab.dir, "b", "run", "redis.sock"), "GET", "before-crash"])).stdout.trim();
+    const v = (await run("redis-cli", ["-s", join(lab.dir, "b", "run", "redis", "redis.sock"), "GET", "before-crash"], { env: { ...process.env, REDISCLI_AUTH: readFileSync(join(lab.dir, "b", "data", "etc", "redis.secret"), "utf8").trim() } })).stdout.trim();
     assert.equal(v, "queued on a", "Redis on b has the key written on a (AOF on the volume)");
     const c2 = await imap(lab.b);
     const box = await c2.mailboxOpen("INBOX");
