@@ -24,6 +24,7 @@ import { mailha, ROOT } from "../helpers/cli.ts";
 import { waitNode } from "../helpers/cluster.ts";
 import { writeTestLabConfig } from "../helpers/lab.ts";
 import { createLogger } from "../../common/log.ts";
+import { writeSection } from "./report.ts";
 import { ChangeJournal } from "../../services/journal/changes.ts";
 import { MaildirWatcher } from "../../services/journal/maildir-watch.ts";
 
@@ -193,8 +194,58 @@ async function turns(t: Target, data: string, watcherPid: () => number): Promise
 
 // ---------------------------------------------------------------- the lab (replicated volume)
 
-async function labFigures(): Promise<Figures> {
-  const lab = writeTestLabConfig("bj", 109);
+const SMTP_SESSIONS = Number(process.env.BENCH_JOURNAL_SMTP_SESSIONS ?? 10);
+const SMTP_MESSAGES = Number(process.env.BENCH_JOURNAL_SMTP_MESSAGES ?? 1000);
+
+/** smtp-source to HOST:25, SMTP_MESSAGES of 2 KB over SMTP_SESSIONS; a 250 there means on both disks. Messages/s. */
+async function smtpLoad(host: string, rcpt: string): Promise<number> {
+  const t0 = process.hrtime.bigint();
+  const r = await run("smtp-source", ["-s", String(SMTP_SESSIONS), "-m", String(SMTP_MESSAGES), "-l", "2000", "-f", "bench@example.net", "-t", rcpt, `${host}:25`], { timeoutMs: 900_000 });
+  if (r.stderr.trim()) throw new Error(`smtp-source: ${r.stderr.slice(0, 300)}`);
+  return SMTP_MESSAGES / (Number(process.hrtime.bigint() - t0) / 1e9);
+}
+
+/** SMTP deliveries with the Dovecot-change watcher frozen ("off") and running, adjacent turns. */
+async function smtpTurns(host: string, rcpt: string, data: string, watcherPid: () => number): Promise<{ off: number; on: number; ratio: number }> {
+  await smtpLoad(host, rcpt); // warm-up, not counted
+  await settled(data);
+  const ratios: number[] = [];
+  let bestOff = 0;
+  let bestOn = 0;
+  const offTurn = async () => {
+    process.kill(watcherPid(), "SIGSTOP");
+    try {
+      return await smtpLoad(host, rcpt);
+    } finally {
+      process.kill(watcherPid(), "SIGCONT");
+      await settled(data);
+    }
+  };
+  const onTurn = async () => {
+    const rate = await smtpLoad(host, rcpt);
+    await settled(data);
+    return rate;
+  };
+  for (let r = 0; r < ROUNDS; r++) {
+    let off: number;
+    let on: number;
+    if (r % 2 === 0) {
+      off = await offTurn();
+      on = await onTurn();
+    } else {
+      on = await onTurn();
+      off = await offTurn();
+    }
+    bestOff = Math.max(bestOff, off);
+    bestOn = Math.max(bestOn, on);
+    ratios.push(on / off);
+    process.stderr.write(`- smtp turn ${r + 1}/${ROUNDS}: watcher off ${off.toFixed(0)}/s, on ${on.toFixed(0)}/s\n`);
+  }
+  return { off: bestOff, on: bestOn, ratio: median(ratios) };
+}
+
+async function labFigures(): Promise<Figures & { smtp: { off: number; on: number; ratio: number } }> {
+  const lab = writeTestLabConfig("bj", 125);
   try {
     const up = await mailha(["lab", "up", "--config", lab.configFile]);
     if (up.code !== 0) throw new Error(`lab up failed: ${up.stderr}`);
@@ -208,7 +259,10 @@ async function labFigures(): Promise<Figures> {
     await populate(t);
     await settled(data);
     const pid = () => (JSON.parse(readFileSync(join(lab.dir, "a", "run", "resources.json"), "utf8")) as DaemonRecord[]).find((d) => d.name === "journal")!.pid;
-    return await turns(t, data, pid);
+    const imap = await turns(t, data, pid);
+    process.stderr.write(`- lab: SMTP, ${SMTP_MESSAGES} messages over ${SMTP_SESSIONS} sessions per turn\n`);
+    const smtp = await smtpTurns(lab.a, t.user, data, pid);
+    return { ...imap, smtp };
   } finally {
     await mailha(["lab", "down", "--config", lab.configFile]);
     rmSync(dirname(lab.configFile), { recursive: true, force: true });
@@ -376,7 +430,7 @@ export async function runJournalBench(): Promise<void> {
   process.stderr.write(`journal benchmark: ${SESSIONS} imapflow sessions x ${STORES} STOREs on a ${MESSAGES}-message INBOX, best of ${ROUNDS} turns\n`);
   if (process.env.BENCH_JOURNAL_LAB_ONLY) {
     const lab = await labFigures();
-    console.log(`journal.imap_store.off ${lab.off.toFixed(0)} stores/s\njournal.imap_store.on ${lab.on.toFixed(0)} stores/s\njournal.imap_store.ratio ${lab.ratio.toFixed(3)} ratio\njournal.imap_store.watcher_cpu_share ${lab.cpuShare.toFixed(1)} percent_of_a_core`);
+    console.log(`journal.imap_store.off ${lab.off.toFixed(0)} stores/s\njournal.imap_store.on ${lab.on.toFixed(0)} stores/s\njournal.imap_store.ratio ${lab.ratio.toFixed(3)} ratio\njournal.imap_store.watcher_cpu_share ${lab.cpuShare.toFixed(1)} percent_of_a_core\njournal.smtp.off ${lab.smtp.off.toFixed(0)} per_s\njournal.smtp.on ${lab.smtp.on.toFixed(0)} per_s\njournal.smtp.ratio ${lab.smtp.ratio.toFixed(3)} ratio`);
     return;
   }
   const local = await localFigures();
@@ -392,6 +446,9 @@ export async function runJournalBench(): Promise<void> {
     `journal.imap_store.watcher_cpu ${lab.cpuMsPer1000.toFixed(1)} ms_per_1000_stores`,
     `journal.imap_store.watcher_cpu_share ${lab.cpuShare.toFixed(1)} percent_of_a_core`,
     `journal.imap_store.entries ${lab.entriesPerStore.toFixed(3)} per_store`,
+    `journal.smtp.off ${lab.smtp.off.toFixed(0)} per_s`,
+    `journal.smtp.on ${lab.smtp.on.toFixed(0)} per_s`,
+    `journal.smtp.ratio ${lab.smtp.ratio.toFixed(3)} ratio`,
     `journal.imap_store.local.off ${local.off.toFixed(0)} stores/s`,
     `journal.imap_store.local.watch ${local.on.toFixed(0)} stores/s`,
     `journal.imap_store.local.watch_ratio ${local.ratio.toFixed(3)} ratio`,
@@ -405,6 +462,20 @@ export async function runJournalBench(): Promise<void> {
     `journal.catchup.entries ${local.catchUpEntries} entries`,
   ];
   for (const l of lines) console.log(l);
+  writeSection("journal", [
+    `Command: \`npm run bench -- journal\` (run ${new Date().toISOString().slice(0, 10)}; IMAP: ${SESSIONS} imapflow sessions x ${STORES} STOREs on a ${MESSAGES}-message INBOX; SMTP: smtp-source -s ${SMTP_SESSIONS} -m ${SMTP_MESSAGES} -l 2000; ${ROUNDS} turns each way).`,
+    "What journaling Dovecot's changes costs. In the lab (active node, Maildir on the replicated volume, protocol C) the `journal` resource is frozen (SIGSTOP) for \"off\" and running for \"on\", in adjacent turns that alternate which goes first; the ratio is the median of on/off over the pairs (the machine is shared: a pair shares its drift), the rates the best turn. SMTP's own delivery journal is part of every delivery (on in both). Target: the watcher costs at most 5% of either (ratio >= 0.95). Local: a private Dovecot on the local disk without a source, with the watcher, and with Dovecot's mail_log plugin (the other source considered).",
+    "",
+    "| load | watcher off | watcher on | on/off |",
+    "|---|---|---|---|",
+    `| IMAP STOREs (lab) | ${lab.off.toFixed(0)}/s | ${lab.on.toFixed(0)}/s | ${lab.ratio.toFixed(3)} |`,
+    `| SMTP deliveries (lab) | ${lab.smtp.off.toFixed(0)}/s | ${lab.smtp.on.toFixed(0)}/s | ${lab.smtp.ratio.toFixed(3)} |`,
+    `| IMAP STOREs (local disk) | ${local.off.toFixed(0)}/s | ${local.on.toFixed(0)}/s | ${local.ratio.toFixed(3)} |`,
+    "",
+    "```",
+    ...lines,
+    "```",
+  ]);
 }
 
 if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {

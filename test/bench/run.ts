@@ -1,4 +1,4 @@
-// `npm run bench [-- NAME]`: runs the benchmarks (volume, failover, smtp, reconcile) and prints every
+// `npm run bench [-- NAME]`: runs the benchmarks (volume, failover, smtp, reconcile, journal) and prints every
 // figure as `NAME VALUE UNIT`, ratios against a baseline measured in the same run, then
 // rewrites that benchmark's section of BENCHMARKS.md. The machine is shared and noisy:
 // compare ratios, not absolute times.
@@ -6,8 +6,9 @@ import { runVolumeBench } from "./volume.ts";
 import { runFailoverBench } from "./failover.ts";
 import { runSmtpBench } from "./smtp.ts";
 import { runReconcileBench } from "./reconcile.ts";
+import { runJournalBench } from "./journal.ts";
 
-const BENCHES: Record<string, () => Promise<void>> = { volume: runVolumeBench, failover: runFailoverBench, smtp: runSmtpBench, reconcile: runReconcileBench };
+const BENCHES: Record<string, () => Promise<void>> = { volume: runVolumeBench, failover: runFailoverBench, smtp: runSmtpBench, reconcile: runReconcileBench, journal: runJournalBench };
 const wanted = process.argv.slice(2).filter((a) => !a.startsWith("-"));
 const names = wanted.length ? wanted : Object.keys(BENCHES);
 for (const n of names) {
