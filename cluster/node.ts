@@ -25,6 +25,8 @@ import { ClusterMachine, type Action, type Command, type Event } from "./machine
 import { GROUP, GroupRunner, type ResourceContext } from "./resources.ts";
 import { WitnessClient } from "./witness.ts";
 import { applyDns } from "../dns/apply.ts";
+import { queryCounters } from "../dns/query.ts";
+import { answerCounters } from "../dns/update.ts";
 import { takeLease } from "../dns/lease.ts";
 import { callPeer, peerEnds, servePeerRpc } from "../common/peer-rpc.ts";
 import { decideAuto, mayPruneJournal, type AutoTry } from "../reconcile/auto.ts";
@@ -570,7 +572,10 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
     heartbeats: receiver.counters,
     volume: lastVolume,
     timers: c.timers,
-    peerChannel: peerRpc.counters,
+    peerChannel: { ...peerRpc.counters } as Record<string, number>,
+    // Answers this daemon dropped and counted (forged, foreign, malformed, ...).
+    dnsAnswers: { updates: { ...answerCounters }, queries: { ...queryCounters } },
+    witnessAnswers: witness ? { ...witness.dropped } : null,
     reconcile: {
       auto: c.reconcile.auto,
       running: autoRec.running ? { copy: autoRec.running.copy, pid: autoRec.running.pid, sinceMs: autoRec.running.sinceMs } : null,
@@ -643,7 +648,14 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
   await new Promise<never>(() => {});
 }
 
-type NodeStatus = ReturnType<ClusterMachine["status"]> & { resources: Record<string, string>; heartbeats: { [k: string]: number } | HeartbeatCounters; volume: VolumeStatus | null };
+type NodeStatus = ReturnType<ClusterMachine["status"]> & {
+  resources: Record<string, string>;
+  heartbeats: { [k: string]: number } | HeartbeatCounters;
+  volume: VolumeStatus | null;
+  peerChannel?: Record<string, number>;
+  dnsAnswers?: { updates: Record<string, number>; queries: Record<string, number> };
+  witnessAnswers?: Record<string, number> | null;
+};
 
 /** Prometheus text format: roles, links, quorum, volume, resources, heartbeat counters. */
 export function renderMetrics(node: string, s: NodeStatus): string {
@@ -670,5 +682,16 @@ export function renderMetrics(node: string, s: NodeStatus): string {
   g("mailha_resource_running", "1 while the resource runs here", Object.entries(s.resources).map(([r, x]) => [{ resource: r }, x === "running" ? 1 : 0]));
   lines.push("# HELP mailha_heartbeat_packets_total heartbeat packets received, by verdict", "# TYPE mailha_heartbeat_packets_total counter");
   for (const [k, v] of Object.entries(s.heartbeats)) if (k !== "received") lines.push(`mailha_heartbeat_packets_total{node="${node}",verdict="${k}"} ${v}`);
+  const counter = (name: string, help: string, label: string, samples: Record<string, number> | null | undefined) => {
+    if (!samples) return;
+    lines.push(`# HELP ${name} ${help}`, `# TYPE ${name} counter`);
+    for (const [k, v] of Object.entries(samples)) lines.push(`${name}{node="${node}",${label}="${k}"} ${v}`);
+  };
+  counter("mailha_peer_channel_requests_total", "requests on the node-to-node channel, by outcome (served, refused handshakes, malformed)", "outcome", s.peerChannel);
+  const { received: _u, ...updates } = s.dnsAnswers?.updates ?? {};
+  const { received: _q, ...queries } = s.dnsAnswers?.queries ?? {};
+  counter("mailha_dns_update_answers_total", "answers to this node's RFC 2136 updates, by verdict", "verdict", s.dnsAnswers ? updates : null);
+  counter("mailha_dns_query_answers_total", "answers to this node's DNS queries, by verdict", "verdict", s.dnsAnswers ? queries : null);
+  counter("mailha_witness_answers_dropped_total", "witness answers dropped, by reason", "reason", s.witnessAnswers);
   return lines.join("\n") + "\n";
 }
