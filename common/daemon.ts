@@ -4,9 +4,10 @@
 // tail of the daemon's log. PIDs are checked against the process start time recorded
 // at launch, so a reused PID is never signalled.
 import { spawn } from "node:child_process";
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readSync, statSync } from "node:fs";
+import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, statSync } from "node:fs";
 import { dirname } from "node:path";
 import { sleep } from "./exec.ts";
+import { firstProblem, isObject } from "./fsutil.ts";
 import { processGroupMembers, signalAll } from "./procs.ts";
 
 export interface DaemonSpec {
@@ -39,6 +40,46 @@ export interface DaemonRecord {
   readonly argv: readonly string[];
   readonly logFile: string;
   readonly stopTimeoutMs: number;
+}
+
+/** What is wrong with a DaemonRecord read back from a file (null: nothing). */
+export function daemonRecordProblem(v: unknown): string | null {
+  if (!isObject(v)) return "not an object";
+  return firstProblem(
+    typeof v.name === "string" ? null : "no name",
+    Number.isInteger(v.pid) && (v.pid as number) > 0 ? null : "no pid",
+    typeof v.startTicks === "string" ? null : "no startTicks",
+    Array.isArray(v.argv) && v.argv.every((a) => typeof a === "string") ? null : "no argv",
+    typeof v.logFile === "string" ? null : "no logFile",
+    typeof v.stopTimeoutMs === "number" ? null : "no stopTimeoutMs",
+  );
+}
+
+/** At most this many /proc entries are read by findRunningDaemon. */
+const PROCS_SCANNED_MAX = 100_000;
+
+/**
+ * The live process that runs SPEC (its arguments after the program are SPEC's), as a
+ * record, or null: rebuilds a daemon record whose file was lost or damaged. nsenter
+ * execs the program, so in the lab the PID is the same.
+ */
+export function findRunningDaemon(spec: Pick<DaemonSpec, "name" | "args" | "logFile" | "stopTimeoutMs">): DaemonRecord | null {
+  const want = spec.args.join("\0");
+  for (const d of readdirSync("/proc").slice(0, PROCS_SCANNED_MAX)) {
+    if (!/^\d+$/.test(d) || Number(d) === process.pid) continue;
+    let argv: string[];
+    try {
+      argv = readFileSync(`/proc/${d}/cmdline`, "utf8").replace(/\0$/, "").split("\0");
+    } catch {
+      continue;
+    }
+    if (argv.slice(1).join("\0") !== want) continue;
+    const pid = Number(d);
+    const startTicks = startTicksOf(pid);
+    if (startTicks === null || procState(pid) === "Z") continue;
+    return { name: spec.name, pid, startTicks, argv, logFile: spec.logFile, stopTimeoutMs: spec.stopTimeoutMs };
+  }
+  return null;
 }
 
 export class DaemonStartError extends Error {

@@ -1,21 +1,21 @@
 // The client side of a node's volume engine, for the operator command, the lab and the
 // cluster manager: where its files are, starting and stopping it as a daemon, asking it
 // questions, waiting for a state.
-import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { existsSync, rmSync } from "node:fs";
 import { networkInterfaces } from "node:os";
 import { fileURLToPath } from "node:url";
 import { dirname, join } from "node:path";
 import type { MailhaConfig } from "../common/config.ts";
-import { startDaemon, stopDaemon, isAlive, type DaemonRecord, type DaemonSpec } from "../common/daemon.ts";
+import { daemonRecordProblem, findRunningDaemon, startDaemon, stopDaemon, isAlive, type DaemonRecord, type DaemonSpec } from "../common/daemon.ts";
 import { UsageError } from "../common/errors.ts";
 import { sleep } from "../common/exec.ts";
 import type { LatencySummary } from "./latency.ts";
 import { nodeNetns, nodePaths, nodeStateDir } from "../common/paths.ts";
 import { controlCall } from "./control.ts";
 import { enginePaths, type EnginePaths } from "./engine.ts";
-import { writeFileDurable } from "../common/fsutil.ts";
+import { DamagedStateFileError, readJsonState, writeFileDurable } from "../common/fsutil.ts";
 import { removeCopy } from "./preserve.ts";
-import { volumeFiles } from "./store.ts";
+import { loadMetaFile, volumeFiles } from "./store.ts";
 import type { Meta, PreservedCopy } from "./types.ts";
 
 const BIN = join(dirname(fileURLToPath(import.meta.url)), "..", "ops", "bin", "mailha.mjs");
@@ -73,12 +73,28 @@ export async function startEngine(v: VolumeContext): Promise<DaemonRecord> {
   const prev = readEngineRecord(v);
   if (prev && isAlive(prev)) throw new UsageError(`the volume engine of node ${v.nodeId} already runs (pid ${prev.pid})`);
   const rec = await startDaemon(engineSpec(v));
-  writeFileSync(v.engineRecord, JSON.stringify(rec));
+  writeFileDurable(v.engineRecord, JSON.stringify(rec));
   return rec;
 }
 
+/**
+ * The record of the node's engine process (`run/volume-engine.json`), or null. The
+ * record can be rebuilt: a damaged one is replaced by the record of the engine found
+ * running with this node's arguments, or removed when none runs (a warning on stderr
+ * says which), so a power loss while it was written never keeps a node from starting
+ * and never starts a second engine beside a live one.
+ */
 export function readEngineRecord(v: VolumeContext): DaemonRecord | null {
-  return existsSync(v.engineRecord) ? (JSON.parse(readFileSync(v.engineRecord, "utf8")) as DaemonRecord) : null;
+  try {
+    return readJsonState<DaemonRecord>(v.engineRecord, daemonRecordProblem, "it is rebuilt from the running engine, or removed");
+  } catch (err) {
+    if (!(err instanceof DamagedStateFileError)) throw err;
+    const found = findRunningDaemon(engineSpec(v));
+    if (found) writeFileDurable(v.engineRecord, JSON.stringify(found));
+    else rmSync(v.engineRecord, { force: true });
+    process.stderr.write(`mailha: warning: ${err.file} was damaged (${err.problem}); ${found ? `rebuilt: the engine runs as pid ${found.pid}` : "removed: no engine of this node runs"}\n`);
+    return found;
+  }
 }
 
 export async function stopEngine(v: VolumeContext): Promise<string> {
@@ -153,7 +169,7 @@ function engineRunning(v: VolumeContext): boolean {
 function offlineMeta(v: VolumeContext): { file: string; meta: Meta } {
   const file = volumeFiles(v.paths.volumeDir).meta;
   if (!existsSync(file)) throw new UsageError(`node ${v.nodeId} has no volume in ${v.paths.volumeDir}`);
-  return { file, meta: JSON.parse(readFileSync(file, "utf8")) as Meta };
+  return { file, meta: loadMetaFile(file) };
 }
 
 /** The preserved copies of a node: from its engine, or from its metadata when it is stopped. */

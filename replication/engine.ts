@@ -1,7 +1,9 @@
 // The volume engine process (`mailha volume run`): wires the protocol core to the
 // local store, the replication link, the FUSE export, the control socket and the
 // event log. One process per node, started in its own session and deaf to SIGHUP; it
-// must never touch the file system it exports.
+// must never touch the file system it exports. A damaged metadata file or bitmap stops
+// it at start with a message naming the file and what to do; a damaged activity log
+// (a torn write of its one record) is rebuilt, conservatively (see loadActivityLog).
 import { mkdirSync, readFileSync } from "node:fs";
 import type { Socket } from "node:net";
 import type { Server } from "node:net";
@@ -16,6 +18,10 @@ import { VolumeMachine, type Action, type AdminCmd, type Event } from "./machine
 import { startCpuProfile } from "../common/profile.ts";
 import { Latency } from "./latency.ts";
 import { FileStore } from "./store.ts";
+import { DamagedStateFileError } from "../common/fsutil.ts";
+import type { Bitmap } from "./bitmap.ts";
+import type { Meta } from "./types.ts";
+import type { Logger } from "pino";
 import { preserveCopy, removeCopy, removePartialCopies, type PreserveProgress } from "./preserve.ts";
 import { PeerLink } from "./transport.ts";
 
@@ -65,7 +71,9 @@ export async function runEngine(o: EngineOptions): Promise<void> {
   const meta = store.loadMeta();
   if (meta.nodeId !== o.nodeId) throw new Error(`the volume in ${p.volumeDir} belongs to node ${meta.nodeId}, not ${o.nodeId}`);
   if (meta.sizeBytes !== c.volume.size) log.warn({ meta: meta.sizeBytes, config: c.volume.size }, "volume size differs from the config; using the volume's");
-  const machine = new VolumeMachine(meta, store.loadBitmap(), store.loadAL(), store, {
+  const bitmap = store.loadBitmap();
+  const alRebuilt = loadActivityLog(store, meta, bitmap, log);
+  const machine = new VolumeMachine(meta, bitmap, alRebuilt.extents, store, {
     nodeId: o.nodeId,
     protocol: c.volume.protocol,
     splitBrainPolicy: c.volume.split_brain_policy,
@@ -245,6 +253,7 @@ export async function runEngine(o: EngineOptions): Promise<void> {
   const control: Server = await serveControl(p.controlSocket, handle);
   await link.start();
   const tick = setInterval(() => dispatch({ t: "tick" }), TICK_MS);
+  if (alRebuilt.damaged) emitEvent({ type: "activity-log-rebuilt", file: store.files.al, problem: alRebuilt.damaged, allOutOfSync: alRebuilt.allOutOfSync });
   emitEvent({ type: "engine-started", pid: process.pid, role: machine.role, disk: machine.disk, gi: machine.meta.gi });
 
   let stopping = false;
@@ -266,4 +275,32 @@ export async function runEngine(o: EngineOptions): Promise<void> {
   process.on("SIGINT", () => void stop("SIGINT"));
   // Runs until a signal stops it (stop() exits the process).
   await new Promise<never>(() => {});
+}
+
+/**
+ * The activity log at start. A damaged record (a power loss tore its one write) is
+ * rewritten empty. Its extents matter only after an unclean stop as primary (they say
+ * which blocks may differ from the peer): then, not knowing them, every block is marked
+ * out of sync first, so the next connect resyncs the whole volume instead of missing a
+ * block. The bitmap is saved before the log is rewritten.
+ */
+export function loadActivityLog(store: FileStore, meta: Meta, bitmap: Bitmap, log: Logger): { extents: number[]; damaged: string | null; allOutOfSync: boolean } {
+  try {
+    return { extents: store.loadAL(), damaged: null, allOutOfSync: false };
+  } catch (err) {
+    if (!(err instanceof DamagedStateFileError)) throw err;
+    const crashedPrimary = meta.role === "primary" && !meta.cleanShutdown;
+    if (crashedPrimary) {
+      bitmap.setBlocks(0, bitmap.blocks);
+      store.saveBitmap(bitmap);
+    }
+    store.saveAL([]);
+    log.warn(
+      { file: err.file, problem: err.problem },
+      crashedPrimary
+        ? "the activity log was damaged after an unclean stop as primary: every block is marked out of sync (a full resync on the next connect), the log rewritten empty"
+        : "the activity log was damaged; not needed after a clean stop: rewritten empty",
+    );
+    return { extents: [], damaged: err.problem, allOutOfSync: crashedPrimary };
+  }
 }

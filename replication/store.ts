@@ -2,17 +2,19 @@
 // the metadata (JSON, replaced atomically), the out-of-sync bitmap (only changed 4 KiB
 // pages are rewritten) and the activity log (one 4 KiB record). Every save is durable
 // (fdatasync) before it returns. Calls are synchronous: the engine is single-threaded
-// and the protocol core relies on their order.
+// and the protocol core relies on their order. Reading any of them checks it: a
+// damaged file stops the engine with a message naming it and what to do
+// (DamagedStateFileError), never a parser's stack trace.
 import {
   closeSync, existsSync, fdatasyncSync, fstatSync, fsyncSync, ftruncateSync, mkdirSync, openSync, readFileSync, readSync, statSync, unlinkSync, writeSync,
 } from "node:fs";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import type { VolumeAllocation } from "../common/config.ts";
-import { writeFileDurable } from "../common/fsutil.ts";
+import { DamagedStateFileError, firstProblem, isObject, readJsonState, writeFileDurable } from "../common/fsutil.ts";
 import { Bitmap } from "./bitmap.ts";
 import { Latency } from "./latency.ts";
 import type { Store } from "./machine.ts";
-import { BLOCK_SIZE, EMPTY_GI, type Meta } from "./types.ts";
+import { BLOCK_SIZE, EMPTY_GI, EXTENT_BYTES, type Meta } from "./types.ts";
 
 export interface VolumeFiles {
   readonly dir: string;
@@ -113,6 +115,55 @@ export function createVolume(dir: string, o: CreateOptions): Meta {
   return meta;
 }
 
+const DISKS = new Set(["uptodate", "consistent", "outdated", "inconsistent", "diskless"]);
+const GEN_ID = /^([0-9a-f]{16})?$/;
+
+function giProblem(gi: unknown, what: string): string | null {
+  if (!isObject(gi)) return `${what} is missing`;
+  const h = gi.history;
+  return firstProblem(
+    typeof gi.current === "string" && GEN_ID.test(gi.current) ? null : `${what}.current is not a generation id`,
+    typeof gi.bitmap === "string" && GEN_ID.test(gi.bitmap) ? null : `${what}.bitmap is not a generation id`,
+    Array.isArray(h) && h.length === 2 && h.every((x) => typeof x === "string" && GEN_ID.test(x)) ? null : `${what}.history is not two generation ids`,
+  );
+}
+
+/** What is wrong with parsed volume metadata (null: nothing). */
+export function metaProblem(v: unknown): string | null {
+  if (!isObject(v)) return "not an object";
+  const size = v.sizeBytes;
+  return firstProblem(
+    v.version === 1 ? null : `version ${JSON.stringify(v.version)}, not 1`,
+    typeof v.nodeId === "string" && v.nodeId !== "" ? null : "no nodeId",
+    v.blockSize === BLOCK_SIZE ? null : `blockSize is not ${BLOCK_SIZE}`,
+    Number.isSafeInteger(size) && (size as number) > 0 && (size as number) % BLOCK_SIZE === 0 ? null : "sizeBytes is not a positive multiple of the block size",
+    giProblem(v.gi, "gi"),
+    typeof v.disk === "string" && DISKS.has(v.disk) ? null : `disk ${JSON.stringify(v.disk)} is not a disk state`,
+    v.role === "primary" || v.role === "secondary" ? null : `role ${JSON.stringify(v.role)} is not primary or secondary`,
+    v.primarySinceMs === null || typeof v.primarySinceMs === "number" ? null : "primarySinceMs is not a number or null",
+    ...(["fresh", "cleanShutdown", "crashedPrimary", "peerOutdated"] as const).map((k) => (typeof v[k] === "boolean" ? null : `${k} is not true or false`)),
+    Array.isArray(v.preserved) && v.preserved.every((p) => isObject(p) && typeof p.path === "string" && typeof p.atMs === "number" && giProblem(p.gi, "gi") === null)
+      ? null
+      : "preserved is not a list of copies",
+  );
+}
+
+/** What to do about a damaged volume file: the data on this node cannot be trusted as it is. */
+function volumeRemedy(dir: string): string {
+  return (
+    "the volume engine will not start on it. If the peer holds the data, make this node a full sync target: " +
+    `stop it, move ${dir} aside, run \`mailha volume create\` (without --primary) and start it again. ` +
+    "Otherwise restore the file from a backup (a preserved copy under volume/preserved/ holds an older generation)"
+  );
+}
+
+/** Reads and checks a volume's metadata file (throws DamagedStateFileError when it is damaged). */
+export function loadMetaFile(file: string): Meta {
+  const m = readJsonState<Meta>(file, metaProblem, volumeRemedy(dirname(file)));
+  if (!m) throw new Error(`no volume metadata at ${file}: run \`mailha volume create\` first`);
+  return m;
+}
+
 function encodeAL(extents: readonly number[]): Buffer {
   const b = Buffer.alloc(AL_RECORD_BYTES);
   const max = AL_RECORD_BYTES / 4 - 2;
@@ -123,10 +174,19 @@ function encodeAL(extents: readonly number[]): Buffer {
   return b;
 }
 
-function decodeAL(b: Buffer): number[] {
-  if (b.length < 8 || b.readUInt32LE(0) !== AL_MAGIC) throw new Error("activity log is damaged");
+/** What to do about a damaged activity log: the engine rebuilds it (see the engine's start). */
+export const AL_REBUILT = "rewritten empty at start; after an unclean stop as primary every block is marked out of sync first (a full resync)";
+
+function decodeAL(file: string, b: Buffer, extentsMax: number): number[] {
+  const damaged = (problem: string) => new DamagedStateFileError(file, problem, AL_REBUILT);
+  if (b.length !== AL_RECORD_BYTES) throw damaged(`${b.length} bytes, not ${AL_RECORD_BYTES}`);
+  if (b.readUInt32LE(0) !== AL_MAGIC) throw damaged("no activity-log record in it (wrong magic)");
   const n = b.readUInt32LE(4);
-  return Array.from({ length: n }, (_, i) => b.readUInt32LE(8 + i * 4));
+  if (n > AL_RECORD_BYTES / 4 - 2) throw damaged(`it claims ${n} extents, more than a record holds`);
+  const extents = Array.from({ length: n }, (_, i) => b.readUInt32LE(8 + i * 4));
+  const bad = extents.find((e) => e >= extentsMax);
+  if (bad !== undefined) throw damaged(`extent ${bad} lies beyond the volume's ${extentsMax} extents`);
+  return extents;
 }
 
 export class FileStore implements Store {
@@ -149,7 +209,13 @@ export class FileStore implements Store {
     if (!existsSync(this.files.meta)) throw new Error(`no volume in ${dir}: run \`mailha volume create\` first`);
     const meta = this.loadMeta();
     this.sizeBytes = meta.sizeBytes;
-    if (statSync(this.files.image).size !== meta.sizeBytes) throw new Error(`image ${this.files.image} is not ${meta.sizeBytes} bytes long`);
+    const missing = [this.files.image, this.files.bitmap, this.files.al].find((f) => !existsSync(f));
+    if (missing) throw new DamagedStateFileError(missing, "missing", volumeRemedy(dir));
+    const imageBytes = statSync(this.files.image).size;
+    if (imageBytes !== meta.sizeBytes) throw new DamagedStateFileError(this.files.image, `${imageBytes} bytes long, the metadata says ${meta.sizeBytes}`, volumeRemedy(dir));
+    const bitmapBytes = statSync(this.files.bitmap).size;
+    const bitmapWant = Math.ceil(meta.sizeBytes / BLOCK_SIZE / 8);
+    if (bitmapBytes !== bitmapWant) throw new DamagedStateFileError(this.files.bitmap, `${bitmapBytes} bytes long, not ${bitmapWant}`, volumeRemedy(dir));
     this.imageFd = openSync(this.files.image, "r+");
     this.bitmapFd = openSync(this.files.bitmap, "r+");
     this.alFd = openSync(this.files.al, "r+");
@@ -157,15 +223,16 @@ export class FileStore implements Store {
   }
 
   loadMeta(): Meta {
-    return JSON.parse(readFileSync(this.files.meta, "utf8")) as Meta;
+    return loadMetaFile(this.files.meta);
   }
 
   loadBitmap(): Bitmap {
     return new Bitmap(Math.ceil(this.sizeBytes / BLOCK_SIZE), new Uint8Array(this.persisted));
   }
 
+  /** The logged extents; throws DamagedStateFileError when the record is damaged (a torn write). */
   loadAL(): number[] {
-    return decodeAL(readFileSync(this.files.al));
+    return decodeAL(this.files.al, readFileSync(this.files.al), Math.ceil(this.sizeBytes / EXTENT_BYTES));
   }
 
   read(offset: number, length: number): Buffer {

@@ -4,7 +4,8 @@ import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { Command, Option } from "commander";
 import { loadConfig, type MailhaConfig } from "../../common/config.ts";
-import { startDaemon, stopDaemon, isAlive, type DaemonRecord } from "../../common/daemon.ts";
+import { daemonRecordProblem, findRunningDaemon, startDaemon, stopDaemon, isAlive, type DaemonRecord } from "../../common/daemon.ts";
+import { DamagedStateFileError, readJsonState, writeFileDurable } from "../../common/fsutil.ts";
 import { EXIT_FAILURE, UsageError } from "../../common/errors.ts";
 import { runUntilSignalled } from "../../common/lifecycle.ts";
 import { sleep } from "../../common/exec.ts";
@@ -23,6 +24,18 @@ const jsonOpt = () => new Option("--json", "print the result as JSON");
 
 function recordFile(c: MailhaConfig, id: string): string {
   return join(nodeStateDir(c, id), "run", "node-daemon.json");
+}
+
+/** The node daemon's record; a damaged one is rebuilt from the daemon found running with this node's arguments (or dropped). */
+function readNodeRecord(c: MailhaConfig, id: string): DaemonRecord | null {
+  try {
+    return readJsonState<DaemonRecord>(recordFile(c, id), daemonRecordProblem, "rebuilt from the running node daemon");
+  } catch (err) {
+    if (!(err instanceof DamagedStateFileError)) throw err;
+    const found = findRunningDaemon(nodeSpec(c, id));
+    process.stderr.write(`mailha: warning: ${err.file} was damaged (${err.problem}); ${found ? `the node daemon runs as pid ${found.pid}` : "no node daemon of this node runs"}\n`);
+    return found;
+  }
 }
 
 export function nodeCommandGroup(defaultConfig: string): Command {
@@ -47,7 +60,7 @@ export function nodeCommandGroup(defaultConfig: string): Command {
       const id = resolveNode(c, o.node);
       const rec = await startDaemon(nodeSpec(c, id));
       mkdirSync(dirname(recordFile(c, id)), { recursive: true });
-      writeFileSync(recordFile(c, id), JSON.stringify(rec));
+      writeFileDurable(recordFile(c, id), JSON.stringify(rec));
       createOutput(!!o.json).result({ pid: rec.pid }, () => `node daemon of ${id} started (pid ${rec.pid})`);
     });
   node
@@ -59,12 +72,7 @@ export function nodeCommandGroup(defaultConfig: string): Command {
     .action(async (o: { config: string; node?: string; json?: boolean }) => {
       const c = loadConfig(o.config);
       const id = resolveNode(c, o.node);
-      let rec: DaemonRecord | null = null;
-      try {
-        rec = JSON.parse(readFileSync(recordFile(c, id), "utf8")) as DaemonRecord;
-      } catch {
-        rec = null;
-      }
+      const rec = readNodeRecord(c, id);
       const outcome = rec && isAlive(rec) ? await stopDaemon(rec) : "absent";
       createOutput(!!o.json).result({ outcome }, () => `node daemon of ${id}: ${outcome}`);
     });
