@@ -70,7 +70,18 @@ export type Event =
   | { readonly t: "heartbeat"; readonly now: number; readonly link: string; readonly summary: Summary | null }
   | { readonly t: "ping"; readonly now: number; readonly ok: boolean }
   | { readonly t: "lease"; readonly now: number; readonly held: boolean; readonly expiresMs: number }
-  | { readonly t: "volume"; readonly now: number; readonly inSync: boolean; readonly writingAlone?: boolean }
+  | {
+      readonly t: "volume";
+      readonly now: number;
+      readonly inSync: boolean;
+      readonly writingAlone?: boolean;
+      /** This side's role and disk state, and whether the replication link carries data (connected, syncing, verifying). */
+      readonly role?: string;
+      readonly disk?: string;
+      readonly replicating?: boolean;
+    }
+  /** The answer to an `outdate-disk` action. */
+  | { readonly t: "outdated"; readonly now: number; readonly ok: boolean; readonly error?: string }
   | { readonly t: "group-started"; readonly now: number; readonly ok: boolean; readonly error?: string }
   | { readonly t: "group-stopped"; readonly now: number; readonly ok: boolean; readonly error?: string }
   | { readonly t: "group-killed"; readonly now: number; readonly ok: boolean; readonly error?: string }
@@ -93,6 +104,19 @@ export type Action =
   | { readonly t: "restart-resource"; readonly resource: string }
   | { readonly t: "fence-peer" }
   | { readonly t: "lease"; readonly op: "acquire" | "release" }
+  /**
+   * DRBD's outdate-peer at the resource level, asked of this node: mark our disk
+   * Outdated, durably (answered by an `outdated` event). Given when the active peer
+   * says in its heartbeats that it writes without us and our replication link is down:
+   * if the peer dies now, this node must not take over with old data.
+   */
+  | { readonly t: "outdate-disk"; readonly reason: string }
+  /**
+   * The mail host's addresses the active node publishes: both nodes while the peer is
+   * heard and the volume is in sync, else only this one. Given when it changes (the
+   * wiring retries a failed update until the next one).
+   */
+  | { readonly t: "dns"; readonly peerLive: boolean }
   | { readonly t: "reply"; readonly req: number; readonly error?: string; readonly result?: unknown }
   | { readonly t: "event"; readonly ev: { readonly type: string; readonly [k: string]: unknown } };
 
@@ -117,6 +141,11 @@ export class ClusterMachine {
   /** Why the node is in its current state (shown by `mailha status`). */
   private stateReason: string | null = null;
   private volumeWritingAlone = false;
+  private volume: { role?: string; disk?: string; replicating?: boolean } | null = null;
+  /** An outdate-disk action is out and not answered yet (or answered and still true). */
+  private outdateAsked = false;
+  /** The DNS set last given (null: none since this node became active). */
+  private dnsPeerLive: boolean | null = null;
   private activeSinceMs: number | null = null;
   private handoffTo: string | null = null;
   private afterStop: NodeState = "passive";
@@ -232,6 +261,18 @@ export class ClusterMachine {
       case "volume":
         this.volumeWritingAlone = !!ev.writingAlone;
         this.volumeInSync = ev.inSync;
+        if (ev.role !== undefined || ev.disk !== undefined) {
+          this.volume = { role: ev.role, disk: ev.disk, replicating: ev.replicating };
+          // Outdated now, or the link carries data again: a later loss asks again.
+          if (ev.disk !== "consistent" || ev.replicating) this.outdateAsked = false;
+        }
+        break;
+      case "outdated":
+        if (ev.ok) this.emit({ type: "volume-outdated", reason: "the active peer writes while the replication link is down" });
+        else {
+          this.outdateAsked = false; // asked again at the next event that still calls for it
+          this.emit({ type: "volume-outdate-failed", error: ev.error });
+        }
         break;
       case "group-started":
         this.onGroupStarted(ev.ok, ev.error);
@@ -262,7 +303,35 @@ export class ClusterMachine {
     }
     this.updateMembership();
     this.decide();
+    this.decideOutdate();
+    this.decideDns();
     return this.out;
+  }
+
+  /** The outdate-peer rule (see the `outdate-disk` action); asked once until answered. */
+  private decideOutdate(): void {
+    const v = this.volume;
+    const p = this.peerSummary;
+    if (this.outdateAsked || !v || v.replicating || v.role !== "secondary" || v.disk !== "consistent") return;
+    if (this.peerState !== "up" || p?.state !== "active" || p.writingAlone !== true) return;
+    this.outdateAsked = true;
+    this.out.push({ t: "outdate-disk", reason: "the active peer writes while the replication link is down" });
+  }
+
+  /** The live set of the mail host while active (see the `dns` action). */
+  private decideDns(): void {
+    if (this.state !== "active" && this.state !== "activating") {
+      this.dnsPeerLive = null;
+      return;
+    }
+    // Starting the group without the peer (a takeover): its address leaves the mail host
+    // at once, before the group is up; otherwise the set follows once active.
+    const forced = this.out.some((a) => a.t === "start-group" && a.forcePromote);
+    if (this.state === "activating" && !forced) return;
+    const peerLive = !forced && (this.peerState === "up" || this.peerState === "late") && this.volumeInSync;
+    if (peerLive === this.dnsPeerLive) return;
+    this.dnsPeerLive = peerLive;
+    this.out.push({ t: "dns", peerLive });
   }
 
   // ---- membership ------------------------------------------------------------------------------

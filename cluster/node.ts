@@ -144,6 +144,10 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
   // Set once the reconcile wiring below exists: stops an automatic reconcile run (its
   // child reads and writes on the volume) before the group leaves this node.
   let stopReconcile = (): void => {};
+  /** The mail host's live set the machine last asked for (its `dns` action). */
+  let dnsWanted: string[] | null = null;
+  let dnsApplied: string | null = null;
+  let dnsBusy = false;
 
   function dispatch(ev: Event): void {
     for (const a of m.handle(ev)) act(a);
@@ -195,8 +199,6 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
         break;
       case "start-group":
         emit({ type: "group-starting", forcePromote: a.forcePromote });
-        // Taking over from a dead peer: its address leaves the mail host at once.
-        if (a.forcePromote) void updateDns([me.id]);
         // The proxy holds the service ports: it goes first.
         void reconcilePassive().then(async () => {
           // The machine may have given up meanwhile (self-fencing, a stop): a start
@@ -227,6 +229,16 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
         break;
       case "restart-resource":
         void runner.restart(a.resource).then((ok) => dispatch({ t: "resource-restarted", now: Date.now(), resource: a.resource, ok }));
+        break;
+      case "outdate-disk":
+        void volumeCall(vol, "outdate", {}, 5000).then(
+          () => dispatch({ t: "outdated", now: Date.now(), ok: true }),
+          (err: Error) => dispatch({ t: "outdated", now: Date.now(), ok: false, error: err.message }),
+        );
+        break;
+      case "dns":
+        dnsWanted = a.peerLive ? c.nodes.map((n) => n.id) : [me.id];
+        void updateDns(dnsWanted);
         break;
       case "fence-peer":
         void fence.fence(peer.id).then((r) => dispatch({ t: "fenced", now: Date.now(), ok: r.ok, detail: r.detail }));
@@ -266,7 +278,6 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
         if (v.hb.link !== l.name) return; // a packet for another link: ignore, it counts there
         // The summary only when no later round was heard on any link (null: old news).
         dispatch({ t: "heartbeat", now: Date.now(), link: l.name, summary: v.summary });
-        if (v.summary?.writingAlone && lastVolume) void outdateIfPeerWritesAlone(lastVolume);
       } else log.warn({ link: l.name, verdict: v.verdict }, "heartbeat dropped");
     });
     sock.on("error", (err) => log.error({ err, link: l.name }, "heartbeat socket error"));
@@ -299,8 +310,6 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
   timers.push(setInterval(() => void reconcilePassive(), 1000));
 
   // ---- DNS: the active node keeps the mail host pointing at the healthy nodes ----------
-  let dnsApplied: string | null = null;
-  let dnsBusy = false;
   async function updateDns(live: string[]): Promise<void> {
     if (dnsBusy) return;
     dnsBusy = true;
@@ -316,12 +325,11 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
       dnsBusy = false;
     }
   }
+  // The machine says which set (the `dns` action); a failed update is tried again.
   timers.push(
     setInterval(() => {
-      if (m.nodeState !== "active") return;
-      const peerHealthy = (m.peer === "up" || m.peer === "late") && m.status().volumeInSync;
-      const live = peerHealthy ? c.nodes.map((n) => n.id) : [me.id];
-      if (live.join(",") !== dnsApplied) void updateDns(live);
+      if (m.nodeState !== "active" || !dnsWanted) return;
+      if (dnsWanted.join(",") !== dnsApplied) void updateDns(dnsWanted);
     }, 1000),
   );
   let monitoring = false;
@@ -336,36 +344,12 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
         .finally(() => (monitoring = false));
     }, c.manager.monitor_interval_ms),
   );
-  // Fencing at the resource level (DRBD's outdate-peer): the active peer says in its
-  // heartbeats that it writes without us (its replication link is down, it is alive),
-  // and our link is down too. Our disk is marked Outdated, durably, so that if the
-  // peer dies now this node does not take over with old data; the resync after the
-  // link returns clears it. (Asked of the peer, not inferred from our own view: when
-  // the peer dies, our replication link drops before its heartbeats are missed.)
-  let outdating = false;
-  async function outdateIfPeerWritesAlone(s: VolumeStatus): Promise<void> {
-    const replicating = s.connection === "connected" || s.connection === "sync-source" || s.connection === "sync-target" || s.connection === "verifying";
-    if (outdating || replicating || s.role !== "secondary" || s.disk !== "consistent") return;
-    const st = m.status();
-    if (st.peer.state !== "up" || st.peer.summary?.state !== "active" || st.peer.summary.writingAlone !== true) return;
-    outdating = true;
-    try {
-      await volumeCall(vol, "outdate", {}, 5000);
-      emit({ type: "volume-outdated", reason: "the active peer writes while the replication link is down" });
-    } catch (err) {
-      emit({ type: "volume-outdate-failed", error: (err as Error).message });
-    } finally {
-      outdating = false;
-    }
-  }
-
-  /** The volume's state into the state machine, and the outdate check. */
+  /** The volume's state into the state machine (which also decides the outdate step). */
   function takeVolumeStatus(s: VolumeStatus): void {
     lastVolume = s;
     const inSync = s.connection === "connected" && s.disk === "uptodate" && s.peer.disk === "uptodate";
     const replicating = s.connection === "connected" || s.connection === "sync-source" || s.connection === "sync-target" || s.connection === "verifying";
-    dispatch({ t: "volume", now: Date.now(), inSync, writingAlone: s.role === "primary" && !replicating });
-    void outdateIfPeerWritesAlone(s);
+    dispatch({ t: "volume", now: Date.now(), inSync, writingAlone: s.role === "primary" && !replicating, role: s.role, disk: s.disk, replicating });
   }
   // Between watchdog rounds, the engine's own events (connection, role, disk) bring a
   // fresh status at once, so a lost replication link reaches the peer (writingAlone

@@ -159,6 +159,17 @@ export function runClusterSimulation(o: ClusterSimOptions) {
         });
         break;
       }
+      case "dns":
+        // Only the node that runs (or starts) the group publishes the mail host; a
+        // takeover without the peer never publishes the peer's address.
+        if (m.nodeState !== "active" && m.nodeState !== "activating") fail(`${n.id} published the mail host while ${m.nodeState}`);
+        if (a.peerLive && m.nodeState !== "active") fail(`${n.id} published both addresses before it was active`);
+        log.push(`${now} ${n.id} dns peerLive=${a.peerLive}`);
+        break;
+      case "outdate-disk":
+        // The sim has no volume model beyond "in sync": a node never asks without one.
+        fail(`${n.id} asked to outdate its disk without a volume state`);
+        break;
       case "reply":
         break;
     }

@@ -18,7 +18,9 @@ function pair(autoFailback = false) {
   const feed = (node: "a" | "b", ev: Event) => {
     for (const a of m[node].handle(ev)) act(node, a);
   };
+  const acts: Record<"a" | "b", Action[]> = { a: [], b: [] };
   const act = (node: "a" | "b", a: Action) => {
+    acts[node].push(a);
     if (a.t === "start-group") pending.push({ at: now + 200, node, ev: { t: "group-started", now: 0, ok: true } });
     if (a.t === "stop-group") pending.push({ at: now + 200, node, ev: { t: "group-stopped", now: 0, ok: true } });
     if (a.t === "lease" && a.op === "acquire") pending.push({ at: now + 5, node, ev: { t: "lease", now: 0, held: true, expiresMs: now + 2500 } });
@@ -50,7 +52,7 @@ function pair(autoFailback = false) {
     feed(node, { t: "command", now, req: id, cmd: c });
     return () => replies[id];
   };
-  return { m, run, cmd, setInSync: (v: boolean) => (inSync = v) };
+  return { m, run, cmd, acts, feed, now: () => now, setInSync: (v: boolean) => (inSync = v) };
 }
 
 test("the preferred node becomes active; the other stays passive", () => {
@@ -116,4 +118,43 @@ test("a heartbeat that brings no newer summary shows the link alive and keeps th
   p.m.b.handle({ t: "heartbeat", now: 2010, link: "service", summary: null });
   assert.equal(p.m.b.status().peer.summary?.state, "active", "the newest summary stays");
   assert.equal(p.m.b.status().links.service, "up");
+});
+
+test("the active node publishes both addresses only while the peer is heard and in sync; a change is said once", () => {
+  const p = pair();
+  p.run(2000);
+  const dns = () => p.acts.a.filter((x) => x.t === "dns").map((x) => (x as Extract<Action, { t: "dns" }>).peerLive);
+  assert.deepEqual(dns(), [true], "active with the peer up and in sync: both");
+  assert.deepEqual(p.acts.b.filter((x) => x.t === "dns"), [], "the passive node publishes nothing");
+  p.setInSync(false);
+  p.run(500);
+  assert.deepEqual(dns(), [true, false], "out of sync: only the active node");
+  p.setInSync(true);
+  p.run(500);
+  assert.deepEqual(dns(), [true, false, true]);
+});
+
+test("outdate-peer: the passive node marks its disk Outdated once when the active peer writes alone and its link is down", () => {
+  const p = pair();
+  p.run(2000);
+  const outdates = () => p.acts.b.filter((x) => x.t === "outdate-disk").length;
+  const t = p.now();
+  // a writes without b (its replication link is down); b is secondary, Consistent, not replicating.
+  p.feed("a", { t: "volume", now: t, inSync: false, writingAlone: true, role: "primary", disk: "uptodate", replicating: false });
+  p.feed("b", { t: "volume", now: t, inSync: false, role: "secondary", disk: "consistent", replicating: true });
+  p.feed("b", { t: "heartbeat", now: t, link: "service", summary: p.m.a.summary() });
+  assert.equal(outdates(), 0, "still replicating: nothing to do");
+  p.feed("b", { t: "volume", now: t, inSync: false, role: "secondary", disk: "consistent", replicating: false });
+  assert.equal(outdates(), 1);
+  p.feed("b", { t: "heartbeat", now: t + 1, link: "service", summary: p.m.a.summary() });
+  p.feed("b", { t: "volume", now: t + 1, inSync: false, role: "secondary", disk: "consistent", replicating: false });
+  assert.equal(outdates(), 1, "asked once until answered");
+  p.feed("b", { t: "outdated", now: t + 2, ok: false, error: "engine busy" });
+  assert.equal(outdates(), 2, "a failed outdate is asked again");
+  p.feed("b", { t: "outdated", now: t + 3, ok: true });
+  p.feed("b", { t: "volume", now: t + 3, inSync: false, role: "secondary", disk: "outdated", replicating: false });
+  p.feed("b", { t: "heartbeat", now: t + 3, link: "service", summary: p.m.a.summary() });
+  assert.equal(outdates(), 2, "Outdated: done");
+  // The active side itself never outdates.
+  assert.equal(p.acts.a.filter((x) => x.t === "outdate-disk").length, 0);
 });
