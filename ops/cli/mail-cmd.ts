@@ -39,14 +39,69 @@ async function withDb<T>(config: string, fn: (db: Awaited<ReturnType<typeof acti
   }
 }
 
-async function readPassword(o: { password?: string; passwordStdin?: boolean }): Promise<string> {
-  if (o.password) return o.password;
-  if (o.passwordStdin) {
-    let s = "";
-    for await (const chunk of process.stdin) s += chunk;
-    return s.replace(/\r?\n$/, "");
+/** A password longer than this on stdin is refused (SMTP AUTH refuses more than 1 KiB). */
+const PASSWORD_STDIN_MAX_BYTES = 4096;
+
+export const PASSWORD_ARGV_WARNING =
+  "mailha: warning: a password given with --password is visible to every local user in ps and stays in your shell history; use --password-stdin (or give no password option to be asked for it)\n";
+
+/** Reads the password from standard input: all of it, one trailing newline removed, bounded. */
+async function passwordFromStdin(): Promise<string> {
+  const chunks: Buffer[] = [];
+  let n = 0;
+  for await (const chunk of process.stdin as AsyncIterable<Buffer>) {
+    n += chunk.length;
+    if (n > PASSWORD_STDIN_MAX_BYTES) throw new UsageError(`the password on standard input is longer than ${PASSWORD_STDIN_MAX_BYTES} bytes`);
+    chunks.push(chunk);
   }
-  throw new UsageError("give the password with --password PW or --password-stdin");
+  const pw = Buffer.concat(chunks).toString("utf8").replace(/\r?\n$/, "");
+  if (pw === "") throw new UsageError("no password on standard input (pipe it in, or use --password-stdin)");
+  return pw;
+}
+
+/** Asks on the terminal (stderr) with echo off; resolves at Enter, rejects on Ctrl-C or Ctrl-D. */
+function promptHidden(question: string): Promise<string> {
+  const stdin = process.stdin;
+  return new Promise((resolve, reject) => {
+    let pw = "";
+    stdin.setRawMode(true); // echo off before the question shows
+    stdin.resume();
+    process.stderr.write(question);
+    const done = (err: Error | null) => {
+      stdin.off("data", onData);
+      stdin.setRawMode(false);
+      stdin.pause();
+      process.stderr.write("\n");
+      if (err) reject(err);
+      else resolve(pw);
+    };
+    const onData = (d: Buffer) => {
+      for (const ch of d.toString("utf8")) {
+        if (ch === "\r" || ch === "\n") return done(null);
+        if (ch === "\u0003" || ch === "\u0004") return done(new UsageError("no password given"));
+        if (ch === "\u007f" || ch === "\b") pw = pw.slice(0, -1);
+        else if (pw.length < PASSWORD_STDIN_MAX_BYTES) pw += ch;
+      }
+    };
+    stdin.on("data", onData);
+  });
+}
+
+/**
+ * The password of `user add|passwd`: --password-stdin or no option at all reads
+ * standard input (when it is a terminal: asked for twice, without echo); --password
+ * works but warns, since the command line shows in ps and in shell history.
+ */
+async function readPassword(o: { password?: string; passwordStdin?: boolean }, address: string): Promise<string> {
+  if (o.password !== undefined && o.passwordStdin) throw new UsageError("give either --password or --password-stdin, not both");
+  if (o.password !== undefined) {
+    process.stderr.write(PASSWORD_ARGV_WARNING);
+    return o.password;
+  }
+  if (o.passwordStdin || !process.stdin.isTTY) return passwordFromStdin();
+  const pw = await promptHidden(`password for ${address}: `);
+  if ((await promptHidden("again: ")) !== pw) throw new UsageError("the two passwords differ; nothing changed");
+  return pw;
 }
 
 export function mailCommands(defaultConfig: string): Command[] {
@@ -91,18 +146,22 @@ export function mailCommands(defaultConfig: string): Command[] {
       });
     });
 
-  const pw = (cmd: Command) => cmd.option("--password <pw>", "the password (at least 8 characters)").option("--password-stdin", "read the password from standard input");
+  const pw = (cmd: Command) =>
+    cmd
+      .option("--password-stdin", "read the password (at least 8 characters) from standard input: the way to give it (the default when stdin is not a terminal)")
+      .option("--password <pw>", "the password on the command line: visible in ps and kept in shell history, prefer --password-stdin")
+      .addHelpText("after", "\nThe password is read from standard input (printf %s \"$PW\" | mailha user ...),\nor asked for twice without echo when standard input is a terminal. --password\nworks but warns: every local user sees it in ps, and it stays in shell history.");
   const user = new Command("user").description("mail users (on the active node)");
   pw(user.command("add").argument("<address>").description("add a user").addOption(configOpt(defaultConfig)).addOption(jsonOpt())).action(
     async (address: string, o: { config: string; json?: boolean; password?: string; passwordStdin?: boolean }) => {
-      const p = await readPassword(o);
+      const p = await readPassword(o, address);
       await withDb(o.config, (db) => addUser(db, address, p));
       createOutput(!!o.json).result({ added: address.toLowerCase() }, () => `user ${address.toLowerCase()} added`);
     },
   );
   pw(user.command("passwd").argument("<address>").description("set a user's password").addOption(configOpt(defaultConfig)).addOption(jsonOpt())).action(
     async (address: string, o: { config: string; json?: boolean; password?: string; passwordStdin?: boolean }) => {
-      const p = await readPassword(o);
+      const p = await readPassword(o, address);
       await withDb(o.config, (db) => setPassword(db, address, p));
       createOutput(!!o.json).result({ updated: address.toLowerCase() }, () => `password of ${address.toLowerCase()} changed`);
     },

@@ -14,7 +14,7 @@ import { sleep } from "../../common/exec.ts";
 import { compareHlc } from "../../common/hlc.ts";
 import type { DaemonRecord } from "../../common/daemon.ts";
 import type { JournalEntry } from "../../services/journal/changes.ts";
-import { mailha } from "../helpers/cli.ts";
+import { mailha, mailhaWithInput } from "../helpers/cli.ts";
 import { fault, waitNode } from "../helpers/cluster.ts";
 import { writeTestLabConfig } from "../helpers/lab.ts";
 
@@ -68,9 +68,9 @@ describe("the change journal: accounts, IMAP changes through Dovecot, a killed w
 
   test("user add, user passwd and alias add are journaled once each, never with the cleartext password", async () => {
     seen = (await show()).length;
-    assert.equal((await mailha(["user", "add", USER, "--password", pass, "--config", lab.configFile])).code, 0);
+    assert.equal((await mailhaWithInput(["user", "add", USER, "--config", lab.configFile], pass)).code, 0);
     pass = "jo-password-2";
-    assert.equal((await mailha(["user", "passwd", USER, "--password", pass, "--config", lab.configFile])).code, 0);
+    assert.equal((await mailhaWithInput(["user", "passwd", USER, "--config", lab.configFile], pass)).code, 0);
     assert.equal((await mailha(["alias", "add", "jteam@mailha.test", USER, "--config", lab.configFile])).code, 0);
     const es = (await show()).slice(seen);
     seen += es.length;
@@ -184,7 +184,7 @@ describe("the change journal: accounts, IMAP changes through Dovecot, a killed w
     await fault(lab, "kill-node", "a");
     await waitNode(lab, "b", "b active", (s) => s.state === "active" && s.resources.journal === "running", 90_000);
     seen = before.length;
-    assert.equal((await mailha(["user", "add", "kim@mailha.test", "--password", "kim-password-1", "--config", lab.configFile])).code, 0);
+    assert.equal((await mailhaWithInput(["user", "add", "kim@mailha.test", "--config", lab.configFile], "kim-password-1")).code, 0);
     const c = await imap(lab.b);
     try {
       await c.mailboxOpen("INBOX");

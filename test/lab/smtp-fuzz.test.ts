@@ -18,7 +18,7 @@ import { connect as tlsConnect, type TLSSocket } from "node:tls";
 import { dirname, join } from "node:path";
 import { parseDocument } from "yaml";
 import { runAll, sleep } from "../../common/exec.ts";
-import { mailha } from "../helpers/cli.ts";
+import { mailha, mailhaWithInput } from "../helpers/cli.ts";
 import { writeTestLabConfig } from "../helpers/lab.ts";
 
 const skip = process.getuid?.() !== 0 ? "needs root" : false;
@@ -480,7 +480,7 @@ describe("SMTP under a seeded fuzzer", { skip }, () => {
     writeFileSync(lab.configFile, doc.toString());
     const r = await mailha(["lab", "up", "--config", lab.configFile]);
     assert.equal(r.code, 0, `lab up failed:\n${r.stderr}`);
-    assert.equal((await mailha(["user", "add", "bob@mailha.test", "--password", "bob-password-1", "--config", lab.configFile])).code, 0);
+    assert.equal((await mailhaWithInput(["user", "add", "bob@mailha.test", "--config", lab.configFile], "bob-password-1")).code, 0);
     // Two logins at once start the password workers, so their memory is in the baseline.
     await Promise.all(["alice@mailha.test", "bob@mailha.test"].map((u) => runAll("swaks", ["--server", lab.a, "--port", "465", "--tls-on-connect", "--auth", "PLAIN", "--auth-user", u, "--auth-password", u.startsWith("bob") ? "bob-password-1" : PASS, "--quit-after", "AUTH"])));
     // The backup MX takes mail once it has the active node's recipient list (with bob);

@@ -10,7 +10,7 @@ import { readFileSync, readdirSync, rmSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { runAll } from "../../common/exec.ts";
 import { mountPreservedCopy } from "../../replication/filesystem.ts";
-import { mailha } from "../helpers/cli.ts";
+import { mailha, mailhaWithInput } from "../helpers/cli.ts";
 import { writeTestLabConfig, type TestLab } from "../helpers/lab.ts";
 import { fault, status, waitNode } from "../helpers/cluster.ts";
 
@@ -101,7 +101,7 @@ describe("split brain: the side that is overwritten is preserved first", { skip 
   before(async () => {
     const r = await mailha(["lab", "up", "--config", lab.configFile]);
     assert.equal(r.code, 0, `lab up failed:\n${r.stderr}`);
-    const u = await mailha(["user", "add", USER, "--password", "bob-password-1", "--config", lab.configFile]);
+    const u = await mailhaWithInput(["user", "add", USER, "--config", lab.configFile], "bob-password-1");
     assert.equal(u.code, 0, u.stderr);
   });
   after(async () => {
