@@ -4,14 +4,16 @@
 // and feeds all of it to the node state machine, which decides. Serves a control
 // socket for the operator, a Prometheus endpoint, and writes the cluster event log.
 import { spawn, type ChildProcess } from "node:child_process";
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { createSocket, type Socket as UdpSocket } from "node:dgram";
 import { createServer as createHttpServer } from "node:http";
 import type { Socket } from "node:net";
 import { dirname, join } from "node:path";
 import type { MailhaConfig } from "../common/config.ts";
-import { isAlive, startDaemon, stopDaemon, type DaemonRecord } from "../common/daemon.ts";
+import { daemonRecordProblem, isAlive, startDaemon, stopDaemon, type DaemonRecord } from "../common/daemon.ts";
+import { DamagedStateFileError, readJsonState, writeFileDurable } from "../common/fsutil.ts";
+import { processesUsing, signalAll } from "../common/procs.ts";
 import { tryRun } from "../common/exec.ts";
 import { createLogger } from "../common/log.ts";
 import { EventLog, Pending } from "../common/eventlog.ts";
@@ -70,19 +72,28 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
   // ---- leftovers of a previous incarnation (a crash of this daemon = a reboot) -----
   const daemonsFile = join(paths.run, "resources.json");
   const daemons = new Map<string, DaemonRecord>();
-  if (existsSync(daemonsFile)) {
-    for (const rec of JSON.parse(readFileSync(daemonsFile, "utf8")) as DaemonRecord[]) {
-      if (isAlive(rec)) {
-        try {
-          process.kill(rec.pid, "SIGKILL");
-        } catch {
-          // gone
-        }
-        emit({ type: "orphan-killed", daemon: rec.name, pid: rec.pid });
+  let leftovers: DaemonRecord[] = [];
+  try {
+    leftovers =
+      readJsonState<DaemonRecord[]>(daemonsFile, (v) => (Array.isArray(v) ? (v.map(daemonRecordProblem).find((x) => x !== null) ?? null) : "not a list"), "the processes holding the volume are killed instead") ?? [];
+  } catch (err) {
+    if (!(err instanceof DamagedStateFileError)) throw err;
+    // Which daemons ran is lost: the ones that matter hold files on the volume.
+    const holders = isMounted(vol.mountpoint) ? await processesUsing(vol.mountpoint) : [];
+    signalAll(holders, "SIGKILL");
+    emit({ type: "state-file-damaged", file: err.file, problem: err.problem, killed: holders.map((h) => h.pid) });
+  }
+  for (const rec of leftovers) {
+    if (isAlive(rec)) {
+      try {
+        process.kill(rec.pid, "SIGKILL");
+      } catch {
+        // gone
       }
+      emit({ type: "orphan-killed", daemon: rec.name, pid: rec.pid });
     }
   }
-  writeFileSync(daemonsFile, "[]");
+  writeFileDurable(daemonsFile, "[]", 0o644);
   if (isMounted(vol.mountpoint)) {
     await unmountVolume(vol.stateDir, vol.mountpoint, { lazy: true }).catch(() => {});
     emit({ type: "orphan-unmounted", mountpoint: vol.mountpoint });
@@ -134,7 +145,7 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
     overrideOutdated: false,
     abortRequested: false,
     daemons,
-    saveDaemons: () => writeFileSync(daemonsFile, JSON.stringify([...daemons.values()])),
+    saveDaemons: () => writeFileDurable(daemonsFile, JSON.stringify([...daemons.values()]), 0o644),
   };
   const runner = new GroupRunner(GROUP, ctx, emit);
   const fence: FenceAgent =

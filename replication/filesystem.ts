@@ -2,6 +2,7 @@
 // device (direct I/O, so the page cache is not doubled), replay the ext4 journal with
 // `fsck -p`, mount; and the reverse. Run by the operator's command or the resource
 // manager, never by the engine (which must not touch the file system it serves).
+import { createHash } from "node:crypto";
 import { existsSync, mkdirSync, readFileSync, unlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { run, sleep, tryRun } from "../common/exec.ts";
@@ -122,7 +123,9 @@ export async function mountPreservedCopy(copyDir: string, mountpoint: string): P
   const image = join(copyDir, "image");
   if (!existsSync(image)) throw new Error(`${copyDir} is not a preserved copy (no image in it)`);
   if (isMounted(mountpoint)) throw new Error(`${mountpoint} is already mounted`);
-  const viewDir = join(copyDir, "view");
+  // One working image per mountpoint: two readers of the same copy (the victim's export
+  // and an operator's look) never share one; a rerun at the same mountpoint reuses it.
+  const viewDir = join(copyDir, `view-${createHash("sha256").update(mountpoint).digest("hex").slice(0, 12)}`);
   const work = join(viewDir, "image");
   mkdirSync(viewDir, { recursive: true, mode: 0o700 });
   await run("cp", ["--sparse=always", "--reflink=auto", image, work], { timeoutMs: 3_600_000 });
