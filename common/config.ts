@@ -277,7 +277,10 @@ export function parseConfig(text: string, file: string, opts: LoadOptions = {}):
   return config;
 }
 
-/** Problems with one secret file: missing, not a file, readable by others, wrong owner. */
+/** A secret file shorter than this (after trimming) is refused: an empty or cut-short key authenticates nothing. */
+const SECRET_BYTES_MIN = 16;
+
+/** Problems with one secret file: missing, not a file, readable by others, wrong owner, empty or cut short. */
 export function checkSecretFile(key: string, path: string, purpose: string): ConfigProblem[] {
   let st;
   try {
@@ -287,6 +290,12 @@ export function checkSecretFile(key: string, path: string, purpose: string): Con
   }
   const problems: ConfigProblem[] = [];
   if (!st.isFile()) problems.push({ path: key, expected: `a regular file holding the ${purpose}`, found: `something else at ${path}` });
+  else if (st.size < SECRET_BYTES_MIN || readFileSync(path, "utf8").trim().length < SECRET_BYTES_MIN)
+    problems.push({
+      path: key,
+      expected: `a ${purpose} of at least ${SECRET_BYTES_MIN} characters in ${path} (the same file on both nodes; \`mailha secret generate\` makes one where none exists)`,
+      found: st.size === 0 ? "an empty file (cut short by a crash while it was written?)" : `only ${readFileSync(path, "utf8").trim().length} characters`,
+    });
   const mode = st.mode & 0o777;
   if ((mode & 0o077) !== 0)
     problems.push({ path: key, expected: `${purpose} file ${path} with mode 0600 (chmod 600 ${path})`, found: `mode 0${mode.toString(8)}` });

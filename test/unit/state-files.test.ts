@@ -188,6 +188,21 @@ describe("records of running daemons", () => {
     assert.match(r.stderr, /node-daemon\.json was damaged \(not valid JSON.*no node daemon of this node runs/);
   });
 
+  test("an empty or cut-short secret file (a crash while it was written) is a configuration problem naming it", async () => {
+    const c = loadConfig(lab.configFile);
+    const key = readFileSync(c.heartbeat.key_file);
+    try {
+      for (const body of ["", "0123abc\n"]) {
+        writeFileSync(c.heartbeat.key_file, body);
+        const r = await mailha(["config", "check", lab.configFile]);
+        assert.equal(r.code, 2, `config check passed a heartbeat key of ${body.length} bytes`);
+        assert.match(r.stdout, new RegExp(`heartbeat\\.key_file: expected a heartbeat key of at least 16 characters in ${c.heartbeat.key_file.replace(/[.]/g, "\\.")}`));
+      }
+    } finally {
+      writeFileSync(c.heartbeat.key_file, key);
+    }
+  });
+
   test("mailha volume run on a damaged metadata file: exits with the file named and what to do, no stack trace", async () => {
     const doc = parseDocument(readFileSync(lab.configFile, "utf8"));
     doc.setIn(["volume", "allocation"], "sparse");
