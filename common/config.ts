@@ -293,7 +293,7 @@ export function checkSecretFile(key: string, path: string, purpose: string): Con
   else if (st.size < SECRET_BYTES_MIN || readFileSync(path, "utf8").trim().length < SECRET_BYTES_MIN)
     problems.push({
       path: key,
-      expected: `a ${purpose} of at least ${SECRET_BYTES_MIN} characters in ${path} (the same file on both nodes; \`mailha secret generate\` makes one where none exists)`,
+      expected: `a ${purpose} of at least ${SECRET_BYTES_MIN} characters in ${path} (the same file on both nodes: copy it from the other node, or remove it, run \`mailha secret generate\` and copy the new one there)`,
       found: st.size === 0 ? "an empty file (cut short by a crash while it was written?)" : `only ${readFileSync(path, "utf8").trim().length} characters`,
     });
   const mode = st.mode & 0o777;

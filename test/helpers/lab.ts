@@ -1,10 +1,12 @@
 // A lab of the tests' own (name "t", its own addresses and directory), so a test run
 // never touches a lab the operator has up. Written from examples/lab.yaml.
-import { chmodSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { after, before } from "node:test";
+import assert from "node:assert/strict";
+import { chmodSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { parseDocument } from "yaml";
-import { ROOT } from "./cli.ts";
+import { mailha, ROOT } from "./cli.ts";
 
 export interface TestLab {
   readonly configFile: string;
@@ -45,4 +47,19 @@ export function writeTestLabConfig(name = "t", net = 79): TestLab {
   const configFile = join(base, "lab.yaml");
   writeFileSync(configFile, doc.toString());
   return { configFile, dir, name, a: svc(1), b: svc(2), w: svc(3) };
+}
+
+/**
+ * Hooks for a describe() block that runs on LAB: `lab up` before its tests (a failure
+ * fails them with lab up's stderr), `lab down` and removal of the config's folder after.
+ */
+export function labUpForTests(lab: TestLab): void {
+  before(async () => {
+    const r = await mailha(["lab", "up", "--config", lab.configFile]);
+    assert.equal(r.code, 0, `lab up failed:\n${r.stderr}`);
+  });
+  after(async () => {
+    await mailha(["lab", "down", "--config", lab.configFile]);
+    rmSync(dirname(lab.configFile), { recursive: true, force: true });
+  });
 }
