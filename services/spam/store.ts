@@ -1,0 +1,413 @@
+// Where the spam filter keeps its counts: DSPAM's MySQL schema (mysql_objects-4.1.sql,
+// virtual_users.sql) on InnoDB in the account store's database, plus mailha's
+// (user, message) ledger. Deltas are applied in one transaction per message: the
+// ledger row is locked and checked first (a delta computed from a stale ledger is
+// refused with LedgerConflict, so a message is never learned twice), token counts
+// change with INSERT ... ON DUPLICATE KEY UPDATE increments (decrements clamp at
+// zero: only a token purged in between makes that differ from the plain sum).
+// Token statistics are read in batches of 1000. `purge` is DSPAM's purge-4.1.sql
+// (hapaxes 30 days, single hits 15 days, unused 90 days except TOE/TUM/NOTRAIN users,
+// TUM tokens under 50 hits after 90 days, signatures 14 days) in bounded batches.
+// A MemorySpamStore with the same interface serves the unit tests.
+import type { Connection } from "mysql2/promise";
+import { DATABASE } from "../accounts.ts";
+import { STAT_COLUMNS, ZERO_TOTALS, type StatColumn, type Totals, type TrainingMode } from "./classify.ts";
+import type { LedgerEntry, SpamDelta } from "./training.ts";
+
+export interface TokenCounts {
+  readonly spam_hits: number;
+  readonly innocent_hits: number;
+}
+
+export interface StoredSignature {
+  readonly id: string;
+  readonly tokens: readonly { readonly token: string; readonly frequency: number }[];
+  readonly createdOn: string;
+}
+
+/** What the filter needs of its store (MariaDB in production, memory in tests). */
+export interface SpamStore {
+  /** The uid of USERNAME in dspam_virtual_uids (made on first use). */
+  uidFor(username: string): Promise<number>;
+  totals(uid: number): Promise<Totals>;
+  /** Counts of TOKENS (absent ones are not in the map). */
+  tokenCounts(uid: number, tokens: readonly string[]): Promise<Map<string, TokenCounts>>;
+  signature(uid: number, id: string): Promise<StoredSignature | null>;
+  ledger(uid: number, key: string): Promise<LedgerEntry | null>;
+  /** The user's dspam_preferences merged over uid 0's (the defaults). */
+  preferences(uid: number): Promise<Record<string, string>>;
+  /** Applies each delta in a transaction of its own (see the module header). */
+  apply(deltas: readonly SpamDelta[], opts?: ApplyOptions): Promise<void>;
+}
+
+export interface ApplyOptions {
+  /** Skip the ledger check (the split-brain merge re-bases deltas itself). */
+  readonly trustLedger?: boolean;
+}
+
+/** A delta computed from a ledger entry that has changed since: compute it again. */
+export class LedgerConflict extends Error {
+  constructor(
+    readonly uid: number,
+    readonly key: string,
+  ) {
+    super(`spam ledger entry (${uid}, ${key}) changed since the delta was computed`);
+  }
+}
+
+const canon = (v: unknown): string => JSON.stringify(v ?? null);
+
+// ---- the schema -----------------------------------------------------------------
+
+/** DSPAM's MySQL objects on InnoDB (its MyISAM tables would not survive a crash), and the ledger. */
+export const SPAM_SCHEMA: readonly string[] = [
+  `CREATE TABLE IF NOT EXISTS dspam_token_data (
+    uid INT UNSIGNED NOT NULL,
+    token BIGINT UNSIGNED NOT NULL,
+    spam_hits BIGINT UNSIGNED NOT NULL,
+    innocent_hits BIGINT UNSIGNED NOT NULL,
+    last_hit DATE NOT NULL,
+    PRIMARY KEY (uid, token)
+  ) ENGINE=InnoDB DEFAULT CHARSET=latin1 COLLATE=latin1_general_ci`,
+  `CREATE TABLE IF NOT EXISTS dspam_signature_data (
+    uid INT UNSIGNED NOT NULL,
+    signature CHAR(32) COLLATE latin1_general_ci NOT NULL,
+    data LONGBLOB NOT NULL,
+    length INT UNSIGNED NOT NULL,
+    created_on DATE NOT NULL,
+    UNIQUE KEY id_signature_data_01 (uid, signature),
+    KEY id_signature_data_02 (created_on)
+  ) ENGINE=InnoDB DEFAULT CHARSET=latin1 COLLATE=latin1_general_ci`,
+  `CREATE TABLE IF NOT EXISTS dspam_stats (
+    uid INT UNSIGNED PRIMARY KEY,
+    spam_learned BIGINT UNSIGNED NOT NULL,
+    innocent_learned BIGINT UNSIGNED NOT NULL,
+    spam_misclassified BIGINT UNSIGNED NOT NULL,
+    innocent_misclassified BIGINT UNSIGNED NOT NULL,
+    spam_corpusfed BIGINT UNSIGNED NOT NULL,
+    innocent_corpusfed BIGINT UNSIGNED NOT NULL,
+    spam_classified BIGINT UNSIGNED NOT NULL,
+    innocent_classified BIGINT UNSIGNED NOT NULL
+  ) ENGINE=InnoDB DEFAULT CHARSET=latin1 COLLATE=latin1_general_ci`,
+  `CREATE TABLE IF NOT EXISTS dspam_preferences (
+    uid INT UNSIGNED NOT NULL,
+    preference VARCHAR(32) COLLATE latin1_general_ci NOT NULL,
+    value VARCHAR(64) COLLATE latin1_general_ci NOT NULL,
+    UNIQUE KEY id_preferences_01 (uid, preference)
+  ) ENGINE=InnoDB DEFAULT CHARSET=latin1 COLLATE=latin1_general_ci`,
+  `CREATE TABLE IF NOT EXISTS dspam_virtual_uids (
+    uid INT UNSIGNED NOT NULL PRIMARY KEY AUTO_INCREMENT,
+    username VARCHAR(128),
+    UNIQUE KEY id_virtual_uids_01 (username)
+  ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4`,
+  `CREATE TABLE IF NOT EXISTS mailha_spam_ledger (
+    uid INT UNSIGNED NOT NULL,
+    msgkey VARCHAR(64) CHARACTER SET ascii NOT NULL,
+    entry LONGTEXT CHARACTER SET utf8mb4 NOT NULL,
+    updated_on DATE NOT NULL,
+    PRIMARY KEY (uid, msgkey),
+    KEY id_spam_ledger_02 (updated_on)
+  ) ENGINE=InnoDB`,
+];
+
+/** Creates the spam tables in the account store's database (idempotent). */
+export async function migrateSpam(db: Connection, database = DATABASE): Promise<void> {
+  await db.query(`CREATE DATABASE IF NOT EXISTS \`${database}\` CHARACTER SET utf8mb4`);
+  await db.query(`USE \`${database}\``);
+  for (const s of SPAM_SCHEMA) await db.query(s);
+}
+
+// ---- helpers --------------------------------------------------------------------
+
+const U64_MAX = 18446744073709551615n;
+/** A token hash as an SQL numeric literal (never quoted: a string would compare as a double). */
+export function tokenLiteral(t: string): string {
+  if (!/^[0-9]{1,20}$/.test(t) || BigInt(t) > U64_MAX) throw new Error(`not an unsigned 64-bit token: ${JSON.stringify(t).slice(0, 40)}`);
+  return t;
+}
+const intLiteral = (n: number): string => {
+  if (!Number.isSafeInteger(n)) throw new Error(`not an integer: ${n}`);
+  return String(n);
+};
+const dayLiteral = (d: string): string => {
+  if (!/^\d{4}-\d{2}-\d{2}$/.test(d)) throw new Error(`not a day: ${d}`);
+  return `'${d}'`;
+};
+
+/** DSPAM's signature blob: per token a struct { u64 token; u16 frequency } padded to 16 bytes (x86-64). */
+export function encodeSignature(tokens: readonly { token: string; frequency: number }[]): Buffer {
+  const b = Buffer.alloc(tokens.length * 16);
+  tokens.forEach((t, i) => {
+    b.writeBigUInt64LE(BigInt(tokenLiteral(t.token)), i * 16);
+    b.writeUInt16LE(Math.min(0xffff, Math.max(0, t.frequency)), i * 16 + 8);
+  });
+  return b;
+}
+
+export function decodeSignature(data: Buffer): { token: string; frequency: number }[] {
+  const out: { token: string; frequency: number }[] = [];
+  for (let off = 0; off + 16 <= data.length; off += 16) out.push({ token: data.readBigUInt64LE(off).toString(), frequency: data.readUInt16LE(off + 8) });
+  return out;
+}
+
+/**
+ * A list of token literals for `token IN (...)`. Each is CAST: a literal above 2^63 is a
+ * DECIMAL to MariaDB, and a list mixing them makes it scan the user's whole index
+ * instead of looking each token up. 500 per list keeps it under
+ * in_predicate_conversion_threshold (1000).
+ */
+const inList = (tokens: readonly string[]): string => tokens.map((t) => `CAST(${tokenLiteral(t)} AS UNSIGNED)`).join(",");
+const BATCH_READ = 500;
+const BATCH_WRITE = 500;
+
+// ---- MariaDB --------------------------------------------------------------------
+
+export class MariadbSpamStore implements SpamStore {
+  /** DB must be a connection of its own (transactions): `connectMariadb(socket, DATABASE)`. */
+  constructor(
+    readonly db: Connection,
+    readonly database = DATABASE,
+  ) {}
+
+  private t(name: string): string {
+    return `\`${this.database}\`.${name}`;
+  }
+
+  async uidFor(username: string): Promise<number> {
+    await this.db.query(`INSERT IGNORE INTO ${this.t("dspam_virtual_uids")} (username) VALUES (?)`, [username]);
+    const [rows] = await this.db.query(`SELECT uid FROM ${this.t("dspam_virtual_uids")} WHERE username = ?`, [username]);
+    const r = (rows as { uid: number }[])[0];
+    if (!r) throw new Error(`no dspam uid for ${username}`);
+    return r.uid;
+  }
+
+  async totals(uid: number): Promise<Totals> {
+    const [rows] = await this.db.query(`SELECT ${STAT_COLUMNS.join(", ")} FROM ${this.t("dspam_stats")} WHERE uid = ?`, [uid]);
+    const r = (rows as Record<StatColumn, number | string>[])[0];
+    if (!r) return { ...ZERO_TOTALS };
+    const out = { ...ZERO_TOTALS };
+    for (const c of STAT_COLUMNS) out[c] = Number(r[c]);
+    return out;
+  }
+
+  async tokenCounts(uid: number, tokens: readonly string[]): Promise<Map<string, TokenCounts>> {
+    const out = new Map<string, TokenCounts>();
+    for (let i = 0; i < tokens.length; i += BATCH_READ) {
+      const list = inList(tokens.slice(i, i + BATCH_READ));
+      const [rows] = await this.db.query(`SELECT CAST(token AS CHAR) AS token, spam_hits, innocent_hits FROM ${this.t("dspam_token_data")} WHERE uid = ${intLiteral(uid)} AND token IN (${list})`);
+      for (const r of rows as { token: string; spam_hits: number | string; innocent_hits: number | string }[]) out.set(r.token, { spam_hits: Number(r.spam_hits), innocent_hits: Number(r.innocent_hits) });
+    }
+    return out;
+  }
+
+  async signature(uid: number, id: string): Promise<StoredSignature | null> {
+    const [rows] = await this.db.query(`SELECT data, DATE_FORMAT(created_on, '%Y-%m-%d') AS created_on FROM ${this.t("dspam_signature_data")} WHERE uid = ? AND signature = ?`, [uid, id]);
+    const r = (rows as { data: Buffer; created_on: string }[])[0];
+    return r ? { id, tokens: decodeSignature(r.data), createdOn: r.created_on } : null;
+  }
+
+  async ledger(uid: number, key: string): Promise<LedgerEntry | null> {
+    const [rows] = await this.db.query(`SELECT entry FROM ${this.t("mailha_spam_ledger")} WHERE uid = ? AND msgkey = ?`, [uid, key]);
+    const r = (rows as { entry: string }[])[0];
+    return r ? (JSON.parse(r.entry) as LedgerEntry) : null;
+  }
+
+  async preferences(uid: number): Promise<Record<string, string>> {
+    const [rows] = await this.db.query(`SELECT uid, preference, value FROM ${this.t("dspam_preferences")} WHERE uid IN (0, ?) ORDER BY uid`, [uid]);
+    const out: Record<string, string> = {};
+    for (const r of rows as { preference: string; value: string }[]) out[r.preference] = r.value;
+    return out;
+  }
+
+  async setPreference(uid: number, preference: string, value: string): Promise<void> {
+    await this.db.query(`INSERT INTO ${this.t("dspam_preferences")} (uid, preference, value) VALUES (?, ?, ?) ON DUPLICATE KEY UPDATE value = VALUES(value)`, [uid, preference, value]);
+  }
+
+  async apply(deltas: readonly SpamDelta[], opts: ApplyOptions = {}): Promise<void> {
+    for (const d of deltas) {
+      await this.db.beginTransaction();
+      try {
+        await this.applyOne(d, opts);
+        await this.db.commit();
+      } catch (e) {
+        await this.db.rollback().catch(() => undefined);
+        throw e;
+      }
+    }
+  }
+
+  private async applyOne(d: SpamDelta, opts: ApplyOptions): Promise<void> {
+    const uid = intLiteral(d.uid);
+    const day = dayLiteral(d.day);
+    const [lrows] = await this.db.query(`SELECT entry FROM ${this.t("mailha_spam_ledger")} WHERE uid = ? AND msgkey = ? FOR UPDATE`, [d.uid, d.key]);
+    const current = (lrows as { entry: string }[])[0];
+    if (!opts.trustLedger && canon(current ? JSON.parse(current.entry) : null) !== canon(d.ledger.before)) throw new LedgerConflict(d.uid, d.key);
+
+    // Increments: one upsert per batch.
+    const inc = d.tokens.filter((t) => t.spamDelta > 0 || t.innocentDelta > 0);
+    for (let i = 0; i < inc.length; i += BATCH_WRITE) {
+      const values = inc
+        .slice(i, i + BATCH_WRITE)
+        .map((t) => `(${uid},${tokenLiteral(t.token)},${intLiteral(Math.max(0, t.spamDelta))},${intLiteral(Math.max(0, t.innocentDelta))},${day})`)
+        .join(",");
+      await this.db.query(
+        `INSERT INTO ${this.t("dspam_token_data")} (uid, token, spam_hits, innocent_hits, last_hit) VALUES ${values}
+         ON DUPLICATE KEY UPDATE spam_hits = spam_hits + VALUES(spam_hits), innocent_hits = innocent_hits + VALUES(innocent_hits), last_hit = GREATEST(last_hit, VALUES(last_hit))`,
+      );
+    }
+    // Decrements: grouped by amount, clamped at zero.
+    const groups = new Map<string, string[]>();
+    for (const t of d.tokens) {
+      const s = Math.max(0, -t.spamDelta);
+      const n = Math.max(0, -t.innocentDelta);
+      if (s === 0 && n === 0) continue;
+      const k = `${s},${n}`;
+      let g = groups.get(k);
+      if (!g) groups.set(k, (g = []));
+      g.push(t.token);
+    }
+    for (const [k, list] of groups) {
+      const [s, n] = k.split(",").map(Number) as [number, number];
+      for (let i = 0; i < list.length; i += BATCH_WRITE) {
+        await this.db.query(
+          `UPDATE ${this.t("dspam_token_data")} SET spam_hits = GREATEST(CAST(spam_hits AS SIGNED) - ${s}, 0), innocent_hits = GREATEST(CAST(innocent_hits AS SIGNED) - ${n}, 0)
+           WHERE uid = ${uid} AND token IN (${inList(list.slice(i, i + BATCH_WRITE))})`,
+        );
+      }
+    }
+    const cols = Object.entries(d.stats).filter(([, v]) => v !== 0) as [StatColumn, number][];
+    if (cols.length) {
+      for (const [c] of cols) if (!STAT_COLUMNS.includes(c)) throw new Error(`unknown stats column ${c}`);
+      await this.db.query(`INSERT IGNORE INTO ${this.t("dspam_stats")} (uid, ${STAT_COLUMNS.join(", ")}) VALUES (${uid}${",0".repeat(STAT_COLUMNS.length)})`);
+      await this.db.query(`UPDATE ${this.t("dspam_stats")} SET ${cols.map(([c, v]) => `${c} = GREATEST(CAST(${c} AS SIGNED) + (${intLiteral(v)}), 0)`).join(", ")} WHERE uid = ${uid}`);
+    }
+    if (d.signature) {
+      const blob = encodeSignature(d.signature.tokens);
+      await this.db.query(
+        `INSERT INTO ${this.t("dspam_signature_data")} (uid, signature, data, length, created_on) VALUES (?, ?, ?, ?, ${day})
+         ON DUPLICATE KEY UPDATE data = VALUES(data), length = VALUES(length), created_on = VALUES(created_on)`,
+        [d.uid, d.signature.id, blob, blob.length],
+      );
+    }
+    if (d.ledger.after === null) {
+      if (current) await this.db.query(`DELETE FROM ${this.t("mailha_spam_ledger")} WHERE uid = ? AND msgkey = ?`, [d.uid, d.key]);
+    } else if (canon(d.ledger.after) !== canon(current ? JSON.parse(current.entry) : null)) {
+      await this.db.query(
+        `INSERT INTO ${this.t("mailha_spam_ledger")} (uid, msgkey, entry, updated_on) VALUES (?, ?, ?, ${day}) ON DUPLICATE KEY UPDATE entry = VALUES(entry), updated_on = VALUES(updated_on)`,
+        [d.uid, d.key, canon(d.ledger.after)],
+      );
+    }
+  }
+
+  /**
+   * DSPAM's purge (purge-4.1.sql) as of TODAY (YYYY-MM-DD), in batches of BATCH rows,
+   * at most BATCHES_MAX batches per rule. DEFAULT_MODE is the training mode of users
+   * without a `trainingMode` preference (DSPAM's @TrainingMode; mailha's default is toe).
+   */
+  async purge(today: string, defaultMode: TrainingMode = "toe", batch = 10_000, batchesMax = 10_000): Promise<PurgeCounts> {
+    const td = dayLiteral(today);
+    const mode = `COALESCE((SELECT p.value FROM ${this.t("dspam_preferences")} p WHERE p.preference = 'trainingMode' AND p.uid = t.uid),
+                           (SELECT d.value FROM ${this.t("dspam_preferences")} d WHERE d.preference = 'trainingMode' AND d.uid = 0), '${defaultMode.toUpperCase()}')`;
+    const tokens = this.t("dspam_token_data");
+    const rules: [keyof PurgeCounts, string][] = [
+      ["hapaxes", `DELETE FROM ${tokens} WHERE last_hit < DATE_SUB(${td}, INTERVAL ${PURGE_DAYS.hapaxes} DAY) AND 2 * innocent_hits + spam_hits < 5 LIMIT ${batch}`],
+      ["singleSpam", `DELETE FROM ${tokens} WHERE last_hit < DATE_SUB(${td}, INTERVAL ${PURGE_DAYS.hits1} DAY) AND innocent_hits = 0 AND spam_hits = 1 LIMIT ${batch}`],
+      ["singleInnocent", `DELETE FROM ${tokens} WHERE last_hit < DATE_SUB(${td}, INTERVAL ${PURGE_DAYS.hits1} DAY) AND innocent_hits = 1 AND spam_hits = 0 LIMIT ${batch}`],
+      [
+        "unused",
+        `DELETE t FROM ${tokens} t JOIN (SELECT uid, token FROM ${tokens} t WHERE last_hit < DATE_SUB(${td}, INTERVAL ${PURGE_DAYS.unused} DAY)
+           AND UPPER(${mode}) NOT IN ('TOE', 'TUM', 'NOTRAIN') LIMIT ${batch}) x USING (uid, token)`,
+      ],
+      [
+        "tumUnused",
+        `DELETE t FROM ${tokens} t JOIN (SELECT uid, token FROM ${tokens} t WHERE last_hit < DATE_SUB(${td}, INTERVAL ${PURGE_DAYS.unused} DAY)
+           AND innocent_hits + spam_hits < 50 AND UPPER(${mode}) = 'TUM' LIMIT ${batch}) x USING (uid, token)`,
+      ],
+      ["signatures", `DELETE FROM ${this.t("dspam_signature_data")} WHERE created_on < DATE_SUB(${td}, INTERVAL ${PURGE_DAYS.signatures} DAY) LIMIT ${batch}`],
+      ["ledger", `DELETE FROM ${this.t("mailha_spam_ledger")} WHERE updated_on < DATE_SUB(${td}, INTERVAL ${PURGE_DAYS.ledger} DAY) LIMIT ${batch}`],
+    ];
+    const counts: PurgeCounts = { hapaxes: 0, singleSpam: 0, singleInnocent: 0, unused: 0, tumUnused: 0, signatures: 0, ledger: 0 };
+    for (const [name, sql] of rules) {
+      for (let i = 0; i < batchesMax; i++) {
+        const [res] = await this.db.query(sql);
+        const n = (res as { affectedRows: number }).affectedRows;
+        counts[name] += n;
+        if (n < batch) break;
+      }
+    }
+    return counts;
+  }
+}
+
+/** DSPAM's dspam.conf Purge* defaults; the ledger outlives signatures as long as unused tokens. */
+export const PURGE_DAYS = { signatures: 14, unused: 90, hapaxes: 30, hits1: 15, ledger: 90 } as const;
+
+export interface PurgeCounts {
+  hapaxes: number;
+  singleSpam: number;
+  singleInnocent: number;
+  unused: number;
+  tumUnused: number;
+  signatures: number;
+  ledger: number;
+}
+
+// ---- memory (tests) ---------------------------------------------------------------
+
+/** The same store in memory: the counts as plain maps (tests, benchmarks of the maths). */
+export class MemorySpamStore implements SpamStore {
+  readonly tokens = new Map<string, { spam_hits: number; innocent_hits: number; last_hit: string }>();
+  readonly stats = new Map<number, Totals>();
+  readonly signatures = new Map<string, StoredSignature>();
+  readonly ledgers = new Map<string, LedgerEntry>();
+  readonly prefs = new Map<number, Record<string, string>>();
+  private readonly users = new Map<string, number>();
+
+  async uidFor(username: string): Promise<number> {
+    let u = this.users.get(username);
+    if (u === undefined) this.users.set(username, (u = this.users.size + 1));
+    return u;
+  }
+  async totals(uid: number): Promise<Totals> {
+    return { ...(this.stats.get(uid) ?? ZERO_TOTALS) };
+  }
+  async tokenCounts(uid: number, tokens: readonly string[]): Promise<Map<string, TokenCounts>> {
+    const out = new Map<string, TokenCounts>();
+    for (const t of tokens) {
+      const r = this.tokens.get(`${uid}:${t}`);
+      if (r) out.set(t, { spam_hits: r.spam_hits, innocent_hits: r.innocent_hits });
+    }
+    return out;
+  }
+  async signature(uid: number, id: string): Promise<StoredSignature | null> {
+    return this.signatures.get(`${uid}:${id}`) ?? null;
+  }
+  async ledger(uid: number, key: string): Promise<LedgerEntry | null> {
+    return this.ledgers.get(`${uid}:${key}`) ?? null;
+  }
+  async preferences(uid: number): Promise<Record<string, string>> {
+    return { ...(this.prefs.get(0) ?? {}), ...(this.prefs.get(uid) ?? {}) };
+  }
+  async apply(deltas: readonly SpamDelta[], opts: ApplyOptions = {}): Promise<void> {
+    for (const d of deltas) {
+      const lk = `${d.uid}:${d.key}`;
+      if (!opts.trustLedger && canon(this.ledgers.get(lk)) !== canon(d.ledger.before)) throw new LedgerConflict(d.uid, d.key);
+      for (const t of d.tokens) {
+        const k = `${d.uid}:${t.token}`;
+        const old = this.tokens.get(k);
+        if (!old && t.spamDelta <= 0 && t.innocentDelta <= 0) continue;
+        const r = old ?? { spam_hits: 0, innocent_hits: 0, last_hit: d.day };
+        r.spam_hits = Math.max(0, r.spam_hits + t.spamDelta);
+        r.innocent_hits = Math.max(0, r.innocent_hits + t.innocentDelta);
+        if (t.spamDelta > 0 || t.innocentDelta > 0) r.last_hit = r.last_hit > d.day ? r.last_hit : d.day;
+        this.tokens.set(k, r);
+      }
+      const s = this.stats.get(d.uid) ?? { ...ZERO_TOTALS };
+      for (const [c, v] of Object.entries(d.stats) as [StatColumn, number][]) s[c] = Math.max(0, s[c] + v);
+      this.stats.set(d.uid, s);
+      if (d.signature) this.signatures.set(`${d.uid}:${d.signature.id}`, { id: d.signature.id, tokens: d.signature.tokens, createdOn: d.day });
+      if (d.ledger.after === null) this.ledgers.delete(lk);
+      else this.ledgers.set(lk, d.ledger.after);
+    }
+  }
+}
