@@ -8,7 +8,7 @@ import { runSmtpBench } from "./smtp.ts";
 import { runReconcileBench } from "./reconcile.ts";
 import { runJournalBench } from "./journal.ts";
 
-const BENCHES: Record<string, () => Promise<void>> = { volume: runVolumeBench, failover: runFailoverBench, smtp: runSmtpBench, reconcile: runReconcileBench, journal: runJournalBench };
+const BENCHES: Record<string, () => Promise<void>> = { volume: runVolumeBench, failover: runFailoverBench, smtp: runSmtpBench, reconcile: runReconcileBench, journal: runJournalBench, spam: async () => (await import("./spam.ts")).runSpamBench() };
 const wanted = process.argv.slice(2).filter((a) => !a.startsWith("-"));
 const names = wanted.length ? wanted : Object.keys(BENCHES);
 for (const n of names) {
