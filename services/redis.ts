@@ -3,8 +3,9 @@
 // it runs as the `redis` user (Debian's redis-server package makes it), owns its
 // directory on the volume, listens on no TCP port (`port 0`), only on a unix socket
 // (0770, group the mail gid, in a redis-owned directory: root and SMTP after it
-// dropped root reach it, nobody else), and every client authenticates (`requirepass`,
-// the password a 0600 file in the volume's etc/). The config file holds the password,
+// dropped root reach it, nobody else), and every client authenticates (the default
+// user's password, as `requirepass` sets it, from a 0600 file in the volume's etc/;
+// CONFIG, DEBUG and MODULE are not for clients). The config file holds the password,
 // so it is redis's, 0600, never on a command line.
 import { chmodSync, chownSync, mkdirSync, writeFileSync } from "node:fs";
 import { createConnection } from "node:net";
@@ -40,7 +41,9 @@ export function renderRedisConf(r: RedisPaths, password: string): string {
     "port 0",
     `unixsocket ${r.socket}`,
     "unixsocketperm 770",
-    `requirepass ${password}`,
+    // requirepass, as an ACL: the password, and no CONFIG, DEBUG or MODULE, so a client
+    // that knows it still cannot point Redis's files elsewhere or load code.
+    `user default on >${password} ~* &* +@all -config -debug -module`,
     `dir ${r.dir}`,
     "appendonly yes",
     "appendfsync always",

@@ -140,13 +140,15 @@ describe("least privilege on the active node", { skip }, () => {
     }
   });
 
-  test("redis-cli without the password gets NOAUTH; with it, PONG; nobody cannot reach the socket", async () => {
+  test("redis-cli without the password gets NOAUTH; with it, PONG (and no CONFIG); nobody cannot reach the socket", async () => {
     const noPw = await runAll("redis-cli", ["-s", rds.socket, "PING"], { timeoutMs: 10_000 });
     assert.match(noPw.stdout + noPw.stderr, /NOAUTH Authentication required/);
     const wrong = await runAll("redis-cli", ["-s", rds.socket, "PING"], { env: { ...process.env, REDISCLI_AUTH: "not-the-password" }, timeoutMs: 10_000 });
     assert.match(wrong.stdout + wrong.stderr, /WRONGPASS|invalid username-password/);
     const ok = await runAll("redis-cli", ["-s", rds.socket, "PING"], { env: redisAuth(), timeoutMs: 10_000 });
     assert.equal(ok.stdout.trim(), "PONG");
+    const cfg = await runAll("redis-cli", ["-s", rds.socket, "CONFIG", "SET", "dir", "/etc"], { env: redisAuth(), timeoutMs: 10_000 });
+    assert.match(cfg.stdout + cfg.stderr, /NOPERM/, "even with the password, CONFIG SET dir is refused");
     const mail = await asMailUid("redis-cli", ["-s", rds.socket, "PING"]);
     assert.match(mail.stdout + mail.stderr, /NOAUTH/, "the mail group reaches the socket, and still needs the password");
     const nobody = await asNobody("redis-cli", ["-s", rds.socket, "PING"]);

@@ -65,14 +65,15 @@ test("a job naming /etc/passwd, a path that climbs out, a link or a hard link ou
   }
 });
 
-test("Redis's config: no TCP port, the unix socket 0770, a password, the AOF fsynced at every write", () => {
+test("Redis's config: no TCP port, the unix socket 0770, a password (no CONFIG for clients), the AOF fsynced at every write", () => {
   const r = redisPaths(nodePaths("/var/lib/mailha/a"));
   const conf = renderRedisConf(r, "s3cret-pw");
   assert.match(conf, /^port 0$/m);
   assert.doesNotMatch(conf, /^bind /m);
   assert.match(conf, new RegExp(`^unixsocket ${r.socket}$`, "m"));
   assert.match(conf, /^unixsocketperm 770$/m);
-  assert.match(conf, /^requirepass s3cret-pw$/m);
+  assert.match(conf, /^user default on >s3cret-pw ~\* &\* \+@all -config -debug -module$/m, "the password, and no CONFIG, DEBUG or MODULE");
+  assert.doesNotMatch(conf, /nopass/);
   assert.match(conf, /^appendfsync always$/m);
 });
 
