@@ -3,7 +3,8 @@
 // `fsck -p`, mount; and the reverse. Run by the operator's command or the resource
 // manager, never by the engine (which must not touch the file system it serves).
 import { createHash } from "node:crypto";
-import { existsSync, mkdirSync, readFileSync, unlinkSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, unlinkSync } from "node:fs";
+import { DamagedStateFileError, firstProblem, isObject, readJsonState, writeFileDurable } from "../common/fsutil.ts";
 import { join } from "node:path";
 import { run, sleep, tryRun } from "../common/exec.ts";
 import { processesUsing, signalAll, type ProcessInfo } from "../common/procs.ts";
@@ -18,9 +19,34 @@ function stateFile(stateDir: string): string {
   return join(stateDir, "run", "filesystem.json");
 }
 
-export function readFsState(stateDir: string): FsState | null {
+function fsStateProblem(v: unknown): string | null {
+  if (!isObject(v)) return "not an object";
+  return firstProblem(...(["loop", "file", "mountpoint"] as const).map((k) => (typeof v[k] === "string" ? null : `no ${k}`)));
+}
+
+/** The device mounted on MOUNTPOINT, from /proc/self/mounts, or null. */
+function mountedDevice(mountpoint: string): string | null {
+  const line = readFileSync("/proc/self/mounts", "utf8").split("\n").find((l) => l.split(" ")[1] === mountpoint);
+  return line ? line.split(" ")[0]! : null;
+}
+
+/**
+ * Which loop device holds the mount, as the mount step recorded it; a damaged record
+ * is rebuilt from what is mounted on MOUNTPOINT (with a warning on stderr), or dropped.
+ */
+export function readFsState(stateDir: string, mountpoint?: string): FsState | null {
   const f = stateFile(stateDir);
-  return existsSync(f) ? (JSON.parse(readFileSync(f, "utf8")) as FsState) : null;
+  try {
+    return readJsonState<FsState>(f, fsStateProblem, "rebuilt from /proc/self/mounts");
+  } catch (err) {
+    if (!(err instanceof DamagedStateFileError)) throw err;
+    const dev = mountpoint ? mountedDevice(mountpoint) : null;
+    const st = dev?.startsWith("/dev/loop") ? { loop: dev, file: "", mountpoint: mountpoint! } : null;
+    if (st) writeFileDurable(f, JSON.stringify(st), 0o644);
+    else unlinkSync(f);
+    process.stderr.write(`mailha: warning: ${f} was damaged (${err.problem}); ${st ? `rebuilt: ${st.loop} is mounted on ${st.mountpoint}` : "removed: nothing of it is mounted"}\n`);
+    return st;
+  }
 }
 
 export function isMounted(mountpoint: string): boolean {
@@ -57,7 +83,7 @@ export async function mountVolume(stateDir: string, file: string, mountpoint: st
     mkdirSync(mountpoint, { recursive: true });
     await run("mount", ["-t", "ext4", "-o", "noatime", loop, mountpoint]);
     const st: FsState = { loop, file, mountpoint };
-    writeFileSync(stateFile(stateDir), JSON.stringify(st));
+    writeFileDurable(stateFile(stateDir), JSON.stringify(st), 0o644);
     return { ...st, created, fsck };
   } catch (err) {
     await tryRun("losetup", ["-d", loop]);
@@ -81,7 +107,7 @@ const HOLDER_GRACE_MS = 1000;
 
 /** Unmounts and detaches the loop device; lazily when the file system is already dead. */
 export async function unmountVolume(stateDir: string, mountpoint: string, opts: UnmountOptions = {}): Promise<{ unmounted: boolean; detached: string | null }> {
-  const st = readFsState(stateDir);
+  const st = readFsState(stateDir, mountpoint);
   let unmounted = false;
   for (let round = 0; isMounted(mountpoint); round++) {
     try {

@@ -965,8 +965,14 @@ export class VolumeMachine {
   }
 
   private onBarrierAck(seq: number): void {
+    if (seq > this.seq) return this.protocolError(`acknowledgement of write ${seq}, beyond the last one sent (${this.seq})`);
     if (seq > this.acked) this.acked = seq;
     while (this.pending.length > 0 && this.pending[0]!.seq <= this.acked) this.pendingBytes -= this.pending.shift()!.length;
+    // The machine's accounting, asserted where it changes: acked <= seq, and the bytes
+    // in flight are those of the pending writes.
+    if (this.acked > this.seq || this.pendingBytes < 0 || (this.pending.length === 0 && this.pendingBytes !== 0)) {
+      throw new Error(`volume machine: accounting broken (acked ${this.acked}, seq ${this.seq}, pending ${this.pending.length} writes / ${this.pendingBytes} bytes)`);
+    }
     while (this.flushWaiters.length > 0 && this.flushWaiters[0]!.seq <= this.acked) this.reply(this.flushWaiters.shift()!.req);
     while (this.deferred.length > 0 && this.pendingBytes <= this.opt.inFlightMaxBytes) this.reply(this.deferred.shift()!);
     if (this.demoteWaiter !== null && this.acked >= this.seq) this.finishDemote(this.demoteWaiter);
@@ -1255,6 +1261,7 @@ export class VolumeMachine {
   private setConn(c: ConnState): void {
     if (c === this.conn) return;
     const prev = this.conn;
+    if (!CONN_NEXT[prev].includes(c)) throw new Error(`volume machine: connection ${prev} -> ${c} is not a transition (CONN_NEXT)`);
     this.conn = c;
     // Writes reach the peer again: a generation left due is no longer needed.
     if (this.replicating || c === "sync-target") this.newCurrentDue = false;
@@ -1263,6 +1270,7 @@ export class VolumeMachine {
   private setDisk(d: DiskState): void {
     if (d === this.meta.disk) return;
     const prev = this.meta.disk;
+    if (!DISK_NEXT[prev].includes(d)) throw new Error(`volume machine: disk ${prev} -> ${d} is not a transition (DISK_NEXT)`);
     this.meta.disk = d;
     this.emit({ type: "disk", disk: d, prev });
   }
@@ -1272,6 +1280,37 @@ export class VolumeMachine {
     this.emit({ type: "peer-disk", disk: d });
   }
 }
+
+/**
+ * The connection states each state may go to (DRBD's `cstate` checks, central). A
+ * drop goes to `connecting` (or `standalone` when connecting is off: disconnect, a
+ * split brain); a resync or verify ends `connected`; a resync may follow a handshake
+ * or a verify that found differences.
+ */
+export const CONN_NEXT: Readonly<Record<ConnState, readonly ConnState[]>> = {
+  standalone: ["connecting"],
+  connecting: ["connected", "sync-source", "sync-target", "standalone"],
+  connected: ["connecting", "verifying", "sync-source", "sync-target", "standalone"],
+  "sync-source": ["connected", "connecting", "standalone"],
+  "sync-target": ["connected", "connecting", "standalone"],
+  verifying: ["connected", "connecting", "sync-source", "sync-target", "standalone"],
+};
+
+/**
+ * This side's disk states and where each may go: UpToDate becomes Consistent when a
+ * secondary loses its peer, Inconsistent when it becomes a resync target, Outdated by
+ * the outdate-peer step; only a finished resync (or a handshake with nothing to sync)
+ * makes a disk UpToDate; an Inconsistent disk never becomes Consistent or Outdated
+ * without a resync (`outdate` leaves it Inconsistent).
+ */
+export const DISK_NEXT: Readonly<Record<DiskState, readonly DiskState[]>> = {
+  uptodate: ["consistent", "inconsistent", "outdated"],
+  consistent: ["uptodate", "inconsistent", "outdated"],
+  outdated: ["uptodate", "inconsistent"],
+  inconsistent: ["uptodate"],
+  diskless: [],
+  unknown: [],
+};
 
 function isZero(b: Buffer): boolean {
   for (let i = 0; i < b.length; i += 8) {
