@@ -1,6 +1,7 @@
 // Change journal commands: `mailha journal watch` (the Dovecot change source; the node
 // daemon starts it on the active node as the `journal` resource) and `mailha journal
 // show` (the merged journal in HLC order, for operators and tests).
+import { dirname } from "node:path";
 import { Command, Option } from "commander";
 import { loadConfig, type MailhaConfig } from "../../common/config.ts";
 import { UsageError } from "../../common/errors.ts";
@@ -10,6 +11,7 @@ import { createLogger } from "../../common/log.ts";
 import { nodePaths, nodeStateDir } from "../../common/paths.ts";
 import { localNodes, nodeStatus } from "../../cluster/client.ts";
 import { resolveNode } from "../../replication/client.ts";
+import { mariadbPaths } from "../../services/mariadb.ts";
 import { writeNodeMarker } from "../../services/journal/accounts.ts";
 import { ChangeJournal, type JournalEntry } from "../../services/journal/changes.ts";
 import { MaildirWatcher, watchStatusFile } from "../../services/journal/maildir-watch.ts";
@@ -67,7 +69,7 @@ export function journalCommand(defaultConfig: string): Command {
       const id = resolveNode(c, o.node);
       const paths = nodePaths(nodeStateDir(c, id));
       const log = createLogger(`journal@${id}`);
-      writeNodeMarker(paths.run, id);
+      writeNodeMarker(dirname(mariadbPaths(paths).socket), id); // beside the socket: where the account store looks
       const j = new ChangeJournal(paths.data, id);
       const w = new MaildirWatcher({ dataDir: paths.data, journal: j, log, statusFile: watchStatusFile(paths.run) });
       let closing = false;

@@ -8,13 +8,15 @@ import { join, dirname } from "node:path";
 import { Queue, Worker, QueueEvents } from "bullmq";
 import { ImapFlow } from "imapflow";
 import { run, tryRun } from "../../common/exec.ts";
-import { connectMariadb } from "../../services/mariadb.ts";
+import { connectMariadb, mariadbPaths } from "../../services/mariadb.ts";
+import { redisConnection, redisPaths } from "../../services/redis.ts";
+import { nodePaths } from "../../common/paths.ts";
 import { addDomain, upsertUser } from "../../services/accounts.ts";
 import { mailha } from "../helpers/cli.ts";
 import { writeTestLabConfig } from "../helpers/lab.ts";
 
 const lab = writeTestLabConfig("t", 79);
-const sock = (name: string) => join(lab.dir, "a", "run", name);
+const np = nodePaths(join(lab.dir, "a"));
 const tsigKey = () => join(lab.dir, "secrets", "tsig.key");
 
 async function leftovers(): Promise<string[]> {
@@ -75,7 +77,7 @@ describe("the lab", { skip: process.getuid?.() !== 0 ? "needs root" : false }, (
   });
 
   test("mysql2 writes and reads MariaDB", async () => {
-    const db = await connectMariadb(sock("mariadb.sock"));
+    const db = await connectMariadb(mariadbPaths(np).socket);
     try {
       await db.query("CREATE DATABASE IF NOT EXISTS t");
       await db.query("CREATE TABLE IF NOT EXISTS t.notes (id INT PRIMARY KEY, body TEXT)");
@@ -88,7 +90,7 @@ describe("the lab", { skip: process.getuid?.() !== 0 ? "needs root" : false }, (
   });
 
   test("BullMQ adds and processes a job on Redis", async () => {
-    const connection = { path: sock("redis.sock"), maxRetriesPerRequest: null };
+    const connection = redisConnection(redisPaths(np).socket);
     const queue = new Queue("foundation", { connection });
     const events = new QueueEvents("foundation", { connection });
     const worker = new Worker("foundation", async (job) => ({ doubled: (job.data as { n: number }).n * 2 }), { connection });
@@ -105,7 +107,7 @@ describe("the lab", { skip: process.getuid?.() !== 0 ? "needs root" : false }, (
   });
 
   test("a user created in MariaDB logs in to Dovecot with imapflow; a wrong password is refused", async () => {
-    const db = await connectMariadb(sock("mariadb.sock"));
+    const db = await connectMariadb(mariadbPaths(np).socket);
     try {
       await addDomain(db, "mailha.test");
       await upsertUser(db, "bob@mailha.test", "bobs-secret-pw");
