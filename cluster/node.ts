@@ -4,7 +4,7 @@
 // and feeds all of it to the node state machine, which decides. Serves a control
 // socket for the operator, a Prometheus endpoint, and writes the cluster event log.
 import { spawn, type ChildProcess } from "node:child_process";
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync } from "node:fs";
+import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { createSocket, type Socket as UdpSocket } from "node:dgram";
 import { createServer as createHttpServer } from "node:http";
@@ -37,6 +37,7 @@ import { pruneJournal } from "../services/journal/changes.ts";
 import { VictimExport } from "../reconcile/export.ts";
 import { Directory } from "../services/smtp/recipients.ts";
 import { mariadbPaths } from "../services/mariadb.ts";
+import { readStats } from "../services/stats.ts";
 
 export function nodeControlSocket(c: MailhaConfig, nodeId: string): string {
   return join(nodeStateDir(c, nodeId), "run", "node.sock");
@@ -571,6 +572,10 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
     // Answers this daemon dropped and counted (forged, foreign, malformed, ...).
     dnsAnswers: { updates: { ...answerCounters }, queries: { ...queryCounters } },
     witnessAnswers: witness ? { ...witness.dropped } : null,
+    // The services' own counters (services/stats.ts), the configured limits, queue sizes.
+    services: readStats(paths),
+    limits: { ...c.limits, mail_message_recipients_max: c.mail.message_recipients_max, mail_message_size_max_bytes: c.mail.message_size_max_bytes },
+    queues: queueSizes(paths.data),
     reconcile: {
       auto: c.reconcile.auto,
       running: autoRec.running ? { copy: autoRec.running.copy, pid: autoRec.running.pid, sinceMs: autoRec.running.sinceMs } : null,
@@ -650,7 +655,28 @@ type NodeStatus = ReturnType<ClusterMachine["status"]> & {
   peerChannel?: Record<string, number>;
   dnsAnswers?: { updates: Record<string, number>; queries: Record<string, number> };
   witnessAnswers?: Record<string, number> | null;
+  services?: Record<string, Record<string, number>>;
+  limits?: Record<string, number>;
+  queues?: Record<string, number>;
 };
+
+/** Sizes an operator watches grow: the outbound queue's messages, the change journal's bytes (on the mounted volume). */
+function queueSizes(data: string): Record<string, number> {
+  const count = (d: string) => {
+    try {
+      return readdirSync(d).filter((f) => !f.startsWith(".")).length;
+    } catch {
+      return 0;
+    }
+  };
+  let journalBytes = 0;
+  try {
+    for (const f of readdirSync(join(data, "journal"))) journalBytes += statSync(join(data, "journal", f)).size;
+  } catch {
+    // not mounted here
+  }
+  return { outbound_files: count(join(data, "outbound")), journal_bytes: journalBytes };
+}
 
 /** Prometheus text format: roles, links, quorum, volume, resources, heartbeat counters. */
 export function renderMetrics(node: string, s: NodeStatus): string {
@@ -688,5 +714,11 @@ export function renderMetrics(node: string, s: NodeStatus): string {
   counter("mailha_dns_update_answers_total", "answers to this node's RFC 2136 updates, by verdict", "verdict", s.dnsAnswers ? updates : null);
   counter("mailha_dns_query_answers_total", "answers to this node's DNS queries, by verdict", "verdict", s.dnsAnswers ? queries : null);
   counter("mailha_witness_answers_dropped_total", "witness answers dropped, by reason", "reason", s.witnessAnswers);
+  if (s.limits) g("mailha_limit", "configured bounds (config limits: and mail:)", Object.entries(s.limits).map(([k, v]) => [{ limit: k }, v]));
+  if (s.queues) g("mailha_queue_size", "outbound queue files and change-journal bytes on the volume", Object.entries(s.queues).map(([k, v]) => [{ queue: k }, v]));
+  if (s.services) {
+    lines.push("# HELP mailha_service_value the services' own counters and gauges (refusals at the limits, open connections, spooled mail)", "# TYPE mailha_service_value untyped");
+    for (const [svc, vals] of Object.entries(s.services)) for (const [k, v] of Object.entries(vals)) lines.push(`mailha_service_value{node="${node}",service="${svc}",name="${k}"} ${v}`);
+  }
   return lines.join("\n") + "\n";
 }

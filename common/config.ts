@@ -117,6 +117,19 @@ const schema = z
         peer_port: port().default(9648),
       })
       .prefault({}),
+    // Bounds on what clients may hold (exported as metrics: mailha_limit_*, mailha_*_refused_total).
+    limits: z
+      .strictObject({
+        smtp_clients_max: int("a number of connections", 1, 100_000).default(200),
+        smtp_clients_per_address_max: int("a number of connections", 1, 100_000).default(50),
+        smtp_idle_ms: ms(1000, 3_600_000).default(120_000),
+        smtp_messages_per_session_max: int("a number of messages", 1, 1_000_000).default(100),
+        proxy_connections_max: int("a number of connections", 1, 100_000).default(1000),
+        proxy_connections_per_address_max: int("a number of connections", 1, 100_000).default(50),
+        // IMAP IDLE: RFC 9051 asks servers to wait at least 30 minutes before they log an idle client out.
+        proxy_idle_ms: ms(60_000, 86_400_000).default(1_860_000),
+      })
+      .prefault({}),
     reconcile: z
       .strictObject({
         // After a split brain heals, the active node merges the victim's preserved copy

@@ -33,10 +33,10 @@ export interface PeerEnds {
   readonly peer: string;
 }
 
-/** Node SELF's end of the channel to its peer (the peer's service address and peer port). */
-export function peerEnds(c: MailhaConfig, self: string): PeerEnds & { host: string; port: number } {
+/** Node SELF's end of the channel (KEY: the heartbeat key read already, by a process that gave up root) to its peer (the peer's service address and peer port). */
+export function peerEnds(c: MailhaConfig, self: string, key?: Buffer): PeerEnds & { host: string; port: number } {
   const peer = peerOf(c, self);
-  return { key: Buffer.from(readFileSync(c.heartbeat.key_file, "utf8").trim()), cluster: c.cluster.name, self, peer: peer.id, host: peer.service_address, port: c.manager.peer_port };
+  return { key: key ?? Buffer.from(readFileSync(c.heartbeat.key_file, "utf8").trim()), cluster: c.cluster.name, self, peer: peer.id, host: peer.service_address, port: c.manager.peer_port };
 }
 
 /** The channel's key: HKDF-SHA256 of the heartbeat key, bound to the cluster's name. */

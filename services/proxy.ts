@@ -5,6 +5,10 @@
 // reads only the text form). TLS passes through untouched. When the active
 // node cannot be reached the client's connection is reset at once, so it tries the
 // mail host's other address without waiting.
+// Bounds (config `limits:`): connections at once per port (proxy_connections_max),
+// per client address across ports (proxy_connections_per_address_max: the connection
+// is closed at once, counted), and idle time (proxy_idle_ms, longer than IMAP IDLE's
+// 29 minutes: a connection silent both ways that long is cut, counted).
 import { createConnection, createServer, type Server, type Socket } from "node:net";
 import { isIPv4 } from "node:net";
 
@@ -29,7 +33,6 @@ export function proxyV1Header(src: { address: string; port: number }, dst: { add
 
 const SIGNATURE = Buffer.from([0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51, 0x55, 0x49, 0x54, 0x0a]);
 const CONNECT_TIMEOUT_MS = 2000;
-const CONNECTIONS_MAX = 1000;
 
 /** A PROXY protocol v2 header for a TCP/IPv4 connection from SRC to DST. */
 export function proxyV2Header(src: { address: string; port: number }, dst: { address: string; port: number }): Buffer {
@@ -60,18 +63,53 @@ function reset(s: Socket): void {
 export interface ProxyStats {
   accepted: number;
   forwarded: number;
+  /** The active node could not be reached: reset. */
   refused: number;
+  /** Closed at once: the client's address had proxy_connections_per_address_max open. */
+  per_address_refused: number;
+  /** Cut after proxy_idle_ms without a byte either way. */
+  idle_cut: number;
+  open: number;
 }
 
-export async function runProxy(o: { listenAddress: string; upstreamAddress: string; onEvent?: (ev: Record<string, unknown>) => void }): Promise<{ stats: ProxyStats; close(): Promise<void> }> {
-  const stats: ProxyStats = { accepted: 0, forwarded: 0, refused: 0 };
+export interface ProxyLimits {
+  readonly connectionsMax: number;
+  readonly perAddressMax: number;
+  readonly idleMs: number;
+}
+
+export const PROXY_LIMITS_DEFAULT: ProxyLimits = { connectionsMax: 1000, perAddressMax: 50, idleMs: 1_860_000 };
+
+export async function runProxy(o: { listenAddress: string; upstreamAddress: string; limits?: ProxyLimits; onEvent?: (ev: Record<string, unknown>) => void }): Promise<{ stats: ProxyStats; close(): Promise<void> }> {
+  const limits = o.limits ?? PROXY_LIMITS_DEFAULT;
+  const stats: ProxyStats = { accepted: 0, forwarded: 0, refused: 0, per_address_refused: 0, idle_cut: 0, open: 0 };
   const servers: Server[] = [];
   const open = new Set<Socket>();
+  const perAddress = new Map<string, number>();
   for (const r of PROXY_ROUTES) {
     const server = createServer({ pauseOnConnect: true }, (client) => {
       stats.accepted++;
+      const addr = (client.remoteAddress ?? "").replace(/^::ffff:/, "");
+      const n = perAddress.get(addr) ?? 0;
+      if (n >= limits.perAddressMax) {
+        stats.per_address_refused++;
+        return void client.destroy();
+      }
+      perAddress.set(addr, n + 1);
       open.add(client);
-      client.on("close", () => open.delete(client));
+      stats.open = open.size;
+      client.on("close", () => {
+        open.delete(client);
+        stats.open = open.size;
+        const left = (perAddress.get(addr) ?? 1) - 1;
+        if (left <= 0) perAddress.delete(addr);
+        else perAddress.set(addr, left);
+      });
+      // Silent both ways for idleMs: cut (a byte either way resets it).
+      client.setTimeout(limits.idleMs, () => {
+        stats.idle_cut++;
+        client.destroy();
+      });
       const up = createConnection({ host: o.upstreamAddress, port: r.upstreamPort, localAddress: o.listenAddress });
       const t = setTimeout(() => up.destroy(new Error("connect timeout")), CONNECT_TIMEOUT_MS);
       client.on("error", () => up.destroy());
@@ -90,12 +128,14 @@ export async function runProxy(o: { listenAddress: string; upstreamAddress: stri
         up.write(r.version === 2 ? proxyV2Header(src, dst) : proxyV1Header(src, dst));
         client.pipe(up);
         up.pipe(client);
+        // Upstream traffic counts as activity too (an IMAP IDLE's untagged replies).
+        up.on("data", () => client.setTimeout(limits.idleMs));
         client.resume();
         up.on("close", () => client.destroy());
         client.on("close", () => up.destroy());
       });
     });
-    server.maxConnections = CONNECTIONS_MAX;
+    server.maxConnections = limits.connectionsMax;
     await new Promise<void>((resolve, reject) => {
       server.once("error", reject);
       server.listen(r.port, o.listenAddress, () => resolve());

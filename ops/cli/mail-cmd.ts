@@ -11,8 +11,10 @@ import { connectMariadb, mariadbPaths } from "../../services/mariadb.ts";
 import { runSmtp } from "../../services/smtp/server.ts";
 import { startCpuProfile } from "../../common/profile.ts";
 import { runProxy } from "../../services/proxy.ts";
-import { readFileSync, rmSync, writeFileSync } from "node:fs";
-import { runBackupMx } from "../../services/smtp/backup-mx.ts";
+import { prepareStatsDir, publishStats } from "../../services/stats.ts";
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { backupMxStateDir, runBackupMx, spoolDir } from "../../services/smtp/backup-mx.ts";
+import { chownTree, dropPrivileges, isRoot, type Ids } from "../../services/privileges.ts";
 import { join } from "node:path";
 import { createOutput, table } from "./output.ts";
 import { UsageError } from "../../common/errors.ts";
@@ -135,14 +137,36 @@ export function mailCommands(defaultConfig: string): Command[] {
       const me = c.nodes.find((n) => n.id === id)!;
       const peer = c.nodes.find((n) => n.id !== id)!;
       const log = createLogger(`passive@${id}`);
-      const proxy = await runProxy({ listenAddress: me.service_address, upstreamAddress: peer.service_address, onEvent: (ev) => log.info(ev, String(ev.type)) });
+      const paths = nodePaths(nodeStateDir(c, id));
+      // Root only to bind the service ports: then the mail uid (as SMTP), its spool and
+      // state handed over first; the keys are read before.
+      const runAs: Ids | null = isRoot() ? { uid: c.mail.mail_uid, gid: c.mail.mail_gid } : null;
+      if (runAs) {
+        for (const d of [spoolDir(paths), backupMxStateDir(paths)]) {
+          mkdirSync(d, { recursive: true, mode: 0o700 });
+          chownTree(d, runAs);
+        }
+      }
+      prepareStatsDir(paths, runAs ?? undefined);
+      const limits = { connectionsMax: c.limits.proxy_connections_max, perAddressMax: c.limits.proxy_connections_per_address_max, idleMs: c.limits.proxy_idle_ms };
+      const proxy = await runProxy({ listenAddress: me.service_address, upstreamAddress: peer.service_address, limits, onEvent: (ev) => log.info(ev, String(ev.type)) });
+      const stopStats = publishStats(paths, "proxy", () => ({ ...proxy.stats }));
       const key = Buffer.from(readFileSync(c.heartbeat.key_file, "utf8").trim());
-      const mx = await runBackupMx({ config: c, nodeId: id, paths: nodePaths(nodeStateDir(c, id)), key, log });
+      const mx = await runBackupMx({ config: c, nodeId: id, paths, key, log });
       const ready = join(nodeStateDir(c, id), "run", "passive.ready");
       writeFileSync(ready, `${process.pid}\n`);
+      if (runAs) {
+        dropPrivileges(runAs);
+        log.info({ uid: runAs.uid, gid: runAs.gid }, "passive services dropped root: run as the mail uid");
+      }
       await runUntilSignalled(async () => {
+        stopStats();
         await Promise.all([proxy.close(), mx.close()]);
-        rmSync(ready, { force: true });
+        try {
+          rmSync(ready, { force: true });
+        } catch {
+          // root's run directory: the node daemon removes it before the next start
+        }
       });
     });
 

@@ -32,6 +32,7 @@ export const DEBIAN_PACKAGES: Readonly<Record<string, string>> = {
   e2fsprogs: "mkfs.ext4 and e2fsck for the volume's file system",
   procps: "process inspection",
   openssl: "lab TLS certificates",
+  bogofilter: "the spam benchmark's baseline (npm run bench -- spam)",
   chromium: "headless browser: the tests open the failover report and check a screenshot",
 };
 

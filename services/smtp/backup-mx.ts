@@ -31,7 +31,8 @@ import type { NodePaths } from "../../common/paths.ts";
 import { aceAddress, recipientAddress } from "./address.ts";
 import { applyConformance } from "./conformance.ts";
 import { copyChecked, RejectError } from "./maildir.ts";
-import { listenerLimits, recipientLimitError, smtpError } from "./limits.ts";
+import { ListenerGuard, listenerLimits, recipientLimitError, smtpError } from "./limits.ts";
+import { publishStats } from "../stats.ts";
 import { dsnMessage, headerOf, type Failure } from "./dsn.ts";
 import { relay } from "./relay.ts";
 
@@ -152,6 +153,11 @@ export function spoolDir(paths: NodePaths): string {
   return join(paths.state, "spool");
 }
 
+/** The backup MX's own state (the recipient list's cache): written after it gave up root. */
+export function backupMxStateDir(paths: NodePaths): string {
+  return join(paths.state, "backup-mx");
+}
+
 const RECIPIENTS_MAX = 1_000_000;
 const RECIPIENTS_BYTES_MAX = 64 * 1024 * 1024;
 
@@ -166,6 +172,14 @@ function readRecipientCache(file: string, log: Logger): Set<string> | null {
   }
   log.warn({ file }, "the cached recipient list is damaged: ignored, fetched again");
   return null;
+}
+
+function spooledCount(dir: string): number {
+  try {
+    return readdirSync(dir).filter((f) => f.endsWith(".json")).length;
+  } catch {
+    return 0;
+  }
 }
 
 function spooled(dir: string): Envelope[] {
@@ -247,13 +261,13 @@ export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; pat
   const peer = c.nodes.find((n) => n.id !== o.nodeId)!;
   const dir = spoolDir(o.paths);
   mkdirSync(dir, { recursive: true, mode: 0o700 });
-  const cacheFile = join(o.paths.run, "recipients.json");
+  const cacheFile = join(backupMxStateDir(o.paths), "recipients.json");
   let recipients: Set<string> | null = readRecipientCache(cacheFile, o.log);
 
   // The list comes from the active node over the peer channel (TLS with the cluster's
   // key: not readable or replayable on the service network), bounded; a bad answer is
   // logged and the list kept as it was.
-  const ends = peerEnds(c, o.nodeId);
+  const ends = peerEnds(c, o.nodeId, o.key);
   const refresh = async (): Promise<void> => {
     try {
       const a = await callPeer(ends, "recipients", {}, { timeoutMs: 3000, maxBytes: RECIPIENTS_BYTES_MAX });
@@ -277,9 +291,13 @@ export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; pat
   const tlsDir = join(o.paths.data, "etc", "tls");
   const tlsOpts = existsSync(join(tlsDir, "tls.key")) ? { key: readFileSync(join(tlsDir, "tls.key")), cert: readFileSync(join(tlsDir, "tls.crt")) } : { hideSTARTTLS: true };
   const myName = c.mail.mx.find((m) => m.node === o.nodeId)?.name ?? c.mail.host;
+  const guard = ListenerGuard.of(c);
   const server = new SMTPServer({
     name: myName,
     banner: "mailha ESMTP (backup MX)",
+    onConnect: guard.onConnect,
+    onClose: guard.onClose,
+    onMailFrom: (_address, session, cb) => cb(guard.mailFromError(session)),
     // At a takeover the ports go to the active services at once: sessions still open
     // after this are cut (no 250 was given for their message, so the client retries).
     closeTimeout: CLOSE_TIMEOUT_MS,
@@ -394,8 +412,10 @@ export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; pat
     }, 1000),
     setInterval(() => void forward(), FORWARD_EVERY_MS),
   ];
+  const stopStats = publishStats(o.paths, "backup-mx", () => ({ ...guard.counters, spooled: spooledCount(dir) }));
   return {
     async close() {
+      stopStats();
       for (const t of timers) clearInterval(t);
       await new Promise<void>((r) => server.close(() => r()));
     },

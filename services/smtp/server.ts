@@ -22,7 +22,7 @@ import { redisPaths } from "../redis.ts";
 import { join } from "node:path";
 import { SMTPServer, type SMTPServerAuthentication, type SMTPServerDataStream, type SMTPServerSession, type SMTPServerOptions } from "smtp-server";
 import type { Logger } from "pino";
-import type { MailhaConfig } from "../../common/config.ts";
+import { peerOf, type MailhaConfig } from "../../common/config.ts";
 import type { NodePaths } from "../../common/paths.ts";
 import { sleep } from "../../common/exec.ts";
 import { mariadbPaths } from "../mariadb.ts";
@@ -36,7 +36,8 @@ import { applyConformance } from "./conformance.ts";
 import { RejectError } from "./maildir.ts";
 import { Directory } from "./recipients.ts";
 import type { Failure } from "./dsn.ts";
-import { listenerLimits, recipientLimitError, smtpError } from "./limits.ts";
+import { prepareStatsDir, publishStats } from "../stats.ts";
+import { ListenerGuard, listenerLimits, recipientLimitError, smtpError } from "./limits.ts";
 import { Transactions } from "./transaction.ts";
 import { SmtpAuth } from "./auth.ts";
 import { hashPassword, PasswordVerifier } from "../password.ts";
@@ -85,6 +86,7 @@ export async function runSmtp(o: SmtpOptions): Promise<SmtpService> {
   if (journal.clockWarning) o.log.warn(journal.clockWarning);
   // What it writes and reads after it dropped root is the mail uid's (its journal too).
   if (runAs) prepareSmtpFiles(o.paths, runAs, o.log);
+  prepareStatsDir(o.paths, runAs ?? undefined);
   // Read in the background: only mail from the peer and the spool drain wait for it.
   const delivered = new DeliveredIndex(journalDir(o.paths.data));
   void delivered.load().then(
@@ -110,7 +112,11 @@ export async function runSmtp(o: SmtpOptions): Promise<SmtpService> {
   // bob). The From: field is not checked (nor is it by Postfix's sender login check).
   // Other domains' addresses are the receivers' to judge (SPF, DMARC); the null sender
   // is allowed (clients send delivery reports with it).
+  const guard = ListenerGuard.of(c, [peerOf(c, o.nodeId).service_address]);
+  const countMessage = (_address: { address: string }, session: SMTPServerSession, cb: (err?: Error | null) => void) => cb(guard.mailFromError(session));
   const onMailFrom = (address: { address: string }, session: SMTPServerSession, cb: (err?: Error | null) => void) => {
+    const over = guard.mailFromError(session);
+    if (over) return cb(over);
     const from = aceAddress(address.address).toLowerCase();
     const user = typeof session.user === "string" ? session.user : "";
     if (!from || from === user || !dir.isLocalDomain(from.slice(from.lastIndexOf("@") + 1))) return cb();
@@ -245,6 +251,8 @@ export async function runSmtp(o: SmtpOptions): Promise<SmtpService> {
     key,
     cert,
     ...listenerLimits(c, "active"),
+    onConnect: guard.onConnect,
+    onClose: guard.onClose,
     // A planned stop waits this long for sessions to end, then cuts them: a client
     // without its 250 sends again, to the node that takes over.
     closeTimeout: CLOSE_TIMEOUT_MS,
@@ -252,7 +260,7 @@ export async function runSmtp(o: SmtpOptions): Promise<SmtpService> {
     logger: false,
   };
 
-  const mx = new SMTPServer({ ...common, secure: false, authOptional: true, disabledCommands: ["AUTH"], onRcptTo: onRcptTo(false), onData: onData(true) });
+  const mx = new SMTPServer({ ...common, secure: false, authOptional: true, disabledCommands: ["AUTH"], onMailFrom: countMessage, onRcptTo: onRcptTo(false), onData: onData(true) });
   const sub: SMTPServerOptions = { ...common, authMethods: ["PLAIN", "LOGIN"], authOptional: false, onAuth, onMailFrom, onRcptTo: onRcptTo(true), onData: onData(false) };
   const submission = new SMTPServer({ ...sub, secure: false, allowInsecureAuth: false });
   const submissions = new SMTPServer({ ...sub, secure: true });
@@ -277,6 +285,7 @@ export async function runSmtp(o: SmtpOptions): Promise<SmtpService> {
     });
   }
   o.log.info({ address: me.service_address, ports }, "smtp listening");
+  const stopStats = publishStats(o.paths, "smtp", () => ({ ...guard.counters }));
   if (runAs) dropToMailUser(runAs, o.log);
   // Only now: every file the worker writes (bounces) is the mail uid's.
   outbound.start();
@@ -314,6 +323,7 @@ export async function runSmtp(o: SmtpOptions): Promise<SmtpService> {
   if (flushed.delivered || flushed.dropped) o.log.info(flushed, "drained the backup MX spool");
   return {
     async close() {
+      stopStats();
       await Promise.all(servers.map(([s]) => new Promise<void>((r) => s.close(() => r()))));
       await Promise.race([Promise.allSettled([...inflight]), sleep(INFLIGHT_WAIT_MS)]);
       // Each bounded: a dead Redis or MariaDB (the reason for a restart, often) must

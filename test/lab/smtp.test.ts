@@ -7,7 +7,7 @@
 // dropped), and nobody else can name a backup MX queue id to suppress a delivery.
 import { test, describe, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { chownSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import nodemailer from "nodemailer";
@@ -196,7 +196,12 @@ describe("mail on the active node", { skip }, () => {
     assert.ok(!stored(subject)[0]!.includes("X-Mailha-Backup-Queue-Id"), "the trace field is not stored");
 
     // The copy back in b's spool: b forwards it again, a answers 250 and does not deliver.
-    for (const [f, data] of files) writeFileSync(join(spoolOf("b"), f), data, { mode: 0o600 });
+    // As the backup MX left them: owned by the mail uid it runs as (the spool's owner).
+    const owner = statSync(spoolOf("b"));
+    for (const [f, data] of files) {
+      writeFileSync(join(spoolOf("b"), f), data, { mode: 0o600 });
+      chownSync(join(spoolOf("b"), f), owner.uid, owner.gid);
+    }
     await until("b to forward the copy again", () => !existsSync(join(spoolOf("b"), `${id}.json`)));
     assert.match(logOf(join(lab.dir, "b", "log", "passive.log")), new RegExp(`already delivered \\(backup MX queue id ${id}\\)`), "b was told the message was delivered already");
     assert.match(smtpLog(), new RegExp(`"peerQueueId":"${id}".*answered 250, not delivered again`), "a logged the duplicate as dropped");
@@ -460,6 +465,106 @@ print(json.dumps(code))`)) as number;
     assert.equal(got, 250);
     assert.equal(count("alice"), a0 + 1, "STARTTLS: alice gets the message");
     assert.equal(count("bob"), b0, "STARTTLS: bob, named before it, gets nothing");
+  });
+
+  test("limits: at most 50 connections from one address (421 4.7.0 after), 100 messages per session (452 4.5.3 after); refusals in the metrics", async () => {
+    const { createConnection } = await import("node:net");
+    const greet = (host: string) =>
+      new Promise<{ line: string; close: () => void }>((resolve) => {
+        const s = createConnection({ host, port: 25 });
+        let buf = "";
+        s.on("error", () => resolve({ line: "error", close: () => s.destroy() }));
+        s.on("data", (d) => {
+          buf += d.toString();
+          if (buf.includes("\r\n")) resolve({ line: buf.split("\r\n")[0]!, close: () => s.destroy() });
+        });
+      });
+    const held = [];
+    try {
+      for (let i = 0; i < 50; i++) held.push(await greet(lab.a));
+      assert.ok(held.every((h) => /^220 /.test(h.line)), `the first 50 are greeted: ${held.map((h) => h.line).find((l) => !/^220 /.test(l))}`);
+      const over = await greet(lab.a);
+      over.close();
+      assert.match(over.line, /^421 4\.7\.0 Too many connections from your address/);
+      held.pop()!.close();
+      await sleep(300);
+      const again = await greet(lab.a);
+      held.push(again);
+      assert.match(again.line, /^220 /, "a slot freed is taken again");
+    } finally {
+      for (const h of held) h.close();
+    }
+    const c = await RawSmtp.open(lab.a, 25);
+    try {
+      await c.cmd("EHLO test");
+      for (let i = 0; i < 100; i++) {
+        assert.match(await c.cmd("MAIL FROM:<x@example.net>"), /^250/);
+        assert.match(await c.cmd("RSET"), /^250/);
+      }
+      assert.match(await c.cmd("MAIL FROM:<x@example.net>"), /^452 4\.5\.3 Too many messages in one session/);
+    } finally {
+      c.close();
+    }
+    let metrics = "";
+    for (let i = 0; i < 30 && !/service="smtp",name="messages_refused"\} [1-9]/.test(metrics); i++) {
+      await sleep(500);
+      metrics = (await runAll("curl", ["-s", `http://${lab.a}:9647/metrics`])).stdout;
+    }
+    assert.match(metrics, /mailha_service_value\{node="a",service="smtp",name="per_address_refused"\} [1-9]/);
+    assert.match(metrics, /mailha_service_value\{node="a",service="smtp",name="messages_refused"\} [1-9]/);
+    assert.match(metrics, /mailha_limit\{node="a",limit="smtp_clients_per_address_max"\} 50/);
+    // b's passive services publish theirs too (the proxy took this suite's IMAP and POP3).
+    const mb = (await runAll("curl", ["-s", `http://${lab.b}:9647/metrics`])).stdout;
+    assert.match(mb, /mailha_service_value\{node="b",service="proxy",name="accepted"\} [1-9]/);
+    assert.match(mb, /mailha_service_value\{node="b",service="backup-mx",name="spooled"\} \d+/);
+  });
+
+  test("mailha spam: train a Maildir of spam and files of ham, classify, each message learned once, stats, a DSPAM dump imported", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "mailha-spam-"));
+    try {
+      const spamWords = ["viagra", "casino", "lottery", "winner", "bitcoin", "pharmacy", "discount", "prize", "claim", "cheap"];
+      const hamWords = ["meeting", "agenda", "minutes", "project", "schedule", "review", "budget", "report", "colleague", "quarterly"];
+      const msg = (words: string[], i: number, from: string) => {
+        const pick = (k: number) => words[(i * 7 + k * 3) % words.length];
+        return `From: ${from}\r\nTo: dave@mailha.test\r\nSubject: ${pick(0)} ${pick(1)} ${i}\r\nMessage-ID: <${from.split("@")[0]}-${i}@example.net>\r\n\r\n${Array.from({ length: 40 }, (_, k) => pick(k)).join(" ")}\r\n`;
+      };
+      mkdirSync(join(dir, "spam", "cur"), { recursive: true });
+      mkdirSync(join(dir, "spam", "new"), { recursive: true });
+      mkdirSync(join(dir, "ham"), { recursive: true });
+      for (let i = 0; i < 30; i++) writeFileSync(join(dir, "spam", i % 2 ? "cur" : "new", `${i}.eml`), msg(spamWords, i, "offers@spam.example"));
+      for (let i = 0; i < 30; i++) writeFileSync(join(dir, "ham", `${i}.eml`), msg(hamWords, i, "boss@work.example"));
+      const cli = (args: string[]) => mailha([...args, "--config", lab.configFile]);
+      // A DSPAM database comes over first, into the empty filter.
+      const imp = await cli(["spam", "import", "--dspam-dump", join(ROOT, "test", "fixtures", "spam", "dspam-dump.sql"), "--json"]);
+      assert.equal(imp.code, 0, imp.stderr);
+      const alice = JSON.parse((await cli(["spam", "stats", "--user", "alice@example.org", "--json"])).stdout) as { totals: { spam_learned: number; innocent_learned: number } }[];
+      assert.deepEqual([alice[0]!.totals.spam_learned, alice[0]!.totals.innocent_learned], [250, 610], "DSPAM's stats row came over");
+      const trainSpam = await cli(["spam", "train", "--spam", "--user", "dave@mailha.test", join(dir, "spam"), "--json"]);
+      assert.equal(trainSpam.code, 0, trainSpam.stderr);
+      assert.deepEqual(((r) => [r.messages, r.learned])(JSON.parse(trainSpam.stdout) as { messages: number; learned: number }), [30, 30], "a Maildir's cur/ and new/ are read");
+      const trainHam = await cli(["spam", "train", "--ham", "--user", "dave@mailha.test", join(dir, "ham"), "--json"]);
+      assert.equal(trainHam.code, 0, trainHam.stderr);
+      const again = JSON.parse((await cli(["spam", "train", "--ham", "--user", "dave@mailha.test", join(dir, "ham"), "--json"])).stdout) as { learned: number; totals: { innocent_learned: number; spam_learned: number } };
+      assert.equal(again.learned, 0, "the same messages are not learned twice");
+      assert.deepEqual([again.totals.spam_learned, again.totals.innocent_learned], [30, 30]);
+      writeFileSync(join(dir, "new-spam.eml"), msg(spamWords, 101, "more@spam.example"));
+      writeFileSync(join(dir, "new-ham.eml"), msg(hamWords, 102, "boss@work.example"));
+      const v = async (f: string) => JSON.parse((await cli(["spam", "classify", "--user", "dave@mailha.test", join(dir, f), "--json"])).stdout) as { result: string; probability: number; tokens: unknown[] };
+      const vs = await v("new-spam.eml");
+      const vh = await v("new-ham.eml");
+      assert.equal(vs.result, "spam", `a spam-like message: ${JSON.stringify(vs).slice(0, 300)}`);
+      assert.equal(vh.result, "innocent", `a ham-like message: ${JSON.stringify(vh).slice(0, 300)}`);
+      assert.ok(vs.tokens.length > 0, "classify names the tokens that decided");
+      const stats = JSON.parse((await cli(["spam", "stats", "--user", "dave@mailha.test", "--json"])).stdout) as { totals: { spam_learned: number } }[];
+      assert.equal(stats[0]!.totals.spam_learned, 30, "classify learned nothing");
+      const twice = await cli(["spam", "import", "--dspam-dump", join(ROOT, "test", "fixtures", "spam", "dspam-dump.sql")]);
+      assert.equal(twice.code, 2, "a dump is not imported over users the filter has");
+      assert.match(twice.stderr, /has \d+ user\(s\) already/);
+      const bad = await cli(["spam", "train", "--user", "dave@mailha.test", join(dir, "ham")]);
+      assert.equal(bad.code, 2, "--spam or --ham is required");
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   test("a message takes at most 1,000 recipients (452 4.5.3 after), on 25 and on the backup MX", async () => {

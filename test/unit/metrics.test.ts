@@ -17,6 +17,9 @@ const status = {
   peerChannel: { refused: 3, malformed: 1, served: 40 },
   dnsAnswers: { updates: { received: 5, accepted: 4, forged: 1, foreign: 0, mismatched: 0, malformed: 0, unsigned: 0 }, queries: { received: 2, accepted: 2, foreign: 0, malformed: 0, mismatched: 0 } },
   witnessAnswers: { forged: 0, foreign: 2, unexpected: 1 },
+  services: { smtp: { per_address_refused: 4, open: 3 }, proxy: { idle_cut: 1 } },
+  limits: { smtp_clients_per_address_max: 20 },
+  queues: { outbound_files: 7, journal_bytes: 1234 },
 } as unknown as Parameters<typeof renderMetrics>[1];
 
 test("the metrics page counts every kind of dropped packet and answer, in the text format", () => {
@@ -30,5 +33,9 @@ test("the metrics page counts every kind of dropped packet and answer, in the te
   assert.ok(lines.includes('mailha_dns_query_answers_total{node="a",verdict="accepted"} 2'));
   assert.ok(lines.includes('mailha_witness_answers_dropped_total{node="a",reason="foreign"} 2'));
   assert.ok(lines.includes('mailha_node_active{node="a"} 1'));
+  assert.ok(lines.includes('mailha_service_value{node="a",service="smtp",name="per_address_refused"} 4'));
+  assert.ok(lines.includes('mailha_service_value{node="a",service="proxy",name="idle_cut"} 1'));
+  assert.ok(lines.includes('mailha_limit{node="a",limit="smtp_clients_per_address_max"} 20'));
+  assert.ok(lines.includes('mailha_queue_size{node="a",queue="outbound_files"} 7'));
   assert.ok(lines.includes('mailha_link_up{node="a",link="replication"} 0'));
 });
