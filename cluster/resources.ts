@@ -19,6 +19,7 @@ import { isAlive, killDaemon, startDaemon, stopDaemon, type DaemonRecord } from 
 import type { NodePaths } from "../common/paths.ts";
 import { probeLine } from "../common/probe.ts";
 import { addDomain, grantAccount, migrate, SQL_ACCOUNTS, upsertUser, type SqlAccount } from "../services/accounts.ts";
+import { migrateSpam } from "../services/spam/store.ts";
 import { dovecotPaths, dovecotSpec, MASTER_USER, writeDovecotConfig, type DovecotOptions } from "../services/dovecot.ts";
 import { hashPassword } from "../services/password.ts";
 import { connectMariadb, initMariadbDatadir, mariadbPaths, mariadbSpec, pingMariadb, prepareMariadbFiles, secureRootAccount } from "../services/mariadb.ts";
@@ -176,6 +177,7 @@ const mariadbAgent: ResourceAgent = {
       const secured = await secureRootAccount(db);
       if (secured.length) ctx.log.info({ changes: secured }, "MariaDB root logs in by unix_socket only now");
       await migrate(db);
+      await migrateSpam(db); // the spam filter's DSPAM-compatible tables (services/spam/store.ts)
       for (const a of Object.keys(SQL_ACCOUNTS) as SqlAccount[]) await grantAccount(db, a, dataSecret(ctx, SQL_ACCOUNTS[a].secret));
       for (const d of ctx.config.mail.domains) await addDomain(db, d);
       await upsertUser(db, `${MONITOR_LOCAL_PART}@${ctx.config.mail.domains[0]}`, dataSecret(ctx, "monitor.secret"));

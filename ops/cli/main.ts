@@ -18,6 +18,7 @@ import { failoverTestCommand } from "./failover-cmd.ts";
 import { dnsCommand } from "./dns-cmd.ts";
 import { journalCommand } from "./journal-cmd.ts";
 import { reconcileCommand } from "./reconcile-cmd.ts";
+import { spamCommand } from "./spam-cmd.ts";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 const VERSION = (JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8")) as { version: string }).version;
@@ -190,6 +191,7 @@ function program(): Command {
   p.addCommand(dnsCommand(DEFAULT_CONFIG));
   p.addCommand(journalCommand(DEFAULT_CONFIG));
   p.addCommand(reconcileCommand(DEFAULT_CONFIG));
+  p.addCommand(spamCommand(DEFAULT_CONFIG));
   p.addCommand(failoverTestCommand(DEFAULT_LAB_CONFIG));
 
   lab
