@@ -1,7 +1,7 @@
 // `mailha failover-test`: real clients against the cluster while a fault is injected;
 // prints the figures as a table (and a progress bar while it runs), --json, and
 // writes an HTML report with the timeline.
-import { writeFileSync } from "node:fs";
+import { readFileSync, writeFileSync } from "node:fs";
 import { resolve } from "node:path";
 import { Command, Option } from "commander";
 import { loadConfig } from "../../common/config.ts";
@@ -37,9 +37,11 @@ export function failoverTestCommand(defaultConfig: string): Command {
     .option("--pop3-interval <ms>", "pause between POP3 sessions (each retrieves and deletes what arrived)", number("--pop3-interval", 10, 60_000), 500)
     .option("--no-pop3", "no POP3 workload")
     .option("--user <address>", "the IMAP mailbox (default: the lab's test user)")
-    .option("--password <pw>", "its password")
+    .option("--password-file <file>", "a file holding its password (the way to give it)")
+    .option("--password <pw>", "its password on the command line: visible in ps and shell history, prefer --password-file")
     .option("--pop3-user <address>", "the POP3 mailbox, whose mail is deleted (default: the lab's pop3 user)")
-    .option("--pop3-password <pw>", "its password")
+    .option("--pop3-password-file <file>", "a file holding its password")
+    .option("--pop3-password <pw>", "its password on the command line: visible in ps, prefer --pop3-password-file")
     .option("--dns-server <address>", "ask this server for the MX and mail host records (default: the lab's DNS server; on real nodes the system resolver)")
     .option("--report <file>", "where the HTML report goes", "failover-report.html")
     .addOption(new Option("--json", "print the results as JSON on stdout (progress as JSON lines on stderr)"))
@@ -47,10 +49,12 @@ export function failoverTestCommand(defaultConfig: string): Command {
       const out = createOutput(!!o.json);
       const c = loadConfig(o.config);
       if (!availableFaults(c).includes(o.fault)) throw new UsageError(`unknown fault "${o.fault}" (known here: ${availableFaults(c).join(", ")})`);
-      const imap = { address: o.user ?? c.lab?.test_user.address, password: o.password ?? c.lab?.test_user.password };
+      const fromFile = (f: string | undefined) => (f ? readFileSync(f, "utf8").replace(/\r?\n$/, "") : undefined);
+      if (o.password || o.pop3Password) process.stderr.write("mailha: warning: a password on the command line is visible in ps and kept in shell history; use --password-file\n");
+      const imap = { address: o.user ?? c.lab?.test_user.address, password: fromFile(o.passwordFile) ?? o.password ?? c.lab?.test_user.password };
       if (!imap.address || !imap.password) throw new UsageError("say --user and --password (this config has no lab test user)");
       const popUser = o.pop3User ?? c.lab?.pop3_user?.address;
-      const popPass = o.pop3Password ?? c.lab?.pop3_user?.password;
+      const popPass = fromFile(o.pop3PasswordFile) ?? o.pop3Password ?? c.lab?.pop3_user?.password;
       if (o.pop3 && (!popUser || !popPass)) throw new UsageError("say --pop3-user and --pop3-password, or --no-pop3 (this config has no lab pop3 user)");
       const tty = !o.json && process.stderr.isTTY;
       let lastLine = 0;
@@ -113,6 +117,8 @@ interface Opts {
   pop3: boolean;
   user?: string;
   password?: string;
+  passwordFile?: string;
+  pop3PasswordFile?: string;
   pop3User?: string;
   pop3Password?: string;
   dnsServer?: string;
