@@ -150,7 +150,7 @@ describe("split brain: the side that is overwritten is preserved first", { skip 
     assert.equal(events[resyncAt]!.preserved, list[0]!.path);
   });
 
-  test("manual: `volume resolve --discard-local` on the side to overwrite, `volume connect` on the other; a copy is kept first", async () => {
+  test("manual: `volume resolve --discard-local` on the side to overwrite, `volume connect` on the other; a copy is kept first and merged", async () => {
     // b is active now; this time b diverges and a is forced to take over.
     const { onOld, onNew } = await diverge(lab, "b", "manual");
     await fault(lab, "boot-node", "b");
@@ -167,6 +167,16 @@ describe("split brain: the side that is overwritten is preserved first", { skip 
     for (const t of onOld) assert.ok(inCopy.includes(t), `message ${t}, acknowledged by b during the split, is missing from b's preserved copy`);
     const live = tagsIn(data("a"));
     for (const t of onNew) assert.ok(live.includes(t), `message ${t} accepted by a is missing on a`);
+    // Resolved by hand, merged by a itself: what b acknowledged arrives on a, once.
+    const until = Date.now() + 180_000;
+    let merged: string[] = [];
+    while (Date.now() < until) {
+      merged = tagsIn(data("a"));
+      if (onOld.every((t) => merged.includes(t))) break;
+      await new Promise((r) => setTimeout(r, 1000));
+    }
+    for (const t of [...onOld, ...onNew]) assert.equal(merged.filter((x) => x === t).length, 1, `message ${t} must be on a exactly once after the merge (a has ${merged.join(", ")})`);
+    assert.ok(await waitFor(async () => ((await vol(lab, "b", ["preserved", "list"])) as Preserved[]).at(-1)?.reconciledAtMs, 60_000), "b's copy is marked reconciled");
     // --force drops it, files and all.
     const dropped = (await vol(lab, "b", ["preserved", "drop", list.at(-1)!.path, "--force"])) as { dropped: string };
     assert.equal(dropped.dropped, list.at(-1)!.path);
