@@ -25,6 +25,9 @@ import { folderName, folderPath, listFolders, readUidlist } from "../services/jo
 import { userRef } from "../services/journal/scanner.ts";
 import type { Operation } from "./model.ts";
 import { standInGuid } from "./sides.ts";
+import { applySpamStep, SPAM_KIND, type SpamStep } from "./spam.ts";
+import { MariadbSpamStore } from "../services/spam/store.ts";
+import { journalSpamDeltas, spamJournalFor } from "../services/spam/journal.ts";
 
 /** IMAP sessions kept open at once (one per user); the oldest is closed beyond it. */
 const SESSIONS_MAX = 16;
@@ -126,8 +129,19 @@ export class Applier {
         have.add(op.sha256);
         return { done: true };
       }
-      case "extension":
-        return { done: false, says: `no applier for ${op.kind} operations` };
+      case "extension": {
+        if (op.kind !== SPAM_KIND) return { done: false, says: `no applier for ${op.kind} operations` };
+        // The spam tables live in the account store's MariaDB (services/spam/store.ts).
+        const step = op.payload as unknown as SpamStep;
+        const journal = await spamJournalFor(this.ctx.db);
+        try {
+          // Journaled on the survivor too, before it is applied: a later split keeps it.
+          const r = await applySpamStep(new MariadbSpamStore(this.ctx.db), step, journal ? (d) => journalSpamDeltas(journal, step.user, [d]) : undefined);
+          return r.changed ? { done: true } : { done: true, says: "the survivor has this training already" };
+        } finally {
+          await journal?.close();
+        }
+      }
     }
   }
 

@@ -25,11 +25,15 @@ import { redisConnection } from "../services/redis.ts";
 import { closeAccountJournals } from "../services/journal/accounts.ts";
 import { Applier, type ApplyOutcome } from "./apply.ts";
 import type { Operation, Plan, Report } from "./model.ts";
-import { merge } from "./rules.ts";
+import { merge, NO_KINDS, registerKind } from "./rules.ts";
+import { SPAM_KIND, spamHandler } from "./spam.ts";
+import "../services/spam/journal.ts"; // registers the spam-delta journal kind
 import { FILE_BYTES_MAX, fromWire, type VictimSide } from "./export.ts";
 import { readAccounts, readEntries, readMail, sinceSplit, toEvents, unifyStandIns, victimAccounts, type MailRead } from "./sides.ts";
 
 export const QUEUE = "reconcile";
+/** The journal kinds merged beside mail and accounts. */
+const KINDS = registerKind(NO_KINDS, SPAM_KIND, spamHandler);
 const JOB_ATTEMPTS = 3;
 const JOB_DEADLINE_MS = 120_000;
 /** The victim mounts and hashes its whole copy before it answers. */
@@ -207,7 +211,7 @@ export async function reconcile(o: ReconcileOptions): Promise<ReconcileResult> {
     const victimState = { mail: vMail.mail, accounts: victimAccounts(sAccounts, victimEvents) };
     const survivorEvents = toEvents(split.survivor, survivorState, standIns);
     progress("planning", { victimEvents: victimEvents.length, survivorEvents: survivorEvents.length, messages: vMail.messages + sMail.messages });
-    const plan = merge({ survivor: survivorState, victim: victimState, victimEvents, survivorEvents }, { lostFound: { user: o.postmaster } });
+    const plan = merge({ survivor: survivorState, victim: victimState, victimEvents, survivorEvents }, { lostFound: { user: o.postmaster }, kinds: KINDS });
     const events = { victim: victimEvents.length, survivor: survivorEvents.length, common: split.common };
     if (o.dryRun) return { copy, dryRun: true, events, plan, applied: 0, notApplied: [], seconds: (Date.now() - t0) / 1000, reportFile: null };
 

@@ -19,6 +19,8 @@ import { connectMariadb, mariadbPaths } from "../../services/mariadb.ts";
 import { importDspamDump } from "../../services/spam/dump.ts";
 import { classifyMessage, readPreferences, retrainAndApply } from "../../services/spam/filter.ts";
 import { MariadbSpamStore, migrateSpam } from "../../services/spam/store.ts";
+import { journalSpamDeltas, spamJournalFor } from "../../services/spam/journal.ts";
+import type { ChangeJournal } from "../../services/journal/changes.ts";
 import { createOutput } from "./output.ts";
 
 const TRAIN_MESSAGES_MAX = 1_000_000;
@@ -137,21 +139,33 @@ export function spamCommand(defaultConfig: string): Command {
       if (!!o.spam === !!o.ham) throw new UsageError("say --spam or --ham (one of them)");
       const out = createOutput(!!o.json);
       const asClass = o.spam ? "spam" : "innocent";
-      const r = await withStore(o.config, async (store) => {
-        const uid = await store.uidFor(o.user.toLowerCase());
+      const r = await withStore(o.config, async (store, db) => {
+        const user = o.user.toLowerCase();
+        const uid = await store.uidFor(user);
+        // Every delta journaled before it is applied (a split brain's merge adds them).
+        const journal = await spamJournalFor(db);
+        if (!journal) process.stderr.write("mailha: warning: the change journal is not ready on the active node: this training is not journaled\n");
+        try {
+          return await trainAll(store, uid, user, journal);
+        } finally {
+          await journal?.close();
+        }
+      });
+      out.result(r, () => `${r.user}: ${r.messages} messages read, ${r.learned} learned as ${r.as} (${r.messages - r.learned} known already); now ${r.totals.spam_learned} spam and ${r.totals.innocent_learned} ham learned`);
+
+      async function trainAll(store: MariadbSpamStore, uid: number, user: string, journal: ChangeJournal | null) {
         let seen = 0;
         let learned = 0;
         for (const p of paths) {
           for await (const m of messagesOf(p)) {
             if (++seen > TRAIN_MESSAGES_MAX) throw new UsageError(`more than ${TRAIN_MESSAGES_MAX} messages: train in parts`);
-            const deltas = await retrainAndApply(store, uid, m.data, asClass, "corpus");
+            const deltas = await retrainAndApply(store, uid, m.data, asClass, "corpus", undefined, 3, journal ? (d) => journalSpamDeltas(journal, user, d) : undefined);
             if (deltas.length > 0) learned++;
             if (seen % 50 === 0) out.progress("training", { messages: seen, learned });
           }
         }
-        return { user: o.user.toLowerCase(), as: asClass, messages: seen, learned, totals: await store.totals(uid) };
-      });
-      out.result(r, () => `${r.user}: ${r.messages} messages read, ${r.learned} learned as ${r.as} (${r.messages - r.learned} known already); now ${r.totals.spam_learned} spam and ${r.totals.innocent_learned} ham learned`);
+        return { user, as: asClass, messages: seen, learned, totals: await store.totals(uid) };
+      }
     });
 
   spam

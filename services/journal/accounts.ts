@@ -50,6 +50,11 @@ interface Target {
 const targets = new WeakMap<object, Promise<Target | null>>();
 const journals = new Map<string, ChangeJournal>();
 
+/** The volume and node a MariaDB connection's changes are journaled under (null before the journal resource ran). */
+export async function journalTarget(db: Connection): Promise<Target | null> {
+  return targetOf(db);
+}
+
 async function targetOf(db: Connection): Promise<Target | null> {
   const [rows] = await db.query("SELECT @@datadir AS datadir, @@socket AS socket");
   const r = (rows as { datadir: string; socket: string }[])[0];

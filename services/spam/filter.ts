@@ -168,9 +168,11 @@ export async function applyDeltas(store: SpamStore, deltas: readonly SpamDelta[]
 }
 
 /** Retrains and applies, computing again after a LedgerConflict (at most ATTEMPTS times). */
-export async function retrainAndApply(store: SpamStore, uid: number, target: string | Buffer, asClass: SpamClass, source: RetrainSource = "error", prefs?: SpamPrefs, attempts = 3): Promise<SpamDelta[]> {
+export async function retrainAndApply(store: SpamStore, uid: number, target: string | Buffer, asClass: SpamClass, source: RetrainSource = "error", prefs?: SpamPrefs, attempts = 3, beforeApply?: (d: SpamDelta[]) => Promise<void>): Promise<SpamDelta[]> {
   for (let i = 1; ; i++) {
     const d = await retrain(store, uid, target, asClass, source, prefs);
+    // The change journal first (BEFOREAPPLY): what is applied is always journaled.
+    if (beforeApply && d.length) await beforeApply(d);
     try {
       await applyDeltas(store, d);
       return d;
