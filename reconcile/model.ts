@@ -20,6 +20,8 @@ export interface MessageState {
   readonly uid?: number;
   /** The SMTP or backup-MX queue id the message was delivered with, when known. */
   readonly queueId?: string;
+  /** Its Message-ID header field (angle brackets kept), when it has one. */
+  readonly messageId?: string;
 }
 
 export interface MailboxState {

@@ -264,6 +264,8 @@ export interface SameMessageFacts {
   readonly sameQueueId: boolean;
   readonly sameContent: boolean;
   readonly sameFolder: boolean;
+  /** Both have the same Message-ID field. */
+  readonly sameMessageId: boolean;
 }
 
 export const NEW_MESSAGE: Table<SameMessageFacts, "one" | "two"> = {
@@ -279,6 +281,12 @@ export const NEW_MESSAGE: Table<SameMessageFacts, "one" | "two"> = {
       name: "same-content-in-the-same-folder",
       says: "the same content (SHA-256) was added to the same folder on both sides (a client that repeated an APPEND on the other node, or a copy made on both): one message",
       when: (f) => f.sameContent && f.sameFolder,
+      then: () => "one",
+    },
+    {
+      name: "same-message-id-delivered-to-the-same-folder",
+      says: "delivered on both sides into the same folder with the same Message-ID: one message sent twice (a client that got no 250 from the node that died and sent it again to the other; the copies differ only in their trace fields), kept once",
+      when: (f) => f.bothDeliveries && f.sameMessageId && f.sameFolder,
       then: () => "one",
     },
     { name: "distinct", says: "a message of its own: added to the survivor (a new UID there)", when: () => true, then: () => "two" },
@@ -432,7 +440,7 @@ assertTable(
   (f) => ({ vHas: f.sHas, sHas: f.vHas, vMoved: f.sMoved, sMoved: f.vMoved, later: mirrorSide(f.later), sameFolder: f.sameFolder }),
   swapPick,
 );
-assertTable(NEW_MESSAGE, product({ bothDeliveries: bools, sameQueueId: bools, sameContent: bools, sameFolder: bools }), (f) => f, (o) => o);
+assertTable(NEW_MESSAGE, product({ bothDeliveries: bools, sameQueueId: bools, sameContent: bools, sameFolder: bools, sameMessageId: bools }), (f) => f, (o) => o);
 assertTable(
   FOLDER_EXISTENCE,
   product({ v: ["present", "deleted", "none"] as const, s: ["present", "deleted", "none"] as const, vRenamedAfter: bools, sRenamedAfter: bools, needed: bools }),
@@ -940,6 +948,7 @@ function assemble(user: string, V: SideMail, S: SideMail, out: PlanBuilder): { l
         sameQueueId: created(vh).queueId !== undefined && created(vh).queueId === created(sh).queueId,
         sameContent: vh.sha256 === sh.sha256,
         sameFolder: vh.start.mailbox === sh.start.mailbox,
+        sameMessageId: vh.state?.messageId !== undefined && vh.state.messageId === sh.state?.messageId,
       });
       if (d.out !== "one") throw new Error(`reconcile: paired ${vh.events[0]} and ${sh.events[0]} but ${d.rule} says two messages`);
       partner.set(vh, { s: sh, rule: d.rule });
@@ -948,6 +957,7 @@ function assemble(user: string, V: SideMail, S: SideMail, out: PlanBuilder): { l
   };
   zip((h) => (created(h).via === "delivery" ? created(h).queueId : undefined));
   zip((h) => `${h.start.mailbox}\u0000${h.sha256 ?? ""}`);
+  zip((h) => (created(h).via === "delivery" && h.state?.messageId !== undefined ? `${h.start.mailbox}\u0000mid\u0000${h.state.messageId}` : undefined));
   for (const vh of vNew) {
     const p = partner.get(vh);
     list.push({ id: `new ${created(vh).id}`, kind: "new", v: vh, s: p?.s });

@@ -34,11 +34,26 @@ export interface MailRead {
   readonly messages: number;
 }
 
-async function sha256File(path: string): Promise<string | null> {
+const HEADER_SCAN_BYTES = 64 * 1024;
+
+/** The Message-ID field of a header block (the first HEADER_SCAN_BYTES of a message), unfolded. */
+export function messageIdOf(head: string): string | undefined {
+  const end = head.search(/\r?\n\r?\n/);
+  const block = (end >= 0 ? head.slice(0, end) : head).replace(/\r?\n[ \t]+/g, " ");
+  const m = /^message-id:[ \t]*(<[^<>\s]{1,500}>)/im.exec(block);
+  return m ? m[1] : undefined;
+}
+
+async function sha256File(path: string): Promise<{ sha256: string; messageId?: string } | null> {
   try {
     const h = createHash("sha256");
-    for await (const chunk of createReadStream(path)) h.update(chunk as Buffer);
-    return h.digest("hex");
+    let head = "";
+    for await (const chunk of createReadStream(path)) {
+      h.update(chunk as Buffer);
+      if (head.length < HEADER_SCAN_BYTES) head += (chunk as Buffer).subarray(0, HEADER_SCAN_BYTES - head.length).toString("latin1");
+    }
+    const messageId = messageIdOf(head);
+    return { sha256: h.digest("hex"), ...(messageId ? { messageId } : {}) };
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === "ENOENT") return null; // moved or expunged meanwhile
     throw err;
@@ -76,10 +91,10 @@ export async function readMail(dataDir: string): Promise<MailRead> {
           if (++count > MESSAGES_MAX) throw new Error(`reconcile: more than ${MESSAGES_MAX} messages under ${dataDir}`);
           const { key, letters } = parseFileName(f);
           const file = join(path, sub, f);
-          const sha256 = await sha256File(file);
-          if (sha256 === null) continue;
+          const read = await sha256File(file);
+          if (read === null) continue;
           const uid = ul.uids.get(key);
-          messages[key] = { sha256, flags: flagNames(letters, keywords), ...(uid !== undefined ? { uid } : {}) };
+          messages[key] = { sha256: read.sha256, flags: flagNames(letters, keywords), ...(uid !== undefined ? { uid } : {}), ...(read.messageId ? { messageId: read.messageId } : {}) };
           fileOf.set(key, file);
         }
       }

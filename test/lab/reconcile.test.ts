@@ -8,7 +8,8 @@
 // applied, old UIDs and UIDVALIDITY unchanged; a second run changes nothing.
 import { test, describe, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { appendFileSync, rmSync } from "node:fs";
+import { appendFileSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { spawn } from "node:child_process";
 import { ImapFlow } from "imapflow";
@@ -64,6 +65,20 @@ async function uidOf(c: ImapFlow, subject: string): Promise<number> {
   return found[0]!;
 }
 
+/** `mailha spam train` of small generated messages (one file each, named by TAG) for bob. */
+async function spamTrain(lab: TestLab, cls: "spam" | "ham", tags: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  const dir = mkdtempSync(join(tmpdir(), "mailha-spam-train-"));
+  try {
+    const vocab = cls === "spam" ? "viagra casino lottery winner prize bitcoin" : "meeting agenda minutes project budget review";
+    for (const t of tags) writeFileSync(join(dir, `${t}.eml`), `From: x@example.net\r\nSubject: ${t}\r\nMessage-ID: <${t}@example.net>\r\n\r\n${t === "both" ? "the same message on both sides" : vocab} ${t}\r\n`);
+    const r = await mailha(["spam", "train", `--${cls}`, "--user", addr("bob"), dir, "--json", "--config", lab.configFile]);
+    assert.equal(r.code, 0, `spam train --${cls}: ${r.stderr}`);
+    return r;
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
 async function cli(lab: TestLab, args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
   return mailha([...args, "--config", lab.configFile]);
 }
@@ -104,6 +119,8 @@ describe("split brain: the victim's changes are reconciled into the survivor", {
       await c.messageMove(String(await uidOf(c, "pre-3")), "Projects", { uid: true });
     });
     assert.equal((await cli(lab, ["user", "add", addr("dave"), "--password", PW.dave!])).code, 0);
+    // The spam filter learns on a: three spam messages for bob, and one ("both") as spam.
+    assert.equal((await spamTrain(lab, "spam", ["s-1", "s-2", "s-3", "both"])).code, 0);
     await sleep(2500); // journaled by a's watcher
     await fault(lab, "kill-node", "a");
     await waitNode(lab, "b", "refusing its Outdated disk", (s) => s.state === "failed", 30_000);
@@ -117,6 +134,8 @@ describe("split brain: the victim's changes are reconciled into the survivor", {
       await c.messageDelete(String(await uidOf(c, "pre-2")), { uid: true }); // later than a's \Seen: stays expunged
       await c.messageDelete(String(await uidOf(c, "pre-4")), { uid: true });
     });
+    // And on b: two ham messages, and "both" as ham, later than a's training of it.
+    assert.equal((await spamTrain(lab, "ham", ["h-1", "h-2", "both"])).code, 0);
     const pw = await cli(lab, ["user", "passwd", addr("carol"), "--password", "carol-password-2"]);
     assert.equal(pw.code, 0, pw.stderr);
     await sleep(2500);
@@ -165,6 +184,9 @@ describe("split brain: the victim's changes are reconciled into the survivor", {
     // carol's password changed on b, after nothing changed it on a: b's stands.
     const carol = await mailOf(lab.b, "carol", "carol-password-2");
     for (const s of ["a-3", "b-2"]) assert.equal(carol.msgs.filter((m) => m.subject === s).length, 1, `carol must have "${s}" once`);
+    // The spam filter's counts: a's learning added to b's, "both" learned once (as ham, b's later word).
+    const spam = JSON.parse((await cli(lab, ["spam", "stats", "--user", addr("bob"), "--json"])).stdout) as { totals: { spam_learned: number; innocent_learned: number } }[];
+    assert.deepEqual([spam[0]!.totals.spam_learned, spam[0]!.totals.innocent_learned], [3, 3], `bob's spam filter after the merge: ${JSON.stringify(spam)}`);
     // dave, added on a during the split, exists on b with the password given on a.
     await imap(lab.b, "dave", async (c) => assert.ok(await c.status("INBOX", { messages: true })));
 

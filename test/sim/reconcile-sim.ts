@@ -79,9 +79,9 @@ export class Replica {
     return m;
   }
 
-  deliver(user: string, guid: string, o: { sha256: string; queueId?: string; flags?: string[] }): string {
+  deliver(user: string, guid: string, o: { sha256: string; queueId?: string; flags?: string[]; messageId?: string }): string {
     const key = this.newKey();
-    this.put(user, guid, key, { sha256: o.sha256, flags: [...(o.flags ?? [])], ...(o.queueId !== undefined ? { queueId: o.queueId } : {}) });
+    this.put(user, guid, key, { sha256: o.sha256, flags: [...(o.flags ?? [])], ...(o.queueId !== undefined ? { queueId: o.queueId } : {}), ...(o.messageId !== undefined ? { messageId: o.messageId } : {}) });
     this.emit("delivery", { user, mailbox: guid, key, sha256: o.sha256, ...(o.queueId !== undefined ? { queueId: o.queueId } : {}), flags: [...(o.flags ?? [])] });
     return key;
   }

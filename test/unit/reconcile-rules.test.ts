@@ -111,6 +111,19 @@ test("a message the backup MX delivered on both sides (same queue id) is there o
   assert.ok(rules(plan).includes("new-message/same-queue-id"));
 });
 
+test("a message a client sent again to the other node (no 250 from the first, same Message-ID, same folder) is there once; in another folder it is two", () => {
+  const sc = new Scene();
+  sc.at(1000).victim.deliver(ALICE, INBOX, { sha256: "sent-to-v", messageId: "<once@example.net>" });
+  sc.at(1500).survivor.deliver(ALICE, INBOX, { sha256: "sent-again-to-s", messageId: "<once@example.net>" });
+  const { plan, after } = sc.merge();
+  assert.deepEqual(ops(plan), []);
+  assert.deepEqual(contents(after, ALICE, "INBOX"), ["s1 \\Seen", "s2", "sent-again-to-s"]);
+  const other = new Scene();
+  other.at(1000).victim.deliver(ALICE, ARCHIVE, { sha256: "filed-on-v", messageId: "<twice@example.net>" });
+  other.at(1500).survivor.deliver(ALICE, INBOX, { sha256: "inbox-on-s", messageId: "<twice@example.net>" });
+  assert.deepEqual(ops(other.merge().plan).map((o) => o.op), ["add-message"], "the same Message-ID in another folder is not the same delivery");
+});
+
 test("an APPEND a client repeated on both nodes (same content, same folder) is there once", () => {
   const sc = new Scene();
   sc.at(1000).victim.append(ALICE, ARCHIVE, "draft", ["\\Seen"]);
