@@ -490,6 +490,8 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
       autoRec.last = { copy, ok, atMs: Date.now(), says };
       if (ok) {
         delete autoRec.tries[copy];
+        // Merged and marked on the peer: not pending any more (the next check confirms it).
+        if (autoRec.peerCopies) autoRec.peerCopies = autoRec.peerCopies.filter((p) => p !== copy);
         emit({ type: "reconcile-done", copy });
       } else {
         autoRec.tries[copy] = { attempts: attempt, lastMs: Date.now(), error: says };

@@ -20,6 +20,7 @@ import type { NodePaths } from "../common/paths.ts";
 import { probeLine } from "../common/probe.ts";
 import { addDomain, grantAccount, migrate, SQL_ACCOUNTS, upsertUser, type SqlAccount } from "../services/accounts.ts";
 import { migrateSpam } from "../services/spam/store.ts";
+import { skipUids, UID_GAP } from "../services/uid-gap.ts";
 import { dovecotPaths, dovecotSpec, MASTER_USER, writeDovecotConfig, type DovecotOptions } from "../services/dovecot.ts";
 import { hashPassword } from "../services/password.ts";
 import { connectMariadb, initMariadbDatadir, mariadbPaths, mariadbSpec, pingMariadb, prepareMariadbFiles, secureRootAccount } from "../services/mariadb.ts";
@@ -255,6 +256,12 @@ const dovecotAgent: ResourceAgent = {
     const stale = await tryRun("find", [dp.mailRoot, "-name", "dovecot-uidlist.lock", "-type", "f", "-print", "-delete"], { timeoutMs: 60_000 });
     const removed = stale?.stdout.split("\n").filter(Boolean).length ?? 0;
     if (removed) ctx.log.info({ removed }, "removed stale Dovecot dotlocks");
+    // A forced takeover of an Outdated disk: the other side may have given UIDs we never saw.
+    if (ctx.forcePromote && ctx.overrideOutdated) {
+      const folders = skipUids(dp.mailRoot);
+      ctx.log.info({ folders, gap: UID_GAP }, "forced takeover of an outdated disk: next UIDs raised, so no UID the other side gave is given again");
+      ctx.overrideOutdated = false; // once per takeover: a later restart of Dovecot is not one
+    }
     await startDaemonResource(ctx, dovecotSpec("dovecot", o, dp));
   },
   async stop(ctx) {

@@ -117,9 +117,11 @@ export async function reconcilePending(c: MailhaConfig): Promise<ReconcilePendin
     seen.add(path);
     copies.push({ node, path });
   };
+  const reconciled = new Set<string>();
   for (const n of c.nodes) {
     const list = await listPreserved(volumeContext(c, n.id)).catch(() => []);
     for (const p of list) if (!p.reconciledAtMs) addCopy(n.id, p.path);
+    for (const p of list) if (p.reconciledAtMs) reconciled.add(p.path);
     const st = readReconcileState(nodePaths(nodeStateDir(c, n.id)).run);
     if (st && st.status !== "done") {
       let alive = st.status === "incomplete";
@@ -136,7 +138,8 @@ export async function reconcilePending(c: MailhaConfig): Promise<ReconcilePendin
     const r = ((await nodeStatus(c, n.id, 2000).catch(() => null)) as { reconcile?: NodeReconcileView } | null)?.reconcile;
     if (!r) continue;
     auto.push({ node: n.id, enabled: r.auto === true, waiting: r.waiting ?? null });
-    for (const p of r.peerCopies ?? []) addCopy(peerOf(c, n.id).id, p);
+    // What the node last heard from its peer, unless the copy's own record (here) says merged.
+    for (const p of r.peerCopies ?? []) if (!reconciled.has(p)) addCopy(peerOf(c, n.id).id, p);
   }
   return { copies, runs, auto };
 }
@@ -147,7 +150,9 @@ export function describePending(p: ReconcilePending): string[] {
   for (const x of p.copies) {
     const waits = p.auto.find((a) => a.waiting?.copy === x.path);
     const merger = p.auto.find((a) => a.node !== x.node && a.enabled);
+    const off = p.auto.find((a) => a.node !== x.node && !a.enabled);
     if (waits) out.push(`split-brain copy of ${x.node} not reconciled: ${x.path}; ${waits.waiting!.says}`);
+    else if (off) out.push(`split-brain copy of ${x.node} not reconciled: ${x.path}; reconcile.auto is off: look with \`mailha reconcile --dry-run\`, then run \`mailha reconcile\``);
     else if (merger) out.push(`split-brain copy of ${x.node} not reconciled yet: ${x.path}; the active node merges it by itself (reconcile.auto)`);
     else out.push(`split-brain copy of ${x.node} not reconciled: ${x.path}; run: mailha reconcile (or look first: mailha reconcile --dry-run)`);
   }
