@@ -69,6 +69,15 @@ export function nodeCommand(c: MailhaConfig, nodeId: string, cmd: string, force 
   return controlCall(nodeControlSocket(c, nodeId), "command", { cmd, force }, timeoutMs);
 }
 
+/** The node reachable from here that runs the resource group (one of localNodes), or null. */
+export async function activeLocalNode(c: MailhaConfig): Promise<string | null> {
+  for (const id of localNodes(c)) {
+    const s = await nodeStatus(c, id, 2000).catch(() => null);
+    if (s?.state === "active") return id;
+  }
+  return null;
+}
+
 /** Nodes whose control socket is reachable from here (both in the lab, the local one on a server). */
 export function localNodes(c: MailhaConfig): string[] {
   return c.nodes.map((n) => n.id).filter((id) => existsSync(nodeControlSocket(c, id)));

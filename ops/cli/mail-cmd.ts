@@ -4,7 +4,7 @@ import { Command, Option } from "commander";
 import { loadConfig, type MailhaConfig } from "../../common/config.ts";
 import { createLogger } from "../../common/log.ts";
 import { nodePaths, nodeStateDir } from "../../common/paths.ts";
-import { localNodes, nodeStatus } from "../../cluster/client.ts";
+import { activeLocalNode } from "../../cluster/client.ts";
 import { resolveNode } from "../../replication/client.ts";
 import { addAlias, addDomain, addUser, deleteAlias, deleteUser, listAliases, listDomains, listUsers, setPassword } from "../../services/accounts.ts";
 import { connectMariadb, mariadbPaths } from "../../services/mariadb.ts";
@@ -23,13 +23,11 @@ import { runUntilSignalled } from "../../common/lifecycle.ts";
 const configOpt = (def: string) => new Option("-c, --config <file>", "cluster configuration file").default(def);
 const jsonOpt = () => new Option("--json", "print the result as JSON");
 
-/** The MariaDB socket of the active node reachable from here. */
+/** The MariaDB of the active node reachable from here. */
 async function activeDb(c: MailhaConfig) {
-  for (const id of localNodes(c)) {
-    const s = await nodeStatus(c, id, 2000).catch(() => null);
-    if (s?.state === "active") return connectMariadb(mariadbPaths(nodePaths(nodeStateDir(c, id))).socket);
-  }
-  throw new Error("no active node here: run this on the active node (see mailha status)");
+  const id = await activeLocalNode(c);
+  if (!id) throw new Error("no active node here: run this on the active node (see mailha status)");
+  return connectMariadb(mariadbPaths(nodePaths(nodeStateDir(c, id))).socket);
 }
 
 async function withDb<T>(config: string, fn: (db: Awaited<ReturnType<typeof activeDb>>) => Promise<T>): Promise<T> {

@@ -9,7 +9,7 @@ import { Command, Option } from "commander";
 import { loadConfig, nodeById, peerOf, type MailhaConfig } from "../../common/config.ts";
 import { UsageError } from "../../common/errors.ts";
 import { nodePaths, nodeStateDir } from "../../common/paths.ts";
-import { nodeStatus } from "../../cluster/client.ts";
+import { activeLocalNode, nodeStatus } from "../../cluster/client.ts";
 import { listPreserved, markReconciled, volumeContext } from "../../replication/client.ts";
 import { dovecotPaths } from "../../services/dovecot.ts";
 import { mariadbPaths } from "../../services/mariadb.ts";
@@ -27,11 +27,9 @@ interface Opts {
 }
 
 async function activeNode(c: MailhaConfig): Promise<string> {
-  for (const n of c.nodes) {
-    const s = await nodeStatus(c, n.id, 2000).catch(() => null);
-    if (s?.state === "active") return n.id;
-  }
-  throw new UsageError("no node is active: the survivor must serve while it is reconciled (or say --node)");
+  const id = await activeLocalNode(c);
+  if (!id) throw new UsageError("no node is active: the survivor must serve while it is reconciled (or say --node)");
+  return id;
 }
 
 export function reconcileCommand(defaultConfig: string): Command {

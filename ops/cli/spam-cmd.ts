@@ -13,7 +13,7 @@ import type { Connection } from "mysql2/promise";
 import { loadConfig, type MailhaConfig } from "../../common/config.ts";
 import { UsageError } from "../../common/errors.ts";
 import { nodePaths, nodeStateDir } from "../../common/paths.ts";
-import { localNodes, nodeStatus } from "../../cluster/client.ts";
+import { activeLocalNode } from "../../cluster/client.ts";
 import { DATABASE } from "../../services/accounts.ts";
 import { connectMariadb, mariadbPaths } from "../../services/mariadb.ts";
 import { importDspamDump } from "../../services/spam/dump.ts";
@@ -30,11 +30,9 @@ const configOpt = (def: string) => new Option("-c, --config <file>", "cluster co
 const jsonOpt = () => new Option("--json", "print the result as JSON");
 
 async function activeSocket(c: MailhaConfig): Promise<string> {
-  for (const id of localNodes(c)) {
-    const s = await nodeStatus(c, id, 2000).catch(() => null);
-    if (s?.state === "active") return mariadbPaths(nodePaths(nodeStateDir(c, id))).socket;
-  }
-  throw new Error("no active node here: run this on the active node (see mailha status)");
+  const id = await activeLocalNode(c);
+  if (!id) throw new Error("no active node here: run this on the active node (see mailha status)");
+  return mariadbPaths(nodePaths(nodeStateDir(c, id))).socket;
 }
 
 async function withStore<T>(config: string, fn: (s: MariadbSpamStore, db: Connection) => Promise<T>): Promise<T> {

@@ -5,10 +5,10 @@
 // stamps; changes made while the watcher is frozen and then killed are journaled by
 // its restart's catch-up; after node a dies, b takes over and journals its own
 // changes as node b, after a's, on the same volume.
-import { test, describe, before, after } from "node:test";
+import { test, describe } from "node:test";
 import assert from "node:assert/strict";
-import { readFileSync, rmSync } from "node:fs";
-import { dirname, join } from "node:path";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
 import { ImapFlow } from "imapflow";
 import { sleep } from "../../common/exec.ts";
 import { compareHlc } from "../../common/hlc.ts";
@@ -16,7 +16,7 @@ import type { DaemonRecord } from "../../common/daemon.ts";
 import type { JournalEntry } from "../../services/journal/changes.ts";
 import { mailha, mailhaWithInput } from "../helpers/cli.ts";
 import { fault, waitNode } from "../helpers/cluster.ts";
-import { writeTestLabConfig } from "../helpers/lab.ts";
+import { labUpForTests, writeTestLabConfig } from "../helpers/lab.ts";
 
 const skip = process.getuid?.() !== 0 ? "needs root" : false;
 const USER = "jo@mailha.test";
@@ -57,14 +57,7 @@ describe("the change journal: accounts, IMAP changes through Dovecot, a killed w
     return r;
   };
 
-  before(async () => {
-    const r = await mailha(["lab", "up", "--config", lab.configFile]);
-    assert.equal(r.code, 0, `lab up failed:\n${r.stderr}`);
-  });
-  after(async () => {
-    await mailha(["lab", "down", "--config", lab.configFile]);
-    rmSync(dirname(lab.configFile), { recursive: true, force: true });
-  });
+  labUpForTests(lab);
 
   test("user add, user passwd and alias add are journaled once each, never with the cleartext password", async () => {
     seen = (await show()).length;
