@@ -141,6 +141,19 @@ const schema = z
         journal_keep_ms: ms(3_600_000, 3_650 * 86_400_000).default(7 * 86_400_000),
       })
       .prefault({}),
+    spam: z
+      .strictObject({
+        // The statistical filter (services/spam/): mail from outside is classified at
+        // delivery, before the 250; false: delivered unclassified (no X-DSPAM fields).
+        enabled: z.boolean({ error: "true or false" }).default(true),
+        // A delivery waits at most this long for the filter; longer: delivered unclassified (Innocent, X-DSPAM-Reason).
+        classify_timeout_ms: ms(100, 60_000).default(5000),
+        // Users' moves into and out of Junk retrain the filter (the spam worker, on the active node).
+        learn_from_moves: z.boolean({ error: "true or false" }).default(true),
+        // When the spam worker runs DSPAM's purge (cron, the node's local time).
+        purge_cron: z.string({ error: "a cron expression (5 fields), e.g. 30 3 * * *" }).regex(/^\S+( \S+){4}$/, { error: "a cron expression of 5 fields, e.g. 30 3 * * *" }).default("30 3 * * *"),
+      })
+      .prefault({}),
     heartbeat: z.strictObject({
       port: port().default(694),
       key_file: filePath("the heartbeat key file (mode 0600)"),

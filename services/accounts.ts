@@ -77,9 +77,32 @@ export async function migrate(db: Connection): Promise<number[]> {
  * the OS root only) makes the schema and these grants. Their passwords are files in the
  * volume's etc/ (0600), shared by both nodes as the database is.
  */
+/** The spam filter's tables (services/spam/store.ts makes them at every activation, before the grants). */
+export const SPAM_TABLES = ["dspam_token_data", "dspam_signature_data", "dspam_stats", "dspam_preferences", "dspam_virtual_uids", "mailha_spam_ledger"] as const;
+
+/** What classification at delivery writes: counts, signatures, the ledger, a user's first uid; preferences read. */
+const SPAM_CLASSIFY_GRANTS = [
+  `SELECT, INSERT, UPDATE ON ${DATABASE}.dspam_token_data`,
+  `SELECT, INSERT, UPDATE ON ${DATABASE}.dspam_stats`,
+  `SELECT, INSERT, UPDATE ON ${DATABASE}.dspam_signature_data`,
+  `SELECT, INSERT, UPDATE ON ${DATABASE}.mailha_spam_ledger`,
+  `SELECT, INSERT ON ${DATABASE}.dspam_virtual_uids`,
+  `SELECT ON ${DATABASE}.dspam_preferences`,
+];
+
 export const SQL_ACCOUNTS = {
   /** SMTP's recipient and AUTH lookups (services/smtp/recipients.ts): read only. */
-  smtp: { user: "mailha_smtp", secret: "mariadb-smtp.secret", grants: [`SELECT ON ${DATABASE}.users`, `SELECT ON ${DATABASE}.aliases`] },
+  smtp: {
+    user: "mailha_smtp",
+    secret: "mariadb-smtp.secret",
+    grants: [`SELECT ON ${DATABASE}.users`, `SELECT ON ${DATABASE}.aliases`, ...SPAM_CLASSIFY_GRANTS],
+  },
+  /** The spam worker (retraining from users' moves, the nightly purge): the filter's tables, the users read. */
+  spam: {
+    user: "mailha_spam",
+    secret: "mariadb-spam.secret",
+    grants: [`SELECT ON ${DATABASE}.users`, ...SPAM_TABLES.map((t) => `SELECT, INSERT, UPDATE, DELETE ON ${DATABASE}.${t}`)],
+  },
   /** Dovecot's passdb/userdb (services/dovecot.ts): the users table, read only. */
   dovecot: { user: "dovecot", secret: "dovecot-sql.secret", grants: [`SELECT ON ${DATABASE}.users`] },
   /** The account store's commands (users, aliases, domains): rows, never the schema. */
