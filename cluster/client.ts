@@ -1,15 +1,15 @@
 // The client side of the node daemon: its daemon spec (for `mailha node start` and the
 // lab), and questions to its control socket.
 import { existsSync } from "node:fs";
-import { fileURLToPath } from "node:url";
 import { dirname, join } from "node:path";
 import type { MailhaConfig } from "../common/config.ts";
 import type { DaemonSpec } from "../common/daemon.ts";
 import { nodeNetns, nodeStateDir } from "../common/paths.ts";
 import { controlCall } from "../replication/control.ts";
 import { nodeControlSocket } from "./node.ts";
+import { MAILHA_BIN } from "../common/self.ts";
 
-const BIN = join(dirname(fileURLToPath(import.meta.url)), "..", "ops", "bin", "mailha.mjs");
+const BIN = MAILHA_BIN;
 
 export function nodeSpec(c: MailhaConfig, nodeId: string): DaemonSpec {
   const sock = nodeControlSocket(c, nodeId);

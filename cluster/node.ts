@@ -5,11 +5,10 @@
 // socket for the operator, a Prometheus endpoint, and writes the cluster event log.
 import { spawn, type ChildProcess } from "node:child_process";
 import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
-import { fileURLToPath } from "node:url";
 import { createSocket, type Socket as UdpSocket } from "node:dgram";
 import { createServer as createHttpServer } from "node:http";
 import type { Socket } from "node:net";
-import { dirname, join } from "node:path";
+import { join } from "node:path";
 import type { MailhaConfig } from "../common/config.ts";
 import { daemonRecordProblem, isAlive, startDaemon, stopDaemon, type DaemonRecord } from "../common/daemon.ts";
 import { DamagedStateFileError, readJsonState, writeFileDurable } from "../common/fsutil.ts";
@@ -38,6 +37,7 @@ import { VictimExport } from "../reconcile/export.ts";
 import { Directory } from "../services/smtp/recipients.ts";
 import { mariadbPaths } from "../services/mariadb.ts";
 import { readStats } from "../services/stats.ts";
+import { MAILHA_BIN } from "../common/self.ts";
 
 export function nodeControlSocket(c: MailhaConfig, nodeId: string): string {
   return join(nodeStateDir(c, nodeId), "run", "node.sock");
@@ -47,7 +47,7 @@ export function clusterEventLog(c: MailhaConfig, nodeId: string): string {
   return join(nodeStateDir(c, nodeId), "log", "cluster-events.jsonl");
 }
 
-const BIN = join(dirname(fileURLToPath(import.meta.url)), "..", "ops", "bin", "mailha.mjs");
+const BIN = MAILHA_BIN;
 const WATCHDOG_INTERVAL_MS = 1000;
 const WATCHDOG_TIMEOUT_MS = 2000;
 const WATCHDOG_MISSES_MAX = 3;

@@ -9,7 +9,6 @@
 // the node's data directory.
 import { tryRun } from "../common/exec.ts";
 import { dirname, join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { smtpEhloWorks } from "../services/smtp/probe.ts";
 import { ImapFlow } from "imapflow";
 import nodemailer from "nodemailer";
@@ -32,6 +31,7 @@ import { FILE_NAME } from "../replication/fuse-export.ts";
 import { volumeCall, volumeStatus, waitForVolume, type VolumeContext } from "../replication/client.ts";
 import { writeNodeMarker } from "../services/journal/accounts.ts";
 import { readWatchStatus, watchStatusFile } from "../services/journal/maildir-watch.ts";
+import { MAILHA_BIN } from "../common/self.ts";
 
 export type ResourceState = "stopped" | "starting" | "running" | "stopping" | "failed";
 
@@ -296,7 +296,7 @@ const dovecotAgent: ResourceAgent = {
   },
 };
 
-const BIN = join(dirname(fileURLToPath(import.meta.url)), "..", "ops", "bin", "mailha.mjs");
+const BIN = MAILHA_BIN;
 
 const SMTP_POOL_THREADS = 64;
 

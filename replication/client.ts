@@ -3,8 +3,7 @@
 // questions, waiting for a state.
 import { existsSync, rmSync } from "node:fs";
 import { networkInterfaces } from "node:os";
-import { fileURLToPath } from "node:url";
-import { dirname, join } from "node:path";
+import { join } from "node:path";
 import type { MailhaConfig } from "../common/config.ts";
 import { daemonRecordProblem, findRunningDaemon, startDaemon, stopDaemon, isAlive, type DaemonRecord, type DaemonSpec } from "../common/daemon.ts";
 import { UsageError } from "../common/errors.ts";
@@ -17,8 +16,9 @@ import { DamagedStateFileError, readJsonState, writeFileDurable } from "../commo
 import { removeCopy } from "./preserve.ts";
 import { loadMetaFile, volumeFiles } from "./store.ts";
 import type { Meta, PreservedCopy } from "./types.ts";
+import { MAILHA_BIN } from "../common/self.ts";
 
-const BIN = join(dirname(fileURLToPath(import.meta.url)), "..", "ops", "bin", "mailha.mjs");
+const BIN = MAILHA_BIN;
 
 export interface VolumeContext {
   readonly config: MailhaConfig;

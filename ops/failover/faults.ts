@@ -14,13 +14,13 @@
 import { spawn } from "node:child_process";
 import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import type { MailhaConfig } from "../../common/config.ts";
 import { UsageError } from "../../common/errors.ts";
 import { sleep } from "../../common/exec.ts";
 import { nodePaths, nodeStateDir } from "../../common/paths.ts";
 import { nodeCommand, nodeStatus, type NodeStatusView } from "../../cluster/client.ts";
 import { labFault } from "../lab/faults.ts";
+import { MAILHA_BIN } from "../../common/self.ts";
 
 export const LAB_FAULTS = ["kill-node", "freeze-node", "cut-replication", "cut-links", "partition", "kill-service", "split-brain"] as const;
 export const COMMAND_FAULTS = ["switchover", "failback"] as const;
@@ -180,7 +180,7 @@ export function splitAcks(log: readonly FaultStepRecord[], acks: Iterable<{ host
   return { byOld, byNew };
 }
 
-const BIN = fileURLToPath(new URL("../bin/mailha.mjs", import.meta.url));
+const BIN = MAILHA_BIN;
 const RECONCILE_TIMEOUT_MS = 600_000;
 
 /** `mailha reconcile --json` as a child process, as an operator runs it. */
