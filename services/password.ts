@@ -112,8 +112,13 @@ interface VerifyJob {
 /** Thrown when VERIFY_QUEUE_MAX checks are already waiting. */
 export class VerifierBusyError extends Error {}
 
-/** The module itself, run in a worker thread (tsx loads the TypeScript there too). */
+/**
+ * The module itself, run in a worker thread: compiled (dist/), this very file; from the
+ * sources, through tsx, which the worker registers first.
+ */
 function workerUrl(): URL {
+  const self = new URL(import.meta.url);
+  if (!self.pathname.endsWith(".ts")) return self;
   const code = `import { register } from ${JSON.stringify(import.meta.resolve("tsx/esm/api"))}; register(); await import(${JSON.stringify(import.meta.url)});`;
   return new URL(`data:text/javascript,${encodeURIComponent(code)}`);
 }
