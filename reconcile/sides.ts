@@ -209,10 +209,10 @@ export function sinceSplit(victim: readonly JournalEntry[], survivor: readonly J
  */
 export function toEvents(entries: readonly JournalEntry[], state: SideState, standIns: ReadonlyMap<string, string> = new Map()): JournalEvent[] {
   const real = (g: string) => standIns.get(g) ?? g;
-  const inboxOf = (user: string): string => {
+  const boxOf = (user: string, name: string): string => {
     const boxes = state.mail[user]?.mailboxes ?? {};
-    for (const [guid, b] of Object.entries(boxes)) if (b.name === "INBOX") return guid;
-    return real(standInGuid(user, "INBOX"));
+    for (const [guid, b] of Object.entries(boxes)) if (b.name === name) return guid;
+    return real(standInGuid(user, name));
   };
   const out: JournalEvent[] = [];
   for (const e of entries) {
@@ -222,10 +222,18 @@ export function toEvents(entries: readonly JournalEntry[], state: SideState, sta
     switch (e.kind) {
       case "delivery": {
         const user = String(x.mailbox);
-        // `file` is relative to the mail root (`domain/local/Maildir/new/<name>`).
+        // `file` is relative to the mail root: `domain/local/Maildir/new/<name>`, or
+        // `domain/local/Maildir/.Junk/new/<name>` for spam the filter filed.
+        const parts = String(x.file).split("/");
+        const folder = parts.length === 6 ? folderName(parts[3]!) : "INBOX";
         const key = parseFileName(basename(String(x.file))).key;
         const queueId = typeof x.peerQueueId === "string" ? x.peerQueueId : typeof x.queueId === "string" ? x.queueId : undefined;
-        out.push({ ...base, kind: "delivery", user, mailbox: inboxOf(user), key, sha256: String(x.sha256), flags: [], ...(queueId ? { queueId } : {}) });
+        out.push({ ...base, kind: "delivery", user, mailbox: boxOf(user, folder), key, sha256: String(x.sha256), flags: [], ...(queueId ? { queueId } : {}) });
+        // What the spam filter learned from it: the filter's own kind, as if journaled apart.
+        const spam = x.spam as { user?: unknown; deltas?: unknown } | undefined;
+        if (spam && typeof spam.user === "string" && Array.isArray(spam.deltas)) {
+          for (const [i, delta] of spam.deltas.entries()) out.push({ ...base, id: `${e.id}/spam/${i}`, kind: "spam-delta", payload: { user: spam.user, delta } as never });
+        }
         break;
       }
       case "append":

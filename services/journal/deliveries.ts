@@ -21,12 +21,15 @@ export interface PendingDelivery {
   readonly size: number;
   /** When SMTP journaled it (ms). */
   readonly ms: number;
+  /** The Maildir++ folder directory it was delivered into: "" (INBOX) or `.Junk` (the spam filter's). */
+  readonly dir: string;
 }
 
 interface Saved {
   readonly v: 1;
   readonly offsets: Record<string, { ino: number; off: number }>;
-  readonly pending: [string, string, number, number][];
+  /** [key, sha256, size, ms, dir]; dir absent in files written before folders (INBOX). */
+  readonly pending: [string, string, number, number, string?][];
 }
 
 export class DeliveryIndex {
@@ -46,7 +49,7 @@ export class DeliveryIndex {
     }
     if (saved?.v === 1) {
       for (const [f, o] of Object.entries(saved.offsets)) this.offsets.set(f, o);
-      for (const [k, sha256, size, ms] of saved.pending) this.pending.set(k, { sha256, size, ms });
+      for (const [k, sha256, size, ms, dir] of saved.pending) this.pending.set(k, { sha256, size, ms, dir: dir ?? "" });
     }
   }
 
@@ -124,12 +127,13 @@ export class DeliveryIndex {
         continue;
       }
       if (typeof e.file !== "string") continue;
-      // <domain>/<local>/Maildir/new/<name>
+      // <domain>/<local>/Maildir/new/<name>, or <domain>/<local>/Maildir/<.Folder>/new/<name>
       const parts = e.file.split("/");
-      if (parts.length < 5) continue;
+      if (parts.length !== 5 && parts.length !== 6) continue;
+      const dir = parts.length === 6 ? parts[3]! : "";
       const key = deliveryKey(`${parts[0]}/${parts[1]}`, parts[parts.length - 1]!);
       this.pending.delete(key); // re-inserted: the Map keeps age order
-      this.pending.set(key, { sha256: String(e.sha256 ?? ""), size: Number(e.size ?? 0), ms: Date.parse(String(e.ts ?? "")) || Date.now() });
+      this.pending.set(key, { sha256: String(e.sha256 ?? ""), size: Number(e.size ?? 0), ms: Date.parse(String(e.ts ?? "")) || Date.now(), dir });
       this.changed = true;
     }
     return end + 1;
@@ -159,7 +163,7 @@ export class DeliveryIndex {
   /** Writes the offsets and the pending entries durably (after the round's journal commit). */
   async save(): Promise<void> {
     if (!this.changed) return;
-    const saved: Saved = { v: 1, offsets: Object.fromEntries(this.offsets), pending: [...this.pending].map(([k, p]) => [k, p.sha256, p.size, p.ms]) };
+    const saved: Saved = { v: 1, offsets: Object.fromEntries(this.offsets), pending: [...this.pending].map(([k, p]) => [k, p.sha256, p.size, p.ms, p.dir]) };
     await writeDurable(this.stateFile, JSON.stringify(saved));
     this.changed = false;
   }

@@ -9,6 +9,10 @@ import { closeSync, openSync, readdirSync, readFileSync, readSync, statSync } fr
 import { join } from "node:path";
 
 export const INBOX_DIR = "";
+/** Junk's folder directory: where SMTP files spam (services/spam/at-delivery.ts). */
+export const JUNK_DIR = ".Junk";
+/** The folders SMTP delivers into (its journal names them; the scanner must not take them for a client's). */
+export const SMTP_DIRS: ReadonlySet<string> = new Set([INBOX_DIR, JUNK_DIR]);
 
 /** `<base>:2,<letters>` -> key and flag letters (a file still in new/ has none). */
 export function parseFileName(fname: string): { key: string; letters: string } {

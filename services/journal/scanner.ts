@@ -24,7 +24,7 @@ import type { Logger } from "pino";
 import type { AppendRequest, ChangeJournal } from "./changes.ts";
 import "./kinds.ts";
 import type { DeliveryIndex } from "./deliveries.ts";
-import { flagNames, folderName, folderPath, INBOX_DIR, listFolders, parseFileName, readKeywords, readSubscriptions, readUidlist, readUidlistHeader } from "./maildir.ts";
+import { flagNames, folderName, folderPath, INBOX_DIR, listFolders, SMTP_DIRS, parseFileName, readKeywords, readSubscriptions, readUidlist, readUidlistHeader } from "./maildir.ts";
 import { emptyMailboxState, type MailboxState, type MsgState, type ScanStore, type UserState } from "./scan-state.ts";
 
 /** A file seen in new/ that no delivery line names yet is left for this long (SMTP journals right after its rename). */
@@ -332,8 +332,9 @@ export async function scanUser(ctx: ScanContext, u: UserRef, dirty: Dirty, rootD
     }
     const delivered = ctx.deliveries.take(u.rel, a.key);
     if (delivered) {
-      // SMTP journaled it into INBOX; found elsewhere, a client moved it before any scan.
-      if (a.dir !== INBOX_DIR) emit("move", copyPayload(ref(INBOX_DIR, a.key, null), a, m[1], flags, delivered.sha256), a.ctimeMs);
+      // SMTP journaled it into its folder (INBOX, or Junk by the spam filter); found
+      // elsewhere, a client moved it before any scan.
+      if (a.dir !== delivered.dir) emit("move", copyPayload(ref(delivered.dir, a.key, null), a, m[1], flags, delivered.sha256), a.ctimeMs);
       continue;
     }
     const source = a.nlink > 1 || seenKeys.has(a.key) ? findCopySource(ctx, u, newUser, newStates, a) : null;
@@ -342,7 +343,7 @@ export async function scanUser(ctx: ScanContext, u: UserRef, dirty: Dirty, rootD
       if (sha256) emit("copy", copyPayload(ref(source.dir, a.key, source.uid), a, m[1], flags, sha256), a.ctimeMs);
       continue;
     }
-    if (!baseline && a.sub === "new" && a.dir === INBOX_DIR && now() - a.ctimeMs < DELIVERY_GRACE_MS) {
+    if (!baseline && a.sub === "new" && SMTP_DIRS.has(a.dir) && now() - a.ctimeMs < DELIVERY_GRACE_MS) {
       // Perhaps SMTP's delivery, whose journal line is being written: look again later.
       st.msgs.delete(a.key);
       retry.push({ dir: a.dir, atMs: a.ctimeMs + DELIVERY_GRACE_MS });
@@ -362,12 +363,12 @@ export async function scanUser(ctx: ScanContext, u: UserRef, dirty: Dirty, rootD
   // SMTP's deliveries no scan matched: already in a state (found after the grace,
   // journaled as an append), or delivered and gone before any scan saw them (a quick
   // POP3 client): the latter is an expunge.
-  if (newStates.has(INBOX_DIR) && !baseline) {
+  if (!baseline) {
     for (const [key, p] of [...ctx.deliveries.pendingOf(u.rel)]) {
-      if (now() - p.ms < DELIVERY_GRACE_MS) continue;
+      if (!newStates.has(p.dir) || now() - p.ms < DELIVERY_GRACE_MS) continue;
       ctx.deliveries.take(u.rel, key);
       const somewhere = Object.keys(newUser.folders).some((d) => (newStates.get(d) ?? ctx.store.loadMailbox(u.rel, d))?.msgs.has(key));
-      if (!somewhere) emit("expunge", { user: u.address, ...ref(INBOX_DIR, key, null) }, p.ms);
+      if (!somewhere) emit("expunge", { user: u.address, ...ref(p.dir, key, null) }, p.ms);
     }
   }
 

@@ -33,18 +33,21 @@ import { completeHeaders } from "./submission-headers.ts";
 import { rfc2822, traceFields } from "./trace.ts";
 import { aceAddress, recipientAddress } from "./address.ts";
 import { applyConformance } from "./conformance.ts";
-import { RejectError } from "./maildir.ts";
+import { RejectError, withoutAdded } from "./maildir.ts";
 import { Directory } from "./recipients.ts";
 import type { Failure } from "./dsn.ts";
 import { prepareStatsDir, publishStats } from "../stats.ts";
 import { ListenerGuard, listenerLimits, recipientLimitError, smtpError } from "./limits.ts";
 import { Transactions } from "./transaction.ts";
+import { SpamAtDelivery } from "../spam/at-delivery.ts";
 import { SmtpAuth } from "./auth.ts";
 import { hashPassword, PasswordVerifier } from "../password.ts";
 import { isRoot, type Ids } from "../privileges.ts";
 import { dropToMailUser, prepareSmtpFiles } from "./run-as.ts";
 
 const CLOSE_TIMEOUT_MS = 1500;
+
+const prefixed = (p: string, o: object): Record<string, number> => Object.fromEntries(Object.entries(o).map(([k, v]) => [`${p}${k}`, v as number]));
 const INFLIGHT_WAIT_MS = 5000;
 const CLIENT_CLOSE_MS = 1000;
 
@@ -99,7 +102,10 @@ export async function runSmtp(o: SmtpOptions): Promise<SmtpService> {
   const myName = c.mail.mx.find((m) => m.node === o.nodeId)?.name ?? c.mail.host;
   const mailRoot = join(o.paths.data, "mail");
 
-  const { deliverLocal, oncePerQueueId } = deliveryPath({ mailRoot, uid: c.mail.mail_uid, gid: c.mail.mail_gid, sizeMax: c.mail.message_size_max_bytes, journal, delivered, log: o.log });
+  // Mail from outside (port 25, the backup MX's) is classified at delivery; a user's own
+  // submissions and this node's bounces are not.
+  const spam = c.spam.enabled ? new SpamAtDelivery({ socket: mariadbPaths(o.paths).socket, timeoutMs: c.spam.classify_timeout_ms, log: o.log }) : null;
+  const { deliverLocal, oncePerQueueId } = deliveryPath({ mailRoot, uid: c.mail.mail_uid, gid: c.mail.mail_gid, sizeMax: c.mail.message_size_max_bytes, journal, delivered, log: o.log, filter: spam });
   const localDeliver = async (from: string, to: string, file: string) => {
     const r = await dir.resolve(to);
     if (r.kind !== "local" || !r.mailboxes.length) throw new Error(`${to} is not a local mailbox`);
@@ -206,13 +212,13 @@ export async function runSmtp(o: SmtpOptions): Promise<SmtpService> {
       return;
     }
     const deliverTo = async (todo: readonly string[], peerQueueId?: string) => {
-      const d = await deliverLocal(input, todo, headers, peerQueueId, session.id);
+      const d = await deliverLocal(input, todo, headers, { ...(peerQueueId ? { peerQueueId } : {}), session: session.id, filter: !session.user });
       // Remote recipients of the same message: queued from the delivered copy (once:
       // with the first delivery of a backup MX's message), without the Return-Path line
       // (the final delivery's to write) and not measured again: the client's bytes were
       // within the limit, and the copy's own fields (Received, a submission's Date:) must
       // not make the queue refuse what the mailboxes already have.
-      if (remote.length && todo.length === mailboxes.length) await outbound.enqueue(createReadStream(d.files[0]!, { start: Buffer.byteLength(returnPath) }), from, remote, "", d.size);
+      if (remote.length && todo.length === mailboxes.length) await outbound.enqueue(withoutAdded(d.copies[0]!, Buffer.byteLength(headers), Buffer.byteLength(returnPath)), from, remote, "", d.size);
       o.log.info({ session: session.id, from, to: todo, remote, size: d.size, ms: Date.now() - t0, ...(peerQueueId ? { peerQueueId } : {}) }, "delivered");
       cb(null, `2.0.0 Ok: delivered as ${session.id}`);
     };
@@ -285,7 +291,7 @@ export async function runSmtp(o: SmtpOptions): Promise<SmtpService> {
     });
   }
   o.log.info({ address: me.service_address, ports }, "smtp listening");
-  const stopStats = publishStats(o.paths, "smtp", () => ({ ...guard.counters }));
+  const stopStats = publishStats(o.paths, "smtp", () => ({ ...guard.counters, ...(spam ? prefixed("spam_", spam.counters) : {}) }));
   if (runAs) dropToMailUser(runAs, o.log);
   // Only now: every file the worker writes (bounces) is the mail uid's.
   outbound.start();
@@ -308,7 +314,7 @@ export async function runSmtp(o: SmtpOptions): Promise<SmtpService> {
         } else if (r.kind === "not-local") remote.push(rcpt);
         else refused.push({ rcpt, status: "5.1.1", diagnostic: `550 5.1.1 <${rcpt}>: Recipient address rejected: User unknown (${myName})` });
       }
-      const r = mailboxes.size ? await oncePerQueueId(env.id, [...mailboxes], (todo) => deliverLocal(createReadStream(file), todo, `Return-Path: <${env.from}>\r\n`, env.id)) : "delivered";
+      const r = mailboxes.size ? await oncePerQueueId(env.id, [...mailboxes], (todo) => deliverLocal(createReadStream(file), todo, `Return-Path: <${env.from}>\r\n`, { peerQueueId: env.id, filter: true })) : "delivered";
       if (r === "busy") throw new Error(`backup MX message ${env.id} is being delivered by another session`);
       if (r === "duplicate") {
         delivered.dropped();
@@ -329,7 +335,7 @@ export async function runSmtp(o: SmtpOptions): Promise<SmtpService> {
       // Each bounded: a dead Redis or MariaDB (the reason for a restart, often) must
       // not hold the stop until the resource manager's SIGKILL.
       const bounded = (p: Promise<unknown>) => Promise.race([p.catch(() => {}), sleep(CLIENT_CLOSE_MS)]);
-      await Promise.all([bounded(outbound.close()), bounded(dir.close()), bounded(verifier.close())]);
+      await Promise.all([bounded(outbound.close()), bounded(dir.close()), bounded(verifier.close()), bounded(spam?.close() ?? Promise.resolve())]);
       await bounded(journal.close());
     },
   };

@@ -4,9 +4,11 @@
 // LOCK, SET, comments) is skipped. The values are parsed by a small bounded lexer
 // (numbers, quoted strings with MySQL's escapes, NULL, 0x hex, _binary prefixes),
 // never by handing the file to SQL. Limits: a statement of at most 64 MiB, a line of
-// at most 64 MiB; an error names the line. Rows replace existing ones with the same
-// key (importing twice gives the same counts), in batches of 500, one transaction
-// per batch.
+// at most 64 MiB; an error names the line. DSPAM's users come over under mailha's uid
+// for the same address (the file is read twice: users first), so a dump loads into a
+// filter that classifies mail already, unless one of its users has learned data there
+// (refused: ImportConflict). Rows replace existing ones with the same key (importing
+// twice gives the same counts), in batches of 500, one transaction per batch.
 import { createReadStream } from "node:fs";
 import { createInterface } from "node:readline";
 import type { Connection } from "mysql2/promise";
@@ -217,10 +219,72 @@ export interface ImportCounts {
 }
 
 /** Loads the DSPAM rows of the mysqldump FILE into DB (the tables must exist: migrateSpam). */
-export async function importDspamDump(db: Connection, file: string, database = DATABASE): Promise<ImportCounts> {
+/** A user of the dump who has learned data in mailha already (the import would mix their counts). */
+export class ImportConflict extends Error {
+  constructor(readonly users: readonly string[]) {
+    super(`the spam filter has learned data for ${users.length} user(s) of the dump already (${users.slice(0, 5).join(", ")}${users.length > 5 ? ", ..." : ""}): import with --replace to put the dump's in place of theirs, or leave them out of the dump`);
+  }
+}
+
+/**
+ * DSPAM's uids mapped to mailha's: a user the dump names (dspam_virtual_uids) gets
+ * mailha's uid for the same address (made when new), uid 0 (everyone's defaults) stays
+ * 0, a uid the dump does not name (DSPAM with system users) is kept when mailha has no
+ * user with it. Refuses (ImportConflict) when a mapped user has tokens or learned
+ * messages in mailha already, unless REPLACE (theirs are removed first: a second
+ * import of the same dump gives the same counts).
+ */
+async function uidMap(db: Connection, file: string, database: string, replace: boolean): Promise<Map<number, number>> {
+  const named = new Map<number, string>();
+  for await (const ins of readDump(file)) {
+    if (ins.table !== "dspam_virtual_uids") continue;
+    const iu = ins.columns.indexOf("uid");
+    const in_ = ins.columns.indexOf("username");
+    for (const row of ins.rows) {
+      const u = Number(row[iu]);
+      const name = row[in_];
+      if (Number.isSafeInteger(u) && typeof name === "string") named.set(u, Buffer.from(name, "latin1").toString("utf8").toLowerCase());
+    }
+  }
+  const map = new Map<number, number>([[0, 0]]);
+  const conflicts: string[] = [];
+  for (const [dumpUid, name] of named) {
+    await db.query(`INSERT IGNORE INTO \`${database}\`.dspam_virtual_uids (username) VALUES (?)`, [name]);
+    const [rows] = await db.query(`SELECT uid FROM \`${database}\`.dspam_virtual_uids WHERE username = ?`, [name]);
+    const uid = (rows as { uid: number }[])[0]!.uid;
+    const [t] = await db.query(`SELECT (SELECT COUNT(*) FROM \`${database}\`.dspam_token_data WHERE uid = ?) AS tokens, (SELECT COALESCE(SUM(spam_learned + innocent_learned + spam_corpusfed + innocent_corpusfed), 0) FROM \`${database}\`.dspam_stats WHERE uid = ?) AS learned`, [uid, uid]);
+    const r = (t as { tokens: number | string; learned: number | string }[])[0]!;
+    if (Number(r.tokens) > 0 || Number(r.learned) > 0) {
+      if (!replace) conflicts.push(name);
+      // REPLACE: what mailha had for this user goes; the dump's is theirs now.
+      else for (const t of ["dspam_token_data", "dspam_stats", "dspam_signature_data", "dspam_preferences", "mailha_spam_ledger"]) await db.query(`DELETE FROM \`${database}\`.${t} WHERE uid = ?`, [uid]);
+    }
+    map.set(dumpUid, uid);
+  }
+  if (conflicts.length) throw new ImportConflict(conflicts);
+  return map;
+}
+
+export async function importDspamDump(db: Connection, file: string, database = DATABASE, opts: { replace?: boolean } = {}): Promise<ImportCounts> {
   const counts: ImportCounts = { statements: 0, rows: { dspam_token_data: 0, dspam_stats: 0, dspam_signature_data: 0, dspam_preferences: 0, dspam_virtual_uids: 0 } };
+  const map = await uidMap(db, file, database, !!opts.replace);
+  const [known] = await db.query(`SELECT uid FROM \`${database}\`.dspam_virtual_uids`);
+  const taken = new Set((known as { uid: number }[]).map((r) => r.uid));
+  const mapUid = (line: number, v: SqlValue): number => {
+    const u = Number(v);
+    const m = map.get(u);
+    if (m !== undefined) return m;
+    // A uid the dump does not name: kept, unless it is a mailha user's.
+    if (taken.has(u)) throw new DumpError(line, `uid ${u} has no username in the dump and is another user's in mailha`);
+    return u;
+  };
   for await (const ins of readDump(file)) {
     counts.statements++;
+    // The users were taken over above (each under mailha's uid for the address).
+    if (ins.table === "dspam_virtual_uids") {
+      counts.rows.dspam_virtual_uids += ins.rows.length;
+      continue;
+    }
     for (let k = 0; k < ins.rows.length; k += 500) {
       const batch = ins.rows.slice(k, k + 500);
       const cols = ins.columns.map((c) => `\`${c}\``).join(", ");
@@ -228,6 +292,10 @@ export async function importDspamDump(db: Connection, file: string, database = D
       const tuples = batch.map((row) => {
         const ph = row.map((v, j) => {
           const c = ins.columns[j]!;
+          if (c === "uid") {
+            params.push(mapUid(ins.line, v));
+            return "?";
+          }
           if (c === "token") {
             if (typeof v !== "string") throw new DumpError(ins.line, `token is not a number`);
             try {

@@ -70,6 +70,8 @@ export interface Classification {
 export interface ClassifyOptions {
   readonly limits?: TokenizeLimits;
   readonly now?: Date;
+  /** The message's tokens, when the caller has them already (a delivery to several users tokenizes once). */
+  readonly tokenized?: Tokenized;
 }
 
 /** A DSPAM-style signature id (at most 32 characters): uid, time, random. */
@@ -92,7 +94,7 @@ async function statsOf(store: SpamStore, uid: number, t: Tokenized): Promise<Tok
 /** Classifies MESSAGE for UID: the verdict, its headers and what to learn (not yet applied). */
 export async function classifyMessage(store: SpamStore, uid: number, message: MessageInput, prefs: SpamPrefs = DEFAULT_PREFS, opts: ClassifyOptions = {}): Promise<Classification> {
   const now = opts.now ?? new Date();
-  const tokenized = await tokenize(message, opts.limits ?? DEFAULT_LIMITS);
+  const tokenized = opts.tokenized ?? (await tokenize(message, opts.limits ?? DEFAULT_LIMITS));
   const headers: Record<string, string> = {};
   if (tokenized.reasons.length) headers["X-DSPAM-Reason"] = tokenized.reasons.join(", ");
   if (tokenized.tokens.size === 0) {

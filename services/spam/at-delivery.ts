@@ -1,0 +1,151 @@
+// The spam filter in SMTP's delivery path (services/smtp/delivery.ts's DeliveryFilter):
+// the message is tokenized once, each mailbox's user classified with their own tokens
+// and preferences, and each gets its X-DSPAM-* fields and its folder (Junk for spam when
+// the user's spam_action is junk). What a classification learned is handed back to be
+// journaled with the delivered copy (one fsync, before the 250) and applied after
+// (`learn`). Bounded: a pool of POOL_SIZE connections (at most QUEUE_MAX deliveries
+// waiting for one), every plan within TIMEOUT_MS in all; past it, or on any error, the
+// mailbox is delivered unclassified (X-DSPAM-Result Innocent and an X-DSPAM-Reason),
+// never refused, never delayed longer, never lost. Counters for the metrics page.
+import mysql from "mysql2/promise";
+import type { Logger } from "pino";
+import { DATABASE } from "../accounts.ts";
+import { JUNK_DIR } from "../journal/maildir.ts";
+import { sqlLogin } from "../mariadb.ts";
+import type { DeliveryFilter, FilterPlan } from "../smtp/delivery.ts";
+import { applyDeltas, classifyMessage, readPreferences, type SpamAction } from "./filter.ts";
+import { MariadbSpamStore } from "./store.ts";
+import { DEFAULT_LIMITS, tokenize } from "./tokenize.ts";
+import type { SpamDelta } from "./training.ts";
+
+const POOL_SIZE = 4;
+const QUEUE_MAX = 500;
+/** The Maildir++ folder of spam (Dovecot's `Junk`, special-use \Junk, services/dovecot.ts). */
+export const JUNK_FOLDER = JUNK_DIR;
+
+export interface AtDeliveryOptions {
+  readonly socket: string;
+  readonly timeoutMs: number;
+  readonly log: Logger;
+  readonly database?: string;
+}
+
+export interface AtDeliveryCounters {
+  spam_classified_total: number;
+  innocent_classified_total: number;
+  spam_filed_in_junk_total: number;
+  unclassified_total: number;
+  timeouts_total: number;
+  errors_total: number;
+  learn_errors_total: number;
+  classify_ms_total: number;
+}
+
+/** The folder spam goes to for ACTION: junk files it in Junk; tag only adds the fields. */
+export function folderFor(result: "spam" | "innocent", action: SpamAction): string {
+  if (result !== "spam") return "";
+  const table: Record<SpamAction, string> = { junk: JUNK_FOLDER, tag: "", quarantine: JUNK_FOLDER };
+  return table[action];
+}
+
+/** Header lines of FIELDS (values are the filter's own: no CR or LF can be in them). */
+export function fieldLines(fields: Record<string, string>): string {
+  return Object.entries(fields)
+    .map(([k, v]) => `${k}: ${v.replace(/[\r\n]+/g, " ")}\r\n`)
+    .join("");
+}
+
+const unclassified = (reason: string): FilterPlan => ({ fields: fieldLines({ "X-DSPAM-Result": "Innocent", "X-DSPAM-Reason": reason }), folder: "" });
+
+/** What the journal keeps of DELTA: all but the signature (the survivor of a split brain retrains a merged message from its content). */
+export function journaledDelta(delta: SpamDelta): Record<string, unknown> {
+  const { signature: _s, ...rest } = delta;
+  return rest as unknown as Record<string, unknown>;
+}
+
+class Timeout extends Error {}
+
+function within<T>(p: Promise<T>, ms: number): Promise<T> {
+  let t: NodeJS.Timeout;
+  return Promise.race([p, new Promise<never>((_, reject) => (t = setTimeout(() => reject(new Timeout(`over ${ms} ms`)), ms)))]).finally(() => clearTimeout(t));
+}
+
+export class SpamAtDelivery implements DeliveryFilter {
+  private readonly pool: mysql.Pool;
+  readonly counters: AtDeliveryCounters = { spam_classified_total: 0, innocent_classified_total: 0, spam_filed_in_junk_total: 0, unclassified_total: 0, timeouts_total: 0, errors_total: 0, learn_errors_total: 0, classify_ms_total: 0 };
+
+  constructor(private readonly o: AtDeliveryOptions) {
+    this.pool = mysql.createPool({ ...sqlLogin(o.socket, "smtp"), database: o.database ?? DATABASE, connectionLimit: POOL_SIZE, queueLimit: QUEUE_MAX, connectTimeout: 3000 });
+    // A pool connection the server closed is replaced; the error must not end the process.
+    this.pool.on("connection", (c) => (c as unknown as { on(e: string, f: (err: Error) => void): void }).on("error", (err) => o.log.warn({ err }, "spam filter: a database connection failed")));
+  }
+
+  async plan(head: Buffer, whole: boolean, mailboxes: readonly string[], session?: string): Promise<FilterPlan[]> {
+    const t0 = Date.now();
+    const deadline = t0 + this.o.timeoutMs;
+    try {
+      return await within(this.planAll(head, whole, mailboxes, deadline), this.o.timeoutMs);
+    } catch (err) {
+      const timeout = err instanceof Timeout;
+      if (timeout) this.counters.timeouts_total++;
+      else this.counters.errors_total++;
+      this.counters.unclassified_total += mailboxes.length;
+      this.o.log.warn({ err, session, mailboxes: mailboxes.length }, timeout ? "spam filter: no verdict within the time bound; delivered unclassified" : "spam filter failed; delivered unclassified");
+      return mailboxes.map(() => unclassified(timeout ? "filter-timeout" : "filter-error"));
+    } finally {
+      this.counters.classify_ms_total += Date.now() - t0;
+    }
+  }
+
+  private async planAll(head: Buffer, whole: boolean, mailboxes: readonly string[], deadline: number): Promise<FilterPlan[]> {
+    const limits = { ...DEFAULT_LIMITS, time_budget_ms: Math.max(1, Math.min(DEFAULT_LIMITS.time_budget_ms, deadline - Date.now())) };
+    const tokenized = await tokenize(head, limits);
+    // The head is all the filter reads of a message over PLAN_HEAD_MAX.
+    if (!whole && !tokenized.reasons.includes("input-truncated")) tokenized.reasons.push("input-truncated");
+    return Promise.all(
+      mailboxes.map(async (user): Promise<FilterPlan> => {
+        const conn = await this.pool.getConnection();
+        try {
+          const store = new MariadbSpamStore(conn, this.o.database ?? DATABASE);
+          const uid = await store.uidFor(user);
+          const prefs = await readPreferences(store, uid);
+          const c = await classifyMessage(store, uid, head, prefs, { tokenized });
+          if (c.result === "spam") this.counters.spam_classified_total++;
+          else this.counters.innocent_classified_total++;
+          const folder = folderFor(c.result, prefs.spam_action);
+          if (folder === JUNK_FOLDER) this.counters.spam_filed_in_junk_total++;
+          return { fields: fieldLines(c.headers), folder, ...(c.deltas.length ? { spam: { user, deltas: c.deltas, journaled: c.deltas.map(journaledDelta) } } : {}) };
+        } finally {
+          conn.release();
+        }
+      }),
+    );
+  }
+
+  async learn(plans: readonly FilterPlan[], session?: string): Promise<void> {
+    const todo = plans.filter((p) => p.spam?.deltas.length);
+    if (!todo.length) return;
+    const run = async () => {
+      const conn = await this.pool.getConnection();
+      try {
+        const store = new MariadbSpamStore(conn, this.o.database ?? DATABASE);
+        for (const p of todo) await applyDeltas(store, p.spam!.deltas as SpamDelta[]);
+      } finally {
+        conn.release();
+      }
+    };
+    // Journaled already: a failure here loses this node's count of it, never mail.
+    const p = run();
+    try {
+      await within(p, this.o.timeoutMs);
+    } catch (err) {
+      this.counters.learn_errors_total++;
+      if (err instanceof Timeout) p.catch((e: Error) => this.o.log.warn({ err: e, session }, "spam filter: applying what a delivery learned failed (after the time bound)"));
+      this.o.log.warn({ err, session }, "spam filter: what a delivery learned was journaled but not applied here");
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.pool.end().catch(() => undefined);
+  }
+}
