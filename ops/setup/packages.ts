@@ -34,6 +34,9 @@ export const DEBIAN_PACKAGES: Readonly<Record<string, string>> = {
   openssl: "lab TLS certificates",
   bogofilter: "the spam benchmark's baseline (npm run bench -- spam)",
   chromium: "headless browser: the tests open the failover report and check a screenshot",
+  debootstrap: "the deploy test's machines: a Debian root (npm run test:deploy)",
+  "systemd-container": "the deploy test's machines: systemd-nspawn boots them",
+  "openssh-client": "the deploy test's machines: ssh into them",
 };
 
 const POLICY_RC = "/usr/sbin/policy-rc.d";
