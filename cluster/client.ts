@@ -6,8 +6,12 @@ import type { MailhaConfig } from "../common/config.ts";
 import type { DaemonSpec } from "../common/daemon.ts";
 import { nodeNetns, nodeStateDir } from "../common/paths.ts";
 import { controlCall } from "../replication/control.ts";
-import { nodeControlSocket } from "./node.ts";
 import { MAILHA_BIN } from "../common/self.ts";
+
+/** The node daemon's control socket (here, not in node.ts: clients must not load the daemon). */
+export function nodeControlSocket(c: MailhaConfig, nodeId: string): string {
+  return join(nodeStateDir(c, nodeId), "run", "node.sock");
+}
 
 const BIN = MAILHA_BIN;
 

@@ -38,10 +38,9 @@ import { Directory } from "../services/smtp/recipients.ts";
 import { mariadbPaths } from "../services/mariadb.ts";
 import { readStats } from "../services/stats.ts";
 import { MAILHA_BIN } from "../common/self.ts";
+import { nodeControlSocket } from "./client.ts";
 
-export function nodeControlSocket(c: MailhaConfig, nodeId: string): string {
-  return join(nodeStateDir(c, nodeId), "run", "node.sock");
-}
+export { nodeControlSocket };
 
 export function clusterEventLog(c: MailhaConfig, nodeId: string): string {
   return join(nodeStateDir(c, nodeId), "log", "cluster-events.jsonl");

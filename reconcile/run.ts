@@ -16,6 +16,7 @@ import { mkdirSync, openSync, closeSync, readFileSync, rmSync, statSync, unlinkS
 import { join } from "node:path";
 import { Queue, Worker, type Job } from "bullmq";
 import { writeFileDurable } from "../common/fsutil.ts";
+import { reconcileStateFile, type ReconcileState } from "./state.ts";
 import type { Connection } from "mysql2/promise";
 import { callPeer, type PeerEnds } from "../common/peer-rpc.ts";
 import { mountPreservedCopy, unmountStale, type PreservedView } from "../replication/filesystem.ts";
@@ -142,27 +143,7 @@ export interface ReconcileResult {
   readonly reportFile: string | null;
 }
 
-export function reconcileStateFile(runDir: string): string {
-  return join(runDir, "reconcile-state.json");
-}
-
-export interface ReconcileState {
-  readonly status: "planning" | "running" | "done" | "incomplete";
-  readonly copy: string;
-  readonly total: number;
-  readonly applied: number;
-  readonly at: string;
-  readonly pid: number;
-}
-
-/** What `mailha status` and `failback` look at: a run in progress, or one that left work. */
-export function readReconcileState(runDir: string): ReconcileState | null {
-  try {
-    return JSON.parse(readFileSync(reconcileStateFile(runDir), "utf8")) as ReconcileState;
-  } catch {
-    return null;
-  }
-}
+export { readReconcileState, reconcileStateFile, type ReconcileState } from "./state.ts";
 
 function writeState(runDir: string, s: Omit<ReconcileState, "at" | "pid">): void {
   writeFileDurable(reconcileStateFile(runDir), JSON.stringify({ ...s, at: new Date().toISOString(), pid: process.pid }), 0o644);

@@ -11,12 +11,28 @@ import { sleep } from "../common/exec.ts";
 import type { LatencySummary } from "./latency.ts";
 import { nodeNetns, nodePaths, nodeStateDir } from "../common/paths.ts";
 import { controlCall } from "./control.ts";
-import { enginePaths, type EnginePaths } from "./engine.ts";
 import { DamagedStateFileError, readJsonState, writeFileDurable } from "../common/fsutil.ts";
 import { removeCopy } from "./preserve.ts";
 import { loadMetaFile, volumeFiles } from "./store.ts";
 import type { Meta, PreservedCopy } from "./types.ts";
 import { MAILHA_BIN } from "../common/self.ts";
+
+/** Where the volume engine keeps its files (here, not in engine.ts: clients must not load the engine). */
+export interface EnginePaths {
+  readonly volumeDir: string;
+  readonly exportDir: string;
+  readonly controlSocket: string;
+  readonly eventLog: string;
+}
+
+export function enginePaths(stateDir: string): EnginePaths {
+  return {
+    volumeDir: join(stateDir, "volume"),
+    exportDir: join(stateDir, "volume-export"),
+    controlSocket: join(stateDir, "run", "volume.sock"),
+    eventLog: join(stateDir, "log", "volume-events.jsonl"),
+  };
+}
 
 const BIN = MAILHA_BIN;
 

@@ -24,22 +24,9 @@ import type { Meta } from "./types.ts";
 import type { Logger } from "pino";
 import { preserveCopy, removeCopy, removePartialCopies, type PreserveProgress } from "./preserve.ts";
 import { PeerLink } from "./transport.ts";
+import { enginePaths, type EnginePaths } from "./client.ts";
 
-export interface EnginePaths {
-  readonly volumeDir: string;
-  readonly exportDir: string;
-  readonly controlSocket: string;
-  readonly eventLog: string;
-}
-
-export function enginePaths(stateDir: string): EnginePaths {
-  return {
-    volumeDir: join(stateDir, "volume"),
-    exportDir: join(stateDir, "volume-export"),
-    controlSocket: join(stateDir, "run", "volume.sock"),
-    eventLog: join(stateDir, "log", "volume-events.jsonl"),
-  };
-}
+export { enginePaths, type EnginePaths };
 
 const TICK_MS = 100;
 const IN_FLIGHT_MAX_BYTES = 16 * 1024 * 1024;

@@ -11,12 +11,9 @@ import { runUntilSignalled } from "../../common/lifecycle.ts";
 import { sleep } from "../../common/exec.ts";
 import { nodeStateDir } from "../../common/paths.ts";
 import { localNodes, nodeCommand, nodeSpec, nodeStatus, witnessReadyFile, type NodeStatusView } from "../../cluster/client.ts";
-import { runNode } from "../../cluster/node.ts";
-import { runWitness } from "../../cluster/witness.ts";
 import { resolveNode } from "../../replication/client.ts";
 import { describePending, reconcilePending, type ReconcilePending } from "./reconcile-cmd.ts";
-import { createOutput, table, type Output } from "./output.ts";
-import { formatBytes } from "./volume-cmd.ts";
+import { createOutput, formatBytes, table, type Output } from "./output.ts";
 
 const configOpt = (def: string) => new Option("-c, --config <file>", "cluster configuration file").default(def);
 const nodeOpt = () => new Option("-n, --node <id>", "the node (default: the node whose address is local)");
@@ -47,6 +44,7 @@ export function nodeCommandGroup(defaultConfig: string): Command {
     .addOption(nodeOpt())
     .action(async (o: { config: string; node?: string }) => {
       const c = loadConfig(o.config);
+      const { runNode } = await import("../../cluster/node.ts");
       await runNode({ config: c, nodeId: resolveNode(c, o.node) });
     });
   node
@@ -88,6 +86,7 @@ export function witnessCommand(defaultConfig: string): Command {
       const c = loadConfig(o.config);
       if (!c.quorum.witness) throw new UsageError(`${c.file} has no quorum.witness`);
       const key = Buffer.from(readFileSync(c.heartbeat.key_file, "utf8").trim());
+      const { runWitness } = await import("../../cluster/witness.ts");
       const server = await runWitness({
         host: c.quorum.witness.address,
         port: c.quorum.witness.port,

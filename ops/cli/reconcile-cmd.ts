@@ -11,10 +11,8 @@ import { UsageError } from "../../common/errors.ts";
 import { nodePaths, nodeStateDir } from "../../common/paths.ts";
 import { activeLocalNode, nodeStatus } from "../../cluster/client.ts";
 import { listPreserved, markReconciled, volumeContext } from "../../replication/client.ts";
-import { dovecotPaths } from "../../services/dovecot.ts";
-import { mariadbPaths } from "../../services/mariadb.ts";
-import { redisPaths } from "../../services/redis.ts";
-import { formatReport, localCopy, peerCopy, readReconcileState, reconcile, type VictimSource } from "../../reconcile/run.ts";
+import { readReconcileState } from "../../reconcile/state.ts";
+import type { VictimSource } from "../../reconcile/run.ts";
 import { callPeer, peerEnds } from "../../common/peer-rpc.ts";
 import { createOutput } from "./output.ts";
 
@@ -41,6 +39,13 @@ export function reconcileCommand(defaultConfig: string): Command {
     .option("--dry-run", "print the plan (counts per kind and mailbox, every conflict and its rule) and change nothing")
     .option("--json", "print the result as JSON")
     .action(async (o: Opts) => {
+      // The merge machinery (BullMQ, IMAP, MariaDB) is loaded only here: `mailha status` imports this module too.
+      const [{ formatReport, localCopy, peerCopy, reconcile }, { dovecotPaths }, { mariadbPaths }, { redisPaths }] = await Promise.all([
+        import("../../reconcile/run.ts"),
+        import("../../services/dovecot.ts"),
+        import("../../services/mariadb.ts"),
+        import("../../services/redis.ts"),
+      ]);
       const c = loadConfig(o.config);
       const out = createOutput(!!o.json);
       const survivor = o.node ?? (await activeNode(c));

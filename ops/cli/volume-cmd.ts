@@ -13,7 +13,7 @@ import { FILE_NAME } from "../../replication/fuse-export.ts";
 import { join } from "node:path";
 import type { PreservedCopy } from "../../replication/types.ts";
 import { dropPreserved, listPreserved, resolveNode, startEngine, stopEngine, volumeCall, volumeContext, volumeStatus, type VolumeStatus } from "../../replication/client.ts";
-import { createOutput } from "./output.ts";
+import { createOutput, formatBytes } from "./output.ts";
 
 interface Common {
   config: string;
@@ -21,16 +21,7 @@ interface Common {
   json?: boolean;
 }
 
-export function formatBytes(n: number): string {
-  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
-  let i = 0;
-  let x = n;
-  while (x >= 1024 && i < units.length - 1) {
-    x /= 1024;
-    i++;
-  }
-  return `${i === 0 ? x : x.toFixed(1)} ${units[i]}`;
-}
+export { formatBytes } from "./output.ts";
 
 export function formatVolumeStatus(s: VolumeStatus): string {
   const lines = [
