@@ -1,7 +1,7 @@
 // The resource group and its agents. Each agent has start, stop, monitor and kill,
 // each bounded by a timeout; the group starts them left to right and stops them right
 // to left: volume primary -> filesystem -> mariadb -> redis -> dovecot -> smtp ->
-// journal (by layer: the journal stops after dovecot and smtp). A start that fails
+// journal -> spam (by layer: the journal stops after dovecot, smtp and spam). A start that fails
 // stops what was started. A start can be aborted (self-fencing during
 // activation): between two resources, or at once where a resource waits (a daemon's
 // readiness, the replication link); the kill or stop that asked for it then handles
@@ -31,6 +31,7 @@ import { FILE_NAME } from "../replication/fuse-export.ts";
 import { volumeCall, volumeStatus, waitForVolume, type VolumeContext } from "../replication/client.ts";
 import { writeNodeMarker } from "../services/journal/accounts.ts";
 import { readWatchStatus, watchStatusFile } from "../services/journal/maildir-watch.ts";
+import { readSpamWorkerStatus, spamWorkerStatusFile } from "../services/spam/worker-status.ts";
 import { MAILHA_BIN } from "../common/self.ts";
 
 export type ResourceState = "stopped" | "starting" | "running" | "stopping" | "failed";
@@ -405,8 +406,54 @@ const journalAgent: ResourceAgent = {
   },
 };
 
+/** A spam worker that has not written its status for this long is taken as hung (it writes every second). */
+const SPAM_STATUS_STALE_MS = 60_000;
+let spamStartedAtMs = 0;
+
+/**
+ * The spam worker (`mailha spam worker`, services/spam/worker.ts): retraining from the
+ * journal's moves into and out of Junk, and the nightly purge job on Redis. After the
+ * journal (it reads what the watcher journals); layer 3, so it stops before MariaDB,
+ * Redis and the journal it uses.
+ */
+const spamAgent: ResourceAgent = {
+  name: "spam",
+  layer: 3,
+  startTimeoutMs: 30_000,
+  stopTimeoutMs: 15_000,
+  monitorTimeoutMs: 3000,
+  async start(ctx) {
+    spamStartedAtMs = Date.now();
+    await startDaemonResource(ctx, {
+      name: "spam",
+      command: process.execPath,
+      args: [BIN, "spam", "worker", "--config", ctx.config.file, "--node", ctx.nodeId],
+      logFile: join(ctx.paths.log, "spam.log"),
+      // Not waited for: nothing in the group needs it, and its loop catches up from its cursor.
+      ready: async () => true,
+      readyTimeoutMs: 20_000,
+      // A round in progress ends first (bounded), then the purge job's worker closes.
+      stopTimeoutMs: 10_000,
+    });
+  },
+  async stop(ctx) {
+    await stopDaemonResource(ctx, "spam", "stop");
+  },
+  async monitor(ctx) {
+    const rec = ctx.daemons.get("spam");
+    if (!rec || !isAlive(rec)) throw new Error("the spam worker is not running");
+    const s = readSpamWorkerStatus(spamWorkerStatusFile(ctx.paths.run));
+    const at = Math.max(Date.parse(s?.at ?? "") || 0, spamStartedAtMs);
+    const age = Date.now() - at;
+    if (!(age < SPAM_STATUS_STALE_MS)) throw new Error(`the spam worker has not reported for ${Math.round(age / 1000)} s`);
+  },
+  async kill(ctx) {
+    await stopDaemonResource(ctx, "spam", "kill");
+  },
+};
+
 /** The ordered group; the dns step joins at the end with issue 6. */
-export const GROUP: readonly ResourceAgent[] = [volumeAgent, filesystemAgent, mariadbAgent, redisAgent, dovecotAgent, smtpAgent, journalAgent];
+export const GROUP: readonly ResourceAgent[] = [volumeAgent, filesystemAgent, mariadbAgent, redisAgent, dovecotAgent, smtpAgent, journalAgent, spamAgent];
 
 function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   return new Promise((resolve, reject) => {

@@ -1,8 +1,12 @@
-// `mailha spam classify|train|stats|purge|import`: the operator's side of the spam
-// filter (services/spam/), run on the active node against its MariaDB (the tokens live
-// on the replicated volume). `classify` changes nothing; `train` learns a corpus for a
-// user (Maildir folders, mbox files or single message files), each message once (the
-// ledger); `purge` applies DSPAM's purge rules; `import` loads a DSPAM mysqldump.
+// `mailha spam classify|train|stats|purge|import|status|worker`: the operator's side of
+// the spam filter (services/spam/), run on the active node against its MariaDB (the
+// tokens live on the replicated volume). `classify` changes nothing (a read-only
+// transaction; a user the filter has not seen is classified with uid 0's defaults and
+// empty counts); `train` learns a corpus for a user (Maildir folders, mbox files or
+// single message files), each message once (the ledger); `purge` applies DSPAM's purge
+// rules (under the purge lock the nightly job takes too); `import` loads a DSPAM
+// mysqldump; `status` shows the spam worker's feedback loop and purge schedule;
+// `worker` is the spam worker daemon itself (the node daemon's `spam` resource).
 // Bounds: at most TRAIN_MESSAGES_MAX messages per run, each read up to the filter's
 // analysis cap; an mbox is split on its "From " lines as it is streamed.
 import { closeSync, createReadStream, existsSync, openSync, readdirSync, readFileSync, readSync, statSync } from "node:fs";
@@ -14,9 +18,18 @@ import { loadConfig, type MailhaConfig } from "../../common/config.ts";
 import { UsageError } from "../../common/errors.ts";
 import { nodePaths, nodeStateDir } from "../../common/paths.ts";
 import { activeLocalNode } from "../../cluster/client.ts";
+import { Queue } from "bullmq";
+import { runUntilSignalled } from "../../common/lifecycle.ts";
+import { createLogger } from "../../common/log.ts";
+import { resolveNode } from "../../replication/client.ts";
+import { dovecotPaths } from "../../services/dovecot.ts";
+import { redisConnection, redisPaths } from "../../services/redis.ts";
+import { purgeLocked } from "../../services/spam/purge.ts";
+import { PURGE_QUEUE, PURGE_SCHEDULER, runSpamWorker, type SpamWorker } from "../../services/spam/worker.ts";
+import { readSpamWorkerStatus, spamWorkerStatusFile } from "../../services/spam/worker-status.ts";
 import { DATABASE } from "../../services/accounts.ts";
 import { connectMariadb, mariadbPaths } from "../../services/mariadb.ts";
-import { importDspamDump } from "../../services/spam/dump.ts";
+import { ImportConflict, importDspamDump } from "../../services/spam/dump.ts";
 import { classifyMessage, readPreferences, retrainAndApply } from "../../services/spam/filter.ts";
 import { MariadbSpamStore, migrateSpam } from "../../services/spam/store.ts";
 import { journalSpamDeltas, spamJournalFor } from "../../services/spam/journal.ts";
@@ -35,14 +48,29 @@ async function activeSocket(c: MailhaConfig): Promise<string> {
   return mariadbPaths(nodePaths(nodeStateDir(c, id))).socket;
 }
 
-async function withStore<T>(config: string, fn: (s: MariadbSpamStore, db: Connection) => Promise<T>): Promise<T> {
+async function withStore<T>(config: string, fn: (s: MariadbSpamStore, db: Connection) => Promise<T>, o: { readOnly?: boolean } = {}): Promise<T> {
   const db = await connectMariadb(await activeSocket(loadConfig(config)), DATABASE);
   try {
+    if (o.readOnly) {
+      // The tables exist (made at every activation); a write in here fails instead of happening.
+      await db.query("START TRANSACTION READ ONLY");
+      try {
+        return await fn(new MariadbSpamStore(db), db);
+      } finally {
+        await db.query("ROLLBACK").catch(() => undefined);
+      }
+    }
     await migrateSpam(db);
     return await fn(new MariadbSpamStore(db), db);
   } finally {
     await db.end();
   }
+}
+
+/** USER's DSPAM uid if the filter knows the user, without making one (0: uid 0's defaults, no counts). */
+export async function knownUid(db: Connection, user: string): Promise<number> {
+  const [rows] = await db.query(`SELECT uid FROM ${DATABASE}.dspam_virtual_uids WHERE username = ?`, [user]);
+  return Number((rows as { uid: number }[])[0]?.uid ?? 0);
 }
 
 /** Every message under PATH: a Maildir (its cur/ and new/), a folder of files, an mbox, or one file. */
@@ -108,14 +136,18 @@ export function spamCommand(defaultConfig: string): Command {
     .action(async (file: string, o: { user: string; config: string; json?: boolean }) => {
       const out = createOutput(!!o.json);
       if (!existsSync(file)) throw new UsageError(`${file}: no such file`);
-      const r = await withStore(o.config, async (store) => {
-        const uid = await store.uidFor(o.user.toLowerCase());
-        const prefs = await readPreferences(store, uid);
-        // NOTRAIN here: a look must not change what the filter knows.
-        return classifyMessage(store, uid, readFileSync(file), { ...prefs, training_mode: "notrain" });
-      });
+      const { uid, r } = await withStore(
+        o.config,
+        async (store, db) => {
+          // Looked up, never made: a look must not change what the filter knows (NOTRAIN too).
+          const uid = await knownUid(db, o.user.toLowerCase());
+          const prefs = await readPreferences(store, uid);
+          return { uid, r: await classifyMessage(store, uid, readFileSync(file), { ...prefs, training_mode: "notrain" }) };
+        },
+        { readOnly: true },
+      );
       const top = r.tokens.slice(0, 15);
-      out.result({ file, user: o.user.toLowerCase(), result: r.result, probability: r.probability, confidence: r.confidence, headers: r.headers, tokens: top, reasons: r.reasons, passedThrough: r.passedThrough }, () =>
+      out.result({ file, user: o.user.toLowerCase(), uid, known: uid !== 0, result: r.result, probability: r.probability, confidence: r.confidence, headers: r.headers, tokens: top, reasons: r.reasons, passedThrough: r.passedThrough }, () =>
         [
           `${file}: ${r.result} (probability ${r.probability.toFixed(4)}, confidence ${r.confidence.toFixed(2)})${r.passedThrough ? " - passed through, nothing readable" : ""}`,
           ...(r.reasons.length ? [`  the tokenizer stopped early: ${r.reasons.join(", ")}`] : []),
@@ -197,26 +229,87 @@ export function spamCommand(defaultConfig: string): Command {
     .addOption(jsonOpt())
     .action(async (o: { config: string; json?: boolean }) => {
       const out = createOutput(!!o.json);
-      const r = await withStore(o.config, (store) => store.purge(new Date().toISOString().slice(0, 10)));
-      out.result(r, () => `purged: ${Object.entries(r).map(([k, v]) => `${k} ${v}`).join(", ")}`);
+      const r = await withStore(o.config, (_store, db) => purgeLocked(db));
+      if (!r.ran) throw new Error(`not purged: ${r.why} (the nightly job, or another mailha spam purge); try again when it is done`);
+      out.result({ ...r.counts, day: r.day, deleted: r.deleted, ms: r.ms }, () => `purged: ${Object.entries(r.counts).map(([k, v]) => `${k} ${v}`).join(", ")} (${r.ms} ms)`);
+    });
+
+  spam
+    .command("status")
+    .description("the spam worker on the active node: retraining from moves (entries read, learned, lag) and the purge's schedule and last run")
+    .addOption(configOpt(defaultConfig))
+    .addOption(jsonOpt())
+    .action(async (o: { config: string; json?: boolean }) => {
+      const out = createOutput(!!o.json);
+      const c = loadConfig(o.config);
+      const id = await activeLocalNode(c);
+      if (!id) throw new Error("no active node here: run this on the active node (see mailha status)");
+      const paths = nodePaths(nodeStateDir(c, id));
+      const worker = readSpamWorkerStatus(spamWorkerStatusFile(paths.run));
+      const queue = new Queue(PURGE_QUEUE, { connection: redisConnection(redisPaths(paths).socket) });
+      try {
+        const s = await queue.getJobScheduler(PURGE_SCHEDULER);
+        const recent = await queue.getJobs(["completed", "failed"], 0, 4);
+        const scheduler = s ? { id: PURGE_SCHEDULER, pattern: s.pattern ?? null, next: s.next ? new Date(s.next).toISOString() : null } : null;
+        const jobs = recent.map((j) => ({ id: j.id, state: j.failedReason ? "failed" : "completed", finishedOn: j.finishedOn ? new Date(j.finishedOn).toISOString() : null, result: j.returnvalue ?? null, error: j.failedReason ?? null }));
+        const data = { node: id, worker, purge: { scheduler, recent: jobs } };
+        out.result(data, () => {
+          const f = worker?.feedback;
+          return [
+            worker ? `spam worker on ${id} (pid ${worker.pid}, reported ${worker.at}): retraining from moves ${f?.enabled ? "on" : "off"}${f?.error ? ` - failing: ${f.error}` : ""}` : `spam worker on ${id}: no status yet`,
+            ...(f ? [`  moves read ${f.counts.entries}: learned ${f.counts.spam} spam, ${f.counts.innocent} innocent, ${f.counts.unchanged} already known; ${f.counts.none} not feedback, ${f.counts.reconciler} by the reconciler, ${f.counts.missing} gone; lag ${f.counts.lag_ms} ms`] : []),
+            scheduler ? `purge: ${scheduler.pattern}, next ${scheduler.next ?? "?"}` : "purge: not scheduled",
+            ...jobs.map((j) => `  ${j.finishedOn ?? "?"} ${j.state}${j.error ? `: ${j.error}` : ""}`),
+          ].join("\n");
+        });
+      } finally {
+        await queue.close();
+      }
+    });
+
+  spam
+    .command("worker")
+    .description("the spam worker daemon: retraining from users' moves into and out of Junk, the nightly purge (the node daemon runs it on the active node)")
+    .addOption(configOpt(defaultConfig))
+    .addOption(new Option("-n, --node <id>", "the node"))
+    .action(async (o: { config: string; node?: string }) => {
+      const c = loadConfig(o.config);
+      const id = resolveNode(c, o.node);
+      const paths = nodePaths(nodeStateDir(c, id));
+      const log = createLogger(`spam@${id}`);
+      let w: SpamWorker | null = null;
+      let closing = false;
+      const done = runUntilSignalled(async () => {
+        closing = true;
+        await w?.close();
+      });
+      try {
+        w = await runSpamWorker({ config: c, nodeId: id, paths, mailRoot: dovecotPaths(paths).mailRoot, log });
+      } catch (err) {
+        // Not a partial start: the process exits and the resource starts it again.
+        if (!closing) {
+          log.error({ err }, "spam worker: start failed");
+          process.exit(1);
+        }
+      }
+      await done;
     });
 
   spam
     .command("import")
     .description("load a mysqldump of a DSPAM database (its token, stats, signature, preference and user tables)")
     .requiredOption("--dspam-dump <file>", "the dump")
+    .option("--replace", "a user of the dump who has learned data here already gets the dump's instead (else refused)")
     .addOption(configOpt(defaultConfig))
     .addOption(jsonOpt())
-    .action(async (o: { dspamDump: string; config: string; json?: boolean }) => {
+    .action(async (o: { dspamDump: string; config: string; json?: boolean; replace?: boolean }) => {
       const out = createOutput(!!o.json);
       if (!existsSync(o.dspamDump)) throw new UsageError(`${o.dspamDump}: no such file`);
       const r = await withStore(o.config, async (_store, db) => {
-        // DSPAM's uids are kept as they are: into a filter that has users already they
-        // would land on other users' tokens.
-        const [n] = await db.query(`SELECT COUNT(*) AS n FROM ${DATABASE}.dspam_virtual_uids`);
-        const users = Number((n as { n: number }[])[0]?.n ?? 0);
-        if (users > 0) throw new UsageError(`the spam filter has ${users} user(s) already: import a DSPAM dump into an empty filter (before mail is classified), or its uids would mix with theirs`);
-        return importDspamDump(db, o.dspamDump);
+        // Its users come over under mailha's uids; one with learned data here already is refused.
+        return importDspamDump(db, o.dspamDump, DATABASE, { replace: !!o.replace }).catch((e: Error) => {
+          throw e instanceof ImportConflict ? new UsageError(e.message) : e;
+        });
       });
       out.result(r, () => `imported ${o.dspamDump}: ${Object.entries(r.rows).map(([k, v]) => `${k} ${v}`).join(", ")} (${r.statements} statements)`);
     });
