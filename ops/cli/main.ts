@@ -316,6 +316,11 @@ async function main(argv: string[]): Promise<number> {
   }
 }
 
+// A reader that went away (`mailha --help | head -1`) is no failure of the command.
+process.stdout.on("error", (err: NodeJS.ErrnoException) => {
+  if (err.code !== "EPIPE") throw err;
+  process.exit(typeof process.exitCode === "number" ? process.exitCode : EXIT_OK);
+});
 if (process.env.MAILHA_COMMANDS_OUT) {
   await writeListing(process.env.MAILHA_COMMANDS_OUT);
   process.exit(EXIT_OK);
