@@ -186,7 +186,7 @@ export class Spool {
       return;
     }
     if (this.fd === null) {
-      this.fd = openSync(this.path, "wx", 0o600);
+      this.fd = openSync(this.path, "wx+", 0o600);
       writeAll(this.fd, Buffer.concat(this.chunks));
       this.chunks = [];
     }

@@ -579,6 +579,91 @@ print(json.dumps(code))`)) as number;
     }
   });
 
+  test("the spam filter at delivery: spam through either MX lands in Junk with its verdict, ham in INBOX; a submission is not classified; broken, huge and many-part messages are delivered with a reason", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "mailha-spam-at-"));
+    const cli = (args: string[]) => mailha([...args, "--config", lab.configFile]);
+    try {
+      assert.equal((await cli(["user", "add", "erin@mailha.test", "--password", "erin-password-1"])).code, 0);
+      const spamWords = ["viagra", "casino", "lottery", "winner", "bitcoin", "pharmacy", "discount", "prize", "claim", "cheap"];
+      const hamWords = ["meeting", "agenda", "minutes", "project", "schedule", "review", "budget", "report", "colleague", "quarterly"];
+      const msg = (words: string[], i: number, from: string) => {
+        const pick = (k: number) => words[(i * 7 + k * 3) % words.length];
+        return `From: ${from}\r\nTo: erin@mailha.test\r\nSubject: ${pick(0)} ${pick(1)} ${i}\r\nMessage-ID: <${from.split("@")[0]}-${i}-at@example.net>\r\n\r\n${Array.from({ length: 40 }, (_, k) => pick(k)).join(" ")}\r\n`;
+      };
+      mkdirSync(join(dir, "spam"));
+      mkdirSync(join(dir, "ham"));
+      for (let i = 0; i < 30; i++) writeFileSync(join(dir, "spam", `${i}.eml`), msg(spamWords, i, "offers@spam.example"));
+      for (let i = 0; i < 30; i++) writeFileSync(join(dir, "ham", `${i}.eml`), msg(hamWords, i, "boss@work.example"));
+      assert.equal((await cli(["spam", "train", "--spam", "--user", "erin@mailha.test", join(dir, "spam")])).code, 0);
+      assert.equal((await cli(["spam", "train", "--ham", "--user", "erin@mailha.test", join(dir, "ham")])).code, 0);
+      const stats = async () => (JSON.parse((await cli(["spam", "stats", "--user", "erin@mailha.test", "--json"])).stdout) as { totals: Record<string, number> }[])[0]!.totals;
+      const seen = (t: Record<string, number>) => ["spam_learned", "innocent_learned", "spam_classified", "innocent_classified"].reduce((n, k) => n + (t[k] ?? 0), 0);
+      const earlier = seen(await stats());
+      const erin = (sub: string) => join(lab.dir, "a", "data", "mail", "mailha.test", "erin", "Maildir", sub);
+      const findIn = (sub: string, text: string) => (existsSync(erin(sub)) ? readdirSync(erin(sub)).map((f) => readFileSync(join(erin(sub), f), "latin1")).find((m) => m.includes(text)) : undefined);
+      const send = async (server: string, body: string, via = "a") => {
+        const f = join(dir, `send-${Math.random().toString(36).slice(2)}.eml`);
+        writeFileSync(f, body);
+        const args = ["--suppress-data", "--from", "someone@example.net", "--to", "erin@mailha.test", "--data", `@${f}`];
+        const sw = via === "b" ? await viaBackupMx(args) : await runAll("swaks", ["--server", server, ...args]);
+        assert.match(sw.stdout, /250 2\.0\.0/, sw.stdout.slice(-500));
+      };
+      await send(lab.a, msg(spamWords, 201, "deals@spam.example"));
+      await send(lab.a, msg(hamWords, 202, "boss@work.example"));
+      const spam = findIn(".Junk/new", "-201-at@");
+      assert.ok(spam, "the spam-like message is in erin's Junk");
+      assert.ok(!findIn("new", "-201-at@"), "and not in her INBOX");
+      assert.match(spam!, /^Return-Path: <someone@example\.net>\r\nReceived: [^]*?\r\nX-DSPAM-Result: Spam\r\n/, "the verdict follows the trace fields");
+      assert.match(spam!, /^X-DSPAM-Signature: \d+,[0-9a-f]+\r$/m);
+      assert.match(spam!, /^X-DSPAM-Probability: (0|1)\.\d{4}\r$/m);
+      assert.match(spam!, /^X-DSPAM-Confidence: (0|1)\.\d{4}\r$/m);
+      const ham = findIn("new", "-202-at@");
+      assert.ok(ham, "the ham-like message is in INBOX");
+      assert.match(ham!, /^X-DSPAM-Result: Innocent\r$/m);
+      // Through b's backup MX (forwarded to a's port 25): classified the same.
+      await send(lab.b, msg(spamWords, 203, "deals@spam.example"), "b");
+      let viaB: string | undefined;
+      for (let i = 0; i < 60 && !viaB; i++) {
+        viaB = findIn(".Junk/new", "-203-at@");
+        if (!viaB) await sleep(500);
+      }
+      assert.ok(viaB, "spam through the backup MX is in Junk too");
+      const later = await stats();
+      assert.equal(seen(later) - earlier, 3, `each delivery counted once (learned or classified): ${JSON.stringify(later)}`);
+      // IMAP: Junk is the \Junk special-use folder and holds the spam.
+      const im = new ImapFlow({ host: lab.a, port: 143, secure: false, doSTARTTLS: true, tls: { rejectUnauthorized: false }, auth: { user: "erin@mailha.test", pass: "erin-password-1" }, logger: false });
+      await im.connect();
+      try {
+        const junk = (await im.list()).find((b) => b.specialUse === "\\Junk");
+        assert.equal(junk?.path, "Junk", "the \\Junk folder is Junk");
+        const st = await im.status("Junk", { messages: true });
+        assert.equal((st as { messages?: number }).messages, 2, "both spam messages are in Junk");
+      } finally {
+        await im.logout();
+      }
+      // A user's own submission is not classified.
+      const sub = await run("swaks", ["--server", lab.a, "--port", "587", "-tls", "--auth", "PLAIN", "--auth-user", "bob@mailha.test", "--auth-password", "bob-password-1", "--from", "bob@mailha.test", "--to", "erin@mailha.test", "--header", "Subject: cheap casino lottery from bob"]);
+      assert.match(sub.stdout, /250 2\.0\.0/);
+      const fromBob = findIn("new", "cheap casino lottery from bob");
+      assert.ok(fromBob && !/X-DSPAM-/.test(fromBob), "submitted mail is delivered as it is");
+      // Broken MIME, 20 MiB, 100,000 parts: delivered (never refused for the filter), with a reason when it stopped early.
+      const broken = `From: x@example.net\r\nSubject: broken mime\r\nContent-Type: multipart/mixed; boundary="zz"\r\n\r\n--zz\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\n%%%not base64%%%\r\n--zz\r\nContent-Type: multipart/alternative; boundary=\r\n\r\n`;
+      await send(lab.a, broken);
+      const big = `From: x@example.net\r\nSubject: twenty mebibytes\r\n\r\n${(("lorem ipsum dolor sit amet ").repeat(36) + "\r\n").repeat(20 * 1024)}`;
+      await send(lab.a, big);
+      const parts = `From: x@example.net\r\nSubject: many parts\r\nContent-Type: multipart/mixed; boundary="p"\r\n\r\n${"--p\r\nContent-Type: text/plain\r\n\r\nx\r\n".repeat(100_000)}--p--\r\n`;
+      await send(lab.a, parts);
+      for (const [subject, reason] of [["broken mime", null], ["twenty mebibytes", /input-truncated/], ["many parts", /parts-limit|time-limit/]] as const) {
+        const m = findIn("new", `Subject: ${subject}`) ?? findIn(".Junk/new", `Subject: ${subject}`);
+        assert.ok(m, `"${subject}" was delivered`);
+        assert.match(m!, /^X-DSPAM-Result: (Innocent|Spam)\r$/m, `"${subject}" has a verdict`);
+        if (reason) assert.match(/^X-DSPAM-Reason: (.*)\r$/m.exec(m!)?.[1] ?? "", reason, `"${subject}" says why the filter stopped early`);
+      }
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   test("a message takes at most 1,000 recipients (452 4.5.3 after), on 25 and on the backup MX", async () => {
     const { connectMariadb, mariadbPaths } = await import("../../services/mariadb.ts");
     const { nodePaths } = await import("../../common/paths.ts");
