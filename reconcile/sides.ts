@@ -229,11 +229,6 @@ export function toEvents(entries: readonly JournalEntry[], state: SideState, sta
         const key = parseFileName(basename(String(x.file))).key;
         const queueId = typeof x.peerQueueId === "string" ? x.peerQueueId : typeof x.queueId === "string" ? x.queueId : undefined;
         out.push({ ...base, kind: "delivery", user, mailbox: boxOf(user, folder), key, sha256: String(x.sha256), flags: [], ...(queueId ? { queueId } : {}) });
-        // What the spam filter learned from it: the filter's own kind, as if journaled apart.
-        const spam = x.spam as { user?: unknown; deltas?: unknown } | undefined;
-        if (spam && typeof spam.user === "string" && Array.isArray(spam.deltas)) {
-          for (const [i, delta] of spam.deltas.entries()) out.push({ ...base, id: `${e.id}/spam/${i}`, kind: "spam-delta", payload: { user: spam.user, delta } as never });
-        }
         break;
       }
       case "append":

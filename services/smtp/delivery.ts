@@ -17,14 +17,16 @@ import { deliver, type Delivered, type MailboxPlan } from "./maildir.ts";
 
 /** One mailbox's plan from the filter, and what its classification learned (to journal, then apply). */
 export interface FilterPlan extends MailboxPlan {
-  readonly spam?: { readonly user: string; readonly deltas: readonly object[]; readonly journaled: readonly Record<string, unknown>[] };
+  readonly spam?: { readonly user: string; readonly deltas: readonly object[] };
 }
 
 /** The spam filter as the delivery path sees it (services/spam/at-delivery.ts). */
 export interface DeliveryFilter {
   /** Plans MAILBOXES from HEAD (bounded in time; never rejects: a failure plans them unfiltered). */
   plan(head: Buffer, whole: boolean, mailboxes: readonly string[], session?: string): Promise<FilterPlan[]>;
-  /** Applies what PLANS learned, once the journal has it (never rejects; a failure is logged). */
+  /** Journals what PLANS learned (the change journal, durable when it resolves); runs beside the delivery journal. */
+  journal(plans: readonly FilterPlan[]): Promise<void>;
+  /** Applies what PLANS learned, once journaled (never rejects; a failure is logged). */
   learn(plans: readonly FilterPlan[], session?: string): Promise<void>;
 }
 
@@ -80,20 +82,28 @@ export function deliveryPath(o: DeliveryPathOptions): DeliveryPath {
       const record = (d: Delivered, newDirs: readonly string[]) =>
         o.journal
           .append(
-            d.copies.map((c, i) => {
-              const spam = plans?.[i]?.spam;
-              return { mailbox: mailboxes[i]!, file: c.file.slice(o.mailRoot.length + 1), sha256: c.sha256, size: c.size, ...(peerQueueId ? { peerQueueId } : {}), ...(spam?.journaled.length ? { spam: { user: spam.user, deltas: spam.journaled } } : {}) };
-            }),
+            d.copies.map((c, i) => ({ mailbox: mailboxes[i]!, file: c.file.slice(o.mailRoot.length + 1), sha256: c.sha256, size: c.size, ...(peerQueueId ? { peerQueueId } : {}) })),
             newDirs,
           )
           .catch((err: Error) => {
             o.log.error({ err, session, peerQueueId, dirs: err instanceof DirSyncError }, "the delivery journal failed; the delivery is undone and refused (4xx)");
             throw err;
           });
-      const d = await deliver(input, mailboxes, { mailRoot: o.mailRoot, uid: o.uid, gid: o.gid, headers, sizeMax: o.sizeMax }, record, planner);
+      // What the filter learned goes into the change journal in the same round (it is
+      // not mail: its failure does not fail the delivery, it only keeps it from being
+      // applied); applied once both are durable.
+      let learned = false;
+      const durable = async (d: Delivered, newDirs: readonly string[]) => {
+        const spam = filter && plans?.some((p) => p.spam) ? filter.journal(plans).then(() => true, (err: Error) => (o.log.warn({ err, session }, "spam filter: what a delivery learned could not be journaled; not applied"), false)) : Promise.resolve(false);
+        try {
+          await record(d, newDirs);
+        } finally {
+          learned = await spam;
+        }
+      };
+      const d = await deliver(input, mailboxes, { mailRoot: o.mailRoot, uid: o.uid, gid: o.gid, headers, sizeMax: o.sizeMax }, durable, planner);
       if (peerQueueId) o.delivered.record(peerQueueId, mailboxes);
-      // What the filter learned is journaled with the copies; applied now.
-      if (filter && plans) await filter.learn(plans, session);
+      if (filter && plans && learned) await filter.learn(plans, session);
       return d;
     },
     async oncePerQueueId(queueId, mailboxes, deliverTo) {

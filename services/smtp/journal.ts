@@ -36,12 +36,6 @@ export interface JournalEntry {
   readonly size: number;
   /** The backup MX's queue id of a message that came through it (delivered-index.ts). */
   readonly peerQueueId?: string;
-  /**
-   * What the spam filter learned from this copy (services/spam/journal.ts's `spam-delta`
-   * payload, the deltas without their signature's token list), journaled with the
-   * delivery in its one fsync, applied after it.
-   */
-  readonly spam?: { readonly user: string; readonly deltas: readonly Record<string, unknown>[] };
 }
 
 const BATCH_MAX_BYTES = 1024 * 1024;

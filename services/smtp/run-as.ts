@@ -4,8 +4,10 @@
 // volume are owned by number). Before it drops root it hands over what it writes
 // afterwards: the outbound spool (messages, bounces), the backup MX's spool it drains,
 // and the delivery journals (its own it writes, every node's it reads for the delivered
-// index; the journal directory opens to the mail group for reading, the change
-// journal's own files stay root's). Maildirs are the mail uid's already (Dovecot and
+// index). The journal directory is root's, group mail, 1770: SMTP makes its own change
+// journal segments there (the spam filter's deltas) and, the directory being sticky,
+// cannot remove or replace anyone else's; the change journal's other files stay root's
+// (0600). Maildirs are the mail uid's already (Dovecot and
 // maildir.ts make them so). What it reads as root first and keeps: the TLS key, the
 // MariaDB and Redis passwords; MariaDB's and Redis's sockets let the mail group in.
 import { chmodSync, chownSync, existsSync, mkdirSync, readdirSync } from "node:fs";
@@ -28,7 +30,7 @@ export function prepareSmtpFiles(paths: NodePaths, ids: Ids, log: Logger): void 
   const jd = journalDir(paths.data);
   mkdirSync(jd, { recursive: true, mode: 0o750 });
   chownSync(jd, 0, ids.gid);
-  chmodSync(jd, 0o750);
+  chmodSync(jd, 0o1770);
   let journals = 0;
   for (const f of readdirSync(jd)) if (JOURNAL_FILE_RE.test(f)) journals += chownTree(join(jd, f), ids);
   const mail = join(paths.data, "mail");

@@ -104,7 +104,7 @@ export async function runSmtp(o: SmtpOptions): Promise<SmtpService> {
 
   // Mail from outside (port 25, the backup MX's) is classified at delivery; a user's own
   // submissions and this node's bounces are not.
-  const spam = c.spam.enabled ? new SpamAtDelivery({ socket: mariadbPaths(o.paths).socket, timeoutMs: c.spam.classify_timeout_ms, log: o.log }) : null;
+  const spam = c.spam.enabled ? new SpamAtDelivery({ socket: mariadbPaths(o.paths).socket, dataDir: o.paths.data, node: o.nodeId, timeoutMs: c.spam.classify_timeout_ms, log: o.log }) : null;
   const { deliverLocal, oncePerQueueId } = deliveryPath({ mailRoot, uid: c.mail.mail_uid, gid: c.mail.mail_gid, sizeMax: c.mail.message_size_max_bytes, journal, delivered, log: o.log, filter: spam });
   const localDeliver = async (from: string, to: string, file: string) => {
     const r = await dir.resolve(to);

@@ -1,9 +1,9 @@
 // The spam filter in SMTP's delivery path (services/smtp/delivery.ts's DeliveryFilter):
 // the message is tokenized once, each mailbox's user classified with their own tokens
 // and preferences, and each gets its X-DSPAM-* fields and its folder (Junk for spam when
-// the user's spam_action is junk). What a classification learned is handed back to be
-// journaled with the delivered copy (one fsync, before the 250) and applied after
-// (`learn`). Bounded: a pool of POOL_SIZE connections (at most QUEUE_MAX deliveries
+// the user's spam_action is junk). What a classification learned is journaled
+// (`journal`: the change journal's `spam-delta`, in this process's own segments, beside
+// the delivery journal's round, before the 250) and applied after (`learn`). Bounded: a pool of POOL_SIZE connections (at most QUEUE_MAX deliveries
 // waiting for one), every plan within TIMEOUT_MS in all; past it, or on any error, the
 // mailbox is delivered unclassified (X-DSPAM-Result Innocent and an X-DSPAM-Reason),
 // never refused, never delayed longer, never lost. Counters for the metrics page.
@@ -14,6 +14,8 @@ import { JUNK_DIR } from "../journal/maildir.ts";
 import { sqlLogin } from "../mariadb.ts";
 import type { DeliveryFilter, FilterPlan } from "../smtp/delivery.ts";
 import { applyDeltas, classifyMessage, readPreferences, type SpamAction } from "./filter.ts";
+import { ChangeJournal } from "../journal/changes.ts";
+import { journalSpamDeltasOf } from "./journal.ts";
 import { MariadbSpamStore } from "./store.ts";
 import { DEFAULT_LIMITS, tokenize } from "./tokenize.ts";
 import type { SpamDelta } from "./training.ts";
@@ -25,6 +27,9 @@ export const JUNK_FOLDER = JUNK_DIR;
 
 export interface AtDeliveryOptions {
   readonly socket: string;
+  /** The volume's data directory and this node: where the change journal is (the SMTP process writes its own segments). */
+  readonly dataDir: string;
+  readonly node: string;
   readonly timeoutMs: number;
   readonly log: Logger;
   readonly database?: string;
@@ -57,12 +62,6 @@ export function fieldLines(fields: Record<string, string>): string {
 
 const unclassified = (reason: string): FilterPlan => ({ fields: fieldLines({ "X-DSPAM-Result": "Innocent", "X-DSPAM-Reason": reason }), folder: "" });
 
-/** What the journal keeps of DELTA: all but the signature (the survivor of a split brain retrains a merged message from its content). */
-export function journaledDelta(delta: SpamDelta): Record<string, unknown> {
-  const { signature: _s, ...rest } = delta;
-  return rest as unknown as Record<string, unknown>;
-}
-
 class Timeout extends Error {}
 
 function within<T>(p: Promise<T>, ms: number): Promise<T> {
@@ -72,9 +71,11 @@ function within<T>(p: Promise<T>, ms: number): Promise<T> {
 
 export class SpamAtDelivery implements DeliveryFilter {
   private readonly pool: mysql.Pool;
+  private readonly changes: ChangeJournal;
   readonly counters: AtDeliveryCounters = { spam_classified_total: 0, innocent_classified_total: 0, spam_filed_in_junk_total: 0, unclassified_total: 0, timeouts_total: 0, errors_total: 0, learn_errors_total: 0, classify_ms_total: 0 };
 
   constructor(private readonly o: AtDeliveryOptions) {
+    this.changes = new ChangeJournal(o.dataDir, o.node);
     this.pool = mysql.createPool({ ...sqlLogin(o.socket, "smtp"), database: o.database ?? DATABASE, connectionLimit: POOL_SIZE, queueLimit: QUEUE_MAX, connectTimeout: 3000 });
     // A pool connection the server closed is replaced; the error must not end the process.
     this.pool.on("connection", (c) => (c as unknown as { on(e: string, f: (err: Error) => void): void }).on("error", (err) => o.log.warn({ err }, "spam filter: a database connection failed")));
@@ -114,12 +115,16 @@ export class SpamAtDelivery implements DeliveryFilter {
           else this.counters.innocent_classified_total++;
           const folder = folderFor(c.result, prefs.spam_action);
           if (folder === JUNK_FOLDER) this.counters.spam_filed_in_junk_total++;
-          return { fields: fieldLines(c.headers), folder, ...(c.deltas.length ? { spam: { user, deltas: c.deltas, journaled: c.deltas.map(journaledDelta) } } : {}) };
+          return { fields: fieldLines(c.headers), folder, ...(c.deltas.length ? { spam: { user, deltas: c.deltas } } : {}) };
         } finally {
           conn.release();
         }
       }),
     );
+  }
+
+  async journal(plans: readonly FilterPlan[]): Promise<void> {
+    await journalSpamDeltasOf(this.changes, plans.flatMap((p) => (p.spam ? (p.spam.deltas as SpamDelta[]).map((delta) => ({ user: p.spam!.user, delta })) : [])));
   }
 
   async learn(plans: readonly FilterPlan[], session?: string): Promise<void> {
@@ -146,6 +151,6 @@ export class SpamAtDelivery implements DeliveryFilter {
   }
 
   async close(): Promise<void> {
-    await this.pool.end().catch(() => undefined);
+    await Promise.all([this.pool.end().catch(() => undefined), this.changes.close().catch(() => undefined)]);
   }
 }

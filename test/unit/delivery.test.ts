@@ -52,12 +52,15 @@ test("the journal failing after the renames fails the delivery and leaves nothin
 });
 
 /** A filter that plans by address: "spam" in the local part is spam for that user. */
-function byAddress(learned: string[] = []): DeliveryFilter {
+function byAddress(learned: string[] = [], journaled: string[] = []): DeliveryFilter {
   return {
+    async journal(plans) {
+      for (const p of plans) if (p.spam) journaled.push(p.spam.user);
+    },
     async plan(_head, _whole, mailboxes) {
       return mailboxes.map((m) =>
         m.startsWith("spam")
-          ? { fields: `X-DSPAM-Result: Spam\r\nX-DSPAM-Signature: sig-${m.split("@")[0]}\r\n`, folder: ".Junk", spam: { user: m, deltas: [{ key: m }], journaled: [{ key: m }] } }
+          ? { fields: `X-DSPAM-Result: Spam\r\nX-DSPAM-Signature: sig-${m.split("@")[0]}\r\n`, folder: ".Junk", spam: { user: m, deltas: [{ key: m }] } }
           : { fields: "X-DSPAM-Result: Innocent\r\n", folder: "" },
       );
     },
@@ -67,13 +70,14 @@ function byAddress(learned: string[] = []): DeliveryFilter {
   };
 }
 
-test("a filtered delivery: each verdict its own file and folder, innocent users share one, what was learned is journaled with the copy and applied after", async () => {
+test("a filtered delivery: each verdict its own file and folder, innocent users share one, what was learned is journaled beside the copies and applied after", async () => {
   for (const size of [100, 3 * 1024 * 1024]) {
     const mailRoot = join(root, `filtered-${size}`);
     const entries: Omit<JournalEntry, "id" | "node" | "epoch" | "hlc" | "ts" | "kind">[] = [];
     const learned: string[] = [];
+    const journaled: string[] = [];
     mkdirSync(mailRoot, { recursive: true });
-    const p = deliveryPath({ mailRoot, uid, gid, sizeMax: 8 << 20, journal: { append: async (e) => void entries.push(...e) }, delivered: new DeliveredIndex(join(mailRoot, "no-journals")), log: pino({ level: "silent" }), filter: byAddress(learned) });
+    const p = deliveryPath({ mailRoot, uid, gid, sizeMax: 8 << 20, journal: { append: async (e) => void entries.push(...e) }, delivered: new DeliveredIndex(join(mailRoot, "no-journals")), log: pino({ level: "silent" }), filter: byAddress(learned, journaled) });
     const body = `Subject: hi\r\n\r\n${"x".repeat(70) + "\r\n"}`.padEnd(size, "y") + "\r\n";
     const trace = "Return-Path: <x@example.net>\r\nReceived: from test\r\n";
     const users = ["alice@mailha.test", "bob@mailha.test", "spam1@mailha.test", "spam2@mailha.test"];
@@ -94,8 +98,8 @@ test("a filtered delivery: each verdict its own file and folder, innocent users 
       assert.ok(c.file.endsWith(`,S=${buf.length}`));
       assert.equal(entries[i]!.sha256, c.sha256, "the journal names each copy's own hash");
     }
-    assert.deepEqual(entries.map((e) => e.spam?.user ?? null), [null, null, "spam1@mailha.test", "spam2@mailha.test"], "what was learned goes with its copy");
-    assert.deepEqual(learned, ["spam1@mailha.test", "spam2@mailha.test"]);
+    assert.deepEqual(journaled, ["spam1@mailha.test", "spam2@mailha.test"], "what was learned is journaled");
+    assert.deepEqual(learned, ["spam1@mailha.test", "spam2@mailha.test"], "and applied after");
     assert.equal(entries[2]!.file, d.files[2]!.slice(mailRoot.length + 1));
     // What goes to other domains has no verdict.
     const orig = await buffer(withoutAdded(d.copies[2]!, Buffer.byteLength(trace), "Return-Path: <x@example.net>\r\n".length));

@@ -12,6 +12,7 @@ import { MemorySpamStore } from "../../services/spam/store.ts";
 import type { SpamDelta } from "../../services/spam/training.ts";
 import type { OtherEvent } from "../../reconcile/model.ts";
 import { applySpamStep, spamHandler, type SpamStep } from "../../reconcile/spam.ts";
+import { journalParts, LINE_TOKENS_MAX } from "../../services/spam/journal.ts";
 
 const words = (seed: number, base: string[]) => Array.from({ length: 30 }, (_, i) => base[(seed * 7 + i * 3) % base.length]).join(" ");
 const SPAM = ["viagra", "casino", "lottery", "winner", "bitcoin", "pharmacy", "discount", "prize"];
@@ -86,4 +87,25 @@ test("the victim's training is added to the survivor's exactly; a message traine
   const e2 = await base();
   await train(e2, USER, M.m5, "spam");
   assert.deepEqual(snapshot(s2), snapshot(e2), "learned once, as the later training says");
+});
+
+test("a delta too big for one journal line is journaled in parts (no signature) and merges as the whole", async () => {
+  const big = msg("big", Array.from({ length: 2500 }, (_, i) => `w${i.toString(36)}x`).join(" "));
+  const survivor = new MemorySpamStore();
+  const victim = new MemorySpamStore();
+  const d = await train(victim, USER, big, "spam");
+  assert.ok(d[0]!.tokens.length > LINE_TOKENS_MAX, `the message teaches ${d[0]!.tokens.length} tokens`);
+  const parts = d.flatMap((x) => journalParts(USER, x));
+  assert.ok(parts.length >= 2, `in ${parts.length} parts`);
+  for (const p of parts) {
+    assert.ok(Buffer.byteLength(JSON.stringify(p)) < 256 * 1024, "each part fits a journal line");
+    assert.equal((p.delta as { signature?: unknown }).signature, undefined, "no signature in the journal");
+  }
+  const vEvents = parts.map((payload, i) => ({ id: `a:1:${i}`, node: "a", hlc: formatHlc({ wallMs: ++clock, counter: 0, node: "a" }), kind: "spam-delta", payload }) as unknown as OtherEvent);
+  const steps = spamHandler.plan({ victim: vEvents, survivor: [] } as never);
+  assert.equal(steps.length, 1, "the parts are one message's training");
+  await applySpamStep(survivor, steps[0]!.payload as unknown as SpamStep);
+  assert.deepEqual(snapshot(survivor).tokens, snapshot(victim).tokens, "every token of every part came over, once");
+  const t = await survivor.totals(await survivor.uidFor(USER));
+  assert.equal(t.spam_learned, 1, "the stats once");
 });
