@@ -115,10 +115,10 @@ describe("deploy test machines (a, b, witness w)", () => {
   test("a pulled cable cuts a off and restoring it brings a back", async () => {
     const { a, b } = m.byName as Record<string, Machine>;
     await a!.cutNetwork();
-    const cut = await b!.ssh(`timeout 3 sh -c 'exec 3<>/dev/tcp/${a!.address}/22' && echo reached || echo unreachable`);
+    const cut = await b!.ssh(`timeout 3 bash -c 'exec 3<>/dev/tcp/${a!.address}/22' && echo reached || echo unreachable`);
     assert.equal(cut.stdout.trim(), "unreachable", "b must not reach a while a's cable is pulled");
     await a!.restoreNetwork();
-    const back = await b!.ssh(`for i in $(seq 1 50); do timeout 2 sh -c 'exec 3<>/dev/tcp/${a!.address}/22' 2>/dev/null && echo reached && exit 0; sleep 0.2; done; echo unreachable`);
+    const back = await b!.ssh(`for i in $(seq 1 50); do timeout 2 bash -c 'exec 3<>/dev/tcp/${a!.address}/22' 2>/dev/null && echo reached && exit 0; sleep 0.2; done; echo unreachable`);
     assert.equal(back.stdout.trim(), "reached", "b should reach a again once its cable is back");
   });
 

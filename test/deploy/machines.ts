@@ -76,6 +76,8 @@ export interface CleanupReport {
   readonly links: string[];
   readonly cgroups: string[];
   readonly removedBaseDir: boolean;
+  /** Milliseconds per step, to see where a slow cleanup spends its time. */
+  readonly stepMs: Readonly<Record<string, number>>;
 }
 
 export interface Machines {
@@ -96,6 +98,11 @@ export interface BootOptions {
   readonly names: readonly string[];
   readonly log?: (line: string) => void;
   readonly bootTimeoutMs?: number;
+  /**
+   * How each machine gets its root: "overlay" (default: an overlayfs over the cached root,
+   * nothing copied, only the changes written) or "copy" (`cp -a --reflink=auto`).
+   */
+  readonly clone?: "overlay" | "copy";
 }
 
 /** The cgroup hierarchies a container's own cgroup must be made in (hybrid or unified). */
@@ -213,16 +220,24 @@ async function ourLoops(): Promise<string[]> {
   if (!existsSync(BASE_DIR)) return [];
   const r = await tryRun("losetup", ["-J", "--list", "-O", "NAME,BACK-INO,BACK-MAJ:MIN"]);
   if (!r || !r.stdout.trim()) return [];
-  const st = statSync(BASE_DIR);
-  const devStr = `${Math.floor(st.dev / 256)}:${st.dev % 256}`;
+  // The backing file's path is the one seen inside the machine, so match its file system
+  // (the host's, or a machine's overlay) and inode instead.
+  const devs = new Set([BASE_DIR, ...mountsUnder(BASE_DIR)].map((d) => devString(statSync(d).dev)));
   const list = (JSON.parse(r.stdout) as { loopdevices: { name: string; "back-ino": string | number | null; "back-maj:min": string | null }[] }).loopdevices;
-  const candidates = list.filter((l) => l["back-ino"] !== null && String(l["back-maj:min"]).replace(/\s/g, "") === devStr);
+  const candidates = list.filter((l) => l["back-ino"] !== null && devs.has(String(l["back-maj:min"]).replace(/\s/g, "")));
   const out: string[] = [];
   for (const l of candidates) {
-    const f = await tryRun("find", [BASE_DIR, "-xdev", "-inum", String(l["back-ino"]), "-print", "-quit"], { timeoutMs: 30_000 });
+    const f = await tryRun("find", [BASE_DIR, "-inum", String(l["back-ino"]), "-print", "-quit"], { timeoutMs: 60_000 });
     if (f && f.stdout.trim()) out.push(l.name);
   }
   return out;
+}
+
+/** MAJOR:MINOR of a Linux dev_t, as losetup prints it. */
+function devString(dev: number): string {
+  const major = Math.floor(dev / 256) & 0xfff;
+  const minor = (dev & 0xff) | (Math.floor(dev / 4096) & 0xfff00);
+  return `${major}:${minor}`;
 }
 
 async function detachLoop(dev: string): Promise<boolean> {
@@ -264,6 +279,12 @@ function mountsUnder(dir: string): string[] {
  * namespaces, links, cgroups (deepest first) and BASE_DIR. Safe when nothing is there.
  */
 export async function cleanupLeftovers(): Promise<CleanupReport> {
+  const stepMs: Record<string, number> = {};
+  let tStep = Date.now();
+  const step = (name: string) => {
+    stepMs[name] = Date.now() - tStep;
+    tStep = Date.now();
+  };
   const killed: number[] = [];
   const namespaces = await ourNamespaces();
   for (const ns of namespaces) {
@@ -286,18 +307,23 @@ export async function cleanupLeftovers(): Promise<CleanupReport> {
       // gone
     }
   }
+  step("processes");
   const loops: string[] = [];
   for (const l of await ourLoops()) if (await detachLoop(l)) loops.push(l);
+  step("loops");
   const mounts = mountsUnder(BASE_DIR);
   for (const m of mounts) if (!(await tryRun("umount", [m]))) await tryRun("umount", ["-l", m]);
   for (const ns of namespaces) await tryRun("ip", ["netns", "del", ns]);
   const links = await ourLinks();
   for (const l of links) await tryRun("ip", ["link", "del", l]);
+  step("mounts and network");
   const cgroups = ourCgroups();
   for (const c of cgroups) await removeCgroupTree(c);
+  step("cgroups");
   const removedBaseDir = existsSync(BASE_DIR);
   rmSync(BASE_DIR, { recursive: true, force: true });
-  return { killed, loops, mounts, namespaces, links, cgroups, removedBaseDir };
+  step("files");
+  return { killed, loops, mounts, namespaces, links, cgroups, removedBaseDir, stepMs };
 }
 
 /** Refuses to start while another live process owns BASE_DIR (another deploy test run). */
@@ -411,9 +437,13 @@ export async function bootMachines(opts: BootOptions): Promise<Machines> {
     const known: string[] = [];
     const sshConfig: string[] = ["# deploy test machines only (written by test/deploy/machines.ts)"];
     for (const [i, n] of names.entries()) {
-      const dir = join(BASE_DIR, "machines", n);
-      mkdirSync(join(BASE_DIR, "machines"), { recursive: true });
-      await run("cp", ["-a", "--reflink=auto", root.dir, dir], { timeoutMs: 300_000 });
+      const home = join(BASE_DIR, "machines", n);
+      const dir = join(home, "root");
+      mkdirSync(home, { recursive: true });
+      if ((opts.clone ?? "overlay") === "overlay") {
+        for (const d of ["upper", "work", "root"]) mkdirSync(join(home, d));
+        await run("mount", ["-t", "overlay", `mhdep-${n}`, "-o", `lowerdir=${root.dir},upperdir=${join(home, "upper")},workdir=${join(home, "work")}`, dir]);
+      } else await run("cp", ["-a", "--reflink=auto", root.dir, dir], { timeoutMs: 300_000 });
       const machineId = randomBytes(16).toString("hex");
       writeFileSync(join(dir, "etc/machine-id"), `${machineId}\n`);
       writeFileSync(join(dir, "var/lib/dbus/machine-id"), `${machineId}\n`);
