@@ -3,6 +3,11 @@
 // harness's proxy; a power loss and a reboot of a; and nothing left after destroy().
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import http from "node:http";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { hostDebianSources, hostMirror } from "./root.ts";
 import { ensurePackages } from "../../ops/setup/packages.ts";
 import { runAll } from "../../common/exec.ts";
 import { bootMachines, cleanupLeftovers, leftovers, type Machine, type Machines } from "./machines.ts";
@@ -17,6 +22,46 @@ async function must(m: Machine, cmd: string, timeoutMs?: number): Promise<string
   assert.equal(r.code, 0, `on machine ${m.name}, \`${cmd}\` failed (exit ${r.code}):\n${r.stdout}\n${r.stderr}`);
   return r.stdout;
 }
+
+/** A GET through the proxy for URL, as apt would send it; resolves with the status. */
+function proxyGet(proxyUrl: string, url: string, method = "GET"): Promise<number> {
+  const p = new URL(proxyUrl);
+  return new Promise((resolve, reject) => {
+    const req = http.request({ host: p.hostname, port: Number(p.port), method, path: url, timeout: 10_000 }, (res) => {
+      res.resume();
+      resolve(res.statusCode ?? 0);
+    });
+    req.on("error", reject);
+    req.end();
+  });
+}
+
+describe("the host's Debian sources (what the root and the proxy use)", () => {
+  test("deb822 and one-line files: only Debian bookworm suites with main, disabled files and stanzas skipped", () => {
+    const etc = mkdtempSync(join(tmpdir(), "mhdep-apt-"));
+    try {
+      mkdirSync(join(etc, "sources.list.d"));
+      writeFileSync(join(etc, "sources.list"), "# none\ndeb [arch=amd64] http://mirror.example/debian bookworm-backports main contrib\n");
+      writeFileSync(
+        join(etc, "sources.list.d", "debian.sources"),
+        "Types: deb\nURIs: http://mirror.example/debian/\nSuites: bookworm bookworm-updates\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\nTypes: deb-src\nURIs: http://mirror.example/debian\nSuites: bookworm\nComponents: main\n\nTypes: deb\nURIs: http://off.example/debian\nSuites: bookworm\nComponents: main\nEnabled: no\n",
+      );
+      writeFileSync(join(etc, "sources.list.d", "other.sources"), "Types: deb\nURIs: https://vendor.example/apt\nSuites: bookworm\nComponents: main\nSigned-By: /usr/share/keyrings/vendor.gpg\n");
+      writeFileSync(join(etc, "sources.list.d", "x.list.disabled"), "deb http://never.example/debian bookworm main\n");
+      const s = hostDebianSources(etc);
+      assert.deepEqual(
+        s.map((x) => [x.uri, x.suites.join(" ")]),
+        [
+          ["http://mirror.example/debian", "bookworm-backports"],
+          ["http://mirror.example/debian", "bookworm bookworm-updates"],
+        ],
+      );
+      assert.equal(hostMirror(s), "http://mirror.example/debian");
+    } finally {
+      rmSync(etc, { recursive: true, force: true });
+    }
+  });
+});
 
 describe("deploy test machines (a, b, witness w)", () => {
   let m: Machines;
@@ -93,6 +138,8 @@ describe("deploy test machines (a, b, witness w)", () => {
     assert.match(ping, /active\s+PONG/, "redis-server should run as a systemd service after the install");
     const s = m.aptProxyStats;
     say(`timing: apt-get update ${tUpdate.toFixed(1)} s, update + install redis-server ${tAll.toFixed(1)} s; proxy: ${s.requests} requests, ${s.cacheHits} from its cache, ${s.localDebHits} from the host's .deb caches, ${s.upstreamFetches} downloads (${(s.upstreamBytes / 1e6).toFixed(1)} MB), ${s.refused} refused`);
+    assert.equal(await proxyGet(m.aptProxyUrl, "http://some-other-host.invalid/debian/dists/bookworm/InRelease"), 403, "the proxy must refuse hosts that are not the host's Debian sources");
+    assert.equal(await proxyGet(m.aptProxyUrl, `${hostMirror().replace(/^https:/, "http:")}/dists/bookworm/InRelease`, "POST"), 405, "the proxy only serves GET");
     const direct = await a.ssh("apt-get -o Acquire::http::Proxy=DIRECT -o Acquire::Retries=0 update -q", { timeoutMs: 60_000 });
     assert.ok(direct.code !== 0 || /Err:|Could not resolve|Temporary failure|unreachable/i.test(direct.stdout + direct.stderr), `without the proxy, a machine must not reach any mirror:\n${direct.stdout}${direct.stderr}`);
   });
