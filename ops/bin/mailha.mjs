@@ -3,11 +3,13 @@
 // when it is there and up to date: dist/build-stamp.json (written by `npm run build`)
 // is not older than any source file in the folders it names. In a checkout whose
 // sources changed since the last build (or that was never built) it runs the
-// TypeScript sources through tsx instead and says so in one line on stderr (stdout
-// stays the command's: --json output is not disturbed). MAILHA_FROM_SOURCES=1 asks for
-// the sources through tsx, silently. An installed package has no sources: it runs dist/.
-// Every daemon is started through this file too (common/self.ts MAILHA_BIN), so they
-// all make the same choice. The check costs one stat per source file (about 1.5 ms).
+// TypeScript sources through tsx instead, so stale compiled code never runs; on a
+// terminal it says so in one line on stderr (not to pipes and log files: tests and
+// scripts read the command's own stderr, and stdout is never touched, so --json is not
+// disturbed). MAILHA_FROM_SOURCES=1 asks for the sources through tsx; =0 demands dist/
+// (exit 2 when it is not up to date). An installed package has no sources: it runs
+// dist/. Every daemon is started through this file too (common/self.ts MAILHA_BIN), so
+// they all make the same choice. The check costs one stat per source file (about 1.5 ms).
 import { readFileSync, readdirSync, statSync } from "node:fs";
 
 const ROOT = new URL("../../", import.meta.url);
@@ -63,14 +65,18 @@ async function fromSources() {
   await import(SOURCES.href);
 }
 
-if (process.env.MAILHA_FROM_SOURCES === "1") {
+const wanted = process.env.MAILHA_FROM_SOURCES;
+if (wanted === "1") {
   await fromSources();
 } else {
   const why = staleReason();
   if (why === null) {
     await import(COMPILED.href);
+  } else if (wanted === "0") {
+    process.stderr.write(`mailha: ${why} and MAILHA_FROM_SOURCES=0 asks for the compiled product: run npm run build\n`);
+    process.exit(2);
   } else {
-    process.stderr.write(`mailha: ${why}; running the TypeScript sources through tsx (npm run build compiles them)\n`);
+    if (process.stderr.isTTY) process.stderr.write(`mailha: ${why}; running the TypeScript sources through tsx (npm run build compiles them)\n`);
     await fromSources();
   }
 }
