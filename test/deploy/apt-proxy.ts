@@ -114,7 +114,16 @@ export async function startAptProxy(o: AptProxyOptions): Promise<AptProxy> {
     createReadStream(file).on("error", () => res.destroy()).pipe(res);
   };
 
-  const server = http.createServer(async (req, res) => {
+  const server = http.createServer((req, res) => {
+    handle(req, res).catch((e: Error) => {
+      stats.errors++;
+      log(`apt proxy: ${req.url}: ${e.message}`);
+      if (!res.headersSent) res.writeHead(500, { "content-type": "text/plain" }).end(`${e.message}\n`);
+      else res.destroy();
+    });
+  });
+
+  const handle = async (req: http.IncomingMessage, res: http.ServerResponse): Promise<void> => {
     stats.requests++;
     if (req.method !== "GET") return refuse(res, 405, `method ${req.method}`);
     let url: URL;
@@ -148,7 +157,7 @@ export async function startAptProxy(o: AptProxyOptions): Promise<AptProxy> {
     } finally {
       release();
     }
-  });
+  };
 
   const fetchUpstream = (target: string, res: http.ServerResponse, cacheFile: string) =>
     new Promise<void>((resolve) => {
@@ -194,10 +203,15 @@ export async function startAptProxy(o: AptProxyOptions): Promise<AptProxy> {
           if (tmp) {
             const t = tmp;
             t.end(() => {
-              if (complete) {
-                renameSync(tmpName, cacheFile);
-                cache.added(cacheFile, bytes);
-              } else rmSync(tmpName, { force: true });
+              try {
+                if (complete) {
+                  renameSync(tmpName, cacheFile);
+                  cache.added(cacheFile, bytes);
+                } else rmSync(tmpName, { force: true });
+              } catch (e) {
+                stats.errors++;
+                log(`apt proxy: caching ${cacheFile}: ${(e as Error).message}`);
+              }
               resolve();
             });
           } else resolve();
