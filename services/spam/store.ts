@@ -158,6 +158,15 @@ export function decodeSignature(data: Buffer): { token: string; frequency: numbe
  */
 const inList = (tokens: readonly string[]): string => tokens.map((t) => `CAST(${tokenLiteral(t)} AS UNSIGNED)`).join(",");
 const BATCH_READ = 500;
+const APPLY_ATTEMPTS = 4;
+const ER_DUP_ENTRY = 1062;
+const ER_LOCK_WAIT_TIMEOUT = 1205;
+const ER_LOCK_DEADLOCK = 1213;
+const byToken = (a: { token: string }, b: { token: string }): number => {
+  const x = BigInt(a.token);
+  const y = BigInt(b.token);
+  return x < y ? -1 : x > y ? 1 : 0;
+};
 const BATCH_WRITE = 500;
 
 // ---- MariaDB --------------------------------------------------------------------
@@ -225,13 +234,20 @@ export class MariadbSpamStore implements SpamStore {
 
   async apply(deltas: readonly SpamDelta[], opts: ApplyOptions = {}): Promise<void> {
     for (const d of deltas) {
-      await this.db.beginTransaction();
-      try {
-        await this.applyOne(d, opts);
-        await this.db.commit();
-      } catch (e) {
-        await this.db.rollback().catch(() => undefined);
-        throw e;
+      // Concurrent deliveries to one user touch the same tokens: a deadlock or a lock
+      // wait timeout is retried (the transaction was rolled back whole).
+      for (let attempt = 1; ; attempt++) {
+        await this.db.beginTransaction();
+        try {
+          await this.applyOne(d, opts);
+          await this.db.commit();
+          break;
+        } catch (e) {
+          await this.db.rollback().catch(() => undefined);
+          const code = (e as { errno?: number }).errno;
+          if ((code !== ER_LOCK_DEADLOCK && code !== ER_LOCK_WAIT_TIMEOUT) || attempt >= APPLY_ATTEMPTS) throw e;
+          await new Promise((r) => setTimeout(r, 5 + Math.floor(Math.random() * 20 * attempt)));
+        }
       }
     }
   }
@@ -239,12 +255,35 @@ export class MariadbSpamStore implements SpamStore {
   private async applyOne(d: SpamDelta, opts: ApplyOptions): Promise<void> {
     const uid = intLiteral(d.uid);
     const day = dayLiteral(d.day);
-    const [lrows] = await this.db.query(`SELECT entry FROM ${this.t("mailha_spam_ledger")} WHERE uid = ? AND msgkey = ? FOR UPDATE`, [d.uid, d.key]);
-    const current = (lrows as { entry: string }[])[0];
-    if (!opts.trustLedger && canon(current ? JSON.parse(current.entry) : null) !== canon(d.ledger.before)) throw new LedgerConflict(d.uid, d.key);
+    let current: { entry: string } | undefined;
+    let ledgerDone = false;
+    if (!opts.trustLedger && d.ledger.before === null) {
+      // A new key (a classification's signature, a first training): the ledger row is
+      // made first, by a plain INSERT, so that two deliveries never hold gap locks on
+      // the same range (SELECT ... FOR UPDATE of a missing row takes one) and deadlock on
+      // their inserts; a row that exists already is a conflict.
+      if (d.ledger.after !== null) {
+        try {
+          await this.db.query(`INSERT INTO ${this.t("mailha_spam_ledger")} (uid, msgkey, entry, updated_on) VALUES (?, ?, ?, ${day})`, [d.uid, d.key, canon(d.ledger.after)]);
+        } catch (e) {
+          if ((e as { errno?: number }).errno === ER_DUP_ENTRY) throw new LedgerConflict(d.uid, d.key);
+          throw e;
+        }
+        ledgerDone = true;
+      } else {
+        const [lrows] = await this.db.query(`SELECT entry FROM ${this.t("mailha_spam_ledger")} WHERE uid = ? AND msgkey = ?`, [d.uid, d.key]);
+        if ((lrows as unknown[]).length) throw new LedgerConflict(d.uid, d.key);
+        ledgerDone = true;
+      }
+    } else {
+      const [lrows] = await this.db.query(`SELECT entry FROM ${this.t("mailha_spam_ledger")} WHERE uid = ? AND msgkey = ? FOR UPDATE`, [d.uid, d.key]);
+      current = (lrows as { entry: string }[])[0];
+      if (!opts.trustLedger && canon(current ? JSON.parse(current.entry) : null) !== canon(d.ledger.before)) throw new LedgerConflict(d.uid, d.key);
+    }
 
     // Increments: one upsert per batch.
-    const inc = d.tokens.filter((t) => t.spamDelta > 0 || t.innocentDelta > 0);
+    // In the index's order, so that transactions on one user's tokens lock them in the same order.
+    const inc = d.tokens.filter((t) => t.spamDelta > 0 || t.innocentDelta > 0).sort(byToken);
     for (let i = 0; i < inc.length; i += BATCH_WRITE) {
       const values = inc
         .slice(i, i + BATCH_WRITE)
@@ -267,6 +306,7 @@ export class MariadbSpamStore implements SpamStore {
       g.push(t.token);
     }
     for (const [k, list] of groups) {
+      list.sort((a, b) => (BigInt(a) < BigInt(b) ? -1 : BigInt(a) > BigInt(b) ? 1 : 0));
       const [s, n] = k.split(",").map(Number) as [number, number];
       for (let i = 0; i < list.length; i += BATCH_WRITE) {
         await this.db.query(
@@ -289,6 +329,7 @@ export class MariadbSpamStore implements SpamStore {
         [d.uid, d.signature.id, blob, blob.length],
       );
     }
+    if (ledgerDone) return;
     if (d.ledger.after === null) {
       if (current) await this.db.query(`DELETE FROM ${this.t("mailha_spam_ledger")} WHERE uid = ? AND msgkey = ?`, [d.uid, d.key]);
     } else if (canon(d.ledger.after) !== canon(current ? JSON.parse(current.entry) : null)) {
