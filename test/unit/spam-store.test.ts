@@ -120,3 +120,25 @@ test("a DSPAM mysqldump loads: tokens, stats, preferences, users, signatures; tw
   assert.deepEqual(decodeSignature(Buffer.alloc(16)), [{ token: "0", frequency: 0 }]);
   await assert.rejects(importDspamDump(conn, join(ROOT, "test/fixtures/spam/bad-dump.sql"), "spamtest"), (e: unknown) => e instanceof DumpError && e.line === 3);
 });
+
+test("concurrent deliveries to one user, each on its own connection, all apply (no deadlock lost), and the counts are their sum", async () => {
+  const N = 24;
+  const conns = await Promise.all(Array.from({ length: 8 }, () => db.connect()));
+  try {
+    const uid = 99;
+    const shared = Array.from({ length: 300 }, (_, i) => String(1000 + i * 7919));
+    const deltas = Array.from({ length: N }, (_, k) =>
+      delta({ uid, key: `sig-${k}`, source: "classification", tokens: [...shared].sort(() => (k % 2 ? 1 : -1)).map((token) => ({ uid, token, spamDelta: 0, innocentDelta: 1 })), stats: { innocent_learned: 1 }, ledger: { before: null, after: { ...entry("innocent"), key: `sig-${k}` } } }),
+    );
+    // Every connection applies its share at once.
+    await Promise.all(conns.map((c, i) => (async () => {
+      const s = new MariadbSpamStore(c, "spamtest");
+      for (let k = i; k < N; k += conns.length) await s.apply([deltas[k]!]);
+    })()));
+    const counts = await store.tokenCounts(uid, shared);
+    assert.ok(shared.every((t) => counts.get(t)?.innocent_hits === N), "every token counted once per delivery");
+    assert.equal((await store.totals(uid)).innocent_learned, N);
+  } finally {
+    await Promise.all(conns.map((c) => c.end().catch(() => undefined)));
+  }
+});
