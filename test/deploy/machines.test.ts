@@ -106,6 +106,16 @@ describe("deploy test machines (a, b, witness w)", () => {
       assert.equal(r.code, 0, `ssh -F ${m.sshConfigFile} ${x.address} failed: ${r.stderr}`);
       assert.equal(r.stdout.trim(), x.name);
     }
+    // scp, as a deploy would copy a build over (OpenSSH 9's scp speaks SFTP).
+    const dir = mkdtempSync(join(tmpdir(), "mhdep-scp-"));
+    try {
+      writeFileSync(join(dir, "payload.txt"), "copied by scp\n");
+      const cp = await runAll("scp", ["-F", m.sshConfigFile, join(dir, "payload.txt"), "w:/root/payload.txt"], { timeoutMs: 20_000 });
+      assert.equal(cp.code, 0, `scp -F ${m.sshConfigFile} to w failed: ${cp.stderr}`);
+      assert.equal(await must(m.byName.w!, "cat /root/payload.txt"), "copied by scp\n");
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   test("a and b reach each other over the bridge, and nothing outside it", async () => {
