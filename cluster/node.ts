@@ -322,6 +322,11 @@ export async function runNode(o: { config: MailhaConfig; nodeId: string }): Prom
 
   // ---- DNS: the active node keeps the mail host pointing at the healthy nodes ----------
   async function updateDns(live: string[]): Promise<void> {
+    // Records managed by hand (dns.updates: false): both A records stay; nothing to send.
+    if (!c.dns.updates) {
+      dnsApplied = live.join(",");
+      return;
+    }
     if (dnsBusy) return;
     dnsBusy = true;
     try {

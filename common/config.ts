@@ -170,10 +170,15 @@ const schema = z
       resync_rate_max_bytes_per_s: int("bytes per second", 1024, 2 ** 40).default(100 * 1024 * 1024),
     }),
     dns: z.strictObject({
-      server: ipv4(),
+      // true: mailha keeps its records itself, by TSIG-signed RFC 2136 updates to SERVER
+      // (the mail host's A records follow the live nodes); false: they are managed by
+      // hand (`mailha dns render` prints them, `mailha dns check` checks them; the mail
+      // host keeps both nodes' A records, clients fall back by themselves).
+      updates: z.boolean({ error: "true or false" }).default(true),
+      server: ipv4().optional(),
       port: port().default(53),
       zone: hostname(),
-      tsig_key_file: filePath("the TSIG key file (mode 0600), as tsig-keygen writes it"),
+      tsig_key_file: filePath("the TSIG key file (mode 0600), as tsig-keygen writes it").optional(),
       ttl: z
         .strictObject({
           mail_host_s: int("seconds", 1, 86_400).default(60),
@@ -236,6 +241,9 @@ const schema = z
       if (lease.lease_ms <= c.manager.self_fence_ms + renew)
         ctx.addIssue({ code: "custom", path: ["quorum", key, "lease_ms"], message: `more than manager.self_fence_ms + a quarter of itself (${c.manager.self_fence_ms} + lease_ms/4): the active node must stop before its lease can expire`, input: lease.lease_ms });
     }
+    if (c.dns.updates && !c.dns.server) ctx.addIssue({ code: "custom", path: ["dns", "server"], message: "the address of the DNS server that takes the updates (or dns.updates: false to manage the records by hand)", input: undefined });
+    if (c.dns.updates && !c.dns.tsig_key_file) ctx.addIssue({ code: "custom", path: ["dns", "tsig_key_file"], message: "the TSIG key file the updates are signed with (or dns.updates: false)", input: undefined });
+    if (c.quorum.dns_lease && !c.dns.updates) ctx.addIssue({ code: "custom", path: ["quorum", "dns_lease"], message: "a DNS server that takes updates (dns.updates: true): the lease is a record on it; or a witness instead", input: c.quorum.dns_lease });
     if (c.fencing.agent === "command" && !c.fencing.command) ctx.addIssue({ code: "custom", path: ["fencing", "command"], message: 'a command line (required when agent is "command")', input: undefined });
     if (c.volume.size % c.volume.block_size_bytes !== 0 || c.volume.size < 16 * 1024 * 1024)
       ctx.addIssue({ code: "custom", path: ["volume", "size"], message: "a whole number of blocks, at least 16MiB", input: c.volume.size });
@@ -259,8 +267,14 @@ export function secretFiles(c: MailhaConfig): { purpose: string; key: string; pa
   return [
     { purpose: "heartbeat key", key: "heartbeat.key_file", path: c.heartbeat.key_file },
     { purpose: "replication secret", key: "volume.secret_file", path: c.volume.secret_file },
-    { purpose: "TSIG key", key: "dns.tsig_key_file", path: c.dns.tsig_key_file },
+    ...(c.dns.tsig_key_file ? [{ purpose: "TSIG key", key: "dns.tsig_key_file", path: c.dns.tsig_key_file }] : []),
   ];
+}
+
+/** The DNS server mailha updates and its key; throws when the records are managed by hand (dns.updates: false). */
+export function dnsUpdates(c: MailhaConfig): { server: string; port: number; zone: string; tsig_key_file: string } {
+  if (!c.dns.updates || !c.dns.server || !c.dns.tsig_key_file) throw new Error(`${c.file}: dns.updates is false: the records are managed by hand (mailha dns render prints them)`);
+  return { server: c.dns.server, port: c.dns.port, zone: c.dns.zone, tsig_key_file: c.dns.tsig_key_file };
 }
 
 /** Reads, parses and validates FILE; throws ConfigError listing every problem. */
@@ -294,7 +308,7 @@ export function parseConfig(text: string, file: string, opts: LoadOptions = {}):
     file: resolve(file),
     heartbeat: { ...c.heartbeat, key_file: abs(c.heartbeat.key_file) },
     volume: { ...c.volume, secret_file: abs(c.volume.secret_file) },
-    dns: { ...c.dns, tsig_key_file: abs(c.dns.tsig_key_file) },
+    dns: { ...c.dns, ...(c.dns.tsig_key_file ? { tsig_key_file: abs(c.dns.tsig_key_file) } : {}) },
   };
   if (opts.checkSecrets ?? true) {
     const problems = secretFiles(config).flatMap((s) => checkSecretFile(s.key, s.path, s.purpose));

@@ -3,7 +3,7 @@
 // dns apply` replaces the managed RRsets in one signed RFC 2136 update (atomic on the
 // server) and then reads them back to verify.
 import { readFileSync } from "node:fs";
-import type { MailhaConfig } from "../common/config.ts";
+import { dnsUpdates, type MailhaConfig } from "../common/config.ts";
 import { query } from "./query.ts";
 import { parseTsigKeyFile } from "./tsig-key.ts";
 import { sendUpdate, type Op, type RecordType } from "./update.ts";
@@ -20,7 +20,7 @@ function rrsets(records: readonly ZoneRecord[]): Map<string, ZoneRecord[]> {
 
 export function renderDns(c: MailhaConfig, live?: readonly string[]): { zoneFragment: string; nsupdate: string; records: ZoneRecord[] } {
   const records = clusterRecords(c, live);
-  const nsupdate = [`server ${c.dns.server} ${c.dns.port}`, `zone ${c.dns.zone}`];
+  const nsupdate = [`server ${c.dns.server ?? "YOUR-DNS-SERVER"} ${c.dns.port}`, `zone ${c.dns.zone}`];
   for (const [key, rs] of rrsets(records)) {
     const [name, type] = key.split(" ");
     nsupdate.push(`update delete ${name}. ${type}`);
@@ -44,7 +44,8 @@ function normalize(type: string, data: string): string {
 
 /** Replaces the managed RRsets with what the config (and the live nodes) say, then checks. */
 export async function applyDns(c: MailhaConfig, live?: readonly string[]): Promise<ApplyResult> {
-  const key = parseTsigKeyFile(readFileSync(c.dns.tsig_key_file, "utf8"));
+  const u = dnsUpdates(c);
+  const key = parseTsigKeyFile(readFileSync(u.tsig_key_file, "utf8"));
   const records = clusterRecords(c, live);
   const ops: Op[] = [];
   const managed = rrsets(clusterRecords(c)); // every name we own, also those now empty
@@ -53,13 +54,13 @@ export async function applyDns(c: MailhaConfig, live?: readonly string[]): Promi
     ops.push({ op: "delete-rrset", name, type });
   }
   for (const r of records) ops.push({ op: "add", name: r.name, type: r.type as RecordType, ttl: r.ttl, data: r.data });
-  const res = await sendUpdate(c.dns.server, c.dns.port, c.dns.zone, [], ops, key);
+  const res = await sendUpdate(u.server, u.port, u.zone, [], ops, key);
   if (res.rcode !== "NOERROR") return { rcode: res.rcode, tsigError: res.tsigError, verified: false, mismatches: [], records };
   const mismatches: string[] = [];
   for (const [k, want] of managed) {
     const [name, type] = k.split(" ") as [string, RecordType];
     const expected = (rrsets(records).get(k) ?? want.slice(0, 0)).map((r) => normalize(type, r.data)).sort();
-    const a = await query(c.dns.server, c.dns.port, name, type as "A");
+    const a = await query(u.server, u.port, name, type as "A");
     const got = a.answers
       .filter((x) => x.type === type)
       .map((x) => (x.type === "MX" ? `${x.data.preference} ${x.data.exchange}` : String((x as { data: unknown }).data)))

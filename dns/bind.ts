@@ -3,7 +3,7 @@
 // (update-policy zonesub), and runs with its own directory, no rndc and no system config.
 import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import type { MailhaConfig } from "../common/config.ts";
+import { dnsUpdates, type MailhaConfig } from "../common/config.ts";
 import type { DaemonSpec } from "../common/daemon.ts";
 import { query } from "./query.ts";
 import { parseTsigKeyFile } from "./tsig-key.ts";
@@ -61,8 +61,9 @@ zone "${LAB_DEAD_ZONE}" { type primary; file "${join(b.dir, `${LAB_DEAD_ZONE}.zo
 /** Writes named.conf, the key and a fresh zone file (a new lab starts from the config). */
 export function writeBindConfig(c: MailhaConfig, b: BindPaths, listen: string): void {
   mkdirSync(b.dir, { recursive: true });
-  const key = parseTsigKeyFile(readFileSync(c.dns.tsig_key_file, "utf8"));
-  copyFileSync(c.dns.tsig_key_file, b.keyFile);
+  const keyFile = dnsUpdates(c).tsig_key_file;
+  const key = parseTsigKeyFile(readFileSync(keyFile, "utf8"));
+  copyFileSync(keyFile, b.keyFile);
   writeFileSync(b.conf, renderNamedConf(c, b, listen, key.name), { mode: 0o644 });
   writeFileSync(b.zoneFile, renderZoneFile(c, listen, Math.floor(Date.now() / 1000)), { mode: 0o644 });
   writeFileSync(join(b.dir, `${LAB_SINK_ZONE}.zone`), labZone(LAB_SINK_ZONE, listen, listen));

@@ -11,7 +11,7 @@
 // an unsigned query, so a forged read can make a node believe the lease is taken (it
 // then does not take over: the safe side) or make its compare-and-set fail.
 import { readFileSync } from "node:fs";
-import type { MailhaConfig } from "../common/config.ts";
+import { dnsUpdates, type MailhaConfig } from "../common/config.ts";
 import { query } from "./query.ts";
 import { parseTsigKeyFile } from "./tsig-key.ts";
 import { sendUpdate, type Prereq, type UpdateOptions } from "./update.ts";
@@ -35,7 +35,8 @@ export function parseLease(text: string): LeaseValue | null {
 
 /** The current lease record (raw text and parsed), or null. */
 export async function readLease(c: MailhaConfig): Promise<{ raw: string; value: LeaseValue | null } | null> {
-  const a = await query(c.dns.server, c.dns.port, leaseName(c), "TXT");
+  const u = dnsUpdates(c);
+  const a = await query(u.server, u.port, leaseName(c), "TXT");
   const txt = a.answers.filter((x) => x.type === "TXT").map((x) => [(x as { data: unknown }).data].flat().map(String).join(""));
   if (!txt.length) return null;
   return { raw: txt[0]!, value: parseLease(txt[0]!) };
@@ -50,13 +51,13 @@ export interface TakeResult {
 
 /** Takes (or renews) the lease for NODE for LEASEMS; exactly one of two racing nodes wins. */
 export async function takeLease(c: MailhaConfig, node: string, leaseMs: number, now = Date.now(), opts: Pick<UpdateOptions, "timeoutMs" | "tries"> = {}): Promise<TakeResult> {
-  const key = parseTsigKeyFile(readFileSync(c.dns.tsig_key_file, "utf8"));
+  const key = parseTsigKeyFile(readFileSync(dnsUpdates(c).tsig_key_file, "utf8"));
   const cur = await readLease(c);
   if (cur?.value && cur.value.node !== node && cur.value.expiresMs > now) return { won: false, holder: cur.value.node, expiresMs: cur.value.expiresMs, reason: `held by ${cur.value.node}` };
   const next: LeaseValue = { node, epoch: (cur?.value?.epoch ?? 0) + 1, expiresMs: now + leaseMs };
   const name = leaseName(c);
   const pre: Prereq[] = cur ? [{ pre: "rrset-exists-value", name, type: "TXT", data: cur.raw }] : [{ pre: "rrset-absent", name, type: "TXT" }];
-  const r = await sendUpdate(c.dns.server, c.dns.port, c.dns.zone, pre, [{ op: "delete-rrset", name, type: "TXT" }, { op: "add", name, type: "TXT", ttl: 1, data: formatLease(next) }], key, { ...opts, requireSignedAnswer: true });
+  const r = await sendUpdate(dnsUpdates(c).server, c.dns.port, c.dns.zone, pre, [{ op: "delete-rrset", name, type: "TXT" }, { op: "add", name, type: "TXT", ttl: 1, data: formatLease(next) }], key, { ...opts, requireSignedAnswer: true });
   if (r.rcode === "NOERROR" && r.answerSigned !== true) return { won: false, holder: null, expiresMs: 0, reason: `the server's answer is not signed with our key${r.signatureProblem ? ` (${r.signatureProblem})` : ""}: the lease is not held` };
   if (r.rcode === "NOERROR") return { won: true, holder: node, expiresMs: next.expiresMs, reason: "taken" };
   if (r.rcode === "NXRRSET" || r.rcode === "YXRRSET") return { won: false, holder: null, expiresMs: 0, reason: "another node changed the lease first" };

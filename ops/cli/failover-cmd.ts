@@ -73,7 +73,7 @@ export function failoverTestCommand(defaultConfig: string): Command {
           pop3EveryMs: o.pop3Interval,
           imap: { address: imap.address, password: imap.password },
           pop3: o.pop3 ? { address: popUser!, password: popPass! } : null,
-          dnsServer: o.dnsServer ?? (c.lab ? c.dns.server : null),
+          dnsServer: o.dnsServer ?? (c.lab ? (c.dns.server ?? null) : null),
           progress: (p) => {
             if (o.json) {
               if (Date.now() - lastLine >= 1000) out.progress("trial", { trial: i + 1, ...p });

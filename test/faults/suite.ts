@@ -74,7 +74,7 @@ export async function runFaultSuite(seed: number, trials: number, log: (s: strin
         imapSessions: 2,
         imap: c.lab!.test_user,
         pop3: c.lab!.pop3_user ?? null,
-        dnsServer: c.dns.server,
+        dnsServer: c.dns.server ?? null,
         say: log,
       });
       results.push(res);

@@ -46,7 +46,7 @@ describe("dns", { skip }, () => {
     const unsigned = await sendUpdate(lab.w, 53, "mailha.test", [], [{ op: "add", name: "evil.mailha.test", type: "A", ttl: 60, data: "10.99.0.66" }], null);
     assert.equal(unsigned.rcode, "REFUSED");
     const wrongKey = join(dirname(lab.configFile), "wrong.key");
-    const realName = /key "([^"]+)"/.exec(readFileSync(c.dns.tsig_key_file, "utf8"))![1];
+    const realName = /key "([^"]+)"/.exec(readFileSync(c.dns.tsig_key_file!, "utf8"))![1];
     writeFileSync(wrongKey, `key "${realName}" {\n\talgorithm hmac-sha256;\n\tsecret "${Buffer.alloc(32, 9).toString("base64")}";\n};\n`, { mode: 0o600 });
     const doc = parseDocument(readFileSync(lab.configFile, "utf8"));
     doc.setIn(["dns", "tsig_key_file"], wrongKey);
@@ -61,7 +61,7 @@ describe("dns", { skip }, () => {
   test("the rendered nsupdate input works with nsupdate and the key file", async () => {
     const r = await mailha(["dns", "render", "--live", "a", "--json", "--config", lab.configFile]);
     const { nsupdate } = JSON.parse(r.stdout) as { nsupdate: string };
-    await run("nsupdate", ["-k", loadConfig(lab.configFile).dns.tsig_key_file], { input: nsupdate });
+    await run("nsupdate", ["-k", loadConfig(lab.configFile).dns.tsig_key_file!], { input: nsupdate });
     assert.deepEqual(await dig("mail.mailha.test", "A"), [lab.a]);
   });
 
@@ -74,7 +74,7 @@ describe("dns", { skip }, () => {
     assert.ok(rows.filter((r) => r.check.startsWith("authoritative")).every((r) => r.status === "ok"));
     assert.match(rows.find((r) => r.check === "SPF mailha.test")!.detail, /v=spf1 mx -all/);
     assert.equal(rows.find((r) => r.check === `PTR ${lab.a}`)!.status, "warn");
-    await run("nsupdate", ["-k", c.dns.tsig_key_file], { input: `server ${lab.w}\nzone mailha.test\nupdate delete mail.mailha.test. A ${lab.a}\nupdate add mailha.test. 300 TXT "v=spf1 mx -all"\nsend\n` });
+    await run("nsupdate", ["-k", c.dns.tsig_key_file!], { input: `server ${lab.w}\nzone mailha.test\nupdate delete mail.mailha.test. A ${lab.a}\nupdate add mailha.test. 300 TXT "v=spf1 mx -all"\nsend\n` });
     const bad = await mailha(["dns", "check", "--resolver", lab.w, "--config", lab.configFile]);
     assert.equal(bad.code, 1, "a missing record is a failure");
     assert.match(bad.stdout, /FAIL authoritative mail\.mailha\.test A: expected .* run mailha dns apply/);

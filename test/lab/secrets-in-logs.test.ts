@@ -104,7 +104,7 @@ describe("no secret in any log", { skip }, () => {
       { name: "heartbeat key", forms: formsOf(readFileSync(c.heartbeat.key_file, "utf8").trim()) },
       { name: "replication secret", forms: formsOf(readFileSync(c.volume.secret_file, "utf8").trim()) },
     ];
-    const tsig = parseTsigKeyFile(readFileSync(c.dns.tsig_key_file, "utf8"));
+    const tsig = parseTsigKeyFile(readFileSync(c.dns.tsig_key_file!, "utf8"));
     secrets.push({ name: "TSIG key", forms: formsOf(tsig.secret.toString("base64"), tsig.secret) });
     // The services' own passwords (MariaDB accounts, Redis, Dovecot's master, the monitor) on the volume.
     const serviceSecrets = filesUnder(join(data("a"), "etc"), 1).filter((f) => f.endsWith(".secret"));

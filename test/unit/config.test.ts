@@ -94,6 +94,17 @@ describe("cluster config", () => {
     assert.match(p[0]!.expected, /DNS name/);
   });
 
+  test("DNS managed by hand (dns.updates: false) needs no server and no key; with updates both are named when missing; the DNS lease needs updates", () => {
+    const manual = parseConfig(variant((d) => { d.setIn(["dns", "updates"], false); d.deleteIn(["dns", "server"]); d.deleteIn(["dns", "tsig_key_file"]); d.deleteIn(["quorum", "witness"]); }), "test.yaml");
+    assert.equal(manual.dns.updates, false);
+    assert.equal(manual.dns.server, undefined);
+    const p = problemsOf(variant((d) => { d.deleteIn(["dns", "server"]); d.deleteIn(["dns", "tsig_key_file"]); }));
+    assert.deepEqual(p.map((x) => x.path), ["dns.server", "dns.tsig_key_file"]);
+    assert.match(p[0]!.expected, /dns\.updates: false/);
+    const lease = problemsOf(variant((d) => { d.setIn(["dns", "updates"], false); d.deleteIn(["quorum", "witness"]); d.setIn(["quorum", "dns_lease"], { lease_ms: 60000 }); }));
+    assert.deepEqual(lease.map((x) => x.path), ["quorum.dns_lease"]);
+  });
+
   test("a wrong type names the expectation and the value found", () => {
     const p = problemsOf(variant((d) => d.setIn(["timers", "deadtime_ms"], "two seconds")));
     assert.equal(p[0]!.path, "timers.deadtime_ms");
