@@ -215,6 +215,7 @@ const GROUPS: Readonly<Record<string, () => Promise<Command[]>>> = {
   reconcile: async () => [(await import("./reconcile-cmd.ts")).reconcileCommand(DEFAULT_CONFIG)],
   spam: async () => [(await import("./spam-cmd.ts")).spamCommand(DEFAULT_CONFIG)],
   failover: async () => [(await import("./failover-cmd.ts")).failoverTestCommand(DEFAULT_LAB_CONFIG)],
+  init: async () => [(await import("./init-cmd.ts")).initCommand()],
 };
 
 /** One top-level command as the help listing shows it, and the group that defines it. */
