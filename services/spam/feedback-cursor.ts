@@ -21,6 +21,7 @@ import { dirname, join } from "node:path";
 import { DamagedStateFileError, firstProblem, isObject, readJsonState, writeFileDurable } from "../../common/fsutil.ts";
 import { compareHlc, isHlc, type Hlc } from "../../common/hlc.ts";
 import type { JournalEntry } from "../journal/changes.ts";
+import type { SeenExpunge } from "./feedback.ts";
 import { segmentsOf } from "../journal/read.ts";
 
 export const SEGMENT_BYTES_MAX = 4 * 1024 * 1024;
@@ -32,6 +33,8 @@ export interface FeedbackCursor {
   readonly v: 1;
   /** Segment file name -> bytes read. */
   readonly segments: Readonly<Record<string, number>>;
+  /** The recent expunges handled: an append that follows may be the move of one (feedback.ts). */
+  readonly recent?: readonly SeenExpunge[];
 }
 
 export const EMPTY_CURSOR: FeedbackCursor = Object.freeze({ v: 1, segments: Object.freeze({}) });
@@ -48,6 +51,10 @@ const cursorProblem = (v: unknown): string | null => {
     isObject(segs) ? null : "no segments",
     isObject(segs) && Object.keys(segs).length <= SEGMENTS_MAX ? null : "too many segments",
     isObject(segs) && Object.values(segs).every((n) => Number.isSafeInteger(n) && (n as number) >= 0) ? null : "an offset that is not a byte count",
+    v.recent === undefined ||
+      (Array.isArray(v.recent) && v.recent.length <= 1000 && v.recent.every((x) => isObject(x) && typeof x.user === "string" && typeof x.name === "string" && typeof x.key === "string" && typeof x.node === "string" && typeof x.wallMs === "number"))
+      ? null
+      : "a malformed list of recent expunges",
   );
 };
 
@@ -203,11 +210,11 @@ export function chooseRound(cursor: FeedbackCursor, read: Chunks, kinds: Readonl
     const first = cands.find((x) => x.chunk === i && !taken.has(x));
     segments[c.name] = first ? first.start : c.end;
   });
-  return { entries: [...taken].map((c) => c.entry), cursor: { v: 1, segments } };
+  return { entries: [...taken].map((c) => c.entry), cursor: { v: 1, segments, ...(cursor.recent ? { recent: cursor.recent } : {}) } };
 }
 
 /** True when the two cursors name the same offsets. */
 export function sameCursor(a: FeedbackCursor, b: FeedbackCursor): boolean {
   const ka = Object.keys(a.segments);
-  return ka.length === Object.keys(b.segments).length && ka.every((k) => a.segments[k] === b.segments[k]);
+  return ka.length === Object.keys(b.segments).length && ka.every((k) => a.segments[k] === b.segments[k]) && JSON.stringify(a.recent ?? []) === JSON.stringify(b.recent ?? []);
 }

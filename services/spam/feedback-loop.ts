@@ -1,6 +1,8 @@
 // Retraining from users' IMAP moves: one bounded round reads the change journal's new
-// `move`/`copy` entries (feedback-cursor.ts), asks the table (feedback.ts) what each
-// teaches, finds the message in the user's Maildir by its key, and retrains it
+// `move`/`copy` entries (feedback-cursor.ts), and its `expunge`/`append` pairs that are
+// moves Dovecot made by writing the message anew (feedback.ts `rewrittenMove`), asks
+// the table (feedback.ts) what each teaches, finds the message in the user's Maildir
+// by its key (the new one), and retrains it
 // (`retrainAndApply`, source "error": by its X-DSPAM-Signature, else by its content),
 // journaling each delta (`spam-delta`) before it is applied; then the cursor moves on,
 // durably. Guarantees: an entry is handled once the cursor is written past it, so a
@@ -22,7 +24,7 @@ import { parseHlc } from "../../common/hlc.ts";
 import type { JournalEntry } from "../journal/changes.ts";
 import { folderName, folderPath, listFolders } from "../journal/maildir.ts";
 import { chooseRound, readChunks, readCursor, sameCursor, writeCursor, type FeedbackCursor } from "./feedback-cursor.ts";
-import { decideFeedback, withinReconcile, type FeedbackAction, type ReconcileWindow } from "./feedback.ts";
+import { decideFeedback, nextRecent, rewrittenMove, withinReconcile, type FeedbackAction, type ReconcileWindow, type SeenExpunge } from "./feedback.ts";
 import { readPreferences, retrainAndApply } from "./filter.ts";
 import type { SpamStore } from "./store.ts";
 import type { SpamDelta } from "./training.ts";
@@ -33,7 +35,8 @@ const FOLDERS_MAX = 2000;
 const DIR_ENTRIES_MAX = 1_000_000;
 const REPORTS_MAX = 64;
 const REPORT_BYTES_MAX = 64 * 1024 * 1024;
-const KINDS: ReadonlySet<string> = new Set(["move", "copy"]);
+/** Moves and copies; expunges and appends for the moves Dovecot made by writing the message anew. */
+const KINDS: ReadonlySet<string> = new Set(["move", "copy", "expunge", "append"]);
 
 export interface FeedbackLoopOptions {
   /** The volume (its journal/, mail/, reconcile/). */
@@ -238,10 +241,13 @@ export class FeedbackLoop {
     const windows = pick.entries.length ? reconcileWindows(this.o.dataDir, this.reports) : [];
     let handled = 0;
     let error: string | null = null;
+    let recent: SeenExpunge[] = [...(cursor.recent ?? [])];
     for (const e of pick.entries) {
       try {
-        await this.handle(e, windows, now);
+        const paired = await this.handle(e, recent, windows, now);
         handled++;
+        const seen = e.kind === "expunge" ? { node: e.node, user: str(e.user).toLowerCase(), name: str(e.name), key: str(e.key), wallMs: parseHlc(e.hlc).wallMs } : null;
+        recent = nextRecent(recent, seen, paired);
       } catch (err) {
         error = (err as Error).message;
         this.counts.errors++;
@@ -249,7 +255,7 @@ export class FeedbackLoop {
         break;
       }
     }
-    const next = error === null ? pick.cursor : chooseRound(cursor, read, KINDS, handled).cursor;
+    const next = { ...(error === null ? pick.cursor : chooseRound(cursor, read, KINDS, handled).cursor), recent };
     if (!sameCursor(next, cursor)) {
       writeCursor(this.o.cursorFile, next);
       this.cursor = next;
@@ -258,9 +264,16 @@ export class FeedbackLoop {
     return { t: "done", handled, more: read.chunks.some((c) => c.more) || pick.entries.length >= limit };
   }
 
-  private async handle(e: JournalEntry, windows: readonly ReconcileWindow[], now: () => number): Promise<void> {
-    const user = str(e.user).toLowerCase();
-    const wallMs = parseHlc(e.hlc).wallMs;
+  /** Handles one entry; returns the expunge it was paired with (an append that was a rewritten move). */
+  private async handle(entry: JournalEntry, recent: readonly SeenExpunge[], windows: readonly ReconcileWindow[], now: () => number): Promise<SeenExpunge | null> {
+    if (entry.kind === "expunge") return null; // only an append after it may say something (rewrittenMove)
+    const user = str(entry.user).toLowerCase();
+    const wallMs = parseHlc(entry.hlc).wallMs;
+    // An append shortly after an expunge of the same message (size) is Dovecot's move by rewriting.
+    const rewritten = rewrittenMove(recent, { kind: entry.kind, node: entry.node, user: entry.user, name: entry.name, size: entry.size, wallMs });
+    if (entry.kind === "append" && !rewritten) return null;
+    const paired = rewritten?.expunge ?? null;
+    const e: JournalEntry = rewritten ? { ...entry, kind: "move", fromName: rewritten.fromName, toName: rewritten.toName, newKey: entry.key } : entry;
     const d = decideFeedback({ kind: e.kind, fromName: e.fromName, toName: e.toName, byReconciler: withinReconcile(user, wallMs, windows) });
     this.counts.entries++;
     this.counts.last_entry_ms = wallMs;
@@ -268,19 +281,20 @@ export class FeedbackLoop {
     if (d.action === "none") {
       if (d.rule.startsWith("the reconciler")) this.counts.reconciler++;
       else this.counts.none++;
-      return;
+      return paired;
     }
     const file = findMessage(this.o.mailRoot, { user: str(e.user), fromName: str(e.fromName), toName: str(e.toName), key: str(e.key), newKey: str(e.newKey) || str(e.key) });
     const msg = file ? readMessage(file) : null;
     if (!msg) {
       this.counts.missing++;
       this.o.log.warn({ entry: e.id, user, key: e.newKey, folder: e.toName, action: d.action }, "spam feedback: the message is no longer in the Maildir; nothing learned from this move");
-      return;
+      return paired;
     }
     const deltas = await this.learn(user, msg, d.action);
     if (deltas.length === 0) this.counts.unchanged++;
     else this.counts[d.action]++;
-    this.o.log.info({ entry: e.id, user, from: e.fromName, to: e.toName, key: e.newKey, as: d.action, rule: d.rule, deltas: deltas.map((x) => x.rule), bytes: msg.length }, "spam feedback: retrained");
+    this.o.log.info({ entry: e.id, stamp: e.hlc, lag_ms: this.counts.lag_ms, user, from: e.fromName, to: e.toName, key: e.newKey, ...(rewritten ? { via: "expunge+append" } : {}), as: d.action, rule: d.rule, deltas: deltas.map((x) => x.rule), bytes: msg.length }, "spam feedback: retrained");
+    return paired;
   }
 
   private async learn(user: string, msg: Buffer, cls: Exclude<FeedbackAction, "none">): Promise<SpamDelta[]> {

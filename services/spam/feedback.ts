@@ -5,7 +5,11 @@
 // (a copy out of Junk too: clients without IMAP MOVE move by COPY, STORE \Deleted and
 // EXPUNGE, which the watcher journals as a `copy` and an `expunge` when they fall in
 // two of its rounds); Junk to Trash says nothing (the user throws spam away); every
-// other kind (a delivery filed into Junk, an APPEND, a flag) says nothing. A change
+// other kind (a delivery filed into Junk, an APPEND, a flag) says nothing. Dovecot does
+// not always move by a hard link: out of Junk it often writes the message anew under a
+// new name, which the watcher journals as an `expunge` in the old folder and an
+// `append` in the new one, in the same round; `rewrittenMove` (below, pure) pairs them
+// back into the move they were (kept: the recent expunges, `nextRecent`), and the table decides on that move. A change
 // the reconciler made itself on the survivor after a split brain is not the user's
 // word: `withinReconcile` (below, pure) says when an entry falls inside a reconcile
 // run for its user, and the table's first row then decides nothing.
@@ -87,4 +91,55 @@ export const RECONCILE_SLACK_MS = 30_000;
 /** True when a change of USER stamped at WALLMS falls inside one of WINDOWS (with the slack after each). */
 export function withinReconcile(user: string, wallMs: number, windows: readonly ReconcileWindow[]): boolean {
   return windows.some((w) => wallMs >= w.startMs && wallMs <= w.endMs + RECONCILE_SLACK_MS && w.users.includes(user));
+}
+
+/** An `expunge` the feedback loop read (what a following `append` may pair with). */
+export interface SeenExpunge {
+  readonly node: string;
+  readonly user: string;
+  readonly name: string;
+  readonly key: string;
+  readonly wallMs: number;
+}
+
+/** An `append` at most this long after an `expunge` of the same user may be its rewritten move. */
+export const REWRITE_PAIR_MS = 2000;
+
+/** The physical size Dovecot and mailha write into a Maildir name (`...,S=1641`), or null. */
+export function sizeOfKey(key: string): number | null {
+  const m = /,S=(\d{1,15})(?:,|:|$)/.exec(key);
+  return m ? Number(m[1]) : null;
+}
+
+/** Expunges kept for pairing at most (the newest; older ones than REWRITE_PAIR_MS before the newest go first). */
+export const RECENT_EXPUNGES_MAX = 32;
+
+/**
+ * The move that E (an `append`) and one of RECENT (the expunges read before it) are,
+ * or null: the newest expunge of the same user and node, at most REWRITE_PAIR_MS
+ * before E, of the same size (the size in the expunged name, when it has one, is the
+ * appended message's). The watcher may journal the two in different rounds, with other
+ * entries between them, hence a list and not only the entry before.
+ */
+export function rewrittenMove(recent: readonly SeenExpunge[], e: { readonly kind: string; readonly node: string; readonly user?: unknown; readonly name?: unknown; readonly size?: unknown; readonly wallMs: number }): { fromName: string; toName: string; expunge: SeenExpunge } | null {
+  if (e.kind !== "append" || typeof e.name !== "string" || typeof e.user !== "string") return null;
+  const user = e.user.toLowerCase();
+  for (let i = recent.length - 1; i >= 0; i--) {
+    const x = recent[i]!;
+    if (x.node !== e.node || x.user !== user) continue;
+    if (e.wallMs < x.wallMs || e.wallMs - x.wallMs > REWRITE_PAIR_MS) continue;
+    const size = sizeOfKey(x.key);
+    if (size !== null && size !== e.size) continue;
+    return { fromName: x.name, toName: e.name, expunge: x };
+  }
+  return null;
+}
+
+/** RECENT after handling E (pure): an expunge joins, a paired one leaves, stale and surplus ones go. */
+export function nextRecent(recent: readonly SeenExpunge[], seen: SeenExpunge | null, paired: SeenExpunge | null): SeenExpunge[] {
+  let out = paired ? recent.filter((x) => x !== paired) : [...recent];
+  if (seen) out.push(seen);
+  const newest = Math.max(...out.map((x) => x.wallMs), 0);
+  out = out.filter((x) => newest - x.wallMs <= REWRITE_PAIR_MS);
+  return out.slice(-RECENT_EXPUNGES_MAX);
 }

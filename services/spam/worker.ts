@@ -20,6 +20,7 @@ import type { Logger } from "pino";
 import type { MailhaConfig } from "../../common/config.ts";
 import type { NodePaths } from "../../common/paths.ts";
 import type { ChangeJournal } from "../journal/changes.ts";
+import { DATABASE } from "../accounts.ts";
 import { connectMariadbAs, mariadbPaths } from "../mariadb.ts";
 import { redisConnection, redisPaths } from "../redis.ts";
 import { publishStats } from "../stats.ts";
@@ -50,7 +51,7 @@ class Backend {
 
   async ensure(): Promise<void> {
     if (!this.db) {
-      const db = await connectMariadbAs(this.socket, "spam");
+      const db = await connectMariadbAs(this.socket, "spam", DATABASE);
       db.on("error", () => this.drop());
       this.db = db;
       this.store = new MariadbSpamStore(db);
@@ -149,6 +150,7 @@ export async function runSpamWorker(o: SpamWorkerOptions): Promise<SpamWorker> {
           await backend.ensure();
           const r = await loop.round();
           last = r.t;
+          writeSpamWorkerStatus(statusFile, status()); // after every round: the monitor sees a long catch-up is alive
           if (r.t === "failed") throw new Error(r.error);
           if (r.t !== "done" || !r.more) break;
         }
@@ -184,7 +186,8 @@ export async function runSpamWorker(o: SpamWorkerOptions): Promise<SpamWorker> {
   const worker = new Worker(
     PURGE_QUEUE,
     async (job: Job) => {
-      const db = await connectMariadbAs(socket, "spam");
+      // The account store's database as the default: MariaDB's multi-table DELETE of the purge needs one.
+      const db = await connectMariadbAs(socket, "spam", DATABASE);
       try {
         log.info({ job: job.id, name: job.name }, "spam purge: started");
         await job.updateProgress({ step: "purging" });

@@ -16,7 +16,7 @@ import { join } from "node:path";
 import { pino } from "pino";
 import { ChangeJournal } from "../../services/journal/changes.ts";
 import "../../services/journal/kinds.ts";
-import { decideFeedback, FEEDBACK_RULES, withinReconcile, RECONCILE_SLACK_MS, type FeedbackAction } from "../../services/spam/feedback.ts";
+import { decideFeedback, FEEDBACK_RULES, nextRecent, RECENT_EXPUNGES_MAX, REWRITE_PAIR_MS, rewrittenMove, sizeOfKey, withinReconcile, RECONCILE_SLACK_MS, type FeedbackAction } from "../../services/spam/feedback.ts";
 import { chooseRound, cursorFile, EMPTY_CURSOR, readChunks, readCursor, splitLines, writeCursor, type Chunks } from "../../services/spam/feedback-cursor.ts";
 import { FeedbackLoop, findMessage } from "../../services/spam/feedback-loop.ts";
 import { MemorySpamStore } from "../../services/spam/store.ts";
@@ -316,5 +316,57 @@ test("findMessage: the new key in the target folder, else wherever it went; neve
     assert.equal(findMessage(v.mailRoot, { user: "jo@x.test", fromName: "INBOX", toName: "Junk", key: "nope", newKey: "nope" }), null);
   } finally {
     void v.close();
+  }
+});
+
+test("rewrittenMove: an append right after an expunge of the same user and size is the move Dovecot made by rewriting", async () => {
+  const prev = { node: "a", user: "jo@x.test", name: "Junk", key: "1796183593.M231244P28024Q2.vm,S=1641", wallMs: 1000 };
+  const e = { kind: "append", node: "a", user: "jo@x.test", name: "INBOX", size: 1641, wallMs: 1000 };
+  assert.deepEqual(rewrittenMove([prev], e), { fromName: "Junk", toName: "INBOX", expunge: prev });
+  assert.equal(rewrittenMove([], e), null, "an APPEND of its own");
+  assert.equal(rewrittenMove([prev], { ...e, size: 99 }), null, "another message (its size)");
+  assert.equal(rewrittenMove([prev], { ...e, user: "kim@x.test" }), null);
+  assert.equal(rewrittenMove([prev], { ...e, node: "b" }), null);
+  assert.equal(rewrittenMove([prev], { ...e, wallMs: 1000 + REWRITE_PAIR_MS + 1 }), null, "too long after");
+  assert.equal(rewrittenMove([prev], { ...e, kind: "flags" }), null);
+  const other = { ...prev, user: "kim@x.test", key: "k,S=5" };
+  assert.deepEqual(rewrittenMove([prev, other], e)?.expunge, prev, "another user's expunge in between");
+  assert.deepEqual(nextRecent([prev, other], null, prev), [other], "a paired expunge leaves");
+  assert.deepEqual(nextRecent([prev], { ...other, wallMs: 1000 + REWRITE_PAIR_MS + 1 }, null).map((x) => x.user), ["kim@x.test"], "a stale one goes");
+  assert.equal(nextRecent([], null, null).length, 0);
+  assert.ok(nextRecent(Array.from({ length: 100 }, (_, i) => ({ ...prev, key: `k${i}` })), null, null).length <= RECENT_EXPUNGES_MAX);
+  assert.equal(sizeOfKey("1796183624.M2685P28211.vm,S=1541,W=1541"), 1541);
+  assert.equal(sizeOfKey("plain"), null);
+
+  // The loop: out of Junk by expunge + append (a new key), also when a round ends between the two.
+  for (const entriesMax of [1, 100]) {
+    const v = new Volume();
+    try {
+      v.deliver("r1", spamBody(50));
+      await v.move("r1", "Junk");
+      const l = v.loop({ entriesMax });
+      await v.drain(l);
+      assert.equal(l.counts.spam, 1);
+      renameSync(join(v.dir("Junk"), "cur", "r1:2,S"), join(v.dir("INBOX"), "cur", "r1b,W=9:2,S"));
+      v.clock += 1000;
+      await v.journal.appendMany([
+        { kind: "expunge", payload: { user: "jo@x.test", mailbox: null, name: "Junk", key: "r1", uid: 2 } },
+        { kind: "move", payload: { user: "kim@x.test", from: null, fromName: "INBOX", fromUid: 1, key: "kk", to: null, toName: "Archive", newKey: "kk", uid: 2, flags: [], size: 1, sha256: "0".repeat(64) } },
+        { kind: "append", payload: { user: "jo@x.test", mailbox: null, name: "INBOX", key: "r1b,W=9", uid: 3, flags: ["\\Seen"], size: 9, sha256: "0".repeat(64) } },
+      ]);
+      if (entriesMax === 1) {
+        await l.round(() => v.clock); // the expunge alone
+        await l.round(() => v.clock); // another user's move
+        await v.loop({ entriesMax }).round(() => v.clock); // a restart in between: the append, with the expunge from the cursor
+      } else await v.drain(l);
+      const t = await v.totals();
+      assert.deepEqual([t.spam_learned, t.innocent_learned], [0, 1], `entriesMax ${entriesMax}: moved out of Junk by rewriting: innocent`);
+      // A client's own APPEND (Sent) is not feedback.
+      await v.journal.append("append", { user: "jo@x.test", mailbox: null, name: "Junk", key: "sent1", uid: 4, flags: [], size: 9, sha256: "0".repeat(64) });
+      await v.drain(v.loop());
+      assert.deepEqual(await v.totals(), t);
+    } finally {
+      await v.close();
+    }
   }
 });
