@@ -216,6 +216,7 @@ const GROUPS: Readonly<Record<string, () => Promise<Command[]>>> = {
   spam: async () => [(await import("./spam-cmd.ts")).spamCommand(DEFAULT_CONFIG)],
   failover: async () => [(await import("./failover-cmd.ts")).failoverTestCommand(DEFAULT_LAB_CONFIG)],
   init: async () => [(await import("./init-cmd.ts")).initCommand()],
+  deploy: async () => [(await import("./deploy-cmd.ts")).deployCommand(DEFAULT_CONFIG)],
 };
 
 /** One top-level command as the help listing shows it, and the group that defines it. */
