@@ -26,6 +26,8 @@ export interface InitAnswers {
   readonly tieBreaker: InitTieBreaker;
   /** Where the three secret files go (0700 directory, 0600 files). */
   readonly secretsDir: string;
+  /** How the config names that folder: relative to the config file's folder when inside it (the same on every server), else SECRETSDIR. */
+  readonly secretsRef?: string;
   readonly stateDir: string;
   /** The replicated volume's size, as the config writes it (20GiB). */
   readonly volumeSize: string;
@@ -79,6 +81,7 @@ export function renderInitConfig(a: InitAnswers): string {
   const mxDomain = a.domains[0]!;
   const zoneOf = (name: string) => name === a.dns.zone || name.endsWith(`.${a.dns.zone}`);
   const tb = a.tieBreaker;
+  const sec = a.secretsRef ?? a.secretsDir;
   return [
     `# mailha.yaml for the cluster "${a.cluster}": two servers, ${na.id} (${na.address}) and ${nb.id} (${nb.address}).`,
     "# Written by `mailha init`. The same file goes to both servers (`mailha deploy` copies it",
@@ -138,14 +141,14 @@ export function renderInitConfig(a: InitAnswers): string {
     "",
     "heartbeat:",
     "  port: 694",
-    `  key_file: ${a.secretsDir}/heartbeat.key`,
+    `  key_file: ${sec}/heartbeat.key`,
     "",
     "volume:",
     `  size: ${a.volumeSize}              # the mail, MariaDB and Redis; both servers need this much free`,
     "  protocol: C               # synchronous: an SMTP 250 means on both disks",
     "  split_brain_policy: preserve",
     "  port: 7789",
-    `  secret_file: ${a.secretsDir}/replication.secret`,
+    `  secret_file: ${sec}/replication.secret`,
     "",
     "dns:",
     ...(a.dns.updates
@@ -153,7 +156,7 @@ export function renderInitConfig(a: InitAnswers): string {
           "  updates: true             # mailha keeps its records by TSIG-signed RFC 2136 updates",
           `  server: ${a.dns.server}`,
           `  zone: ${a.dns.zone}`,
-          `  tsig_key_file: ${a.secretsDir}/tsig.key   # give the DNS server this key and allow it to update the zone`,
+          `  tsig_key_file: ${sec}/tsig.key   # give the DNS server this key and allow it to update the zone`,
         ]
       : [
           "  updates: false            # the records are managed by hand: `mailha dns render` prints them",

@@ -3,7 +3,7 @@
 // (0600, never overwriting), and proves the result with the same check as `mailha
 // config check`. It never overwrites a config file without --force.
 import { existsSync, mkdirSync, writeFileSync } from "node:fs";
-import { dirname, resolve } from "node:path";
+import { dirname, isAbsolute, relative, resolve } from "node:path";
 import { createInterface } from "node:readline/promises";
 import { Command, Option } from "commander";
 import { loadConfig } from "../../common/config.ts";
@@ -112,7 +112,10 @@ export function initCommand(): Command {
       if ([f.witness, f.dnsLease, f.noTieBreaker].filter(Boolean).length > 1) throw new UsageError("--witness, --dns-lease, --no-tie-breaker: one of them");
       const file = resolve(f.output);
       if (existsSync(file) && !f.force) throw new UsageError(`${file} exists; nothing written (--force replaces it; its secrets are kept)`);
-      const answers = await complete(f);
+      const filled = await complete(f);
+      // Secrets beside the config are named relative to it: the same paths on every server.
+      const rel = relative(dirname(file), resolve(filled.secretsDir));
+      const answers: InitAnswers = { ...filled, secretsDir: resolve(filled.secretsDir), ...(rel && !rel.startsWith("..") && !isAbsolute(rel) ? { secretsRef: rel } : {}) };
       const problems = checkAnswers(answers);
       if (problems.length) throw new UsageError(`nothing written:\n${problems.map((p) => `  ${p}`).join("\n")}`);
       mkdirSync(dirname(file), { recursive: true, mode: 0o755 });
