@@ -1,0 +1,150 @@
+// From nothing to a healthy cluster on two booted Debian machines and a witness, the
+// way an operator does it: `mailha init` on this host, `mailha deploy` into the machines
+// (the system's ssh, the harness's key), mail sent and read through both nodes, a power
+// loss of the active machine (its init killed): the other takes over with nothing
+// acknowledged lost; the machine comes back and rejoins; a second deploy changes
+// nothing. The machines are removed afterwards even when a step fails.
+import { after, before, describe, test } from "node:test";
+import assert from "node:assert/strict";
+import { existsSync, mkdtempSync, readdirSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { run, runAll, sleep } from "../../common/exec.ts";
+import { mailha, ROOT } from "../helpers/cli.ts";
+import { bootMachines, type Machine, type Machines } from "./machines.ts";
+
+const say = (line: string) => process.stdout.write(`# ${line}\n`);
+const DOMAIN = "deploy.test";
+const USER = `erin@${DOMAIN}`;
+const PASSWORD = "erin-deploy-password";
+
+async function must(m: Machine, cmd: string, input?: string, timeoutMs?: number): Promise<string> {
+  const r = await m.ssh(cmd, { ...(input === undefined ? {} : { input }), ...(timeoutMs ? { timeoutMs } : {}) });
+  assert.equal(r.code, 0, `on ${m.name}, \`${cmd}\` failed (exit ${r.code}):\n${r.stdout}\n${r.stderr}`);
+  return r.stdout;
+}
+
+/** The node's own view (`mailha status --json` on it), or null. */
+async function stateOf(m: Machine): Promise<{ state: string; volumeInSync: boolean } | null> {
+  const r = await m.ssh(`mailha status --config /etc/mailha/mailha.yaml --node ${m.name} --json 2>/dev/null`, { timeoutMs: 20_000 });
+  try {
+    const n = (JSON.parse(r.stdout) as { nodes: { node: string; state?: string; volumeInSync?: boolean }[] }).nodes.find((x) => x.node === m.name);
+    return n?.state ? { state: n.state, volumeInSync: !!n.volumeInSync } : null;
+  } catch {
+    return null;
+  }
+}
+
+async function waitFor<T>(what: string, ms: number, probe: () => Promise<T | null | false>): Promise<T> {
+  const t0 = Date.now();
+  for (;;) {
+    const v = await probe();
+    if (v) {
+      say(`${what}: ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+      return v;
+    }
+    if (Date.now() - t0 > ms) assert.fail(`${what}: not within ${ms / 1000} s`);
+    await sleep(2000);
+  }
+}
+
+describe("mailha init + mailha deploy into two booted Debian machines and a witness", { skip: process.getuid?.() !== 0 ? "needs root" : false }, () => {
+  let m: Machines;
+  let dir: string;
+  let config: string;
+  let pkg: string;
+  const cli = (args: string[]) => mailha([...args, "--config", config]);
+  const deployArgs = () => ["deploy", "--package", pkg, "--ssh-config", m.sshConfigFile, "--timeout", "600"];
+
+  before(async () => {
+    dir = mkdtempSync(join(tmpdir(), "mailha-deploy-test-"));
+    const t0 = Date.now();
+    const b = await runAll("npm", ["run", "package", "--silent"], { cwd: ROOT, timeoutMs: 900_000 });
+    assert.equal(b.code, 0, `npm run package: ${b.stdout.slice(-2000)}\n${b.stderr.slice(-2000)}`);
+    const debs = readdirSync(join(ROOT, "dist-deb")).filter((f) => f.endsWith(".deb"));
+    assert.ok(debs.length, "npm run package made a .deb");
+    pkg = join(ROOT, "dist-deb", debs.sort().at(-1)!);
+    say(`package ${pkg} built in ${((Date.now() - t0) / 1000).toFixed(0)} s`);
+    m = await bootMachines({ names: ["a", "b", "w"], log: say });
+  });
+  after(async () => {
+    if (m) await m.destroy();
+    if (dir) rmSync(dir, { recursive: true, force: true });
+  });
+
+  test("init, deploy (dry run, then for real): a healthy cluster; mail in and out through both nodes", async () => {
+    config = join(dir, "mailha.yaml");
+    const [a, b, w] = [m.byName.a!, m.byName.b!, m.byName.w!];
+    const init = await mailha(["init", "-o", config, "--cluster", "deploytest", "--node", `a=${a.address}`, "--node", `b=${b.address}`, "--domain", DOMAIN, "--dns-manual", "--witness", w.address, "--secrets-dir", join(dir, "secrets"), "--volume-size", "256MiB"]);
+    assert.equal(init.code, 0, init.stderr);
+    assert.equal((await mailha(["config", "check", config])).code, 0);
+
+    const dry = await cli([...deployArgs(), "--dry-run", "--json"]);
+    assert.equal(dry.code, 0, `deploy --dry-run: ${dry.stdout}\n${dry.stderr}`);
+    const plan = JSON.parse(dry.stdout) as { changes: number; hosts: { name: string; planned: string[]; problems: { severity: string; message: string }[] }[] };
+    for (const h of plan.hosts) assert.ok(h.planned.some((p) => /^install mailha/.test(p)), `${h.name} would get the package: ${JSON.stringify(h)}`);
+    assert.notEqual((await a.ssh("test -e /etc/mailha/mailha.yaml")).code, 0, "the dry run wrote nothing");
+
+    const t0 = Date.now();
+    const r = await cli([...deployArgs(), "--json"]);
+    say(`deploy took ${((Date.now() - t0) / 1000).toFixed(0)} s`);
+    assert.equal(r.code, 0, `deploy: ${r.stdout.slice(-4000)}\n${r.stderr.slice(-4000)}`);
+    const res = JSON.parse(r.stdout) as { healthy: boolean; changes: number; dns: { records?: string } };
+    assert.equal(res.healthy, true);
+    assert.match(res.dns.records ?? "", new RegExp(`mx1\\.${DOMAIN.replace(".", "\\.")}`), "the DNS records to put in the zone are printed");
+    // Secrets went over stdin, with their mode.
+    assert.equal((await must(a, "stat -c %a /etc/mailha/secrets/heartbeat.key")).trim(), "600");
+    assert.equal((await must(a, "systemctl is-enabled mailha-node")).trim(), "enabled");
+    assert.equal((await must(w, "systemctl is-active mailha-witness")).trim(), "active");
+
+    await must(a, `mailha domain add ${DOMAIN} --config /etc/mailha/mailha.yaml >/dev/null 2>&1 || true; mailha user add ${USER} --config /etc/mailha/mailha.yaml`, `${PASSWORD}\n`);
+    for (const [via, n] of [["a", 1], ["b", 2]] as const) {
+      const target = via === "a" ? a.address : b.address;
+      let sw = await runAll("swaks", ["--server", target, "--from", "someone@example.net", "--to", USER, "--header", `Subject: deploy test ${n}`]);
+      for (let i = 0; i < 20 && /451 4\.3\.0/.test(sw.stdout); i++) {
+        await sleep(1000);
+        sw = await runAll("swaks", ["--server", target, "--from", "someone@example.net", "--to", USER, "--header", `Subject: deploy test ${n}`]);
+      }
+      assert.match(sw.stdout, /250 2\.0\.0/, `mail through ${via}: ${sw.stdout.slice(-600)}`);
+    }
+    // Read through both: a's IMAP, and b's proxy to it.
+    for (const target of [a.address, b.address]) {
+      const found = await waitFor(`both messages readable through ${target}`, 60_000, async () => {
+        const c = await runAll("curl", ["-sk", "--ssl-reqd", `imap://${target}/INBOX`, "-u", `${USER}:${PASSWORD}`, "-X", "SEARCH ALL"]);
+        const ids = /\* SEARCH ([\d ]+)/.exec(c.stdout)?.[1]?.trim().split(/\s+/) ?? [];
+        return ids.length >= 2 ? ids : null;
+      });
+      assert.ok(found.length >= 2);
+    }
+  });
+
+  test("a power loss of the active machine: the other takes over, nothing acknowledged is lost; it comes back and rejoins", async () => {
+    const [a, b] = [m.byName.a!, m.byName.b!];
+    assert.equal((await stateOf(a))?.state, "active");
+    // Acknowledged just before the power goes.
+    const sw = await run("swaks", ["--server", a.address, "--from", "someone@example.net", "--to", USER, "--header", "Subject: before the power loss"]);
+    assert.match(sw.stdout, /250 2\.0\.0/);
+    await a.kill();
+    await waitFor("b active after a's power loss", 180_000, async () => (await stateOf(b))?.state === "active");
+    const c = await waitFor("every acknowledged message on b", 60_000, async () => {
+      const r = await runAll("curl", ["-sk", "--ssl-reqd", `imap://${b.address}/INBOX`, "-u", `${USER}:${PASSWORD}`, "-X", "SEARCH ALL"]);
+      const n = (/\* SEARCH ([\d ]+)/.exec(r.stdout)?.[1]?.trim().split(/\s+/) ?? []).length;
+      return n >= 3 ? n : null;
+    });
+    assert.equal(c, 3, "three acknowledged, three there");
+    await a.start();
+    await waitFor("a back as passive, the volume in sync", 300_000, async () => {
+      const [sa, sb] = [await stateOf(a), await stateOf(b)];
+      return sa?.state === "passive" && sb?.state === "active" && sa.volumeInSync && sb.volumeInSync;
+    });
+  });
+
+  test("a second deploy changes nothing", async () => {
+    const r = await cli([...deployArgs(), "--json"]);
+    assert.equal(r.code, 0, `deploy again: ${r.stdout.slice(-3000)}\n${r.stderr.slice(-2000)}`);
+    const res = JSON.parse(r.stdout) as { healthy: boolean; changes: number; hosts: { name: string; done: string[] }[] };
+    assert.equal(res.changes, 0, `nothing to change: ${JSON.stringify(res.hosts.map((h) => [h.name, h.done]))}`);
+    assert.equal(res.healthy, true);
+    assert.ok(existsSync(pkg));
+  });
+});
