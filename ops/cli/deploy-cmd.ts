@@ -8,6 +8,7 @@ import { Command, Option } from "commander";
 import { EXIT_FAILURE, UsageError } from "../../common/errors.ts";
 import { PACKAGE_ROOT } from "../../common/self.ts";
 import { deploy, type DeployResult } from "../deploy/run.ts";
+import { upgrade } from "../deploy/upgrade.ts";
 import { createOutput } from "./output.ts";
 
 /** The newest .deb the package build left (dist-deb/), if any. */
@@ -38,31 +39,61 @@ function render(r: DeployResult): string {
 
 const collect = (v: string, prev: string[] = []) => [...prev, v];
 
-export function deployCommand(defaultConfig: string): Command {
-  return new Command("deploy")
-    .description("install or upgrade mailha on both nodes and the witness over SSH, write the config and secrets, create the volume, start the units, wait for a healthy cluster")
+interface Flags {
+  config: string;
+  package?: string;
+  sshUser: string;
+  sshConfig?: string;
+  host?: string[];
+  dryRun?: boolean;
+  timeout: string;
+  json?: boolean;
+}
+
+/** The options deploy and upgrade share. */
+function common(cmd: Command, defaultConfig: string): Command {
+  return cmd
     .addOption(new Option("-c, --config <file>", "cluster configuration file").default(defaultConfig))
     .option("--package <file.deb>", "the package to install (default: the newest in dist-deb/, from npm run package)")
     .addOption(new Option("--ssh-user <user>", "who ssh logs in as (needs root: packages, units)").default("root"))
     .option("--ssh-config <file>", "an ssh config file (-F) for reaching the servers")
     .option("--host <name=host>", "reach a server (a node id, or witness) at HOST instead of its address in the config (repeatable)", collect)
+    .addOption(new Option("--timeout <seconds>", "how long to wait for a healthy cluster (each step)").default("600"))
+    .addOption(new Option("--json", "print the result as JSON on stdout (progress as JSON lines on stderr)"));
+}
+
+function options(o: Flags) {
+  const pkg = o.package ?? builtPackage();
+  if (!pkg) throw new UsageError("no package: build one with `npm run package`, or say --package FILE.deb");
+  const hosts: Record<string, string> = {};
+  for (const h of o.host ?? []) {
+    const m = /^([a-z][a-z0-9]*)=(.+)$/.exec(h);
+    if (!m) throw new UsageError(`--host ${h}: expected NAME=HOST (a node id or witness)`);
+    hosts[m[1]!] = m[2]!;
+  }
+  const timeout = Number(o.timeout);
+  if (!Number.isFinite(timeout) || timeout <= 0) throw new UsageError(`--timeout ${o.timeout}: a number of seconds`);
+  const out = createOutput(!!o.json);
+  return { out, opts: { configFile: o.config, packageFile: pkg, sshUser: o.sshUser, ...(o.sshConfig ? { sshConfig: o.sshConfig } : {}), hosts, dryRun: !!o.dryRun, healthTimeoutMs: timeout * 1000, progress: (step: string, detail?: Record<string, unknown>) => out.progress(step, detail) } };
+}
+
+export function deployCommand(defaultConfig: string): Command {
+  const cmd = common(new Command("deploy"), defaultConfig)
+    .description("install mailha on both nodes and the witness over SSH, write the config and secrets, create the volume, start the units, wait for a healthy cluster (again: changes only what is not right)")
     .option("--dry-run", "only print what would change")
-    .addOption(new Option("--timeout <seconds>", "how long to wait for a healthy cluster").default("600"))
-    .addOption(new Option("--json", "print the result as JSON on stdout (progress as JSON lines on stderr)"))
-    .action(async (o: { config: string; package?: string; sshUser: string; sshConfig?: string; host?: string[]; dryRun?: boolean; timeout: string; json?: boolean }) => {
-      const out = createOutput(!!o.json);
-      const pkg = o.package ?? builtPackage();
-      if (!pkg) throw new UsageError("no package: build one with `npm run package`, or say --package FILE.deb");
-      const hosts: Record<string, string> = {};
-      for (const h of o.host ?? []) {
-        const m = /^([a-z][a-z0-9]*)=(.+)$/.exec(h);
-        if (!m) throw new UsageError(`--host ${h}: expected NAME=HOST (a node id or witness)`);
-        hosts[m[1]!] = m[2]!;
-      }
-      const timeout = Number(o.timeout);
-      if (!Number.isFinite(timeout) || timeout <= 0) throw new UsageError(`--timeout ${o.timeout}: a number of seconds`);
-      const r = await deploy({ configFile: o.config, packageFile: pkg, sshUser: o.sshUser, ...(o.sshConfig ? { sshConfig: o.sshConfig } : {}), hosts, dryRun: !!o.dryRun, healthTimeoutMs: timeout * 1000, progress: (step, detail) => out.progress(step, detail) });
+    .action(async (o: Flags) => {
+      const { out, opts } = options(o);
+      const r = await deploy(opts);
       out.result(r, () => render(r));
       if (r.refused || r.hosts.some((h) => h.error) || (!r.dryRun && !r.healthy)) process.exitCode = EXIT_FAILURE;
     });
+  common(cmd.command("upgrade"), defaultConfig)
+    .description("a new package onto the running cluster: the passive node, a switchover, the other node, the witness; mail keeps flowing")
+    .action(async (o: Flags) => {
+      const { out, opts } = options(o);
+      const r = await upgrade(opts);
+      out.result(r, () => [...r.steps.map((s) => `did: ${s}`), r.healthy ? `upgraded to ${r.version}; ${r.active} is active; the cluster is healthy` : `upgrade STOPPED: ${r.error}`, ...r.next.map((n) => `next: ${n}`)].join("\n"));
+      if (!r.healthy) process.exitCode = EXIT_FAILURE;
+    });
+  return cmd;
 }

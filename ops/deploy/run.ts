@@ -70,7 +70,7 @@ interface LocalFile {
   readonly mode: number;
 }
 
-interface Server {
+export interface Server {
   readonly name: string;
   readonly role: HostRole;
   readonly target: SshTarget;
@@ -101,7 +101,7 @@ function remoteSecretPaths(configFile: string): Map<string, string> {
   return out;
 }
 
-function servers(c: MailhaConfig, o: DeployOptions, pkgVersion: string): Server[] {
+export function servers(c: MailhaConfig, o: DeployOptions, pkgVersion: string): Server[] {
   const remote = remoteSecretPaths(o.configFile);
   const config: LocalFile = { path: REMOTE_CONFIG, content: readFileSync(o.configFile), mode: 0o644 };
   const secret = (key: string, local: string | undefined): LocalFile[] => (local && remote.get(key) ? [{ path: remote.get(key)!, content: readFileSync(local), mode: 0o600 }] : []);
@@ -137,7 +137,7 @@ function factsQuery(c: MailhaConfig, s: Server): FactsQuery {
   return { stateDir, volumeMeta: posix.join(enginePaths(stateDir).volumeDir, "meta.json"), files: s.files.map((f) => f.path), units: [s.desired.unit] };
 }
 
-async function readFacts(c: MailhaConfig, s: Server): Promise<{ facts: HostFacts; localMidMs: number; rttMs: number }> {
+export async function readFacts(c: MailhaConfig, s: Server): Promise<{ facts: HostFacts; localMidMs: number; rttMs: number }> {
   const q = factsQuery(c, s);
   const t0 = Date.now();
   const r = await sshRun(s.target, factsScript(q), { timeoutMs: 60_000 });
@@ -147,7 +147,7 @@ async function readFacts(c: MailhaConfig, s: Server): Promise<{ facts: HostFacts
 }
 
 /** Runs one action on S; throws with what the server said. */
-async function act(c: MailhaConfig, o: DeployOptions, s: Server, a: Action): Promise<void> {
+export async function act(c: MailhaConfig, o: DeployOptions, s: Server, a: Action): Promise<void> {
   const must = async (script: string, what: string, input?: Buffer, timeoutMs?: number) => {
     const r = await sshRun(s.target, script, { ...(input ? { input } : {}), ...(timeoutMs ? { timeoutMs } : {}) });
     if (r.code !== 0) throw new Error(`${s.name}: ${what} failed (exit ${r.code}): ${(r.stderr || r.stdout).trim().split("\n").slice(-5).join(" | ")}`);
@@ -196,7 +196,7 @@ async function runActions(c: MailhaConfig, o: DeployOptions, s: Server, kinds: r
   }
 }
 
-interface NodeHealth {
+export interface NodeHealth {
   readonly node: string;
   readonly state: string;
   readonly inSync: boolean;
@@ -205,7 +205,7 @@ interface NodeHealth {
   readonly outOfSyncBytes: number;
 }
 
-async function nodeHealth(s: Server): Promise<NodeHealth | null> {
+export async function nodeHealth(s: Server): Promise<NodeHealth | null> {
   const r = await sshRun(s.target, `mailha status --config ${REMOTE_CONFIG} --node ${shellQuote(s.name)} --json 2>/dev/null`, { timeoutMs: 30_000 });
   try {
     const st = JSON.parse(r.stdout) as { nodes: { node: string; state?: string; volumeInSync?: boolean; quorum?: boolean; volume?: { connection: string; disk: string; outOfSyncBytes: number; peer: { disk: string } } | null; error?: string }[] };
