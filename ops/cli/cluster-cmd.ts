@@ -150,7 +150,9 @@ export function statusCommand(defaultConfig: string): Command {
       const c = loadConfig(o.config);
       const out = createOutput(!!o.json);
       for (;;) {
-        const st = { ...(await gather(c, o.node)), pending: await reconcilePending(c) };
+        // Both ask the same daemons: at once, not one after the other.
+        const [nodes, pending] = await Promise.all([gather(c, o.node), reconcilePending(c)]);
+        const st = { ...nodes, pending };
         if (o.watch && !o.json) process.stdout.write("\x1b[2J\x1b[H");
         if (o.json && o.watch) process.stdout.write(JSON.stringify({ time: new Date().toISOString(), ...st }) + "\n");
         else out.result(st, () => render(c, st));
