@@ -8,7 +8,7 @@
 // works; `mailha spam classify` of an unknown user creates no row.
 import { test, describe, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { cpSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import nodemailer from "nodemailer";
@@ -20,6 +20,8 @@ import { connectMariadb, mariadbPaths } from "../../services/mariadb.ts";
 import { redisConnection, redisPaths } from "../../services/redis.ts";
 import { mailha, mailhaWithInput } from "../helpers/cli.ts";
 import { labUpForTests, writeTestLabConfig } from "../helpers/lab.ts";
+import { fault, waitNode } from "../helpers/cluster.ts";
+import type { DaemonRecord } from "../../common/daemon.ts";
 
 const skip = process.getuid?.() !== 0 ? "needs root" : false;
 const USER = "sam@mailha.test";
@@ -55,8 +57,8 @@ describe("retraining from IMAP moves, the spam worker, the nightly purge", { ski
     return (JSON.parse(r.stdout) as { totals: Totals }[])[0]!.totals;
   };
   /** The same counts straight from MariaDB (cheap enough to poll every 200 ms). */
-  const dbTotals = async (): Promise<Totals | null> => {
-    const db = await connectMariadb(mariadbPaths(paths).socket, "mailha");
+  const dbTotals = async (node = "a"): Promise<Totals | null> => {
+    const db = await connectMariadb(mariadbPaths(nodePaths(join(lab.dir, node))).socket, "mailha");
     try {
       const [rows] = await db.query("SELECT s.* FROM dspam_stats s JOIN dspam_virtual_uids u USING (uid) WHERE u.username = ?", [USER]);
       for (const r of rows as Record<string, unknown>[]) delete r.uid;
@@ -67,11 +69,11 @@ describe("retraining from IMAP moves, the spam worker, the nightly purge", { ski
     }
   };
   /** Waits (from the move's OK) until PRED holds of the counts; returns how long it took. */
-  const learned = async (what: string, pred: (t: Totals) => boolean, ms = LEARN_MS_MAX + 5000): Promise<{ ms: number; totals: Totals }> => {
+  const learned = async (what: string, pred: (t: Totals) => boolean, ms = LEARN_MS_MAX + 5000, node = "a"): Promise<{ ms: number; totals: Totals }> => {
     const t0 = Date.now();
     let t: Totals | null = null;
     while (Date.now() - t0 < ms) {
-      t = await dbTotals();
+      t = await dbTotals(node).catch(() => null);
       if (t && pred(t)) return { ms: Date.now() - t0, totals: t };
       await sleep(200);
     }
@@ -242,5 +244,21 @@ describe("retraining from IMAP moves, the spam worker, the nightly purge", { ski
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
+  });
+  test("a move the worker had not learned when node a died is learned by b's worker after the takeover (the cursor is on the volume)", async () => {
+    const t0 = (await dbTotals())!;
+    const recs = JSON.parse(readFileSync(join(lab.dir, "a", "run", "resources.json"), "utf8")) as DaemonRecord[];
+    const worker = recs.find((d) => d.name === "spam");
+    assert.ok(worker, "a spam worker runs on a");
+    process.kill(worker.pid, "SIGSTOP"); // it reads nothing more on a
+    await move("message 1", "INBOX", "Junk");
+    await im.logout().catch(() => {});
+    await sleep(6000); // the watcher journals the move (on the volume, both disks)
+    assert.deepEqual(await dbTotals(), t0, "a's frozen worker learned nothing");
+    await fault(lab, "kill-node", "a");
+    await waitNode(lab, "b", "b active with its spam worker", (s) => s.state === "active" && s.resources.spam === "running", 120_000);
+    const r = await learned("the move made before a died, on b", (t) => t.spam_learned === t0.spam_learned + 1, 60_000, "b");
+    assert.equal(r.totals.spam_misclassified, t0.spam_misclassified + 1, "learned once");
+    assert.deepEqual(await stats(), r.totals, "mailha spam stats (on b now) shows it");
   });
 });
