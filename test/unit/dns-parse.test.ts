@@ -169,7 +169,7 @@ function leaseConfig(port: number): MailhaConfig {
   const dir = mkdtempSync(join(tmpdir(), "mailha-lease-"));
   const keyFile = join(dir, "tsig.key");
   writeFileSync(keyFile, renderTsigKeyFile(KEY_NAME, SECRET), { mode: 0o600 });
-  return { dns: { server: "127.0.0.1", port, zone: "mailha.test", tsig_key_file: keyFile } } as unknown as MailhaConfig;
+  return { dns: { updates: true, server: "127.0.0.1", port, zone: "mailha.test", tsig_key_file: keyFile } } as unknown as MailhaConfig;
 }
 
 test("the DNS lease is held only with an answer the server signed over our request, in time", async () => {
