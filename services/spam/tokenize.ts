@@ -1,6 +1,11 @@
 // The spam filter's tokenizer: a message in, its DSPAM tokens out (64-bit hashes with
 // their frequency), bounded. Headers become `Heading*word` tokens (one window per
-// physical line, X-DSPAM-* skipped), decoded text parts (text/plain, text/html with
+// physical line; the verdicts of filters skipped, see `ignoredHeading`: X-DSPAM-*,
+// which mailha adds at delivery, so a delivered message gives the tokens it gave
+// before, and other filters' X-Spam-*, X-Virus-*, ... which a filter must not learn
+// from; a Received field without its trailing `; date`), the whole first From line
+// once more as DSPAM's whitelist token (`From*Bob <bob@example.com>`, see
+// `whitelistTokenName`), decoded text parts (text/plain, text/html with
 // its tags stripped, base64 and quoted-printable undone, charsets through iconv-lite)
 // become body tokens; URLs become `Url*part` tokens as DSPAM's ProcessorURLContext.
 // Each word gives itself (a unigram, as DSPAM's `word` tokenizer) and its Orthogonal
@@ -153,6 +158,8 @@ export function splitWords(text: string, delims: Uint8Array, wordsMax = Number.M
 /** Collects tokens, bounded by a count of distinct tokens. */
 class TokenSink {
   readonly tokens = new Map<string, Token>();
+  /** The whitelist token was made (from the first From field of the top header). */
+  fromSeen = false;
   full = false;
   timedOut = false;
   private adds = 0;
@@ -209,13 +216,65 @@ function headerText(line: string): string {
   return s.includes("\ufffd") ? b.toString("latin1") : s;
 }
 
-/** The tokens of one header field LINE (folded lines included), DSPAM-style. */
-function addHeaderField(sink: TokenSink, field: string): number {
+/**
+ * Header fields whose words are never tokens: verdicts of filters and the state of
+ * the mail client that kept the message, not the message itself. A filter that
+ * learned them would learn another filter's decision (an X-Spam-Status: Yes is the
+ * label, not a property of the mail) or, for X-DSPAM-*, its own: mailha adds X-DSPAM-*
+ * at delivery, and retraining a delivered message must see the tokens the
+ * classification saw. DSPAM skips X-DSPAM-* and what its `IgnoreHeader` lines name;
+ * this list is those lines' usual content (dspam.conf's examples: X-Spam-Status,
+ * X-Spam-Scanned, X-Virus-Scanner-Result, ...) made a rule:
+ * - X-DSPAM-*, X-Spam-* (SpamAssassin's Status, Level, Flag, Checker-Version, Report;
+ *   also the bare X-Spam), X-Bogosity (bogofilter), X-Razor*, X-Pyzor*, X-SpamCop-*,
+ *   X-*SpamCheck* and X-MailScanner* (MailScanner), X-Junk*;
+ * - X-Virus-*, X-Antivirus*, X-AV-* (virus scanners' verdicts);
+ * - Status, X-Status, X-Keywords, X-UID, X-Mozilla-Status* (a mail client's flags and
+ *   keywords of the mailbox it was kept in; the SpamAssassin corpus carries them
+ *   from its collectors' mailboxes, mostly in one class, so they leak the label).
+ */
+const IGNORED_HEADING = /^(?:x-dspam-|x-spam|x-bogosity|x-razor|x-pyzor|x-spamcop|x-[a-z0-9-]*spamcheck|x-mailscanner|x-junk|x-virus|x-antivirus|x-av-|status$|x-status$|x-keywords$|x-uid$|x-mozilla-status)/i;
+
+/** True when the words of header field HEADING are not tokenized (see IGNORED_HEADING). */
+export function ignoredHeading(heading: string): boolean {
+  return IGNORED_HEADING.test(heading);
+}
+
+/**
+ * DSPAM's auto-whitelist token (`Feature whitelist`): `From*` and the From field's
+ * first line as written (one leading space dropped), at most 255 characters, as
+ * DSPAM's tokenizer makes it (so its hash is DSPAM's for the same line). The
+ * classifier whitelists a message whose token has been learned innocent often
+ * enough (classify.ts). Words have no spaces or `<@>"` in them, so the name does not
+ * collide with a `From*word` token unless the line is a single bare word.
+ */
+export function whitelistTokenName(fromValue: string): string {
+  const line = (fromValue.startsWith(" ") ? fromValue.slice(1) : fromValue).split(/\r?\n/, 1)[0] ?? "";
+  return `From*${line.replace(/\r$/, "")}`.slice(0, 255);
+}
+
+/**
+ * The tokens of one header field LINE (folded lines included), DSPAM-style.
+ * Received: the trailing `; date-time` (RFC 5322 3.6.7) is left out: the relays,
+ * addresses and software are what the field says about the mail; its timestamps
+ * make hour-and-minute tokens that only tell when a corpus was collected (and tie
+ * with real evidence in the significance order). TOP: the message's own header (the
+ * whitelist token is made from its first From field only).
+ */
+function addHeaderField(sink: TokenSink, field: string, top: boolean): number {
   const colon = field.indexOf(":");
   if (colon <= 0) return 0;
   const heading = field.slice(0, colon);
-  if (/[ \t]/.test(heading) || heading.startsWith("X-DSPAM-")) return 0;
+  if (/[ \t]/.test(heading) || ignoredHeading(heading)) return 0;
   let value = field.slice(colon + 1);
+  if (top && heading === "From" && !sink.fromSeen) {
+    sink.fromSeen = true;
+    sink.add(whitelistTokenName(value));
+  }
+  if (heading.toLowerCase() === "received") {
+    const semi = value.lastIndexOf(";");
+    if (semi >= 0) value = value.slice(0, semi);
+  }
   if (/=\?[^?]+\?[bBqQ]\?/.test(value)) {
     try {
       value = libmime.decodeWords(value);
@@ -433,7 +492,7 @@ export async function tokenize(message: MessageInput, limits: TokenizeLimits = D
             reasons.add("header-lines-limit");
             break;
           }
-          headerLines += addHeaderField(sink, headerText(h.line));
+          headerLines += addHeaderField(sink, headerText(h.line), parts === 1);
         }
         const ct = node.contentType || "text/plain";
         if (!node.multipart && ct.startsWith("text/")) {

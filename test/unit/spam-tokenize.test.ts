@@ -1,10 +1,12 @@
 // The spam tokenizer: DSPAM's hash, OSB tokens of a known phrase, real-looking MIME
 // (multipart, base64, quoted-printable, HTML, charsets), and the bounds: malformed
 // MIME, a 20 MiB message and one of 100,000 tiny parts finish within the time budget
-// or say why they stopped, never throw.
+// or say why they stopped, never throw. Headers: other filters' verdicts and X-DSPAM-*
+// skipped (a delivered message tokenizes as before), Received without its date, the
+// whitelist token.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { DEFAULT_LIMITS, osbTokens, stripHtml, tokenHash, tokenize } from "../../services/spam/tokenize.ts";
+import { DEFAULT_LIMITS, ignoredHeading, osbTokens, stripHtml, tokenHash, tokenize, whitelistTokenName } from "../../services/spam/tokenize.ts";
 
 /** DSPAM's _ds_getcrc64 written the slow, obvious way (BigInt, bit by bit). */
 function referenceCrc64(s: string): string {
@@ -129,4 +131,55 @@ test("a stream input is read only up to the bound", async () => {
   const t = await tokenize(gen(), { ...DEFAULT_LIMITS, input_bytes_max: 100_000 });
   assert.ok(t.reasons.includes("input-truncated"));
   assert.ok(t.bytesRead <= 100_000);
+});
+
+test("other filters' verdicts and a mail client's flags are not tokens (X-Spam-*, X-Virus-*, X-Keywords, Status, ...)", async () => {
+  const leaks = [
+    "X-Spam-Status: Yes, hits=12.3 required=5.0 tests=BAYES_99",
+    "X-Spam-Level: ************",
+    "X-Spam-Flag: YES",
+    "X-Spam-Checker-Version: SpamAssassin 2.40",
+    "X-Spam: high",
+    "X-Virus-Scanned: by amavisd-milter",
+    "X-Bogosity: Spam, tests=bogofilter",
+    "X-MailScanner-SpamCheck: spam, SpamAssassin (score=9)",
+    "X-Keywords: Junk",
+    "X-Status: RO",
+    "Status: RO",
+    "X-UID: 42",
+    "X-Mozilla-Status: 0001",
+  ];
+  const n = await names(`From: a@b.example\r\nSubject: hello\r\n${leaks.join("\r\n")}\r\n\r\nbody\r\n`);
+  for (const l of leaks) {
+    const heading = l.slice(0, l.indexOf(":"));
+    assert.ok(![...n].some((x) => x.startsWith(`${heading}*`)), `${heading} was tokenized`);
+  }
+  assert.ok(n.has("Subject*hello"));
+  assert.ok(n.has("body"));
+});
+
+test("a delivered message (with mailha's X-DSPAM-* fields) gives exactly the tokens it gave before delivery", async () => {
+  const before = "Return-Path: <x@y.example>\r\nFrom: \"Bob\" <bob@example.com>\r\nTo: u@mailha.test\r\nSubject: lunch?\r\nContent-Type: text/plain\r\n\r\nshall we meet at noon\r\n";
+  const dspam = "X-DSPAM-Result: Innocent\r\nX-DSPAM-Processed: Wed, 02 Dec 2026 10:00:00 GMT\r\nX-DSPAM-Confidence: 0.9900\r\nX-DSPAM-Probability: 0.0023\r\nX-DSPAM-Signature: 1,674d8a1b2c3d4e5f6a7b\r\n";
+  const i = before.indexOf("Subject:");
+  const delivered = before.slice(0, i) + dspam + before.slice(i);
+  const a = await tokenize(Buffer.from(before));
+  const b = await tokenize(Buffer.from(delivered));
+  assert.deepEqual([...b.tokens.entries()].sort(), [...a.tokens.entries()].sort());
+});
+
+test("Received: relays and addresses are tokens, the trailing date is not; the From line is the whitelist token", async () => {
+  const n = await names("Received: from mx.example.org (mx.example.org [192.0.2.7])\r\n\tby mail.mailha.test with ESMTP id ABC123; Tue, 3 Sep 2002 15:02:38 -0500\r\nFrom: Bob Smith <bob@example.com>\r\n\r\nhi\r\n");
+  assert.ok(n.has("Received*mx.example.org"));
+  assert.ok(n.has("Received*192.0.2.7"));
+  assert.ok(n.has("Received*ESMTP"));
+  assert.ok(![...n].some((x) => /^Received\*.*(Sep|15\+02|-0500)/.test(x)), "the date of a Received field is not tokenized");
+  assert.equal(whitelistTokenName(" Bob Smith <bob@example.com>"), "From*Bob Smith <bob@example.com>");
+  assert.ok(n.has("From*Bob Smith <bob@example.com>"));
+  assert.ok(n.has("From*Bob+Smith"));
+  // Only the message's own From, once (not a From of an attached message's header).
+  const fwd = await names('From: a@b.example\r\nContent-Type: multipart/mixed; boundary="Z"\r\n\r\n--Z\r\nContent-Type: text/plain\r\nFrom: c@d.example\r\n\r\nx\r\n--Z--\r\n');
+  assert.ok(fwd.has("From*a@b.example"));
+  assert.ok(!fwd.has("From*c@d.example"));
+  assert.ok(ignoredHeading("x-dspam-result") && ignoredHeading("X-Spam-Status") && !ignoredHeading("X-Mailer") && !ignoredHeading("Subject"));
 });
