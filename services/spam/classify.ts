@@ -2,14 +2,29 @@
 // user's totals to a verdict, as DSPAM 3.10's libdspam computes it (`_ds_calc_stat`,
 // `_ds_calc_result`). Per token: the Bayesian chain rule with ProcessorBias (innocent
 // hits count twice), 0.4 for a token seen fewer than 5 times, clamped to
-// [0.0001, 0.9999]; the 27 most significant tokens (distance from 0.5, then
-// frequency, then complexity, then hash: DSPAM's heap order made total); Graham over
-// the first 15, Burton over the 27 (a token seen twice or more counts twice), spam if
-// either reaches 0.9 (DSPAM's default `Algorithm graham burton`); chi-square
-// (Fisher-Robinson, every token beyond the 0.45 exclusion radius, cutoff 0.501) as an
-// option. Confidence is Robinson's geometric mean, as DSPAM's. Not implemented:
-// Bayesian noise reduction (DSPAM's `Feature noise`), the From-line whitelist, the
-// training buffer (statistical sedation), Markovian weighting.
+// [0.0001, 0.9999]; the 27 most significant tokens; Graham over the first 15, Burton
+// over the 27 (a token seen twice or more counts twice), spam if either reaches 0.9
+// (DSPAM's default `Algorithm graham burton`); chi-square (Fisher-Robinson, every
+// token beyond the 0.45 exclusion radius, cutoff 0.501) as an option. Confidence is
+// Robinson's geometric mean, as DSPAM's. DSPAM's auto-whitelist (`Feature
+// whitelist`): a message whose From line (the tokenizer's whitelist token) has been
+// learned innocent more than 10 times, and spam at most once per 15 of those, is
+// innocent.
+//
+// One deliberate difference, the tie-break of the significance order: DSPAM orders by
+// distance from 0.5, then by frequency in the message, then by complexity (a sparse
+// bigram `a+#+#+#+b` before a word), then by whatever order its hash table gave. Most
+// tokens of a trained user sit on one of a few values (0.99 for a token never seen in
+// innocent mail, 0.01 for one never seen in spam, the clamps), so that order decides
+// which of them fill the 15 and 27 places: a token seen 5 times in spam ties with one
+// seen 300 times in innocent mail, and the sparse bigrams win. Here a tie on the
+// distance goes to the token with more evidence (spam hits + 2 x innocent hits, the
+// same ProcessorBias weighting), then frequency, complexity and hash as DSPAM: the
+// better-attested token is the more significant. Measured on the SpamAssassin corpus
+// (test/bench/spam.ts) this is most of the gain in spam caught and in 1-AUC.
+// Not implemented: Bayesian noise reduction (DSPAM's `Feature noise`: it needs the
+// message's token sequence and learns its own pattern tokens, which the signature
+// does not hold), the training buffer (statistical sedation), Markovian weighting.
 
 export type Algorithm = "graham" | "burton" | "chi-square";
 export type SpamClass = "spam" | "innocent";
@@ -91,6 +106,22 @@ export interface Verdict {
   readonly graham?: number;
   readonly burton?: number;
   readonly chiSquare?: number;
+  /** True when DSPAM's auto-whitelist decided (the From line is known innocent). */
+  readonly whitelisted?: boolean;
+}
+
+/**
+ * The whitelist token among STATS (the tokenizer's `From*<the From line>`: a From*
+ * name with a space or one of `<>@"`, which no word token has), or undefined.
+ */
+function whitelistToken(stats: readonly TokenStat[]): TokenStat | undefined {
+  for (const s of stats) if (s.name !== undefined && s.name.startsWith("From*") && /[ <>@"]/.test(s.name)) return s;
+  return undefined;
+}
+
+/** DSPAM's whitelist test (`_ds_operate`): innocent > 10 and spam <= innocent / 15 (integer division). */
+export function isWhitelisted(s: { spam_hits: number; innocent_hits: number }): boolean {
+  return s.innocent_hits > WHITELIST_INNOCENT_MIN && s.spam_hits <= Math.floor(s.innocent_hits / WHITELIST_SPAM_RATIO);
 }
 
 export const GRAHAM_WINDOW = 15;
@@ -106,6 +137,10 @@ const CHI_EXCLUSION = 0.45;
 const CHI_CUTOFF = 0.501;
 const ROB_S = 0.01;
 const ROB_X = 0.5;
+/** DSPAM's whitelist: innocent hits of the From line above this (its `wh_threshold`, default 10)... */
+export const WHITELIST_INNOCENT_MIN = 10;
+/** ...and spam hits at most innocent hits / this. */
+const WHITELIST_SPAM_RATIO = 15;
 
 const clamp = (p: number): number => Math.min(PROB_MAX, Math.max(PROB_MIN, p));
 
@@ -158,11 +193,20 @@ function complexity(name: string | undefined): number {
   return c;
 }
 
-/** Heap order: most significant first; ties by frequency, complexity, then hash. */
+/** A token's evidence for the tie-break: its hits with innocent ones weighed double (ProcessorBias). */
+const evidence = (t: { spam_hits: number; innocent_hits: number }): number => t.spam_hits + 2 * t.innocent_hits;
+
+/**
+ * Significance order: most significant first (distance from 0.5); ties by evidence
+ * (see the header), then frequency, complexity, hash (DSPAM's heap order made total).
+ */
 function moreSignificant(a: UsedToken & { c: number }, b: UsedToken & { c: number }): number {
   const da = Math.abs(0.5 - a.probability);
   const db = Math.abs(0.5 - b.probability);
   if (da !== db) return db - da;
+  const ea = evidence(a);
+  const eb = evidence(b);
+  if (ea !== eb) return eb - ea;
   if (a.frequency !== b.frequency) return b.frequency - a.frequency;
   if (a.c !== b.c) return b.c - a.c;
   return a.token < b.token ? -1 : a.token > b.token ? 1 : 0;
@@ -290,7 +334,11 @@ export function classifyTokens(stats: readonly TokenStat[], totals: Pick<Totals,
   // For ranking: the largest log-odds of the Bayesian combiners (either may decide), or chi.
   if (graham || burton) score = Math.max(graham?.logOdds ?? -Infinity, burton?.logOdds ?? -Infinity);
   else score = chi ?? 0;
+  // DSPAM's auto-whitelist overrides the verdict (its probability and score stay, as DSPAM's).
+  const wl = whitelistToken(stats);
+  const whitelisted = wl !== undefined && isWhitelisted(wl);
+  if (whitelisted) result = "innocent";
   const rob = robinsonConfidence(used);
   const confidence = result === "spam" ? rob : 1 - rob;
-  return { result, probability, confidence, score, tokens: used, graham: graham?.p, burton: burton?.p, chiSquare: chi };
+  return { result, probability, confidence, score, tokens: used, graham: graham?.p, burton: burton?.p, chiSquare: chi, ...(whitelisted ? { whitelisted } : {}) };
 }

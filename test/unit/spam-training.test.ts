@@ -1,10 +1,11 @@
 // The spam filter's maths and training table: the combiners on hand-computed cases,
 // DSPAM's per-token probability, TOE's warm-up, exact undo through the signature, and
 // seeded random sequences of classify / retrain / undo per mode checking the ledger
-// invariant (the counts are always those of one net class per message).
+// invariant (the counts are always those of one net class per message);
+// the significance tie-break, DSPAM's whitelist.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { chi2Q, classifyTokens, combineBayes, combineChiSquare, tokenProbability, ZERO_TOTALS, type SpamClass, type TrainingMode } from "../../services/spam/classify.ts";
+import { chi2Q, classifyTokens, combineBayes, combineChiSquare, isWhitelisted, tokenProbability, ZERO_TOTALS, type SpamClass, type TrainingMode } from "../../services/spam/classify.ts";
 import { decideTraining, inWarmup, retarget, TRAINING_RULES, type LedgerEntry } from "../../services/spam/training.ts";
 import { MemorySpamStore } from "../../services/spam/store.ts";
 import { applyDeltas, classifyMessage, DEFAULT_PREFS, parsePreferences, retrain } from "../../services/spam/filter.ts";
@@ -179,3 +180,33 @@ test("classifyMessage gives DSPAM's headers and a signature; a message with noth
   assert.equal(p.headers["X-DSPAM-Result"], "Innocent");
   assert.match(p.headers["X-DSPAM-Reason"]!, /no-tokens/);
 });
+
+test("significance ties go to the better-attested token (evidence, innocent hits double), so weak spam tokens do not crowd out strong innocent ones", () => {
+  const totals = { spam_learned: 500, innocent_learned: 500 };
+  // Both sets sit at DSPAM's plain 0.99 / 0.01 (same distance from 0.5); the weak spam
+  // tokens are sparse bigrams (complexity 5), which DSPAM's order would put first.
+  const weakSpam = Array.from({ length: 30 }, (_, i) => ({ token: String(3000 + i), name: `w${i}+#+#+#+x`, frequency: 1, spam_hits: 5, innocent_hits: 0 }));
+  const strongHam = Array.from({ length: 30 }, (_, i) => ({ token: String(4000 + i), name: `h${i}`, frequency: 1, spam_hits: 0, innocent_hits: 40 }));
+  close(tokenProbability(weakSpam[0]!, totals), 0.99);
+  close(tokenProbability(strongHam[0]!, totals), 0.01);
+  const v = classifyTokens([...weakSpam, ...strongHam], totals);
+  assert.equal(v.result, "innocent");
+  assert.ok(v.tokens.every((t) => t.innocent_hits === 40), "the 27 places go to the innocent tokens with 80 weighted hits");
+});
+
+test("DSPAM's auto-whitelist: a From line learned innocent more than 10 times (spam at most 1 in 15) makes the message innocent", () => {
+  const totals = { spam_learned: 500, innocent_learned: 500 };
+  const spammy = Array.from({ length: 30 }, (_, i) => ({ token: String(5000 + i), name: `cheap${i}`, frequency: 1, spam_hits: 80, innocent_hits: 0 }));
+  const from = (spam_hits: number, innocent_hits: number) => ({ token: "77", name: "From*Bob <bob@example.com>", frequency: 1, spam_hits, innocent_hits });
+  assert.equal(classifyTokens(spammy, totals).result, "spam");
+  const w = classifyTokens([...spammy, from(0, 11)], totals);
+  assert.equal(w.result, "innocent");
+  assert.equal(w.whitelisted, true);
+  assert.equal(classifyTokens([...spammy, from(0, 10)], totals).result, "spam"); // 10 is not more than 10
+  assert.equal(classifyTokens([...spammy, from(1, 15)], totals).result, "innocent"); // 1 <= 15 / 15
+  assert.equal(classifyTokens([...spammy, from(1, 14)], totals).result, "spam"); // 1 > floor(14 / 15)
+  // A From* word token with many innocent hits is not the whitelist token.
+  assert.equal(classifyTokens([...spammy, { token: "78", name: "From*Bob", frequency: 1, spam_hits: 0, innocent_hits: 50 }], totals).result, "spam");
+  assert.ok(isWhitelisted({ spam_hits: 0, innocent_hits: 11 }) && !isWhitelisted({ spam_hits: 0, innocent_hits: 10 }));
+});
+
