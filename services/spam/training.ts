@@ -13,7 +13,8 @@
 // TEFT learns the verdict at classification; TOE learns nothing then (it counts
 // `*_classified`) except during its warm-up, which is DSPAM's `innocent_learned <= 100
 // || spam_learned <= 100` (train everything until both classes have more than 100
-// learned); TUM learns the verdict on tokens seen fewer than 50 times, or on all of
+// learned); after it, TOE here also learns a verdict whose confidence is below 0.70
+// (see below); TUM learns the verdict on tokens seen fewer than 50 times, or on all of
 // them when the confidence is below 0.70; NOTRAIN learns nothing. A user's correction
 // (DSPAM's source=error) learns the right class and counts `*_misclassified`; corpus
 // training counts `*_corpusfed`. Deliberate differences: a correction undoes exactly
@@ -22,6 +23,17 @@
 // correction back to the original verdict restores the classification's state
 // (DSPAM would count another misclassification); NOTRAIN counts only
 // `*_misclassified` on a correction (DSPAM also bumped `*_learned`, without tokens).
+//
+// TOE's unsure verdicts: DSPAM's TOE learns only errors, so after the warm-up a
+// message the filter was nearly wrong about teaches nothing until it is wrong. Here a
+// TOE classification whose confidence (Robinson's, X-DSPAM-Confidence) is below 0.70
+// learns its verdict, as TUM does below the same 0.70, i.e. "train on error and on
+// unsure", the well-known practice of thick-threshold training (bogofilter's and
+// SpamBayes' advice: train what was wrong or unsure). If the unsure verdict was wrong,
+// the user's correction undoes it exactly like any other (the ledger), so the
+// counts end as the right class. On the SpamAssassin corpus (test/bench/spam.ts)
+// it trains about a third of the messages instead of a sixth and takes 1-AUC from
+// about 0.1% to 0.03% (random split).
 import type { SpamClass, StatColumn, Totals, TrainingMode } from "./classify.ts";
 
 export type TrainSource = "classification" | "error" | "corpus" | "undo";
@@ -100,6 +112,11 @@ export const TOE_WARMUP_LEARNED = 100;
 export const TUM_MATURE_HITS = 50;
 /** TUM trains every token when the verdict's confidence is below this. */
 export const TUM_CONFIDENCE_MIN = 0.7;
+/** TOE after its warm-up learns a verdict whose confidence is below this (unsure; TUM's 0.70). */
+export const TOE_UNSURE_CONFIDENCE = TUM_CONFIDENCE_MIN;
+
+/** A classification TOE learns after its warm-up: confidence given and below TOE_UNSURE_CONFIDENCE. */
+export const toeUnsure = (confidence: number | undefined): boolean => confidence !== undefined && confidence < TOE_UNSURE_CONFIDENCE;
 
 const NOTHING: Learned = Object.freeze({ cls: null, except: [], stats: {} });
 const other = (c: SpamClass): SpamClass => (c === "spam" ? "innocent" : "spam");
@@ -145,6 +162,11 @@ export const TRAINING_RULES: readonly Rule[] = [
     then: (c) => corrected(c, (c.prior?.verdict ?? other(c.cls)) === c.cls ? NOTHING : { cls: null, except: [], stats: { [col(c.cls, "misclassified")]: 1 } }),
   },
   { name: "notrain corpus: nothing learned", when: (c) => c.source === "corpus" && c.mode === "notrain", then: (c) => corrected(c, c.prior?.applied ?? NOTHING) },
+  {
+    name: "toe classification after warm-up, unsure (confidence below 0.70): learns the verdict",
+    when: (c) => c.source === "classification" && c.mode === "toe" && !inWarmup(c.totals) && toeUnsure(c.confidence),
+    then: (c) => classified(c, learnAll(c.cls, { [col(c.cls, "learned")]: 1 })),
+  },
   {
     name: "toe classification after warm-up: counts the verdict only",
     when: (c) => c.source === "classification" && c.mode === "toe" && !inWarmup(c.totals),

@@ -1,12 +1,12 @@
 // The spam filter's maths and training table: the combiners on hand-computed cases,
 // DSPAM's per-token probability, TOE's warm-up, exact undo through the signature, and
 // seeded random sequences of classify / retrain / undo per mode checking the ledger
-// invariant (the counts are always those of one net class per message);
-// the significance tie-break, DSPAM's whitelist.
+// invariant (the counts are always those of one net class per message); the
+// significance tie-break, DSPAM's whitelist, TOE's unsure verdicts.
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { chi2Q, classifyTokens, combineBayes, combineChiSquare, isWhitelisted, tokenProbability, ZERO_TOTALS, type SpamClass, type TrainingMode } from "../../services/spam/classify.ts";
-import { decideTraining, inWarmup, retarget, TRAINING_RULES, type LedgerEntry } from "../../services/spam/training.ts";
+import { decideTraining, inWarmup, retarget, toeUnsure, TRAINING_RULES, type LedgerEntry } from "../../services/spam/training.ts";
 import { MemorySpamStore } from "../../services/spam/store.ts";
 import { applyDeltas, classifyMessage, DEFAULT_PREFS, parsePreferences, retrain } from "../../services/spam/filter.ts";
 import { rng } from "../sim/volume-sim.ts";
@@ -210,3 +210,23 @@ test("DSPAM's auto-whitelist: a From line learned innocent more than 10 times (s
   assert.ok(isWhitelisted({ spam_hits: 0, innocent_hits: 11 }) && !isWhitelisted({ spam_hits: 0, innocent_hits: 10 }));
 });
 
+test("TOE after its warm-up learns an unsure verdict (confidence below 0.70), and a correction undoes exactly that", () => {
+  const totals = { spam_learned: 500, innocent_learned: 500 };
+  const tokens = toks(3);
+  const sure = decideTraining({ uid: 1, key: "k", mode: "toe", source: "classification", verdict: "spam", confidence: 0.95, tokens, totals, prior: null, day });
+  assert.equal(sure.tokens.length, 0);
+  assert.deepEqual(sure.stats, { spam_classified: 1 });
+  const unsure = decideTraining({ uid: 1, key: "k", mode: "toe", source: "classification", verdict: "spam", confidence: 0.55, tokens, totals, prior: null, day });
+  assert.match(unsure.rule, /unsure/);
+  assert.deepEqual(unsure.tokens.map((t) => [t.spamDelta, t.innocentDelta]), Array(3).fill([1, 0]));
+  assert.deepEqual(unsure.stats, { spam_learned: 1 });
+  assert.ok(toeUnsure(0.69) && !toeUnsure(0.7) && !toeUnsure(undefined));
+  // The user says innocent: the spam learned is taken back, innocent learned, the error counted.
+  const fix = decideTraining({ uid: 1, key: "k", mode: "toe", source: "error", asClass: "innocent", tokens, totals, prior: unsure.ledger.after, day });
+  assert.deepEqual(fix.tokens.map((t) => [t.spamDelta, t.innocentDelta]), Array(3).fill([-1, 1]));
+  assert.deepEqual(fix.stats, { innocent_learned: 1, innocent_misclassified: 1, spam_learned: -1 });
+  // And back to spam: exactly the classification's state again.
+  const back = decideTraining({ uid: 1, key: "k", mode: "toe", source: "error", asClass: "spam", tokens, totals, prior: fix.ledger.after, day });
+  assert.deepEqual(back.tokens.map((t) => [t.spamDelta, t.innocentDelta]), Array(3).fill([1, -1]));
+  assert.deepEqual(back.ledger.after, unsure.ledger.after);
+});
