@@ -347,8 +347,8 @@ export class MariadbSpamStore implements SpamStore {
    */
   async purge(today: string, defaultMode: TrainingMode = "toe", batch = 10_000, batchesMax = 10_000): Promise<PurgeCounts> {
     const td = dayLiteral(today);
-    const mode = `COALESCE((SELECT p.value FROM ${this.t("dspam_preferences")} p WHERE p.preference = 'trainingMode' AND p.uid = t.uid),
-                           (SELECT d.value FROM ${this.t("dspam_preferences")} d WHERE d.preference = 'trainingMode' AND d.uid = 0), '${defaultMode.toUpperCase()}')`;
+    const mode = `COALESCE((SELECT p.value FROM ${this.t("dspam_preferences")} p WHERE p.preference IN ('trainingMode', 'training_mode') AND p.uid = t.uid ORDER BY p.preference = 'training_mode' DESC LIMIT 1),
+                           (SELECT d.value FROM ${this.t("dspam_preferences")} d WHERE d.preference IN ('trainingMode', 'training_mode') AND d.uid = 0 ORDER BY d.preference = 'training_mode' DESC LIMIT 1), '${defaultMode.toUpperCase()}')`;
     const tokens = this.t("dspam_token_data");
     const rules: [keyof PurgeCounts, string][] = [
       ["hapaxes", `DELETE FROM ${tokens} WHERE last_hit < DATE_SUB(${td}, INTERVAL ${PURGE_DAYS.hapaxes} DAY) AND 2 * innocent_hits + spam_hits < 5 LIMIT ${batch}`],
