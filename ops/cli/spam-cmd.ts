@@ -30,7 +30,7 @@ import { readSpamWorkerStatus, spamWorkerStatusFile } from "../../services/spam/
 import { DATABASE } from "../../services/accounts.ts";
 import { connectMariadb, mariadbPaths } from "../../services/mariadb.ts";
 import { ImportConflict, importDspamDump } from "../../services/spam/dump.ts";
-import { classifyMessage, readPreferences, retrainAndApply } from "../../services/spam/filter.ts";
+import { classifyMessage, parsePreferences, readPreferences, retrainAndApply } from "../../services/spam/filter.ts";
 import { MariadbSpamStore, migrateSpam } from "../../services/spam/store.ts";
 import { journalSpamDeltas, spamJournalFor } from "../../services/spam/journal.ts";
 import type { ChangeJournal } from "../../services/journal/changes.ts";
@@ -47,6 +47,11 @@ async function activeSocket(c: MailhaConfig): Promise<string> {
   if (!id) throw new Error("no active node here: run this on the active node (see mailha status)");
   return mariadbPaths(nodePaths(nodeStateDir(c, id))).socket;
 }
+
+/** The preferences `mailha spam prefs` sets, their values, and DSPAM's name for each. */
+const PREF_VALUES: Record<string, RegExp> = { spam_action: /^(junk|tag|quarantine)$/, training_mode: /^(toe|teft|tum|notrain)$/, algorithms: /^(graham burton|graham|burton|chi-square)$/ };
+const PREF_HELP: Record<string, string> = { spam_action: "junk, tag or quarantine", training_mode: "toe, teft, tum or notrain", algorithms: '"graham burton", graham, burton or chi-square' };
+const PREF_DSPAM_NAME: Record<string, string> = { spam_action: "spamAction", training_mode: "trainingMode", algorithms: "algorithm" };
 
 async function withStore<T>(config: string, fn: (s: MariadbSpamStore, db: Connection) => Promise<T>, o: { readOnly?: boolean } = {}): Promise<T> {
   const db = await connectMariadb(await activeSocket(loadConfig(config)), DATABASE);
@@ -220,6 +225,40 @@ export function spamCommand(defaultConfig: string): Command {
               .map((r) => `${r.user}: spam learned ${r.totals.spam_learned}, ham learned ${r.totals.innocent_learned}, spam missed ${r.totals.spam_misclassified}, ham flagged ${r.totals.innocent_misclassified}, classified ${r.totals.spam_classified} spam / ${r.totals.innocent_classified} ham`)
               .join("\n"),
       );
+    });
+
+  spam
+    .command("prefs")
+    .description("a user's preferences (or, without --user, everyone's defaults): spam_action junk|tag|quarantine, training_mode toe|teft|tum|notrain, algorithms")
+    .option("-u, --user <address>", "the user (default: the defaults, DSPAM's uid 0)")
+    .option("--set <key=value>", "set a preference (repeatable)", (v: string, prev: string[] = []) => [...prev, v])
+    .option("--unset <key>", "remove a preference: the default applies again (repeatable)", (v: string, prev: string[] = []) => [...prev, v])
+    .addOption(configOpt(defaultConfig))
+    .addOption(jsonOpt())
+    .action(async (o: { user?: string; set?: string[]; unset?: string[]; config: string; json?: boolean }) => {
+      const out = createOutput(!!o.json);
+      const sets = (o.set ?? []).map((kv) => {
+        const m = /^([a-z_A-Z]+)=(.+)$/.exec(kv.trim());
+        if (!m) throw new UsageError(`--set ${kv}: expected KEY=VALUE`);
+        const [key, value] = [m[1]!, m[2]!.trim().toLowerCase()];
+        const allowed = PREF_VALUES[key];
+        if (!allowed) throw new UsageError(`--set ${key}: not a preference (known: ${Object.keys(PREF_VALUES).join(", ")})`);
+        if (!allowed.test(value)) throw new UsageError(`--set ${key}=${value}: expected ${PREF_HELP[key]}`);
+        return [key, value] as const;
+      });
+      for (const k of o.unset ?? []) if (!PREF_VALUES[k]) throw new UsageError(`--unset ${k}: not a preference (known: ${Object.keys(PREF_VALUES).join(", ")})`);
+      const r = await withStore(o.config, async (store, db) => {
+        const uid = o.user ? await store.uidFor(o.user.toLowerCase()) : 0;
+        for (const [k, v] of sets) {
+          // One name per preference: DSPAM's camelCase twin goes, so the two never disagree.
+          await db.query(`DELETE FROM ${DATABASE}.dspam_preferences WHERE uid = ? AND preference = ?`, [uid, PREF_DSPAM_NAME[k]]);
+          await store.setPreference(uid, k, v);
+        }
+        for (const k of o.unset ?? []) await db.query(`DELETE FROM ${DATABASE}.dspam_preferences WHERE uid = ? AND preference IN (?, ?)`, [uid, k, PREF_DSPAM_NAME[k]]);
+        const rows = await store.preferences(uid);
+        return { user: o.user?.toLowerCase() ?? null, uid, rows, effective: parsePreferences(rows) };
+      });
+      out.result(r, () => `${r.user ?? "defaults (uid 0)"}: spam_action ${r.effective.spam_action}, training_mode ${r.effective.training_mode}, algorithms ${r.effective.algorithms.join(" ")}${Object.keys(r.rows).length ? ` (set: ${Object.entries(r.rows).map(([k, v]) => `${k}=${v}`).join(", ")})` : " (all defaults)"}`);
     });
 
   spam

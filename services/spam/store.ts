@@ -159,6 +159,8 @@ export function decodeSignature(data: Buffer): { token: string; frequency: numbe
 const inList = (tokens: readonly string[]): string => tokens.map((t) => `CAST(${tokenLiteral(t)} AS UNSIGNED)`).join(",");
 const BATCH_READ = 500;
 const APPLY_ATTEMPTS = 4;
+/** DSPAM's preference names -> mailha's. */
+const PREF_NAMES: Record<string, string> = { trainingMode: "training_mode", spamAction: "spam_action", algorithm: "algorithms" };
 const ER_DUP_ENTRY = 1062;
 const ER_LOCK_WAIT_TIMEOUT = 1205;
 const ER_LOCK_DEADLOCK = 1213;
@@ -224,7 +226,8 @@ export class MariadbSpamStore implements SpamStore {
   async preferences(uid: number): Promise<Record<string, string>> {
     const [rows] = await this.db.query(`SELECT uid, preference, value FROM ${this.t("dspam_preferences")} WHERE uid IN (0, ?) ORDER BY uid`, [uid]);
     const out: Record<string, string> = {};
-    for (const r of rows as { preference: string; value: string }[]) out[r.preference] = r.value;
+    // DSPAM's names are mailha's (trainingMode is training_mode): a user's row of either name overrides uid 0's of either.
+    for (const r of rows as { preference: string; value: string }[]) out[PREF_NAMES[r.preference] ?? r.preference] = String(r.value);
     return out;
   }
 

@@ -646,6 +646,16 @@ print(json.dumps(code))`)) as number;
       assert.match(sub.stdout, /250 2\.0\.0/);
       const fromBob = findIn("new", "cheap casino lottery from bob");
       assert.ok(fromBob && !/X-DSPAM-/.test(fromBob), "submitted mail is delivered as it is");
+      // spam_action tag: spam stays in INBOX, with its verdict.
+      const tag = await cli(["spam", "prefs", "--user", "erin@mailha.test", "--set", "spam_action=tag", "--json"]);
+      assert.equal(tag.code, 0, tag.stderr);
+      assert.equal((JSON.parse(tag.stdout) as { effective: { spam_action: string } }).effective.spam_action, "tag");
+      assert.equal((await cli(["spam", "prefs", "--set", "spam_action=bin"])).code, 2, "a bad value is refused");
+      await send(lab.a, msg(spamWords, 204, "deals@spam.example"));
+      const tagged = findIn("new", "-204-at@");
+      assert.ok(tagged, "with spam_action tag, spam is delivered to INBOX");
+      assert.match(tagged!, /^X-DSPAM-Result: Spam\r$/m, "tagged as spam");
+      assert.equal((await cli(["spam", "prefs", "--user", "erin@mailha.test", "--unset", "spam_action"])).code, 0);
       // Broken MIME, 20 MiB, 100,000 parts: delivered (never refused for the filter), with a reason when it stopped early.
       const broken = `From: x@example.net\r\nSubject: broken mime\r\nContent-Type: multipart/mixed; boundary="zz"\r\n\r\n--zz\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\n%%%not base64%%%\r\n--zz\r\nContent-Type: multipart/alternative; boundary=\r\n\r\n`;
       await send(lab.a, broken);
