@@ -189,11 +189,33 @@ describe("the Debian package (npm run package) on a booted Debian 12 machine", (
     assert.equal((await must(p, "systemctl show -p MainPID --value mailha-node")).trim(), pid, "an upgrade must not restart a running node");
     assert.equal((await p.ssh("systemctl is-active mailha-node")).stdout.trim(), "active");
 
+    // The node daemon killed (a crash): systemd starts it again after RestartSec; the
+    // rest of the unit stays up (KillMode=process), and the new daemon kills the services
+    // left over, takes the running volume engine back and is active again.
+    const dbBefore = (await must(p, "pgrep -x mariadbd")).trim();
+    const tCrash = Date.now();
+    await must(p, "systemctl kill -s KILL --kill-who=main mailha-node");
+    let again2 = "";
+    for (let i = 0; i < ACTIVE_WAIT_S; i++) {
+      await new Promise((res) => setTimeout(res, 1000));
+      const r = await p.ssh("systemctl show -p NRestarts --value mailha-node; mailha status --config /etc/mailha/mailha.yaml --node a --json");
+      again2 = r.stdout;
+      if (/^[1-9]/.test(again2) && /"state":\s*"active"/.test(again2) && /"smtp":\s*"running"/.test(again2)) break;
+    }
+    const crashJournal = (await p.ssh("journalctl -u mailha-node --no-pager -n 60 -o cat | grep -v '^{' | tail -12")).stdout.trim();
+    say(`timing: node a active again ${((Date.now() - tCrash) / 1000).toFixed(1)} s after its daemon was killed (RestartSec 5 s); systemd said: ${crashJournal.split("\n").filter((l) => /mailha-node\.service|Started|Stopped/.test(l)).join(" | ")}`);
+    assert.match(again2, /^[1-9]/, "systemd should have restarted the killed node daemon");
+    assert.match(again2, /"state":\s*"active"/, `node a should be active again after its daemon was killed:\n${again2}\n${crashJournal}`);
+    assert.notEqual((await must(p, "pgrep -x mariadbd")).trim(), dbBefore, "the MariaDB left over by the killed daemon should have been replaced by a new one");
+    assert.match(await must(p, "findmnt -n -o FSTYPE /var/lib/mailha/data"), /ext4/);
+
     const tStop = Date.now();
     await must(p, "systemctl stop mailha-node", 330_000);
     say(`timing: systemctl stop mailha-node (the group stopped in order) ${((Date.now() - tStop) / 1000).toFixed(1)} s`);
     assert.equal((await p.ssh("findmnt -R /var/lib/mailha")).stdout.trim(), "", "the node's stop should unmount everything under /var/lib/mailha");
     assert.equal((await p.ssh("pgrep -x mariadbd || pgrep -x redis-server || pgrep -x dovecot")).stdout.trim(), "", "no service may outlive the node's unit");
+    const left = (await p.ssh("cg=$(systemctl show -p ControlGroup --value mailha-node); [ -n \"$cg\" ] && cat /sys/fs/cgroup/unified$cg/cgroup.procs /sys/fs/cgroup$cg/cgroup.procs 2>/dev/null | sort -u | xargs -r ps -o pid=,args= -p")).stdout.trim();
+    assert.equal(left, "", `after systemctl stop (KillMode=process) these processes of the unit are left, from the daemon killed before:\n${left}`);
     await must(p, "rm /etc/mailha/node.env");
   });
 
