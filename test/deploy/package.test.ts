@@ -154,14 +154,15 @@ describe("the Debian package (npm run package) on a booted Debian 12 machine", (
     assert.equal((await p.ssh("systemctl is-enabled mailha-node")).stdout.trim(), "disabled");
   });
 
-  test("the node unit runs node a (id from /etc/mailha/node.env) under its options: volume, file system, services; the same package again leaves it running", async () => {
+  test("the node unit runs node a (found by its address, then named in /etc/mailha/node.env) under its options: volume, file system, services; the same package again leaves it running", async () => {
     // The node runs as root: its secret files are root's (the running witness read them as mailha's).
     await must(p, "chown root:root /etc/mailha/heartbeat.key /etc/mailha/replication.secret");
     // The container may not change its own addresses (no CAP_NET_ADMIN): the host adds
     // node a's to the machine's network namespace.
     for (const addr of [NODE_A_SERVICE, NODE_A_REPLICATION]) await run("ip", ["-n", p.netns, "addr", "add", `${addr}/32`, "dev", "eth0"]);
     await must(p, "mailha volume create --config /etc/mailha/mailha.yaml --node a --primary", 120_000);
-    await must(p, "echo MAILHA_NODE=a > /etc/mailha/node.env && systemctl start mailha-node");
+    // First with MAILHA_NODE empty: the node is found by its local address.
+    await must(p, "echo MAILHA_NODE= > /etc/mailha/node.env && systemctl start mailha-node");
     const t = Date.now();
     let view = "";
     for (let i = 0; i < ACTIVE_WAIT_S; i++) {
@@ -183,6 +184,7 @@ describe("the Debian package (npm run package) on a booted Debian 12 machine", (
     assert.match(await must(p, "ps -o user= -C mariadbd; ps -o user= -C redis-server"), /mysql[\s\S]*redis/);
     assert.match(await must(p, `exec 3<>/dev/tcp/${NODE_A_SERVICE}/143 && head -c 4 <&3`), /\* OK/);
     const pid = (await must(p, "systemctl show -p MainPID --value mailha-node")).trim();
+    assert.match(await must(p, `ps -o args= -p ${pid}`), /launcher\.mjs node run --config \/etc\/mailha\/mailha\.yaml --node\s*$/);
 
     const again = await must(p, `dpkg -i ${debOnP}`, 120_000);
     assert.match(again, /mailha-node\.service still runs the version before/);
@@ -194,7 +196,7 @@ describe("the Debian package (npm run package) on a booted Debian 12 machine", (
     // left over, takes the running volume engine back and is active again.
     const dbBefore = (await must(p, "pgrep -x mariadbd")).trim();
     const tCrash = Date.now();
-    await must(p, "systemctl kill -s KILL --kill-who=main mailha-node");
+    await must(p, "echo MAILHA_NODE=a > /etc/mailha/node.env && systemctl kill -s KILL --kill-who=main mailha-node");
     let again2 = "";
     for (let i = 0; i < ACTIVE_WAIT_S; i++) {
       await new Promise((res) => setTimeout(res, 1000));
@@ -208,6 +210,8 @@ describe("the Debian package (npm run package) on a booted Debian 12 machine", (
     assert.match(again2, /"state":\s*"active"/, `node a should be active again after its daemon was killed:\n${again2}\n${crashJournal}`);
     assert.notEqual((await must(p, "pgrep -x mariadbd")).trim(), dbBefore, "the MariaDB left over by the killed daemon should have been replaced by a new one");
     assert.match(await must(p, "findmnt -n -o FSTYPE /var/lib/mailha/data"), /ext4/);
+    const restarted = (await must(p, "systemctl show -p MainPID --value mailha-node")).trim();
+    assert.match(await must(p, `ps -o args= -p ${restarted}`), /--node a\s*$/, "the restart reads /etc/mailha/node.env again");
 
     const tStop = Date.now();
     await must(p, "systemctl stop mailha-node", 330_000);
@@ -215,7 +219,8 @@ describe("the Debian package (npm run package) on a booted Debian 12 machine", (
     assert.equal((await p.ssh("findmnt -R /var/lib/mailha")).stdout.trim(), "", "the node's stop should unmount everything under /var/lib/mailha");
     assert.equal((await p.ssh("pgrep -x mariadbd || pgrep -x redis-server || pgrep -x dovecot")).stdout.trim(), "", "no service may outlive the node's unit");
     const left = (await p.ssh("cg=$(systemctl show -p ControlGroup --value mailha-node); [ -n \"$cg\" ] && cat /sys/fs/cgroup/unified$cg/cgroup.procs /sys/fs/cgroup$cg/cgroup.procs 2>/dev/null | sort -u | xargs -r ps -o pid=,args= -p")).stdout.trim();
-    assert.equal(left, "", `after systemctl stop (KillMode=process) these processes of the unit are left, from the daemon killed before:\n${left}`);
+    const strays = (await p.ssh("pgrep -a -x auth; pgrep -af /usr/lib/mailha | grep -v ' witness run '")).stdout.trim();
+    assert.equal(left + strays, "", `after systemctl stop (KillMode=process) these processes of the unit are left, from the daemon killed before:\n${left}\n${strays}`);
     await must(p, "rm /etc/mailha/node.env");
   });
 
