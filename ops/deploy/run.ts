@@ -68,6 +68,8 @@ interface LocalFile {
   readonly path: string;
   readonly content: Buffer;
   readonly mode: number;
+  /** Who owns it there (root when absent): the witness runs as the package's `mailha` user and reads its secrets as that user. */
+  readonly owner?: string;
 }
 
 export interface Server {
@@ -109,7 +111,8 @@ export function servers(c: MailhaConfig, o: DeployOptions, pkgVersion: string): 
   const desired = (role: HostRole, name: string, files: LocalFile[], extra: Partial<Desired>): Desired => ({ role, name, pkgVersion, files: files.map((f) => ({ path: f.path, sha256: sha(f.content), mode: f.mode })), unit: role === "node" ? NODE_UNIT : WITNESS_UNIT, ports: [], ...extra });
   const out: Server[] = [];
   if (c.quorum.witness) {
-    const files = [config, ...secret("heartbeat.key_file", c.heartbeat.key_file)];
+    // The witness loads the whole config, which checks every secret file it names (owned by whoever runs it: mailha).
+    const files = [config, ...[...secret("heartbeat.key_file", c.heartbeat.key_file), ...secret("volume.secret_file", c.volume.secret_file), ...secret("dns.tsig_key_file", c.dns.tsig_key_file)].map((f) => ({ ...f, owner: "mailha" }))];
     out.push({ name: "witness", role: "witness", target: target("witness", c.quorum.witness.address), files, desired: desired("witness", "witness", files, { ports: [c.quorum.witness.port] }), done: [] });
   }
   for (const n of c.nodes) {
@@ -166,7 +169,9 @@ export async function act(c: MailhaConfig, o: DeployOptions, s: Server, a: Actio
       const dir = posix.dirname(f.path);
       const tmp = `${f.path}.deploy-tmp`;
       // Through stdin; made under umask 077, then given its mode, then renamed in place.
-      await must(`set -e; umask 077; mkdir -p ${shellQuote(dir)}; cat > ${shellQuote(tmp)}; chmod ${f.mode.toString(8)} ${shellQuote(tmp)}; sync ${shellQuote(tmp)}; mv -f ${shellQuote(tmp)} ${shellQuote(f.path)}`, `writing ${f.path}`, f.content);
+      // An owner's file: its folder lets the owner's group in (root's, mode 0750).
+      const own = f.owner ? `chown ${shellQuote(f.owner)}: ${shellQuote(tmp)}; chgrp ${shellQuote(f.owner)} ${shellQuote(dir)}; chmod 0750 ${shellQuote(dir)}; ` : "";
+      await must(`set -e; umask 077; mkdir -p ${shellQuote(dir)}; cat > ${shellQuote(tmp)}; chmod ${f.mode.toString(8)} ${shellQuote(tmp)}; ${own}sync ${shellQuote(tmp)}; mv -f ${shellQuote(tmp)} ${shellQuote(f.path)}`, `writing ${f.path}`, f.content);
       return;
     }
     case "create-volume":
