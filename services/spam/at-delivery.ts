@@ -3,7 +3,8 @@
 // and preferences, and each gets its X-DSPAM-* fields and its folder (Junk for spam when
 // the user's spam_action is junk). What a classification learned is journaled
 // (`journal`: the change journal's `spam-delta`, in this process's own segments, beside
-// the delivery journal's round, before the 250) and applied after (`learn`). Bounded: a pool of POOL_SIZE connections (at most QUEUE_MAX deliveries
+// the delivery journal's round, before the 250) and applied after it, in the background
+// (`learn`: at most LEARN_INFLIGHT_MAX at once). Bounded: a pool of POOL_SIZE connections (at most QUEUE_MAX deliveries
 // waiting for one), every plan within TIMEOUT_MS in all; past it, or on any error, the
 // mailbox is delivered unclassified (X-DSPAM-Result Innocent and an X-DSPAM-Reason),
 // never refused, never delayed longer, never lost. Counters for the metrics page.
@@ -22,6 +23,8 @@ import type { SpamDelta } from "./training.ts";
 
 const POOL_SIZE = 4;
 const QUEUE_MAX = 500;
+const LEARN_INFLIGHT_MAX = 64;
+const LEARN_POOL_SIZE = 2;
 /** The Maildir++ folder of spam (Dovecot's `Junk`, special-use \Junk, services/dovecot.ts). */
 export const JUNK_FOLDER = JUNK_DIR;
 
@@ -71,12 +74,17 @@ function within<T>(p: Promise<T>, ms: number): Promise<T> {
 
 export class SpamAtDelivery implements DeliveryFilter {
   private readonly pool: mysql.Pool;
+  /** The writes have their own connections: a commit that blocks never starves the classifications' reads. */
+  private readonly learnPool: mysql.Pool;
   private readonly changes: ChangeJournal;
+  private readonly learning = new Set<Promise<void>>();
   readonly counters: AtDeliveryCounters = { spam_classified_total: 0, innocent_classified_total: 0, spam_filed_in_junk_total: 0, unclassified_total: 0, timeouts_total: 0, errors_total: 0, learn_errors_total: 0, classify_ms_total: 0 };
 
   constructor(private readonly o: AtDeliveryOptions) {
     this.changes = new ChangeJournal(o.dataDir, o.node);
     this.pool = mysql.createPool({ ...sqlLogin(o.socket, "smtp"), database: o.database ?? DATABASE, connectionLimit: POOL_SIZE, queueLimit: QUEUE_MAX, connectTimeout: 3000 });
+    this.learnPool = mysql.createPool({ ...sqlLogin(o.socket, "smtp"), database: o.database ?? DATABASE, connectionLimit: LEARN_POOL_SIZE, queueLimit: QUEUE_MAX, connectTimeout: 3000 });
+    this.learnPool.on("connection", (c) => (c as unknown as { on(e: string, f: (err: Error) => void): void }).on("error", (err) => o.log.warn({ err }, "spam filter: a database connection failed")));
     // A pool connection the server closed is replaced; the error must not end the process.
     this.pool.on("connection", (c) => (c as unknown as { on(e: string, f: (err: Error) => void): void }).on("error", (err) => o.log.warn({ err }, "spam filter: a database connection failed")));
   }
@@ -131,7 +139,7 @@ export class SpamAtDelivery implements DeliveryFilter {
     const todo = plans.filter((p) => p.spam?.deltas.length);
     if (!todo.length) return;
     const run = async () => {
-      const conn = await this.pool.getConnection();
+      const conn = await this.learnPool.getConnection();
       try {
         const store = new MariadbSpamStore(conn, this.o.database ?? DATABASE);
         for (const p of todo) await applyDeltas(store, p.spam!.deltas as SpamDelta[]);
@@ -139,18 +147,23 @@ export class SpamAtDelivery implements DeliveryFilter {
         conn.release();
       }
     };
-    // Journaled already: a failure here loses this node's count of it, never mail.
-    const p = run();
-    try {
-      await within(p, this.o.timeoutMs);
-    } catch (err) {
+    // Journaled already, so the 250 does not wait for it: a MariaDB that blocks (its
+    // volume waiting on a cut replication link) must not hold the reply, or the client
+    // gives up and sends the message again. A failure loses this node's count of it,
+    // never mail. At most LEARN_INFLIGHT_MAX run at once; past that a delivery waits
+    // for its own (backpressure).
+    const p = run().catch((err: Error) => {
       this.counters.learn_errors_total++;
-      if (err instanceof Timeout) p.catch((e: Error) => this.o.log.warn({ err: e, session }, "spam filter: applying what a delivery learned failed (after the time bound)"));
       this.o.log.warn({ err, session }, "spam filter: what a delivery learned was journaled but not applied here");
-    }
+    });
+    this.learning.add(p);
+    void p.finally(() => this.learning.delete(p));
+    if (this.learning.size > LEARN_INFLIGHT_MAX) await p;
   }
 
-  async close(): Promise<void> {
-    await Promise.all([this.pool.end().catch(() => undefined), this.changes.close().catch(() => undefined)]);
+  /** Waits (at most MS) for the learning in progress, then closes. */
+  async close(ms = 2000): Promise<void> {
+    await Promise.race([Promise.allSettled([...this.learning]), new Promise((r) => setTimeout(r, ms))]);
+    await Promise.all([this.pool.end().catch(() => undefined), this.learnPool.end().catch(() => undefined), this.changes.close().catch(() => undefined)]);
   }
 }
