@@ -147,7 +147,7 @@ const schema = z
         // delivery, before the 250; false: delivered unclassified (no X-DSPAM fields).
         enabled: z.boolean({ error: "true or false" }).default(true),
         // A delivery waits at most this long for the filter; longer: delivered unclassified (Innocent, X-DSPAM-Reason).
-        classify_timeout_ms: ms(100, 60_000).default(5000),
+        classify_timeout_ms: ms(100, 60_000).default(2000),
         // Users' moves into and out of Junk retrain the filter (the spam worker, on the active node).
         learn_from_moves: z.boolean({ error: "true or false" }).default(true),
         // When the spam worker runs DSPAM's purge (cron, the node's local time).

@@ -185,6 +185,10 @@ export class MariadbSpamStore implements SpamStore {
   }
 
   async uidFor(username: string): Promise<number> {
+    // A known user is a read only (every delivery asks): no write, no commit to wait for.
+    const [known] = await this.db.query(`SELECT uid FROM ${this.t("dspam_virtual_uids")} WHERE username = ?`, [username]);
+    const k = (known as { uid: number }[])[0];
+    if (k) return k.uid;
     await this.db.query(`INSERT IGNORE INTO ${this.t("dspam_virtual_uids")} (username) VALUES (?)`, [username]);
     const [rows] = await this.db.query(`SELECT uid FROM ${this.t("dspam_virtual_uids")} WHERE username = ?`, [username]);
     const r = (rows as { uid: number }[])[0];
