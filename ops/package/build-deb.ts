@@ -71,8 +71,11 @@ export async function buildDeb(log: (line: string) => void = () => {}): Promise<
     log(`tree of commit ${commit.slice(0, 12)} (git archive HEAD)`);
     await run("sh", ["-c", `git -C "${ROOT}" archive --format=tar HEAD | tar -x -C "${src}"`], { timeoutMs: STEP_TIMEOUT_MS });
     const pkg = JSON.parse(readFileSync(join(src, "package.json"), "utf8")) as { version: string };
-    const version = pkg.version;
-    if (!/^\d+\.\d+\.\d+$/.test(version)) throw new Error(`package.json's version "${version}" is not MAJOR.MINOR.PATCH`);
+    if (!/^\d+\.\d+\.\d+$/.test(pkg.version)) throw new Error(`package.json's version "${pkg.version}" is not MAJOR.MINOR.PATCH`);
+    // Every commit its own, increasing version (dpkg orders them by the commit's time), so
+    // a package built from a later commit is an upgrade to apt and to mailha deploy.
+    const when = (await run("git", ["log", "-1", "--format=%cd", "--date=format-local:%Y%m%d%H%M%S", "HEAD"], { cwd: ROOT, env: { ...process.env, TZ: "UTC" } })).stdout.trim();
+    const version = `${pkg.version}+git${when}.${commit.slice(0, 7)}`;
     symlinkSync(join(ROOT, "node_modules"), join(src, "node_modules"));
     log("npm run build");
     await run("npm", ["run", "build"], { cwd: src, timeoutMs: STEP_TIMEOUT_MS });

@@ -6,7 +6,7 @@
 // nothing. The machines are removed afterwards even when a step fails.
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, mkdtempSync, readdirSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { run, runAll, sleep } from "../../common/exec.ts";
@@ -146,5 +146,54 @@ describe("mailha init + mailha deploy into two booted Debian machines and a witn
     assert.equal(res.changes, 0, `nothing to change: ${JSON.stringify(res.hosts.map((h) => [h.name, h.done]))}`);
     assert.equal(res.healthy, true);
     assert.ok(existsSync(pkg));
+  });
+
+  test("mailha deploy upgrade to a newer package while clients send mail: passive first, a switchover, the other; nothing acknowledged lost", async () => {
+    const [a, b] = [m.byName.a!, m.byName.b!];
+    // The same build under a later version: what a package from a later commit is to dpkg.
+    const tree = join(dir, "repack");
+    await run("dpkg-deb", ["-R", pkg, tree]);
+    const control = join(tree, "DEBIAN", "control");
+    const version = /^Version: (.+)$/m.exec(readFileSync(control, "utf8"))![1]!;
+    const next = `${version}.1`;
+    writeFileSync(control, readFileSync(control, "utf8").replace(/^Version: .+$/m, `Version: ${next}`));
+    const newer = join(dir, `mailha_${next}_amd64.deb`);
+    await run("dpkg-deb", ["--root-owner-group", "-b", tree, newer], { timeoutMs: 300_000 });
+    // Clients: one message every 300 ms to the MX hosts in order (a, then b), as a sender's MTA does.
+    let stop = false;
+    const acked: string[] = [];
+    let n = 0;
+    const sender = (async () => {
+      while (!stop) {
+        const subject = `during the upgrade [${++n}]`;
+        for (const target of [a.address, b.address]) {
+          const sw = await runAll("swaks", ["--server", target, "--timeout", "30", "--from", "someone@example.net", "--to", USER, "--header", `Subject: ${subject}`]);
+          if (/250 2\.0\.0/.test(sw.stdout)) {
+            acked.push(subject);
+            break;
+          }
+        }
+        await sleep(300);
+      }
+    })();
+    const t0 = Date.now();
+    const r = await cli(["deploy", "upgrade", "--package", newer, "--ssh-config", m.sshConfigFile, "--timeout", "600", "--json"]);
+    say(`deploy upgrade took ${((Date.now() - t0) / 1000).toFixed(0)} s`);
+    await sleep(2000);
+    stop = true;
+    await sender;
+    assert.equal(r.code, 0, `deploy upgrade: ${r.stdout.slice(-3000)}\n${r.stderr.slice(-3000)}`);
+    const res = JSON.parse(r.stdout) as { healthy: boolean; steps: string[]; active: string };
+    assert.equal(res.healthy, true);
+    assert.ok(res.steps.some((x) => /switchover/.test(x)), `a switchover: ${res.steps.join("; ")}`);
+    for (const x of [a, b]) assert.equal((await must(x, "dpkg-query -W -f '${Version}' mailha")).trim(), next, `${x.name} runs the new package`);
+    assert.ok(acked.length > 5, `clients sent mail during the upgrade (${acked.length} acknowledged)`);
+    const active = res.active === "a" ? a : b;
+    for (const subject of acked) {
+      const c = await runAll("curl", ["-sk", "--ssl-reqd", `imap://${active.address}/INBOX`, "-u", `${USER}:${PASSWORD}`, "-X", `SEARCH SUBJECT "${subject}"`]);
+      const ids = /\* SEARCH ?([\d ]*)/.exec(c.stdout)?.[1]?.trim().split(/\s+/).filter(Boolean) ?? [];
+      assert.equal(ids.length, 1, `"${subject}" (acknowledged) is there exactly once: ${c.stdout.trim()}`);
+    }
+    say(`${acked.length} messages acknowledged during the upgrade, every one there once`);
   });
 });
