@@ -87,10 +87,12 @@ export function deployCommand(defaultConfig: string): Command {
       out.result(r, () => render(r));
       if (r.refused || r.hosts.some((h) => h.error) || (!r.dryRun && !r.healthy)) process.exitCode = EXIT_FAILURE;
     });
-  common(cmd.command("upgrade"), defaultConfig)
-    .description("a new package onto the running cluster: the passive node, a switchover, the other node, the witness; mail keeps flowing")
-    .action(async (o: Flags) => {
-      const { out, opts } = options(o);
+  // Its options are deploy's (commander parses them on the parent wherever they stand).
+  cmd
+    .command("upgrade")
+    .description("a new package onto the running cluster: the passive node, a switchover, the other node, the witness; mail keeps flowing (takes deploy's options: --config, --package, --ssh-config, --host, --timeout, --json)")
+    .action(async (_o: unknown, sub: Command) => {
+      const { out, opts } = options(sub.optsWithGlobals() as Flags);
       const r = await upgrade(opts);
       out.result(r, () => [...r.steps.map((s) => `did: ${s}`), r.healthy ? `upgraded to ${r.version}; ${r.active} is active; the cluster is healthy` : `upgrade STOPPED: ${r.error}`, ...r.next.map((n) => `next: ${n}`)].join("\n"));
       if (!r.healthy) process.exitCode = EXIT_FAILURE;

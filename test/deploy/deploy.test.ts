@@ -68,6 +68,8 @@ describe("mailha init + mailha deploy into two booted Debian machines and a witn
     m = await bootMachines({ names: ["a", "b", "w"], log: say });
   });
   after(async () => {
+    // The nodes first, so they unmount and detach their loop devices (the host's own).
+    if (m) await Promise.all(["a", "b"].map((n) => m.byName[n]?.ssh("systemctl stop mailha-node", { timeoutMs: 120_000 }).catch(() => null)));
     if (m) await m.destroy();
     if (dir) rmSync(dir, { recursive: true, force: true });
   });
