@@ -6,6 +6,7 @@
 // healthy before the next; a step that fails stops the upgrade with the cluster serving
 // from the node that runs, and says where it stopped (running it again continues: a
 // node already at the new version is left alone).
+import { existsSync } from "node:fs";
 import { loadConfig } from "../../common/config.ts";
 import { shellQuote, sshRun } from "./ssh.ts";
 import { describeAction, planHost, type Action } from "./plan.ts";
@@ -38,6 +39,7 @@ async function waitHealthy(nodes: readonly Server[], ms: number, want: (h: reado
 
 export async function upgrade(o: DeployOptions): Promise<UpgradeResult> {
   const c = loadConfig(o.configFile);
+  if (!existsSync(o.packageFile)) throw new Error(`${o.packageFile}: no such package (build it with npm run package, or say --package FILE)`);
   const version = packageVersion(o.packageFile);
   const all = servers(c, o, version);
   const nodes = all.filter((s) => s.role === "node");
