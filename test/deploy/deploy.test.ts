@@ -6,7 +6,7 @@
 // nothing. The machines are removed afterwards even when a step fails.
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { run, runAll, sleep } from "../../common/exec.ts";
@@ -63,7 +63,8 @@ describe("mailha init + mailha deploy into two booted Debian machines and a witn
     assert.equal(b.code, 0, `npm run package: ${b.stdout.slice(-2000)}\n${b.stderr.slice(-2000)}`);
     const debs = readdirSync(join(ROOT, "dist-deb")).filter((f) => f.endsWith(".deb"));
     assert.ok(debs.length, "npm run package made a .deb");
-    pkg = join(ROOT, "dist-deb", debs.sort().at(-1)!);
+    // The one just built: the newest file (versions do not sort as names do).
+    pkg = debs.map((f) => join(ROOT, "dist-deb", f)).sort((x, y) => statSync(y).mtimeMs - statSync(x).mtimeMs)[0]!;
     say(`package ${pkg} built in ${((Date.now() - t0) / 1000).toFixed(0)} s`);
     m = await bootMachines({ names: ["a", "b", "w"], log: say });
   });
