@@ -10,7 +10,7 @@
 // limits without registration: test use only); loop devices are the host's own, shared
 // with anything else on this machine; kill() is a power loss for the processes, but
 // the host's page cache survives it (written data is not lost the way a disk loses it).
-import { spawn, type ChildProcess } from "node:child_process";
+import { execFileSync, spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { chmodSync, closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readlinkSync, rmSync, rmdirSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
@@ -215,10 +215,52 @@ async function removeCgroupTree(dir: string): Promise<void> {
   throw new Error(`cgroup ${dir} could not be removed (processes still in it?)`);
 }
 
+const FUSECTL = "/sys/fs/fuse/connections";
+
+/**
+ * Aborts every FUSE connection that no process's mount table names (a mount in a machine's
+ * namespace that died with it): only its pending I/O fails; a live mount is never touched.
+ */
+export function abortOrphanFuse(): string[] {
+  if (!existsSync(FUSECTL)) return [];
+  if (readdirSync(FUSECTL).length === 0) {
+    try {
+      execFileSync("mount", ["-t", "fusectl", "none", FUSECTL], { stdio: "ignore", timeout: 10_000 });
+    } catch {
+      return []; // mounted already (no connections), or not possible here
+    }
+  }
+  const mounted = new Set<string>();
+  for (const pid of readdirSync("/proc").filter((x) => /^\d+$/.test(x))) {
+    let text: string;
+    try {
+      text = readFileSync(`/proc/${pid}/mountinfo`, "utf8");
+    } catch {
+      continue;
+    }
+    for (const line of text.split("\n")) {
+      const f = line.split(" ");
+      const dash = f.indexOf("-");
+      if (dash > 0 && /^fuse/.test(f[dash + 1] ?? "")) mounted.add(String(Number(f[2]!.split(":")[1])));
+    }
+  }
+  const aborted: string[] = [];
+  for (const conn of existsSync(FUSECTL) ? readdirSync(FUSECTL) : []) {
+    if (mounted.has(conn)) continue;
+    try {
+      writeFileSync(join(FUSECTL, conn, "abort"), "1");
+      aborted.push(conn);
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return aborted;
+}
+
 /** Loop devices whose backing file lies under BASE_DIR (matched by device and inode). */
 async function ourLoops(): Promise<string[]> {
   if (!existsSync(BASE_DIR)) return [];
-  const r = await tryRun("losetup", ["-J", "--list", "-O", "NAME,BACK-INO,BACK-MAJ:MIN"]);
+  const r = await tryRun("losetup", ["-J", "--list", "-O", "NAME,BACK-INO,BACK-MAJ:MIN"], { timeoutMs: 30_000 });
   if (!r || !r.stdout.trim()) return [];
   // The backing file's path is the one seen inside the machine, so match its file system
   // (the host's, or a machine's overlay) and inode instead.
@@ -308,6 +350,10 @@ export async function cleanupLeftovers(): Promise<CleanupReport> {
     }
   }
   step("processes");
+  // A machine killed with its node running leaves ext4 on a loop device over a FUSE file
+  // whose server is gone: the loop's I/O waits forever (losetup -a hangs). Aborting the
+  // FUSE connections nothing mounts any more fails that I/O, so the loops can go.
+  abortOrphanFuse();
   const loops: string[] = [];
   for (const l of await ourLoops()) if (await detachLoop(l)) loops.push(l);
   step("loops");
