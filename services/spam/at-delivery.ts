@@ -82,11 +82,15 @@ export class SpamAtDelivery implements DeliveryFilter {
 
   constructor(private readonly o: AtDeliveryOptions) {
     this.changes = new ChangeJournal(o.dataDir, o.node);
-    this.pool = mysql.createPool({ ...sqlLogin(o.socket, "smtp"), database: o.database ?? DATABASE, connectionLimit: POOL_SIZE, queueLimit: QUEUE_MAX, connectTimeout: 3000 });
-    this.learnPool = mysql.createPool({ ...sqlLogin(o.socket, "smtp"), database: o.database ?? DATABASE, connectionLimit: LEARN_POOL_SIZE, queueLimit: QUEUE_MAX, connectTimeout: 3000 });
-    this.learnPool.on("connection", (c) => (c as unknown as { on(e: string, f: (err: Error) => void): void }).on("error", (err) => o.log.warn({ err }, "spam filter: a database connection failed")));
+    this.pool = this.newPool(POOL_SIZE);
+    this.learnPool = this.newPool(LEARN_POOL_SIZE);
+  }
+
+  private newPool(size: number): mysql.Pool {
+    const pool = mysql.createPool({ ...sqlLogin(this.o.socket, "smtp"), database: this.o.database ?? DATABASE, connectionLimit: size, queueLimit: QUEUE_MAX, connectTimeout: 3000 });
     // A pool connection the server closed is replaced; the error must not end the process.
-    this.pool.on("connection", (c) => (c as unknown as { on(e: string, f: (err: Error) => void): void }).on("error", (err) => o.log.warn({ err }, "spam filter: a database connection failed")));
+    pool.on("connection", (c) => (c as unknown as { on(e: string, f: (err: Error) => void): void }).on("error", (err) => this.o.log.warn({ err }, "spam filter: a database connection failed")));
+    return pool;
   }
 
   async plan(head: Buffer, whole: boolean, mailboxes: readonly string[], session?: string): Promise<FilterPlan[]> {
