@@ -4,7 +4,8 @@
 // the user's spam_action is junk). What a classification learned is journaled
 // (`journal`: the change journal's `spam-delta`, in this process's own segments, beside
 // the delivery journal's round, before the 250) and applied after it, in the background
-// (`learn`: at most LEARN_INFLIGHT_MAX at once). Bounded: a pool of POOL_SIZE connections (at most QUEUE_MAX deliveries
+// (`learn`: at most LEARN_INFLIGHT_MAX at once, what the deliveries waiting meanwhile
+// learned in one transaction). Bounded: a pool of POOL_SIZE connections (at most QUEUE_MAX deliveries
 // waiting for one), every plan within TIMEOUT_MS in all; past it, or on any error, the
 // mailbox is delivered unclassified (X-DSPAM-Result Innocent and an X-DSPAM-Reason),
 // never refused, never delayed longer, never lost. Counters for the metrics page.
@@ -23,8 +24,17 @@ import type { SpamDelta } from "./training.ts";
 
 const POOL_SIZE = 4;
 const QUEUE_MAX = 500;
-const LEARN_INFLIGHT_MAX = 64;
+const LEARN_INFLIGHT_MAX = 128;
 const LEARN_POOL_SIZE = 2;
+/** Deliveries whose learning one transaction applies at most. */
+const LEARN_BATCH_MAX = 64;
+
+/** One delivery's learning, waiting for a connection. */
+interface Learning {
+  readonly deltas: readonly SpamDelta[];
+  readonly session: string | undefined;
+  readonly done: () => void;
+}
 /** The Maildir++ folder of spam (Dovecot's `Junk`, special-use \Junk, services/dovecot.ts). */
 export const JUNK_FOLDER = JUNK_DIR;
 
@@ -46,6 +56,8 @@ export interface AtDeliveryCounters {
   timeouts_total: number;
   errors_total: number;
   learn_errors_total: number;
+  /** Transactions that applied several deliveries' learning at once. */
+  learn_batches_total: number;
   classify_ms_total: number;
 }
 
@@ -78,7 +90,9 @@ export class SpamAtDelivery implements DeliveryFilter {
   private readonly learnPool: mysql.Pool;
   private readonly changes: ChangeJournal;
   private readonly learning = new Set<Promise<void>>();
-  readonly counters: AtDeliveryCounters = { spam_classified_total: 0, innocent_classified_total: 0, spam_filed_in_junk_total: 0, unclassified_total: 0, timeouts_total: 0, errors_total: 0, learn_errors_total: 0, classify_ms_total: 0 };
+  private readonly waiting: Learning[] = [];
+  private runners = 0;
+  readonly counters: AtDeliveryCounters = { spam_classified_total: 0, innocent_classified_total: 0, spam_filed_in_junk_total: 0, unclassified_total: 0, timeouts_total: 0, errors_total: 0, learn_errors_total: 0, learn_batches_total: 0, classify_ms_total: 0 };
 
   constructor(private readonly o: AtDeliveryOptions) {
     this.changes = new ChangeJournal(o.dataDir, o.node);
@@ -140,29 +154,62 @@ export class SpamAtDelivery implements DeliveryFilter {
   }
 
   async learn(plans: readonly FilterPlan[], session?: string): Promise<void> {
-    const todo = plans.filter((p) => p.spam?.deltas.length);
-    if (!todo.length) return;
-    const run = async () => {
-      const conn = await this.learnPool.getConnection();
-      try {
-        const store = new MariadbSpamStore(conn, this.o.database ?? DATABASE);
-        for (const p of todo) await applyDeltas(store, p.spam!.deltas as SpamDelta[]);
-      } finally {
-        conn.release();
-      }
-    };
+    const deltas = plans.flatMap((p) => (p.spam?.deltas ?? []) as SpamDelta[]);
+    if (!deltas.length) return;
     // Journaled already, so the 250 does not wait for it: a MariaDB that blocks (its
     // volume waiting on a cut replication link) must not hold the reply, or the client
     // gives up and sends the message again. A failure loses this node's count of it,
-    // never mail. At most LEARN_INFLIGHT_MAX run at once; past that a delivery waits
-    // for its own (backpressure).
-    const p = run().catch((err: Error) => {
-      this.counters.learn_errors_total++;
-      this.o.log.warn({ err, session }, "spam filter: what a delivery learned was journaled but not applied here");
-    });
+    // never mail. At most LEARN_INFLIGHT_MAX wait or run at once; past that a delivery
+    // waits for its own (backpressure).
+    const p = new Promise<void>((done) => this.waiting.push({ deltas, session, done }));
     this.learning.add(p);
     void p.finally(() => this.learning.delete(p));
+    this.pump();
     if (this.learning.size > LEARN_INFLIGHT_MAX) await p;
+  }
+
+  /** Starts a batch on every free learning connection. */
+  private pump(): void {
+    while (this.runners < LEARN_POOL_SIZE && this.waiting.length) {
+      const batch = this.waiting.splice(0, LEARN_BATCH_MAX);
+      this.runners++;
+      void this.applyBatch(batch).finally(() => {
+        this.runners--;
+        this.pump();
+      });
+    }
+  }
+
+  /**
+   * What the deliveries waiting since the last commit learned, in one transaction (one
+   * commit, so one flush on the replicated volume for all of them). If the batch
+   * fails, each delivery's deltas are applied on their own, so one bad delta costs only
+   * its own count.
+   */
+  private async applyBatch(batch: readonly Learning[]): Promise<void> {
+    const failed = (b: Learning, err: unknown) => {
+      this.counters.learn_errors_total++;
+      this.o.log.warn({ err, session: b.session }, "spam filter: what a delivery learned was journaled but not applied here");
+    };
+    try {
+      const conn = await this.learnPool.getConnection();
+      try {
+        const store = new MariadbSpamStore(conn, this.o.database ?? DATABASE);
+        try {
+          await store.applyBatch(batch.flatMap((b) => b.deltas));
+          this.counters.learn_batches_total++;
+        } catch (err) {
+          if (batch.length === 1) throw err;
+          for (const b of batch) await applyDeltas(store, b.deltas).catch((e: unknown) => failed(b, e));
+        }
+      } finally {
+        conn.release();
+      }
+    } catch (err) {
+      for (const b of batch) failed(b, err);
+    } finally {
+      for (const b of batch) b.done();
+    }
   }
 
   /** Waits (at most MS) for the learning in progress, then closes. */

@@ -119,10 +119,11 @@ export async function migrateSpam(db: Connection, database = DATABASE): Promise<
 
 // ---- helpers --------------------------------------------------------------------
 
-const U64_MAX = 18446744073709551615n;
+const U64_MAX = "18446744073709551615";
 /** A token hash as an SQL numeric literal (never quoted: a string would compare as a double). */
 export function tokenLiteral(t: string): string {
-  if (!/^[0-9]{1,20}$/.test(t) || BigInt(t) > U64_MAX) throw new Error(`not an unsigned 64-bit token: ${JSON.stringify(t).slice(0, 40)}`);
+  // Twenty digits compare as numbers do when compared as strings.
+  if (!/^[0-9]{1,20}$/.test(t) || (t.length === 20 && t > U64_MAX)) throw new Error(`not an unsigned 64-bit token: ${JSON.stringify(t).slice(0, 40)}`);
   return t;
 }
 const intLiteral = (n: number): string => {
@@ -164,11 +165,18 @@ const PREF_NAMES: Record<string, string> = { trainingMode: "training_mode", spam
 const ER_DUP_ENTRY = 1062;
 const ER_LOCK_WAIT_TIMEOUT = 1205;
 const ER_LOCK_DEADLOCK = 1213;
-const byToken = (a: { token: string }, b: { token: string }): number => {
-  const x = BigInt(a.token);
-  const y = BigInt(b.token);
+/**
+ * Two decimal token strings in numeric order, without BigInt (sorting a delivery's
+ * tokens by BigInt was the filter's largest cost): leading zeros off, then the shorter
+ * number is the smaller, and numbers of one length compare as strings.
+ */
+export function compareTokens(a: string, b: string): number {
+  const x = a.length > 1 && a[0] === "0" ? a.replace(/^0+(?=.)/, "") : a;
+  const y = b.length > 1 && b[0] === "0" ? b.replace(/^0+(?=.)/, "") : b;
+  if (x.length !== y.length) return x.length - y.length;
   return x < y ? -1 : x > y ? 1 : 0;
-};
+}
+const byToken = (a: { token: string }, b: { token: string }): number => compareTokens(a.token, b.token);
 const BATCH_WRITE = 500;
 
 // ---- MariaDB --------------------------------------------------------------------
@@ -259,6 +267,92 @@ export class MariadbSpamStore implements SpamStore {
     }
   }
 
+  /**
+   * Many new-key deltas (what deliveries learned) in ONE transaction: one commit, so one
+   * log flush on the replicated volume instead of one a message (group commit). Their
+   * token increments are summed per (uid, token) and written in (uid, token) order, so
+   * two batches lock in the same order and do not deadlock on each other. Only deltas
+   * that make a new ledger key and only add: anything else goes through `apply`. A key
+   * that exists already fails the whole batch with LedgerConflict (rolled back): the
+   * caller applies its deltas one by one then.
+   */
+  async applyBatch(deltas: readonly SpamDelta[]): Promise<void> {
+    const batchable = (d: SpamDelta) => d.ledger.before === null && d.ledger.after !== null && d.tokens.every((t) => t.spamDelta >= 0 && t.innocentDelta >= 0) && Object.values(d.stats).every((v) => (v ?? 0) >= 0);
+    if (deltas.length <= 1 || !deltas.every(batchable)) return this.apply(deltas);
+    const keys = new Set(deltas.map((d) => `${d.uid}\u0000${d.key}`));
+    if (keys.size !== deltas.length) throw new LedgerConflict(deltas[0]!.uid, deltas[0]!.key);
+    const tokens = new Map<string, { uid: number; token: string; spam: number; innocent: number; day: string }>();
+    const stats = new Map<number, Partial<Record<StatColumn, number>>>();
+    for (const d of deltas) {
+      for (const t of d.tokens) {
+        if (t.spamDelta === 0 && t.innocentDelta === 0) continue;
+        const k = `${d.uid}:${t.token}`;
+        const r = tokens.get(k) ?? { uid: d.uid, token: t.token, spam: 0, innocent: 0, day: d.day };
+        r.spam += t.spamDelta;
+        r.innocent += t.innocentDelta;
+        if (d.day > r.day) r.day = d.day;
+        tokens.set(k, r);
+      }
+      const s = stats.get(d.uid) ?? {};
+      for (const [c, v] of Object.entries(d.stats) as [StatColumn, number][]) {
+        if (!STAT_COLUMNS.includes(c)) throw new Error(`unknown stats column ${c}`);
+        s[c] = (s[c] ?? 0) + v;
+      }
+      stats.set(d.uid, s);
+    }
+    const inc = [...tokens.values()].sort((a, b) => a.uid - b.uid || byToken(a, b));
+    const ledgers = [...deltas].sort((a, b) => a.uid - b.uid || (a.key < b.key ? -1 : a.key > b.key ? 1 : 0));
+    for (let attempt = 1; ; attempt++) {
+      await this.db.beginTransaction();
+      try {
+        for (let i = 0; i < ledgers.length; i += BATCH_WRITE) {
+          const part = ledgers.slice(i, i + BATCH_WRITE);
+          try {
+            await this.db.query(
+              `INSERT INTO ${this.t("mailha_spam_ledger")} (uid, msgkey, entry, updated_on) VALUES ${part.map((d) => `(?, ?, ?, ${dayLiteral(d.day)})`).join(",")}`,
+              part.flatMap((d) => [d.uid, d.key, canon(d.ledger.after)]),
+            );
+          } catch (e) {
+            if ((e as { errno?: number }).errno === ER_DUP_ENTRY) throw new LedgerConflict(part[0]!.uid, part[0]!.key);
+            throw e;
+          }
+        }
+        for (let i = 0; i < inc.length; i += BATCH_WRITE) {
+          const values = inc
+            .slice(i, i + BATCH_WRITE)
+            .map((t) => `(${intLiteral(t.uid)},${tokenLiteral(t.token)},${intLiteral(t.spam)},${intLiteral(t.innocent)},${dayLiteral(t.day)})`)
+            .join(",");
+          await this.db.query(
+            `INSERT INTO ${this.t("dspam_token_data")} (uid, token, spam_hits, innocent_hits, last_hit) VALUES ${values}
+             ON DUPLICATE KEY UPDATE spam_hits = spam_hits + VALUES(spam_hits), innocent_hits = innocent_hits + VALUES(innocent_hits), last_hit = GREATEST(last_hit, VALUES(last_hit))`,
+          );
+        }
+        for (const [uid, s] of [...stats].sort((a, b) => a[0] - b[0])) {
+          const cols = Object.entries(s).filter(([, v]) => v !== 0) as [StatColumn, number][];
+          if (!cols.length) continue;
+          await this.db.query(`INSERT IGNORE INTO ${this.t("dspam_stats")} (uid, ${STAT_COLUMNS.join(", ")}) VALUES (${intLiteral(uid)}${",0".repeat(STAT_COLUMNS.length)})`);
+          await this.db.query(`UPDATE ${this.t("dspam_stats")} SET ${cols.map(([c, v]) => `${c} = ${c} + ${intLiteral(v)}`).join(", ")} WHERE uid = ${intLiteral(uid)}`);
+        }
+        const sigs = ledgers.filter((d) => d.signature);
+        for (let i = 0; i < sigs.length; i += 100) {
+          const part = sigs.slice(i, i + 100).map((d) => ({ d, blob: encodeSignature(d.signature!.tokens) }));
+          await this.db.query(
+            `INSERT INTO ${this.t("dspam_signature_data")} (uid, signature, data, length, created_on) VALUES ${part.map(({ d }) => `(?, ?, ?, ?, ${dayLiteral(d.day)})`).join(",")}
+             ON DUPLICATE KEY UPDATE data = VALUES(data), length = VALUES(length), created_on = VALUES(created_on)`,
+            part.flatMap(({ d, blob }) => [d.uid, d.signature!.id, blob, blob.length]),
+          );
+        }
+        await this.db.commit();
+        return;
+      } catch (e) {
+        await this.db.rollback().catch(() => undefined);
+        const code = (e as { errno?: number }).errno;
+        if ((code !== ER_LOCK_DEADLOCK && code !== ER_LOCK_WAIT_TIMEOUT) || attempt >= APPLY_ATTEMPTS) throw e;
+        await new Promise((r) => setTimeout(r, 5 + Math.floor(Math.random() * 20 * attempt)));
+      }
+    }
+  }
+
   private async applyOne(d: SpamDelta, opts: ApplyOptions): Promise<void> {
     const uid = intLiteral(d.uid);
     const day = dayLiteral(d.day);
@@ -313,7 +407,7 @@ export class MariadbSpamStore implements SpamStore {
       g.push(t.token);
     }
     for (const [k, list] of groups) {
-      list.sort((a, b) => (BigInt(a) < BigInt(b) ? -1 : BigInt(a) > BigInt(b) ? 1 : 0));
+      list.sort(compareTokens);
       const [s, n] = k.split(",").map(Number) as [number, number];
       for (let i = 0; i < list.length; i += BATCH_WRITE) {
         await this.db.query(

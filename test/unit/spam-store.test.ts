@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import type { Connection } from "mysql2/promise";
 import { startScratchMariadb, type ScratchMariadb } from "../fixtures/spam/mariadb.ts";
-import { decodeSignature, LedgerConflict, MariadbSpamStore, migrateSpam } from "../../services/spam/store.ts";
+import { compareTokens, decodeSignature, LedgerConflict, MariadbSpamStore, migrateSpam, tokenLiteral } from "../../services/spam/store.ts";
 import { DumpError, ImportConflict, importDspamDump } from "../../services/spam/dump.ts";
 import { applyDeltas, classifyMessage, DEFAULT_PREFS, readPreferences, retrain } from "../../services/spam/filter.ts";
 import type { SpamDelta } from "../../services/spam/training.ts";
@@ -141,4 +141,66 @@ test("concurrent deliveries to one user, each on its own connection, all apply (
   } finally {
     await Promise.all(conns.map((c) => c.end().catch(() => undefined)));
   }
+});
+
+test("a batch of deliveries' learning in one transaction: the counts, stats, ledger rows and signatures are those of applying each alone; two batches at once do not deadlock; a key already learned fails the whole batch and changes nothing", async () => {
+  const mk = (uid: number, k: number, tokens: string[], cls: "spam" | "innocent") =>
+    delta({
+      uid,
+      key: `b-${uid}-${k}`,
+      source: "classification",
+      day: k % 2 ? "2026-05-17" : "2026-05-16",
+      tokens: tokens.map((token) => ({ uid, token, spamDelta: cls === "spam" ? 1 : 0, innocentDelta: cls === "innocent" ? 1 : 0 })),
+      stats: cls === "spam" ? { spam_learned: 1, spam_classified: 1 } : { innocent_learned: 1, innocent_classified: 1 },
+      ledger: { before: null, after: { ...entry(cls), key: `b-${uid}-${k}` } },
+      signature: { id: `b-${uid}-${k}`, tokens: tokens.map((token) => ({ token, frequency: 1 })) },
+    });
+  const shared = Array.from({ length: 200 }, (_, i) => String(5000 + i * 104729));
+  const batches = [0, 1].map((b) => Array.from({ length: 20 }, (_, i) => mk(i % 2 ? 201 : 202, b * 100 + i, shared.slice(i * 5, i * 5 + 120), i % 3 ? "innocent" : "spam")));
+  const conns = await Promise.all([db.connect(), db.connect()]);
+  try {
+    await Promise.all(batches.map((b, i) => new MariadbSpamStore(conns[i]!, "spamtest").applyBatch(b)));
+  } finally {
+    await Promise.all(conns.map((c) => c.end().catch(() => undefined)));
+  }
+  const all = batches.flat();
+  for (const uid of [201, 202]) {
+    const mine = all.filter((d) => d.uid === uid);
+    const want = new Map<string, { spam_hits: number; innocent_hits: number }>();
+    for (const d of mine) for (const t of d.tokens) {
+      const w = want.get(t.token) ?? { spam_hits: 0, innocent_hits: 0 };
+      w.spam_hits += t.spamDelta;
+      w.innocent_hits += t.innocentDelta;
+      want.set(t.token, w);
+    }
+    const got = await store.tokenCounts(uid, shared);
+    assert.deepEqual(new Map([...got].sort()), new Map([...want].sort()), `uid ${uid}: the sums of every delta`);
+    const t = await store.totals(uid);
+    assert.equal(t.spam_learned, mine.filter((d) => d.stats.spam_learned).length);
+    assert.equal(t.innocent_learned, mine.filter((d) => d.stats.innocent_learned).length);
+    for (const d of mine) {
+      assert.deepEqual(await store.ledger(uid, d.key), d.ledger.after, `ledger ${d.key}`);
+      assert.deepEqual((await store.signature(uid, d.key))?.tokens.map((x) => x.token), d.signature!.tokens.map((x) => x.token));
+    }
+  }
+  // A key learned already: nothing of the batch goes in.
+  const before = await store.tokenCounts(201, shared);
+  const totals = await store.totals(201);
+  await assert.rejects(store.applyBatch([mk(201, 900, shared.slice(0, 10), "spam"), mk(201, 1, shared.slice(0, 10), "spam")]), LedgerConflict);
+  assert.deepEqual(await store.tokenCounts(201, shared), before);
+  assert.deepEqual(await store.totals(201), totals);
+  assert.equal(await store.ledger(201, "b-201-900"), null);
+});
+
+test("tokens sort in numeric order without BigInt, and a token over 2^64-1 is refused (seeded)", () => {
+  let x = 0x9e3779b97f4a7c15n;
+  const next = () => (x = (x * 6364136223846793005n + 1442695040888963407n) & 0xffffffffffffffffn);
+  const tokens = ["0", "00", "007", "7", "18446744073709551615", "9999999999999999999", "10000000000000000000"];
+  for (let i = 0; i < 2000; i++) tokens.push((next() >> BigInt(Number(next() % 64n))).toString());
+  const want = [...tokens].sort((a, b) => (BigInt(a) < BigInt(b) ? -1 : BigInt(a) > BigInt(b) ? 1 : 0));
+  assert.deepEqual([...tokens].sort(compareTokens).map((t) => BigInt(t)), want.map((t) => BigInt(t)));
+  assert.equal(tokenLiteral("18446744073709551615"), "18446744073709551615");
+  assert.throws(() => tokenLiteral("18446744073709551616"), /unsigned 64-bit/);
+  assert.throws(() => tokenLiteral("99999999999999999999"), /unsigned 64-bit/);
+  assert.throws(() => tokenLiteral("1e5"), /unsigned 64-bit/);
 });
