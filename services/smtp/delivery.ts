@@ -91,12 +91,16 @@ export function deliveryPath(o: DeliveryPathOptions): DeliveryPath {
           });
       // What the filter learned goes into the change journal in the same round (it is
       // not mail: its failure does not fail the delivery, it only keeps it from being
-      // applied); applied once both are durable.
+      // applied); applied once both are durable. The delivery line is written first: the
+      // change journal's fsync commits the file system's running transaction, and the
+      // Maildir rename in it should not become durable without its line (a file no
+      // journal names, found by the other node after a split brain).
       let learned = false;
       const durable = async (d: Delivered, newDirs: readonly string[]) => {
+        const recorded = record(d, newDirs);
         const spam = filter && plans?.some((p) => p.spam) ? filter.journal(plans).then(() => true, (err: Error) => (o.log.warn({ err, session }, "spam filter: what a delivery learned could not be journaled; not applied"), false)) : Promise.resolve(false);
         try {
-          await record(d, newDirs);
+          await recorded;
         } finally {
           learned = await spam;
         }

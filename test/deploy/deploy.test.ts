@@ -124,13 +124,14 @@ describe("mailha init + mailha deploy into two booted Debian machines and a witn
     }
   });
 
-  test("a power loss of the active machine: the other takes over, nothing acknowledged is lost; it comes back and rejoins", async () => {
+  test("a power loss of the active machine: the other takes over, nothing acknowledged is lost; it comes back and rejoins", async (t) => {
     const [a, b] = [m.byName.a!, m.byName.b!];
     assert.equal((await stateOf(a))?.state, "active");
     // Acknowledged just before the power goes.
     const sw = await run("swaks", ["--server", a.address, "--from", "someone@example.net", "--to", USER, "--header", "Subject: before the power loss"]);
     assert.match(sw.stdout, /250 2\.0\.0/);
-    await a.kill();
+    const k = await a.kill();
+    t.diagnostic(`a gone ${k.seconds.toFixed(1)} s after its init's SIGKILL${k.abortedFuse.length ? ` (its FUSE connections ${k.abortedFuse.join(", ")} aborted: the I/O a power loss fails)` : ""}`);
     await waitFor("b active after a's power loss", 180_000, async () => (await stateOf(b))?.state === "active");
     const c = await waitFor("every acknowledged message on b", 60_000, async () => {
       const r = await runAll("curl", ["-sk", "--ssl-reqd", `imap://${b.address}/INBOX`, "-u", `${USER}:${PASSWORD}`, "-X", "SEARCH ALL"]);

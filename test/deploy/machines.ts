@@ -59,7 +59,8 @@ export interface Machine {
   /** Runs CMD with the remote shell as root. Never throws for a non-zero exit. */
   ssh(cmd: string, opts?: SshOptions): Promise<ExecResult>;
   /** SIGKILL of the machine's init (systemd, PID 1 inside): a power loss. */
-  kill(): Promise<void>;
+  /** SIGKILL of its init (a power loss); says how long until it was gone and which FUSE connections it had to abort. */
+  kill(): Promise<{ seconds: number; abortedFuse: string[] }>;
   /** Boots the machine (again); resolves when ssh answers, with the seconds that took. */
   start(): Promise<number>;
   /** Takes the host end of the machine's veth down: its cable is pulled. */
@@ -217,21 +218,23 @@ async function removeCgroupTree(dir: string): Promise<void> {
 
 const FUSECTL = "/sys/fs/fuse/connections";
 
-/**
- * Aborts every FUSE connection that no process's mount table names (a mount in a machine's
- * namespace that died with it): only its pending I/O fails; a live mount is never touched.
- */
-export function abortOrphanFuse(): string[] {
-  if (!existsSync(FUSECTL)) return [];
+/** Makes sure fusectl is mounted; false where FUSE or fusectl is not there. */
+function fusectlReady(): boolean {
+  if (!existsSync(FUSECTL)) return false;
   if (readdirSync(FUSECTL).length === 0) {
     try {
       execFileSync("mount", ["-t", "fusectl", "none", FUSECTL], { stdio: "ignore", timeout: 10_000 });
     } catch {
-      return []; // mounted already (no connections), or not possible here
+      return false; // mounted already (no connections), or not possible here
     }
   }
+  return true;
+}
+
+/** The FUSE connections (fusectl names: the mount's device minor) that these processes' mount tables name. */
+function fuseMountsOf(pids: readonly number[]): Set<string> {
   const mounted = new Set<string>();
-  for (const pid of readdirSync("/proc").filter((x) => /^\d+$/.test(x))) {
+  for (const pid of pids) {
     let text: string;
     try {
       text = readFileSync(`/proc/${pid}/mountinfo`, "utf8");
@@ -244,9 +247,12 @@ export function abortOrphanFuse(): string[] {
       if (dash > 0 && /^fuse/.test(f[dash + 1] ?? "")) mounted.add(String(Number(f[2]!.split(":")[1])));
     }
   }
+  return mounted;
+}
+
+function abortFuse(conns: Iterable<string>): string[] {
   const aborted: string[] = [];
-  for (const conn of existsSync(FUSECTL) ? readdirSync(FUSECTL) : []) {
-    if (mounted.has(conn)) continue;
+  for (const conn of conns) {
     try {
       writeFileSync(join(FUSECTL, conn, "abort"), "1");
       aborted.push(conn);
@@ -255,6 +261,13 @@ export function abortOrphanFuse(): string[] {
     }
   }
   return aborted;
+}
+
+/** FUSE connections that no process's mount table names any more (a mount in a machine's namespace that died with it). */
+function orphanFuse(): string[] {
+  if (!fusectlReady()) return [];
+  const mounted = fuseMountsOf(procIds());
+  return readdirSync(FUSECTL).filter((c) => !mounted.has(c));
 }
 
 /** Loop devices whose backing file lies under BASE_DIR (matched by device and inode). */
@@ -273,6 +286,41 @@ async function ourLoops(): Promise<string[]> {
     if (f && f.stdout.trim()) out.push(l.name);
   }
   return out;
+}
+
+const FUSE_LOOPS_FILE = "fuse-loops.json";
+
+/**
+ * Notes the loop devices backed by a file on one of these FUSE connections (a node's
+ * volume export, mounted in its machine), while that can still be read: once the FUSE
+ * server is gone, losetup can no longer say what backs them, and cleanup detaches them
+ * from this list.
+ */
+async function recordFuseLoops(conns: ReadonlySet<string>): Promise<void> {
+  if (conns.size === 0 || !existsSync(BASE_DIR)) return;
+  const r = await tryRun("losetup", ["-J", "--list", "-O", "NAME,BACK-MAJ:MIN"], { timeoutMs: 30_000 });
+  if (!r || !r.stdout.trim()) return;
+  const list = (JSON.parse(r.stdout) as { loopdevices: { name: string; "back-maj:min": string | null }[] }).loopdevices;
+  const found = list.filter((l) => /^0:(\d+)$/.test(String(l["back-maj:min"]).replace(/\s/g, "")) && conns.has(String(l["back-maj:min"]).replace(/\s/g, "").slice(2))).map((l) => l.name);
+  if (found.length) writeFileSync(join(BASE_DIR, FUSE_LOOPS_FILE), JSON.stringify([...new Set([...recordedFuseLoops(), ...found])]));
+}
+
+/** Of the RECORDED loops, those still backed by a dead FUSE file (no longer readable, or on an orphaned connection). */
+async function deadFuseLoops(recorded: readonly string[], orphans: readonly string[]): Promise<string[]> {
+  if (recorded.length === 0) return [];
+  const r = await tryRun("losetup", ["-J", "--list", "-O", "NAME,BACK-MAJ:MIN"], { timeoutMs: 30_000 });
+  if (!r || !r.stdout.trim()) return [];
+  const dead = new Set(orphans.map((c) => `0:${c}`));
+  const list = (JSON.parse(r.stdout) as { loopdevices: { name: string; "back-maj:min": string | null }[] }).loopdevices;
+  return list.filter((l) => recorded.includes(l.name) && (l["back-maj:min"] === null || dead.has(String(l["back-maj:min"]).replace(/\s/g, "")))).map((l) => l.name);
+}
+
+function recordedFuseLoops(): string[] {
+  try {
+    return (JSON.parse(readFileSync(join(BASE_DIR, FUSE_LOOPS_FILE), "utf8")) as string[]).filter((d) => /^\/dev\/loop\d+$/.test(d));
+  } catch {
+    return [];
+  }
 }
 
 /** MAJOR:MINOR of a Linux dev_t, as losetup prints it. */
@@ -329,6 +377,7 @@ export async function cleanupLeftovers(): Promise<CleanupReport> {
   };
   const killed: number[] = [];
   const namespaces = await ourNamespaces();
+  await recordFuseLoops(fuseMountsOf(namespaces.flatMap((ns) => pidsInNetns(ns))));
   for (const ns of namespaces) {
     for (const pid of pidsInNetns(ns)) {
       try {
@@ -353,9 +402,10 @@ export async function cleanupLeftovers(): Promise<CleanupReport> {
   // A machine killed with its node running leaves ext4 on a loop device over a FUSE file
   // whose server is gone: the loop's I/O waits forever (losetup -a hangs). Aborting the
   // FUSE connections nothing mounts any more fails that I/O, so the loops can go.
-  abortOrphanFuse();
+  const orphans = orphanFuse();
+  abortFuse(orphans);
   const loops: string[] = [];
-  for (const l of await ourLoops()) if (await detachLoop(l)) loops.push(l);
+  for (const l of new Set([...(await ourLoops()), ...(await deadFuseLoops(recordedFuseLoops(), orphans))])) if (await detachLoop(l)) loops.push(l);
   step("loops");
   const mounts = mountsUnder(BASE_DIR);
   for (const m of mounts) if (!(await tryRun("umount", [m]))) await tryRun("umount", ["-l", m]);
@@ -636,14 +686,26 @@ class MachineImpl implements Machine {
     }
   }
 
-  async kill(): Promise<void> {
+  async kill(): Promise<{ seconds: number; abortedFuse: string[] }> {
     const pid = initPid(this.netns);
     if (pid === null) throw new Error(`machine ${this.name} has no init process to kill`);
+    const fuse = fuseMountsOf(pidsInNetns(this.netns));
+    await recordFuseLoops(fuse);
+    const t0 = Date.now();
     process.kill(pid, "SIGKILL");
-    const done = await Promise.race([this.exited.then(() => true), sleep(STOP_TIMEOUT_MS).then(() => false)]);
-    if (!done) throw new Error(`machine ${this.name}: systemd-nspawn did not exit within ${STOP_TIMEOUT_MS} ms of its init's SIGKILL`);
+    // A node's own FUSE server can die stuck behind I/O on its own export (ext4 on a loop
+    // over it): its /dev/fuse never closes, so the connection never aborts and the
+    // namespace never empties. A power loss fails that I/O; so does aborting it here.
+    let abortedFuse: string[] = [];
+    let done = await Promise.race([this.exited.then(() => true), sleep(1_000).then(() => false)]);
+    if (!done && fusectlReady()) {
+      abortedFuse = abortFuse(fuse);
+      done = await Promise.race([this.exited.then(() => true), sleep(STOP_TIMEOUT_MS).then(() => false)]);
+    }
+    if (!done) throw new Error(`machine ${this.name}: systemd-nspawn did not exit within ${STOP_TIMEOUT_MS} ms of its init's SIGKILL (FUSE connections aborted: ${abortedFuse.join(", ") || "none"})`);
     const deadline = Date.now() + STOP_TIMEOUT_MS;
     while (pidsInNetns(this.netns).length > 0 && Date.now() < deadline) await sleep(50);
+    return { seconds: (Date.now() - t0) / 1000, abortedFuse };
   }
 
   cutNetwork(): Promise<void> {
