@@ -178,7 +178,10 @@ protocol lmtp {
   postmaster_address = ${o.postmaster}
 }
 protocol pop3 {
-  pop3_uidl_format = %08Xu%08Xv
+  # The Maildir base file name: the same on both nodes for the same message, so a POP3
+  # client that keeps the UIDLs it has seen does not fetch it again after a split brain
+  # (each side gives its own UIDs to mail that arrived around the split).
+  pop3_uidl_format = %g
 }
 `;
 }
