@@ -119,3 +119,23 @@ test("without the filter asked for (a submission, a bounce), nothing is added", 
   assert.equal(readFileSync(d.files[0]!, "utf8"), "Return-Path: <>\r\nSubject: hi\r\n\r\nhello\r\n");
   assert.match(d.files[0]!, /\/spam1\/Maildir\/new\//);
 });
+
+test("the delivery journal gets its line before the spam deltas are journaled (that fsync must not make the Maildir rename durable alone)", async () => {
+  const mailRoot = join(root, "ordered");
+  mkdirSync(mailRoot, { recursive: true });
+  const order: string[] = [];
+  const filter = byAddress();
+  const p = deliveryPath({
+    mailRoot,
+    uid,
+    gid,
+    sizeMax: 1 << 20,
+    journal: { append: async () => void order.push("delivery line") },
+    delivered: new DeliveredIndex(join(mailRoot, "no-journals")),
+    log: pino({ level: "silent" }),
+    filter: { ...filter, journal: async (plans) => (order.push("spam deltas"), filter.journal(plans)) },
+  });
+  const d = await p.deliverLocal(message(), ["spam1@mailha.test"], "Return-Path: <x@example.net>\r\n", { filter: true });
+  assert.match(d.files[0]!, /\/spam1\/Maildir\/\.Junk\/new\//);
+  assert.deepEqual(order, ["delivery line", "spam deltas"]);
+});
