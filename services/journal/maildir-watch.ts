@@ -45,6 +45,9 @@ export const ROUND_DELAY_MAX_MS = 5000;
 const FINAL_ROUNDS_MAX = 20;
 const FINAL_MS_MAX = 5000;
 const STATUS_INTERVAL_MS = 5000;
+/** A user directory without its Maildir yet is looked at again this often, this many times. */
+const DISCOVER_RETRY_MS = 200;
+const DISCOVER_TRIES = 25;
 
 /** The status file `journal watch` keeps in the node's run directory (readiness, monitor, operators). */
 export function watchStatusFile(runDir: string): string {
@@ -79,6 +82,8 @@ export interface WatchOptions {
   readonly watchesMax?: number;
   /** Off: no inotify at all (the sweep alone; tests, measurements). */
   readonly inotify?: boolean;
+  /** Called after a round scanned a user, before its folder watches are synced (tests change the Maildir in that window). */
+  readonly onScanned?: (user: string) => void;
 }
 
 interface DirtyUser {
@@ -153,6 +158,7 @@ export class MaildirWatcher {
       this.deliveries.skipToEnd();
       for (const u of users) {
         this.watchUser(u);
+        for (const dir of listFolders(u.maildir)) this.watchFolder(u, dir);
         const r = await scanUser(this.ctx, u, "all", true, true);
         this.syncFolderWatches(u, r.folders);
       }
@@ -226,13 +232,13 @@ export class MaildirWatcher {
     }
   }
 
-  private discoverUser(domain: string, local: string, scan: boolean): void {
+  private discoverUser(domain: string, local: string, scan: boolean, tries = 0): void {
     if (local.startsWith(".")) return;
     const u = userRef(this.mailRoot, domain, local);
     if (!isDir(u.maildir)) {
       // A user directory whose Maildir is not there yet (SMTP or Dovecot is making
-      // it): looked at again shortly, and by the sweep in any case.
-      if (scan && isDir(join(this.mailRoot, domain, local))) setTimeout(() => this.discoverUser(domain, local, false), 200).unref();
+      // it): looked at again shortly (DISCOVER_TRIES times), and by the sweep in any case.
+      if (scan && tries < DISCOVER_TRIES && isDir(join(this.mailRoot, domain, local))) setTimeout(() => this.discoverUser(domain, local, true, tries + 1), DISCOVER_RETRY_MS).unref();
       return;
     }
     if (this.watches.has(u.maildir)) return;
@@ -256,23 +262,34 @@ export class MaildirWatcher {
     });
   }
 
-  private watchFolder(u: UserRef, dir: string): void {
+  /** Sets the watches of a folder's new/ and cur/; true when one of them was not set before (and is now). */
+  private watchFolder(u: UserRef, dir: string): boolean {
     const p = folderPath(u.maildir, dir);
+    let added = false;
     for (const sub of ["new", "cur"]) {
       const path = join(p, sub);
+      if (this.watches.has(path)) continue;
       this.watchDir(path, "folder", () => {
         this.unwatch(path);
         this.markFolder(u, dir);
       });
+      added ||= this.watches.has(path);
     }
+    return added;
   }
 
-  /** After a user's round: watches for the folders it has, none for those it lost. */
+  /**
+   * After a user's round: watches for the folders it has, none for those it lost. A
+   * folder whose watch is set only now (made while the round scanned it, or its cur/
+   * and new/ were not there yet when the round began) is marked for the next round:
+   * what arrived in it between this round's listing and the watch is then in that
+   * scan, not left to the sweep.
+   */
   private syncFolderWatches(u: UserRef, folders: readonly string[]): void {
     const want = new Set(folders.flatMap((d) => ["new", "cur"].map((s) => join(folderPath(u.maildir, d), s))));
     const prefix = u.maildir + "/";
     for (const [path, x] of this.watches) if (x.kind === "folder" && (path.startsWith(prefix) || path === u.maildir) && !want.has(path)) this.unwatch(path);
-    for (const d of folders) this.watchFolder(u, d);
+    for (const d of folders) if (this.watchFolder(u, d)) this.markFolder(u, d);
   }
 
   // ---- dirty marks and rounds ----
@@ -339,13 +356,14 @@ export class MaildirWatcher {
         try {
           // The watches again first: a change from here on is reported or scanned.
           this.watchUser(d.user);
-          for (const f of d.folders) this.watchFolder(d.user, f);
+          for (const f of d.root || d.all ? listFolders(d.user.maildir) : d.folders) this.watchFolder(d.user, f);
           if (d.check && !d.root && rootMoved(this.store, d.user)) d.root = true;
           if (!d.root && !d.all && !d.folders.size) continue;
           const r = await scanUser(this.ctx, d.user, d.all ? "all" : d.folders, d.root || d.all);
           this.stats.changes += r.changes;
           this.stats.scans += r.scanned;
           this.failing.delete(d.user.rel);
+          this.o.onScanned?.(d.user.address);
           this.syncFolderWatches(d.user, r.folders);
           for (const x of r.retry) this.retryAt(d.user, x.dir, x.atMs);
         } catch (err) {

@@ -333,6 +333,33 @@ test("the watcher journals changes as inotify reports them, and a change made wh
   await j.close();
 });
 
+test("a message that lands in a new folder between the round's listing and the folder's watch is journaled by the next round, not left to the sweep", async () => {
+  const fd = new FakeDovecot();
+  fd.create("");
+  const j = new ChangeJournal(fd.data, "a");
+  let sent = "";
+  // The first round that sees .Sent has listed it empty; the message lands before its watches are set.
+  const w = new MaildirWatcher({
+    dataDir: fd.data,
+    journal: j,
+    log,
+    debounceMs: 30,
+    sweepIntervalMs: 3_600_000,
+    onScanned: () => {
+      if (!sent && existsSync(join(fd.folder(".Sent"), "cur"))) sent = fd.append(".Sent", "sent\r\n", "S");
+    },
+  });
+  try {
+    await w.start();
+    fd.create(".Sent");
+    const es = await waitFor(fd.data, 2);
+    assert.deepEqual(summary(es).sort(), ["mailbox-create Sent", `append Sent ${sent}`].sort());
+  } finally {
+    await w.close();
+    await j.close();
+  }
+});
+
 test("a watcher killed (SIGKILL) before it scanned a change journals it after a restart", async () => {
   const fd = new FakeDovecot();
   fd.create("");
