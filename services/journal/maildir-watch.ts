@@ -135,7 +135,7 @@ export class MaildirWatcher {
     mkdirSync(scanDir, { recursive: true, mode: 0o700 });
     this.store = new ScanStore(scanDir);
     this.deliveries = new DeliveryIndex(o.journal.dir, deliveryIndexFile(scanDir));
-    this.ctx = { mailRoot: this.mailRoot, store: this.store, journal: o.journal, deliveries: this.deliveries, log: o.log };
+    this.ctx = { mailRoot: this.mailRoot, store: this.store, journal: o.journal, deliveries: this.deliveries, log: o.log, pairs: new Map() };
     this.debounceMs = o.debounceMs ?? DEBOUNCE_MS;
     this.watchesMax = o.watchesMax ?? defaultWatchesMax();
   }

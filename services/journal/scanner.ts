@@ -31,6 +31,14 @@ import { emptyMailboxState, type MailboxState, type MsgState, type ScanStore, ty
 export const DELIVERY_GRACE_MS = 3000;
 /** A directory whose mtime is this close to the scan may change again within the same tick: scanned again. */
 export const RACY_MS = 2000;
+/**
+ * A hard link whose original is still in its folder is this young: perhaps an IMAP
+ * MOVE half done (Dovecot links into the target, then unlinks the source), looked at
+ * again after this long, with the source folder, so that it is journaled as one move.
+ */
+export const COPY_GRACE_MS = 1000;
+/** The folder pairs of copies waiting out COPY_GRACE_MS, at most this many (the oldest dropped: then scanned apart). */
+const PAIRS_MAX = 10_000;
 
 export interface ScanContext {
   readonly mailRoot: string;
@@ -39,6 +47,13 @@ export interface ScanContext {
   readonly deliveries: DeliveryIndex;
   readonly log?: Logger;
   readonly now?: () => number;
+  /**
+   * Per user, the folders of copies waiting out COPY_GRACE_MS (target and source): a
+   * round that scans one of them scans the other too, so the source's unlink and the
+   * target's link are seen together. In memory: after a restart the catch-up scans
+   * every folder that moved in one round anyway.
+   */
+  readonly pairs?: Map<string, Set<string>>;
 }
 
 /** A user's mail: `<mailRoot>/<domain>/<local>/Maildir`. */
@@ -229,7 +244,10 @@ export async function scanUser(ctx: ScanContext, u: UserRef, dirty: Dirty, rootD
     }
   }
   if (dirty === "all") for (const d of Object.keys(newUser.folders)) toScan.add(d);
+  const paired = ctx.pairs?.get(u.rel);
+  if (paired && [...toScan].some((d) => paired.has(d))) for (const d of paired) toScan.add(d);
   for (const d of [...toScan]) if (!newUser.folders[d]) toScan.delete(d);
+  let waiting = false;
 
   // ---- the folders' messages ----
   const appeared: Appeared[] = [];
@@ -338,6 +356,19 @@ export async function scanUser(ctx: ScanContext, u: UserRef, dirty: Dirty, rootD
       continue;
     }
     const source = a.nlink > 1 || seenKeys.has(a.key) ? findCopySource(ctx, u, newUser, newStates, a) : null;
+    if (source && !baseline && ctx.pairs && now() - a.ctimeMs < COPY_GRACE_MS) {
+      // Its original is still there: a copy, or a move whose unlink is about to come.
+      st.msgs.delete(a.key);
+      retry.push({ dir: a.dir, atMs: a.ctimeMs + COPY_GRACE_MS });
+      let set = ctx.pairs.get(u.rel);
+      if (!set) {
+        if (ctx.pairs.size >= PAIRS_MAX) ctx.pairs.delete(ctx.pairs.keys().next().value!);
+        ctx.pairs.set(u.rel, (set = new Set()));
+      }
+      set.add(a.dir).add(source.dir);
+      waiting = true;
+      continue;
+    }
     if (source) {
       const sha256 = await hashOrNull(a);
       if (sha256) emit("copy", copyPayload(ref(source.dir, a.key, source.uid), a, m[1], flags, sha256), a.ctimeMs);
@@ -371,6 +402,8 @@ export async function scanUser(ctx: ScanContext, u: UserRef, dirty: Dirty, rootD
       if (!somewhere) emit("expunge", { user: u.address, ...ref(p.dir, key, null) }, p.ms);
     }
   }
+
+  if (!waiting && paired && [...paired].every((d) => toScan.has(d) || !newUser.folders[d])) ctx.pairs?.delete(u.rel);
 
   // ---- commit: the journal first, then the states ----
   changes.sort((a, b) => a.atMs - b.atMs);

@@ -360,6 +360,45 @@ test("a message that lands in a new folder between the round's listing and the f
   }
 });
 
+test("an IMAP MOVE whose unlink comes after a round saw its link is one move, and a plain COPY is still a copy", async () => {
+  const fd = new FakeDovecot();
+  fd.create("");
+  fd.create(".Projects");
+  const m = fd.append("", "to move\r\n", "S");
+  const c = fd.append("", "to copy\r\n", "S");
+  const j = new ChangeJournal(fd.data, "a");
+  let linked = false;
+  let unlinked = false;
+  // The round that sees the link (the source still there) is followed by the unlink.
+  const w = new MaildirWatcher({
+    dataDir: fd.data,
+    journal: j,
+    log,
+    debounceMs: 30,
+    sweepIntervalMs: 3_600_000,
+    onScanned: () => {
+      if (linked && !unlinked) {
+        unlinked = true;
+        fd.expunge("", m);
+      }
+    },
+  });
+  try {
+    await w.start();
+    fd.copy("", m, ".Projects");
+    linked = true;
+    const es = await waitFor(fd.data, 1);
+    assert.deepEqual(summary(es), [`move INBOX -> Projects ${m}`]);
+    assert.ok(unlinked, "the round saw the link before the unlink");
+    fd.copy("", c, ".Projects");
+    const more = (await waitFor(fd.data, 2)).slice(1);
+    assert.deepEqual(summary(more), [`copy INBOX -> Projects ${c}`]);
+  } finally {
+    await w.close();
+    await j.close();
+  }
+});
+
 test("a watcher killed (SIGKILL) before it scanned a change journals it after a restart", async () => {
   const fd = new FakeDovecot();
   fd.create("");
