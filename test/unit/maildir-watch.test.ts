@@ -333,21 +333,17 @@ test("the watcher journals changes as inotify reports them, and a change made wh
   await j.close();
 });
 
+/** A watcher without the sweep whose rounds call ON_SCANNED after a user's scan, before its watches are synced. */
+const hookedWatcher = (fd: FakeDovecot, j: ChangeJournal, onScanned: () => void) => new MaildirWatcher({ dataDir: fd.data, journal: j, log, debounceMs: 30, sweepIntervalMs: 3_600_000, onScanned });
+
 test("a message that lands in a new folder between the round's listing and the folder's watch is journaled by the next round, not left to the sweep", async () => {
   const fd = new FakeDovecot();
   fd.create("");
   const j = new ChangeJournal(fd.data, "a");
   let sent = "";
   // The first round that sees .Sent has listed it empty; the message lands before its watches are set.
-  const w = new MaildirWatcher({
-    dataDir: fd.data,
-    journal: j,
-    log,
-    debounceMs: 30,
-    sweepIntervalMs: 3_600_000,
-    onScanned: () => {
-      if (!sent && existsSync(join(fd.folder(".Sent"), "cur"))) sent = fd.append(".Sent", "sent\r\n", "S");
-    },
+  const w = hookedWatcher(fd, j, () => {
+    if (!sent && existsSync(join(fd.folder(".Sent"), "cur"))) sent = fd.append(".Sent", "sent\r\n", "S");
   });
   try {
     await w.start();
@@ -370,18 +366,11 @@ test("an IMAP MOVE whose unlink comes after a round saw its link is one move, an
   let linked = false;
   let unlinked = false;
   // The round that sees the link (the source still there) is followed by the unlink.
-  const w = new MaildirWatcher({
-    dataDir: fd.data,
-    journal: j,
-    log,
-    debounceMs: 30,
-    sweepIntervalMs: 3_600_000,
-    onScanned: () => {
-      if (linked && !unlinked) {
-        unlinked = true;
-        fd.expunge("", m);
-      }
-    },
+  const w = hookedWatcher(fd, j, () => {
+    if (linked && !unlinked) {
+      unlinked = true;
+      fd.expunge("", m);
+    }
   });
   try {
     await w.start();
