@@ -78,7 +78,7 @@ export async function migrate(db: Connection): Promise<number[]> {
  * volume's etc/ (0600), shared by both nodes as the database is.
  */
 /** The spam filter's tables (services/spam/store.ts makes them at every activation, before the grants). */
-export const SPAM_TABLES = ["dspam_token_data", "dspam_signature_data", "dspam_stats", "dspam_preferences", "dspam_virtual_uids", "mailha_spam_ledger"] as const;
+export const SPAM_TABLES = ["dspam_token_data", "dspam_signature_data", "dspam_stats", "dspam_preferences", "dspam_virtual_uids", "mailha_spam_ledger", "mailha_spam_generation"] as const;
 
 /** What classification at delivery writes: counts, signatures, the ledger, a user's first uid; preferences read. */
 const SPAM_CLASSIFY_GRANTS = [
@@ -86,6 +86,7 @@ const SPAM_CLASSIFY_GRANTS = [
   `SELECT, INSERT, UPDATE ON ${DATABASE}.dspam_stats`,
   `SELECT, INSERT, UPDATE ON ${DATABASE}.dspam_signature_data`,
   `SELECT, INSERT, UPDATE ON ${DATABASE}.mailha_spam_ledger`,
+  `SELECT, INSERT, UPDATE ON ${DATABASE}.mailha_spam_generation`,
   `SELECT, INSERT ON ${DATABASE}.dspam_virtual_uids`,
   `SELECT ON ${DATABASE}.dspam_preferences`,
 ];

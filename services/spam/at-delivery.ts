@@ -8,7 +8,9 @@
 // learned in one transaction). Bounded: a pool of POOL_SIZE connections (at most QUEUE_MAX deliveries
 // waiting for one), every plan within TIMEOUT_MS in all; past it, or on any error, the
 // mailbox is delivered unclassified (X-DSPAM-Result Innocent and an X-DSPAM-Reason),
-// never refused, never delayed longer, never lost. Counters for the metrics page.
+// never refused, never delayed longer, never lost. Token counts are read through one
+// TokenCache (exact: tagged with each user's learn generation; this process's own
+// commits move it forward). Counters for the metrics page.
 import mysql from "mysql2/promise";
 import type { Logger } from "pino";
 import { DATABASE } from "../accounts.ts";
@@ -19,6 +21,7 @@ import { applyDeltas, classifyMessage, readPreferences, type SpamAction } from "
 import { ChangeJournal } from "../journal/changes.ts";
 import { journalSpamDeltasOf } from "./journal.ts";
 import { MariadbSpamStore } from "./store.ts";
+import { TokenCache } from "./token-cache.ts";
 import { DEFAULT_LIMITS, tokenize } from "./tokenize.ts";
 import type { SpamDelta } from "./training.ts";
 
@@ -59,6 +62,11 @@ export interface AtDeliveryCounters {
   /** Transactions that applied several deliveries' learning at once. */
   learn_batches_total: number;
   classify_ms_total: number;
+  /** The token cache (token-cache.ts): token counts served from memory, read from MariaDB, copies found stale, tokens held. */
+  token_cache_hits_total: number;
+  token_cache_misses_total: number;
+  token_cache_stale_total: number;
+  token_cache_entries: number;
 }
 
 /** The folder spam goes to for ACTION: junk files it in Junk; tag only adds the fields. */
@@ -92,7 +100,9 @@ export class SpamAtDelivery implements DeliveryFilter {
   private readonly learning = new Set<Promise<void>>();
   private readonly waiting: Learning[] = [];
   private runners = 0;
-  readonly counters: AtDeliveryCounters = { spam_classified_total: 0, innocent_classified_total: 0, spam_filed_in_junk_total: 0, unclassified_total: 0, timeouts_total: 0, errors_total: 0, learn_errors_total: 0, learn_batches_total: 0, classify_ms_total: 0 };
+  readonly counters: AtDeliveryCounters = { spam_classified_total: 0, innocent_classified_total: 0, spam_filed_in_junk_total: 0, unclassified_total: 0, timeouts_total: 0, errors_total: 0, learn_errors_total: 0, learn_batches_total: 0, classify_ms_total: 0, token_cache_hits_total: 0, token_cache_misses_total: 0, token_cache_stale_total: 0, token_cache_entries: 0 };
+  /** The counts this process read, kept exact by the learn generation (one cache for all connections). */
+  private readonly cache = new TokenCache();
 
   constructor(private readonly o: AtDeliveryOptions) {
     this.changes = new ChangeJournal(o.dataDir, o.node);
@@ -121,6 +131,11 @@ export class SpamAtDelivery implements DeliveryFilter {
       return mailboxes.map(() => unclassified(timeout ? "filter-timeout" : "filter-error"));
     } finally {
       this.counters.classify_ms_total += Date.now() - t0;
+      const cs = this.cache.stats;
+      this.counters.token_cache_hits_total = cs.hits;
+      this.counters.token_cache_misses_total = cs.misses;
+      this.counters.token_cache_stale_total = cs.stale;
+      this.counters.token_cache_entries = cs.entries;
     }
   }
 
@@ -136,7 +151,7 @@ export class SpamAtDelivery implements DeliveryFilter {
           const store = new MariadbSpamStore(conn, this.o.database ?? DATABASE);
           const uid = await store.uidFor(user);
           const prefs = await readPreferences(store, uid);
-          const c = await classifyMessage(store, uid, head, prefs, { tokenized });
+          const c = await classifyMessage(this.cache.over(store), uid, head, prefs, { tokenized });
           if (c.result === "spam") this.counters.spam_classified_total++;
           else this.counters.innocent_classified_total++;
           const folder = folderFor(c.result, prefs.spam_action);
@@ -194,7 +209,7 @@ export class SpamAtDelivery implements DeliveryFilter {
     try {
       const conn = await this.learnPool.getConnection();
       try {
-        const store = new MariadbSpamStore(conn, this.o.database ?? DATABASE);
+        const store = new MariadbSpamStore(conn, this.o.database ?? DATABASE, (changes) => this.cache.committed(changes));
         try {
           await store.applyBatch(batch.flatMap((b) => b.deltas));
           this.counters.learn_batches_total++;

@@ -13,7 +13,7 @@ import { createReadStream } from "node:fs";
 import { createInterface } from "node:readline";
 import type { Connection } from "mysql2/promise";
 import { DATABASE } from "../accounts.ts";
-import { tokenLiteral } from "./store.ts";
+import { MariadbSpamStore, tokenLiteral } from "./store.ts";
 
 export type SqlValue = string | number | Buffer | null;
 
@@ -323,5 +323,7 @@ export async function importDspamDump(db: Connection, file: string, database = D
       counts.rows[ins.table] += batch.length;
     }
   }
+  // Counts changed under every process that caches them (token-cache.ts).
+  await new MariadbSpamStore(db, database).bumpAllGenerations();
   return counts;
 }

@@ -100,6 +100,13 @@ export const SPAM_SCHEMA: readonly string[] = [
     username VARCHAR(128),
     UNIQUE KEY id_virtual_uids_01 (username)
   ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4`,
+  // A user's learn generation: one more at every commit that changes their token
+  // counts (and for everyone at a purge or an import), so a process that caches counts
+  // (token-cache.ts) knows when its copy is stale.
+  `CREATE TABLE IF NOT EXISTS mailha_spam_generation (
+    uid INT UNSIGNED NOT NULL PRIMARY KEY,
+    gen BIGINT UNSIGNED NOT NULL
+  ) ENGINE=InnoDB`,
   `CREATE TABLE IF NOT EXISTS mailha_spam_ledger (
     uid INT UNSIGNED NOT NULL,
     msgkey VARCHAR(64) CHARACTER SET ascii NOT NULL,
@@ -181,12 +188,53 @@ const BATCH_WRITE = 500;
 
 // ---- MariaDB --------------------------------------------------------------------
 
+/** A user's token changes that one commit made, and the learn generation it brought them to. */
+export interface CommittedChange {
+  readonly uid: number;
+  readonly gen: number;
+  readonly tokens: readonly { readonly token: string; readonly spamDelta: number; readonly innocentDelta: number }[];
+}
+
 export class MariadbSpamStore implements SpamStore {
-  /** DB must be a connection of its own (transactions): `connectMariadb(socket, DATABASE)`. */
+  /**
+   * DB must be a connection of its own (transactions): `connectMariadb(socket, DATABASE)`.
+   * COMMITTED, when given, hears of every commit that changed token counts (the token
+   * cache of the same process keeps itself current with it).
+   */
   constructor(
     readonly db: Connection,
     readonly database = DATABASE,
+    private readonly committed?: (changes: readonly CommittedChange[]) => void,
   ) {}
+
+  /** The user's learn generation (0 before anything was learned). */
+  async generation(uid: number): Promise<number> {
+    const [rows] = await this.db.query(`SELECT gen FROM ${this.t("mailha_spam_generation")} WHERE uid = ?`, [uid]);
+    const r = (rows as { gen: number | string }[])[0];
+    return r ? Number(r.gen) : 0;
+  }
+
+  /** Runs READ in one consistent snapshot (read only): what it reads is one state of the tables. */
+  async inSnapshot<T>(read: () => Promise<T>): Promise<T> {
+    await this.db.query("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY");
+    try {
+      return await read();
+    } finally {
+      await this.db.query("COMMIT").catch(() => undefined);
+    }
+  }
+
+  /** Inside a learning transaction: one more generation for each of UIDS (in uid order), and the new values. */
+  private async bumpGenerations(uids: readonly number[]): Promise<Map<number, number>> {
+    const sorted = [...new Set(uids)].sort((a, b) => a - b);
+    const out = new Map<number, number>();
+    if (!sorted.length) return out;
+    const gens = this.t("mailha_spam_generation");
+    await this.db.query(`INSERT INTO ${gens} (uid, gen) VALUES ${sorted.map((u) => `(${intLiteral(u)}, 1)`).join(",")} ON DUPLICATE KEY UPDATE gen = gen + 1`);
+    const [rows] = await this.db.query(`SELECT uid, gen FROM ${gens} WHERE uid IN (${sorted.map(intLiteral).join(",")})`);
+    for (const r of rows as { uid: number; gen: number | string }[]) out.set(Number(r.uid), Number(r.gen));
+    return out;
+  }
 
   private t(name: string): string {
     return `\`${this.database}\`.${name}`;
@@ -254,8 +302,9 @@ export class MariadbSpamStore implements SpamStore {
       for (let attempt = 1; ; attempt++) {
         await this.db.beginTransaction();
         try {
-          await this.applyOne(d, opts);
+          const gen = await this.applyOne(d, opts);
           await this.db.commit();
+          if (gen !== null) this.committed?.([{ uid: d.uid, gen, tokens: d.tokens }]);
           break;
         } catch (e) {
           await this.db.rollback().catch(() => undefined);
@@ -333,6 +382,7 @@ export class MariadbSpamStore implements SpamStore {
           await this.db.query(`INSERT IGNORE INTO ${this.t("dspam_stats")} (uid, ${STAT_COLUMNS.join(", ")}) VALUES (${intLiteral(uid)}${",0".repeat(STAT_COLUMNS.length)})`);
           await this.db.query(`UPDATE ${this.t("dspam_stats")} SET ${cols.map(([c, v]) => `${c} = ${c} + ${intLiteral(v)}`).join(", ")} WHERE uid = ${intLiteral(uid)}`);
         }
+        const gens = await this.bumpGenerations(inc.map((t) => t.uid));
         const sigs = ledgers.filter((d) => d.signature);
         for (let i = 0; i < sigs.length; i += 100) {
           const part = sigs.slice(i, i + 100).map((d) => ({ d, blob: encodeSignature(d.signature!.tokens) }));
@@ -343,6 +393,15 @@ export class MariadbSpamStore implements SpamStore {
           );
         }
         await this.db.commit();
+        if (gens.size && this.committed) {
+          const byUid = new Map<number, CommittedChange["tokens"][number][]>();
+          for (const t of inc) {
+            let l = byUid.get(t.uid);
+            if (!l) byUid.set(t.uid, (l = []));
+            l.push({ token: t.token, spamDelta: t.spam, innocentDelta: t.innocent });
+          }
+          this.committed([...byUid].map(([uid, tokens]) => ({ uid, gen: gens.get(uid)!, tokens })));
+        }
         return;
       } catch (e) {
         await this.db.rollback().catch(() => undefined);
@@ -353,7 +412,8 @@ export class MariadbSpamStore implements SpamStore {
     }
   }
 
-  private async applyOne(d: SpamDelta, opts: ApplyOptions): Promise<void> {
+  /** One delta inside the caller's transaction; the user's new learn generation when token counts changed, else null. */
+  private async applyOne(d: SpamDelta, opts: ApplyOptions): Promise<number | null> {
     const uid = intLiteral(d.uid);
     const day = dayLiteral(d.day);
     let current: { entry: string } | undefined;
@@ -422,6 +482,8 @@ export class MariadbSpamStore implements SpamStore {
       await this.db.query(`INSERT IGNORE INTO ${this.t("dspam_stats")} (uid, ${STAT_COLUMNS.join(", ")}) VALUES (${uid}${",0".repeat(STAT_COLUMNS.length)})`);
       await this.db.query(`UPDATE ${this.t("dspam_stats")} SET ${cols.map(([c, v]) => `${c} = GREATEST(CAST(${c} AS SIGNED) + (${intLiteral(v)}), 0)`).join(", ")} WHERE uid = ${uid}`);
     }
+    const changed = d.tokens.some((t) => t.spamDelta !== 0 || t.innocentDelta !== 0);
+    const gen = changed ? (await this.bumpGenerations([d.uid])).get(d.uid)! : null;
     if (d.signature) {
       const blob = encodeSignature(d.signature.tokens);
       await this.db.query(
@@ -430,7 +492,7 @@ export class MariadbSpamStore implements SpamStore {
         [d.uid, d.signature.id, blob, blob.length],
       );
     }
-    if (ledgerDone) return;
+    if (ledgerDone) return gen;
     if (d.ledger.after === null) {
       if (current) await this.db.query(`DELETE FROM ${this.t("mailha_spam_ledger")} WHERE uid = ? AND msgkey = ?`, [d.uid, d.key]);
     } else if (canon(d.ledger.after) !== canon(current ? JSON.parse(current.entry) : null)) {
@@ -439,6 +501,14 @@ export class MariadbSpamStore implements SpamStore {
         [d.uid, d.key, canon(d.ledger.after)],
       );
     }
+    return gen;
+  }
+
+  /** After counts changed outside a delta (a purge, an import): one more generation for every user with counts. */
+  async bumpAllGenerations(): Promise<void> {
+    const gens = this.t("mailha_spam_generation");
+    await this.db.query(`UPDATE ${gens} SET gen = gen + 1`);
+    await this.db.query(`INSERT IGNORE INTO ${gens} (uid, gen) SELECT DISTINCT uid, 1 FROM ${this.t("dspam_token_data")}`);
   }
 
   /**
@@ -477,6 +547,7 @@ export class MariadbSpamStore implements SpamStore {
         if (n < batch) break;
       }
     }
+    if (counts.hapaxes + counts.singleSpam + counts.singleInnocent + counts.unused + counts.tumUnused > 0) await this.bumpAllGenerations();
     return counts;
   }
 }

@@ -1,0 +1,135 @@
+// The token counts a process has read, kept in memory between classifications, exact:
+// each user's copy is tagged with the learn generation it was read at
+// (mailha_spam_generation, one more at every commit that changes that user's counts,
+// store.ts), read in the same consistent snapshot as the counts, so a copy is used only
+// while nothing has changed the user's counts since. What the process itself commits
+// moves its copy forward (the same increments, clamped at zero as MariaDB clamps); a
+// commit by anyone else (the spam worker's retraining, `mailha spam train`, the
+// split-brain merge, a purge, an import) makes the next classification read the user's
+// counts afresh. A token the store does not have is kept as absent (most of a
+// message's tokens), so a message of known words costs no token reads at all.
+//
+// Bounds: at most maxEntries tokens over all users (least recently used users dropped
+// first; a user alone over the bound is not cached beyond it).
+import type { CommittedChange, MariadbSpamStore, SpamStore, TokenCounts } from "./store.ts";
+
+export const TOKEN_CACHE_ENTRIES_MAX = 300_000;
+
+/** A token MariaDB does not have (distinct from a row whose counts are zero, as tokenCounts tells them apart). */
+const ABSENT: TokenCounts = Object.freeze({ spam_hits: 0, innocent_hits: 0 });
+
+interface UserCopy {
+  gen: number;
+  readonly counts: Map<string, TokenCounts>;
+}
+
+export interface TokenCacheStats {
+  hits: number;
+  misses: number;
+  /** Copies dropped because another process changed the user's counts. */
+  stale: number;
+  /** Own commits applied to a copy. */
+  forwarded: number;
+  entries: number;
+}
+
+export class TokenCache {
+  private readonly users = new Map<number, UserCopy>();
+  private entries = 0;
+  readonly stats: TokenCacheStats = { hits: 0, misses: 0, stale: 0, forwarded: 0, entries: 0 };
+
+  constructor(readonly maxEntries = TOKEN_CACHE_ENTRIES_MAX) {}
+
+  /**
+   * Counts of TOKENS for UID through STORE: the user's generation and the tokens this
+   * cache lacks are read in one snapshot; the copy is used only at that generation.
+   * Absent tokens are not in the map (as SpamStore.tokenCounts).
+   */
+  async tokenCounts(store: MariadbSpamStore, uid: number, tokens: readonly string[]): Promise<Map<string, TokenCounts>> {
+    return store.inSnapshot(async () => {
+      const gen = await store.generation(uid);
+      let copy = this.users.get(uid);
+      if (copy && copy.gen !== gen) {
+        this.drop(uid);
+        this.stats.stale++;
+        copy = undefined;
+      }
+      const out = new Map<string, TokenCounts>();
+      const misses: string[] = [];
+      for (const t of tokens) {
+        const c = copy?.counts.get(t);
+        if (c === undefined) misses.push(t);
+        else if (c !== ABSENT) out.set(t, c);
+      }
+      this.stats.hits += tokens.length - misses.length;
+      this.stats.misses += misses.length;
+      const got = misses.length ? await store.tokenCounts(uid, misses) : new Map<string, TokenCounts>();
+      for (const [t, c] of got) out.set(t, c);
+      this.keep(uid, gen, misses, got);
+      return out;
+    });
+  }
+
+  /** What this process committed: a copy at the generation before moves forward, any other copy is dropped. */
+  committed(changes: readonly CommittedChange[]): void {
+    for (const ch of changes) {
+      const copy = this.users.get(ch.uid);
+      if (!copy) continue;
+      if (copy.gen !== ch.gen - 1) {
+        this.drop(ch.uid);
+        this.stats.stale++;
+        continue;
+      }
+      for (const t of ch.tokens) {
+        const c = copy.counts.get(t.token);
+        if (c === undefined) continue;
+        // MariaDB: an increment makes the row (a decrement alone does not); each column clamps at zero.
+        if (c === ABSENT && t.spamDelta <= 0 && t.innocentDelta <= 0) continue;
+        copy.counts.set(t.token, { spam_hits: Math.max(0, c.spam_hits + t.spamDelta), innocent_hits: Math.max(0, c.innocent_hits + t.innocentDelta) });
+      }
+      copy.gen = ch.gen;
+      this.stats.forwarded++;
+    }
+  }
+
+  /** A SpamStore that reads token counts through this cache and everything else from STORE. */
+  over(store: MariadbSpamStore): SpamStore {
+    return {
+      uidFor: (u) => store.uidFor(u),
+      totals: (uid) => store.totals(uid),
+      tokenCounts: (uid, tokens) => this.tokenCounts(store, uid, tokens),
+      signature: (uid, id) => store.signature(uid, id),
+      ledger: (uid, key) => store.ledger(uid, key),
+      preferences: (uid) => store.preferences(uid),
+      apply: (deltas, opts) => store.apply(deltas, opts),
+    };
+  }
+
+  private keep(uid: number, gen: number, misses: readonly string[], got: Map<string, TokenCounts>): void {
+    let copy = this.users.get(uid);
+    // Moved on meanwhile (an own commit forwarded it): what was read is older than the copy.
+    if (copy && copy.gen !== gen) return;
+    if (!copy) copy = { gen, counts: new Map() };
+    // Most recently used last.
+    this.users.delete(uid);
+    this.users.set(uid, copy);
+    for (const [u] of this.users) {
+      if (this.entries + misses.length <= this.maxEntries || u === uid) break;
+      this.drop(u);
+    }
+    for (const t of misses) {
+      if (this.entries >= this.maxEntries) break;
+      if (!copy.counts.has(t)) this.entries++;
+      copy.counts.set(t, got.get(t) ?? ABSENT);
+    }
+    this.stats.entries = this.entries;
+  }
+
+  private drop(uid: number): void {
+    const copy = this.users.get(uid);
+    if (!copy) return;
+    this.entries -= copy.counts.size;
+    this.users.delete(uid);
+    this.stats.entries = this.entries;
+  }
+}

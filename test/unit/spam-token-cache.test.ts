@@ -1,0 +1,139 @@
+// The token cache against a real MariaDB (a private mariadbd): what it returns is
+// always what MariaDB holds, through its own commits (forwarded, no token read), other
+// processes' commits (read afresh), decrements clamped at zero, a purge, and its bound;
+// and a seeded random schedule of concurrent reads and both kinds of commits compares
+// every read with MariaDB's own (the seed is printed on a failure).
+import { after, before, test } from "node:test";
+import assert from "node:assert/strict";
+import type { Connection } from "mysql2/promise";
+import { startScratchMariadb, type ScratchMariadb } from "../fixtures/spam/mariadb.ts";
+import { MariadbSpamStore, migrateSpam } from "../../services/spam/store.ts";
+import { TokenCache } from "../../services/spam/token-cache.ts";
+import type { SpamDelta } from "../../services/spam/training.ts";
+import { rng } from "../sim/volume-sim.ts";
+
+const DB = "cachetest";
+let db: ScratchMariadb;
+const conns: Connection[] = [];
+const connect = async (): Promise<Connection> => {
+  const c = await db.connect(DB);
+  conns.push(c);
+  return c;
+};
+
+before(async () => {
+  db = await startScratchMariadb();
+  const c = await db.connect();
+  conns.push(c);
+  await migrateSpam(c, DB);
+});
+after(async () => {
+  for (const c of conns) await c.end().catch(() => undefined);
+  await db?.stop();
+});
+
+let keys = 0;
+const learn = (uid: number, tokens: [string, number, number][], batchable = true): SpamDelta => ({
+  kind: "spam-delta",
+  v: 1,
+  uid,
+  key: `k${++keys}`,
+  rule: "test",
+  source: "corpus",
+  day: "2026-12-03",
+  tokens: tokens.map(([token, spamDelta, innocentDelta]) => ({ uid, token, spamDelta, innocentDelta })),
+  stats: {},
+  ledger: { before: null, after: batchable ? { key: `k${keys}`, verdict: null, atClassification: null, applied: { cls: "spam", except: [], stats: {} } } : null },
+});
+const plain = (m: Map<string, { spam_hits: number; innocent_hits: number }>) => Object.fromEntries([...m].sort(([a], [b]) => (a < b ? -1 : 1)));
+
+test("reads come from memory once read, own commits move the copy forward, anyone else's make it read afresh", async () => {
+  const cache = new TokenCache();
+  const reader = new MariadbSpamStore(await connect(), DB);
+  const own = new MariadbSpamStore(await connect(), DB, (ch) => cache.committed(ch));
+  const other = new MariadbSpamStore(await connect(), DB);
+  const uid = 11;
+  const toks = ["1", "2", "3", "18446744073709551615"];
+  await other.apply([learn(uid, [["1", 2, 0], ["2", 0, 1]])]);
+  assert.deepEqual(plain(await cache.tokenCounts(reader, uid, toks)), plain(await reader.tokenCounts(uid, toks)));
+  const m0 = cache.stats.misses;
+  assert.deepEqual(plain(await cache.tokenCounts(reader, uid, toks)), { "1": { spam_hits: 2, innocent_hits: 0 }, "2": { spam_hits: 0, innocent_hits: 1 } });
+  assert.equal(cache.stats.misses, m0, "the second read costs no token read");
+
+  // Own commits: in a batch and one by one, with a decrement below zero (clamped as MariaDB clamps).
+  await own.applyBatch([learn(uid, [["1", 1, 0], ["3", 1, 0]]), learn(uid, [["3", 0, 2]])]);
+  await own.apply([learn(uid, [["2", 0, -5], ["18446744073709551615", 4, 0]], false)]);
+  assert.equal(cache.stats.forwarded, 2);
+  const afterOwn = await cache.tokenCounts(reader, uid, toks);
+  assert.equal(cache.stats.misses, m0, "own commits need no token read");
+  assert.deepEqual(plain(afterOwn), plain(await reader.tokenCounts(uid, toks)));
+  assert.deepEqual(plain(afterOwn), { "1": { spam_hits: 3, innocent_hits: 0 }, "18446744073709551615": { spam_hits: 4, innocent_hits: 0 }, "2": { spam_hits: 0, innocent_hits: 0 }, "3": { spam_hits: 1, innocent_hits: 2 } });
+
+  // Another process's commit: the copy is stale and read again.
+  const stale0 = cache.stats.stale;
+  await other.apply([learn(uid, [["3", 5, 0]])]);
+  assert.deepEqual(plain(await cache.tokenCounts(reader, uid, toks)), plain(await reader.tokenCounts(uid, toks)));
+  assert.equal(cache.stats.stale, stale0 + 1);
+
+  // A purge deletes tokens under everyone's copy: read again.
+  await (await connect()).query(`UPDATE ${DB}.dspam_token_data SET last_hit = '2020-01-01' WHERE uid = ${uid} AND token = 2`);
+  await other.apply([learn(uid, [["2", 1, 0]])]);
+  await cache.tokenCounts(reader, uid, toks);
+  await (await connect()).query(`UPDATE ${DB}.dspam_token_data SET last_hit = '2020-01-01' WHERE uid = ${uid} AND token = 2`);
+  const purged = await other.purge("2026-12-03");
+  assert.ok(purged.hapaxes + purged.singleSpam >= 1, "the purge deleted token 2");
+  const afterPurge = await cache.tokenCounts(reader, uid, toks);
+  assert.equal(afterPurge.has("2"), false);
+  assert.deepEqual(plain(afterPurge), plain(await reader.tokenCounts(uid, toks)));
+});
+
+test("the cache holds at most its bound of tokens and still returns MariaDB's counts", async () => {
+  const cache = new TokenCache(50);
+  const reader = new MariadbSpamStore(await connect(), DB);
+  const other = new MariadbSpamStore(await connect(), DB);
+  for (const uid of [21, 22, 23]) {
+    const toks = Array.from({ length: 40 }, (_, i) => String(uid * 1000 + i));
+    await other.apply([learn(uid, toks.slice(0, 20).map((t) => [t, 1, 0]))]);
+    assert.deepEqual(plain(await cache.tokenCounts(reader, uid, toks)), plain(await reader.tokenCounts(uid, toks)));
+    assert.ok(cache.stats.entries <= 50, `at most 50 held (${cache.stats.entries})`);
+  }
+  const big = Array.from({ length: 120 }, (_, i) => String(900_000 + i));
+  assert.deepEqual(plain(await cache.tokenCounts(reader, 24, big)), plain(await reader.tokenCounts(24, big)));
+  assert.ok(cache.stats.entries <= 50);
+});
+
+test("seeded random schedules: every read through the cache equals MariaDB's, with concurrent own and other commits", async () => {
+  const seed = Number(process.env.SEED ?? 20261203);
+  const rnd = rng(seed);
+  const cache = new TokenCache(400);
+  const readers = [new MariadbSpamStore(await connect(), DB), new MariadbSpamStore(await connect(), DB)];
+  const owns = [new MariadbSpamStore(await connect(), DB, (ch) => cache.committed(ch)), new MariadbSpamStore(await connect(), DB, (ch) => cache.committed(ch))];
+  const other = new MariadbSpamStore(await connect(), DB);
+  const truth = new MariadbSpamStore(await connect(), DB);
+  const uids = [31, 32];
+  const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rnd() * xs.length)]!;
+  const someTokens = () => Array.from({ length: 1 + Math.floor(rnd() * 30) }, () => String(1 + Math.floor(rnd() * 120)));
+  const change = (uid: number, mayDecrement: boolean) => learn(uid, [...new Set(someTokens())].map((t) => [t, Math.floor(rnd() * 3) - (mayDecrement && rnd() < 0.3 ? 2 : 0), Math.floor(rnd() * 2)]), !mayDecrement);
+  try {
+    for (let round = 0; round < 40; round++) {
+      const uid = pick(uids);
+      // Commits in flight while reads run; afterwards a quiet read must equal MariaDB's.
+      const work: Promise<unknown>[] = [];
+      for (let i = 0; i < 3; i++) {
+        const r = rnd();
+        if (r < 0.3) work.push(pick(owns).applyBatch([change(uid, false), change(uid, false)]));
+        else if (r < 0.55) work.push(pick(owns).apply([change(uid, true)]));
+        else if (r < 0.7) work.push(other.apply([change(uid, true)]));
+        else work.push(cache.tokenCounts(pick(readers), uid, someTokens()));
+      }
+      await Promise.all(work);
+      const toks = someTokens().concat(someTokens());
+      const got = plain(await cache.tokenCounts(pick(readers), uid, toks));
+      assert.deepEqual(got, plain(await truth.tokenCounts(uid, toks)), `round ${round}`);
+    }
+    assert.ok(cache.stats.forwarded > 0 && cache.stats.hits > 0, "the schedule used the copies");
+  } catch (e) {
+    console.error(`token cache schedule failed with SEED=${seed}`);
+    throw e;
+  }
+});
