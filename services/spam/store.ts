@@ -5,9 +5,12 @@
 // refused with LedgerConflict, so a message is never learned twice), token counts
 // change with INSERT ... ON DUPLICATE KEY UPDATE increments (decrements clamp at
 // zero: only a token purged in between makes that differ from the plain sum).
-// Token statistics are read in batches of 1000. `purge` is DSPAM's purge-4.1.sql
+// Token statistics are read in batches of 500. `purge` is DSPAM's purge-4.1.sql
 // (hapaxes 30 days, single hits 15 days, unused 90 days except TOE/TUM/NOTRAIN users,
 // TUM tokens under 50 hits after 90 days, signatures 14 days) in bounded batches.
+// Every commit that changes a user's token counts also adds one to their learn
+// generation (mailha_spam_generation; a purge and an import add one for everyone), so
+// a process that caches counts (token-cache.ts) knows when its copy is stale.
 // A MemorySpamStore with the same interface serves the unit tests.
 import type { Connection } from "mysql2/promise";
 import { DATABASE } from "../accounts.ts";

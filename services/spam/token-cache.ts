@@ -21,7 +21,12 @@ const ABSENT: TokenCounts = Object.freeze({ spam_hits: 0, innocent_hits: 0 });
 interface UserCopy {
   gen: number;
   readonly counts: Map<string, TokenCounts>;
+  /** Own commits heard of before the one that precedes them (two learning connections finish in any order), by generation. */
+  readonly ahead: Map<number, CommittedChange>;
 }
+
+/** Own commits held for a copy waiting for an earlier one, at most. */
+const AHEAD_MAX = 16;
 
 export interface TokenCacheStats {
   hits: number;
@@ -49,9 +54,13 @@ export class TokenCache {
     return store.inSnapshot(async () => {
       const gen = await store.generation(uid);
       let copy = this.users.get(uid);
-      if (copy && copy.gen !== gen) {
+      if (copy && copy.gen < gen) {
         this.drop(uid);
         this.stats.stale++;
+        copy = undefined;
+      } else if (copy && copy.gen > gen) {
+        // The snapshot began before an own commit the copy has taken already: this
+        // read is MariaDB's alone, and the copy stays.
         copy = undefined;
       }
       const out = new Map<string, TokenCounts>();
@@ -70,26 +79,42 @@ export class TokenCache {
     });
   }
 
-  /** What this process committed: a copy at the generation before moves forward, any other copy is dropped. */
+  /**
+   * What this process committed: a copy at the generation before moves forward (one
+   * heard of early waits, at most AHEAD_MAX, for those before it); a copy whose gap is
+   * another process's commit is found stale at its next read.
+   */
   committed(changes: readonly CommittedChange[]): void {
     for (const ch of changes) {
       const copy = this.users.get(ch.uid);
-      if (!copy) continue;
-      if (copy.gen !== ch.gen - 1) {
-        this.drop(ch.uid);
-        this.stats.stale++;
+      if (!copy || ch.gen <= copy.gen) continue;
+      if (ch.gen > copy.gen + 1) {
+        // An earlier commit (own, still being reported, or another process's) comes first.
+        if (copy.ahead.size >= AHEAD_MAX) {
+          this.drop(ch.uid);
+          this.stats.stale++;
+        } else copy.ahead.set(ch.gen, ch);
         continue;
       }
-      for (const t of ch.tokens) {
-        const c = copy.counts.get(t.token);
-        if (c === undefined) continue;
-        // MariaDB: an increment makes the row (a decrement alone does not); each column clamps at zero.
-        if (c === ABSENT && t.spamDelta <= 0 && t.innocentDelta <= 0) continue;
-        copy.counts.set(t.token, { spam_hits: Math.max(0, c.spam_hits + t.spamDelta), innocent_hits: Math.max(0, c.innocent_hits + t.innocentDelta) });
+      this.forward(copy, ch);
+      for (let next = copy.ahead.get(copy.gen + 1); next; next = copy.ahead.get(copy.gen + 1)) {
+        copy.ahead.delete(next.gen);
+        this.forward(copy, next);
       }
-      copy.gen = ch.gen;
-      this.stats.forwarded++;
     }
+  }
+
+  /** CH applied to COPY (at CH's generation - 1), as MariaDB applied it. */
+  private forward(copy: UserCopy, ch: CommittedChange): void {
+    for (const t of ch.tokens) {
+      const c = copy.counts.get(t.token);
+      if (c === undefined) continue;
+      // MariaDB: an increment makes the row (a decrement alone does not); each column clamps at zero.
+      if (c === ABSENT && t.spamDelta <= 0 && t.innocentDelta <= 0) continue;
+      copy.counts.set(t.token, { spam_hits: Math.max(0, c.spam_hits + t.spamDelta), innocent_hits: Math.max(0, c.innocent_hits + t.innocentDelta) });
+    }
+    copy.gen = ch.gen;
+    this.stats.forwarded++;
   }
 
   /** A SpamStore that reads token counts through this cache and everything else from STORE. */
@@ -109,7 +134,7 @@ export class TokenCache {
     let copy = this.users.get(uid);
     // Moved on meanwhile (an own commit forwarded it): what was read is older than the copy.
     if (copy && copy.gen !== gen) return;
-    if (!copy) copy = { gen, counts: new Map() };
+    if (!copy) copy = { gen, counts: new Map(), ahead: new Map() };
     // Most recently used last.
     this.users.delete(uid);
     this.users.set(uid, copy);

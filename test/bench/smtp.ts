@@ -15,6 +15,7 @@ import { mailha } from "../helpers/cli.ts";
 import { writeTestLabConfig } from "../helpers/lab.ts";
 import { parseDocument } from "yaml";
 import { writeSection } from "./report.ts";
+import { STATS_EVERY_MS } from "../../services/stats.ts";
 
 const MESSAGES = Number(process.env.BENCH_SMTP_MESSAGES ?? 2000);
 const SESSIONS = 20;
@@ -121,13 +122,32 @@ async function mailhaRates(filter: boolean, reference: boolean): Promise<{ mailh
     const onVolume = reference ? await postfix(join(lab.dir, "a", "data", "bench-postfix")) : 0;
     const count = () => (existsSync(md) ? readdirSync(md).length : 0);
     const rate = await bestOf(() => timedSend(`${lab.a}:25`, "alice@mailha.test", count));
+    const fresh = filter ? await cacheUse(lab.dir) : null;
     // A filter past DSPAM's warm-up (more than 100 spam and 100 innocent learned): TOE
     // then learns only errors and unsure verdicts, as for a user after the first days.
     const trained = filter ? (await trainFilter(lab.configFile, "alice@mailha.test"), await bestOf(() => timedSend(`${lab.a}:25`, "alice@mailha.test", count))) : 0;
+    const after = filter ? await cacheUse(lab.dir) : null;
+    if (fresh && after) {
+      const ratio = (hits: number, misses: number) => (hits + misses ? hits / (hits + misses) : 0).toFixed(3);
+      console.log(`smtp.spam_filter.token_cache_hit_ratio_fresh ${ratio(fresh.hits, fresh.misses)} ratio`);
+      console.log(`smtp.spam_filter.token_cache_hit_ratio_trained ${ratio(after.hits - fresh.hits, after.misses - fresh.misses)} ratio`);
+    }
     return { mailha: rate, postfixOnVolume: onVolume, trained };
   } finally {
     await mailha(["lab", "down", "--config", lab.configFile]);
     rmSync(dirname(lab.configFile), { recursive: true, force: true });
+  }
+}
+
+/** The SMTP process's token cache counters on node a (its stats file, written every STATS_EVERY_MS). */
+async function cacheUse(labDir: string): Promise<{ hits: number; misses: number }> {
+  await sleep(STATS_EVERY_MS + 500);
+  try {
+    const s = JSON.parse(readFileSync(join(labDir, "a", "stats", "smtp.json"), "utf8")) as Record<string, number>;
+    const pick = (k: string) => Number(Object.entries(s).find(([n]) => n.endsWith(k))?.[1] ?? 0);
+    return { hits: pick("token_cache_hits_total"), misses: pick("token_cache_misses_total") };
+  } catch {
+    return { hits: 0, misses: 0 };
   }
 }
 

@@ -69,6 +69,17 @@ test("reads come from memory once read, own commits move the copy forward, anyon
   assert.deepEqual(plain(afterOwn), plain(await reader.tokenCounts(uid, toks)));
   assert.deepEqual(plain(afterOwn), { "1": { spam_hits: 3, innocent_hits: 0 }, "18446744073709551615": { spam_hits: 4, innocent_hits: 0 }, "2": { spam_hits: 0, innocent_hits: 0 }, "3": { spam_hits: 1, innocent_hits: 2 } });
 
+  // Two own commits heard of in the other order (two learning connections): both taken, in order.
+  const heard: Parameters<TokenCache["committed"]>[0][] = [];
+  const late = new MariadbSpamStore(await connect(), DB, (ch) => heard.push(ch));
+  await late.apply([learn(uid, [["1", 1, 0]])]);
+  await late.apply([learn(uid, [["1", 0, 3]])]);
+  const fwd0 = cache.stats.forwarded;
+  for (const ch of heard.reverse()) cache.committed(ch);
+  assert.equal(cache.stats.forwarded, fwd0 + 2);
+  assert.deepEqual(plain(await cache.tokenCounts(reader, uid, toks)), plain(await reader.tokenCounts(uid, toks)));
+  assert.equal(cache.stats.misses, m0, "no token read");
+
   // Another process's commit: the copy is stale and read again.
   const stale0 = cache.stats.stale;
   await other.apply([learn(uid, [["3", 5, 0]])]);
