@@ -255,6 +255,8 @@ export function spamCommand(defaultConfig: string): Command {
           await store.setPreference(uid, k, v);
         }
         for (const k of o.unset ?? []) await db.query(`DELETE FROM ${DATABASE}.dspam_preferences WHERE uid = ? AND preference IN (?, ?)`, [uid, k, PREF_DSPAM_NAME[k]]);
+        // SMTP keeps a user's preferences with their learn generation: this makes it read them again.
+        if (sets.length || o.unset?.length) await store.preferencesChanged(uid);
         const rows = await store.preferences(uid);
         return { user: o.user?.toLowerCase() ?? null, uid, rows, effective: parsePreferences(rows) };
       });

@@ -10,17 +10,19 @@
 // mailbox is delivered unclassified (X-DSPAM-Result Innocent and an X-DSPAM-Reason),
 // never refused, never delayed longer, never lost. Token counts are read through one
 // TokenCache (exact: tagged with each user's learn generation; this process's own
-// commits move it forward). Counters for the metrics page.
+// commits move it forward); a user's uid is kept, their preferences while their
+// generation stays (a preference change moves it).
+// Counters for the metrics page.
 import mysql from "mysql2/promise";
 import type { Logger } from "pino";
 import { DATABASE } from "../accounts.ts";
 import { JUNK_DIR } from "../journal/maildir.ts";
 import { sqlLogin } from "../mariadb.ts";
 import type { DeliveryFilter, FilterPlan } from "../smtp/delivery.ts";
-import { applyDeltas, classifyMessage, readPreferences, type SpamAction } from "./filter.ts";
+import { applyDeltas, classifyMessage, readPreferences, type SpamAction, type SpamPrefs } from "./filter.ts";
 import { ChangeJournal } from "../journal/changes.ts";
 import { journalSpamDeltasOf } from "./journal.ts";
-import { MariadbSpamStore } from "./store.ts";
+import { MariadbSpamStore, type CommittedChange } from "./store.ts";
 import { TokenCache } from "./token-cache.ts";
 import { DEFAULT_LIMITS, tokenize } from "./tokenize.ts";
 import type { SpamDelta } from "./training.ts";
@@ -29,6 +31,8 @@ const POOL_SIZE = 4;
 const QUEUE_MAX = 500;
 const LEARN_INFLIGHT_MAX = 128;
 const LEARN_POOL_SIZE = 2;
+/** Users whose uid and preferences are kept, at most. */
+const IDS_MAX = 10_000;
 /** Deliveries whose learning one transaction applies at most. */
 const LEARN_BATCH_MAX = 64;
 
@@ -103,6 +107,8 @@ export class SpamAtDelivery implements DeliveryFilter {
   readonly counters: AtDeliveryCounters = { spam_classified_total: 0, innocent_classified_total: 0, spam_filed_in_junk_total: 0, unclassified_total: 0, timeouts_total: 0, errors_total: 0, learn_errors_total: 0, learn_batches_total: 0, classify_ms_total: 0, token_cache_hits_total: 0, token_cache_misses_total: 0, token_cache_stale_total: 0, token_cache_entries: 0 };
   /** The counts this process read, kept exact by the learn generation (one cache for all connections). */
   private readonly cache = new TokenCache();
+  private readonly uids = new Map<string, number>();
+  private readonly prefs = new Map<number, { gen: number; prefs: SpamPrefs }>();
 
   constructor(private readonly o: AtDeliveryOptions) {
     this.changes = new ChangeJournal(o.dataDir, o.node);
@@ -149,9 +155,10 @@ export class SpamAtDelivery implements DeliveryFilter {
         const conn = await this.pool.getConnection();
         try {
           const store = new MariadbSpamStore(conn, this.o.database ?? DATABASE);
-          const uid = await store.uidFor(user);
-          const prefs = await readPreferences(store, uid);
-          const c = await classifyMessage(this.cache.over(store), uid, head, prefs, { tokenized });
+          const uid = await this.uidOf(store, user);
+          const gen = await store.generation(uid);
+          const prefs = await this.prefsOf(store, uid, gen);
+          const c = await classifyMessage(this.cache.over(store, { uid, gen }), uid, head, prefs, { tokenized });
           if (c.result === "spam") this.counters.spam_classified_total++;
           else this.counters.innocent_classified_total++;
           const folder = folderFor(c.result, prefs.spam_action);
@@ -162,6 +169,42 @@ export class SpamAtDelivery implements DeliveryFilter {
         }
       }),
     );
+  }
+
+  /** This process's learning committed: the token cache and the kept preferences move to the new generations. */
+  private committed(changes: readonly CommittedChange[]): void {
+    this.cache.committed(changes);
+    for (const ch of changes) {
+      const p = this.prefs.get(ch.uid);
+      if (p && p.gen === ch.gen - 1) p.gen = ch.gen;
+    }
+  }
+
+  /** A user's DSPAM uid (never changes once made: kept, at most IDS_MAX). */
+  private async uidOf(store: MariadbSpamStore, user: string): Promise<number> {
+    const known = this.uids.get(user);
+    if (known !== undefined) return known;
+    const uid = await store.uidFor(user);
+    if (this.uids.size >= IDS_MAX) this.uids.delete(this.uids.keys().next().value!);
+    this.uids.set(user, uid);
+    return uid;
+  }
+
+  /**
+   * A user's preferences, kept while their learn generation is GEN (`mailha spam prefs`
+   * moves it, store.ts `preferencesChanged`; so does any learning, which only costs a read).
+   */
+  private async prefsOf(store: MariadbSpamStore, uid: number, gen: number): Promise<SpamPrefs> {
+    const known = this.prefs.get(uid);
+    if (known && known.gen === gen) return known.prefs;
+    const prefs = await readPreferences(store, uid);
+    // Kept only if nothing changed them while they were read.
+    if ((await store.generation(uid)) === gen) {
+      this.prefs.delete(uid);
+      if (this.prefs.size >= IDS_MAX) this.prefs.delete(this.prefs.keys().next().value!);
+      this.prefs.set(uid, { gen, prefs });
+    }
+    return prefs;
   }
 
   async journal(plans: readonly FilterPlan[]): Promise<void> {
@@ -209,7 +252,7 @@ export class SpamAtDelivery implements DeliveryFilter {
     try {
       const conn = await this.learnPool.getConnection();
       try {
-        const store = new MariadbSpamStore(conn, this.o.database ?? DATABASE, (changes) => this.cache.committed(changes));
+        const store = new MariadbSpamStore(conn, this.o.database ?? DATABASE, (changes) => this.committed(changes));
         try {
           await store.applyBatch(batch.flatMap((b) => b.deltas));
           this.counters.learn_batches_total++;

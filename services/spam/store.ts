@@ -217,16 +217,6 @@ export class MariadbSpamStore implements SpamStore {
     return r ? Number(r.gen) : 0;
   }
 
-  /** Runs READ in one consistent snapshot (read only): what it reads is one state of the tables. */
-  async inSnapshot<T>(read: () => Promise<T>): Promise<T> {
-    await this.db.query("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY");
-    try {
-      return await read();
-    } finally {
-      await this.db.query("COMMIT").catch(() => undefined);
-    }
-  }
-
   /** Inside a learning transaction: one more generation for each of UIDS (in uid order), and the new values. */
   private async bumpGenerations(uids: readonly number[]): Promise<Map<number, number>> {
     const sorted = [...new Set(uids)].sort((a, b) => a - b);
@@ -507,11 +497,18 @@ export class MariadbSpamStore implements SpamStore {
     return gen;
   }
 
-  /** After counts changed outside a delta (a purge, an import): one more generation for every user with counts. */
+  /** After counts or defaults changed outside a delta (a purge, an import, uid 0's preferences): one more generation for every user. */
   async bumpAllGenerations(): Promise<void> {
     const gens = this.t("mailha_spam_generation");
     await this.db.query(`UPDATE ${gens} SET gen = gen + 1`);
     await this.db.query(`INSERT IGNORE INTO ${gens} (uid, gen) SELECT DISTINCT uid, 1 FROM ${this.t("dspam_token_data")}`);
+    await this.db.query(`INSERT IGNORE INTO ${gens} (uid, gen) SELECT uid, 1 FROM ${this.t("dspam_virtual_uids")}`);
+  }
+
+  /** After UID's preferences changed (uid 0: everyone's defaults): their generation moves, so cached preferences are read again. */
+  async preferencesChanged(uid: number): Promise<void> {
+    if (uid === 0) await this.bumpAllGenerations();
+    else await this.bumpGenerations([uid]);
   }
 
   /**

@@ -1,8 +1,9 @@
 // The token counts a process has read, kept in memory between classifications, exact:
 // each user's copy is tagged with the learn generation it was read at
 // (mailha_spam_generation, one more at every commit that changes that user's counts,
-// store.ts), read in the same consistent snapshot as the counts, so a copy is used only
-// while nothing has changed the user's counts since. What the process itself commits
+// store.ts), read before and after the counts (what was read is kept only when both
+// agree: no commit came between), so a copy is used only while nothing has changed the
+// user's counts since. What the process itself commits
 // moves its copy forward (the same increments, clamped at zero as MariaDB clamps); a
 // commit by anyone else (the spam worker's retraining, `mailha spam train`, the
 // split-brain merge, a purge, an import) makes the next classification read the user's
@@ -46,37 +47,39 @@ export class TokenCache {
   constructor(readonly maxEntries = TOKEN_CACHE_ENTRIES_MAX) {}
 
   /**
-   * Counts of TOKENS for UID through STORE: the user's generation and the tokens this
-   * cache lacks are read in one snapshot; the copy is used only at that generation.
-   * Absent tokens are not in the map (as SpamStore.tokenCounts).
+   * Counts of TOKENS for UID through STORE: the user's generation (one query, or KNOWN
+   * when the caller read it just before), the
+   * copy if it is at that generation, and the tokens it lacks (then the generation
+   * again). Absent tokens are not in the map (as SpamStore.tokenCounts).
    */
-  async tokenCounts(store: MariadbSpamStore, uid: number, tokens: readonly string[]): Promise<Map<string, TokenCounts>> {
-    return store.inSnapshot(async () => {
-      const gen = await store.generation(uid);
-      let copy = this.users.get(uid);
-      if (copy && copy.gen < gen) {
-        this.drop(uid);
-        this.stats.stale++;
-        copy = undefined;
-      } else if (copy && copy.gen > gen) {
-        // The snapshot began before an own commit the copy has taken already: this
-        // read is MariaDB's alone, and the copy stays.
-        copy = undefined;
-      }
-      const out = new Map<string, TokenCounts>();
-      const misses: string[] = [];
-      for (const t of tokens) {
-        const c = copy?.counts.get(t);
-        if (c === undefined) misses.push(t);
-        else if (c !== ABSENT) out.set(t, c);
-      }
-      this.stats.hits += tokens.length - misses.length;
-      this.stats.misses += misses.length;
-      const got = misses.length ? await store.tokenCounts(uid, misses) : new Map<string, TokenCounts>();
-      for (const [t, c] of got) out.set(t, c);
-      this.keep(uid, gen, misses, got);
-      return out;
-    });
+  async tokenCounts(store: MariadbSpamStore, uid: number, tokens: readonly string[], known?: number): Promise<Map<string, TokenCounts>> {
+    const gen = known ?? (await store.generation(uid));
+    let copy = this.users.get(uid);
+    if (copy && copy.gen < gen) {
+      this.drop(uid);
+      this.stats.stale++;
+      copy = undefined;
+    } else if (copy && copy.gen > gen) {
+      // Read before an own commit the copy has taken already: this read is
+      // MariaDB's alone, and the copy stays.
+      copy = undefined;
+    }
+    const out = new Map<string, TokenCounts>();
+    const misses: string[] = [];
+    for (const t of tokens) {
+      const c = copy?.counts.get(t);
+      if (c === undefined) misses.push(t);
+      else if (c !== ABSENT) out.set(t, c);
+    }
+    this.stats.hits += tokens.length - misses.length;
+    this.stats.misses += misses.length;
+    if (!misses.length) return out;
+    const got = await store.tokenCounts(uid, misses);
+    for (const [t, c] of got) out.set(t, c);
+    // Kept only if no commit changed the user's counts while they were read: every
+    // commit that did moved the generation, and a read after the reads sees it.
+    if ((await store.generation(uid)) === gen) this.keep(uid, gen, misses, got);
+    return out;
   }
 
   /**
@@ -117,12 +120,12 @@ export class TokenCache {
     this.stats.forwarded++;
   }
 
-  /** A SpamStore that reads token counts through this cache and everything else from STORE. */
-  over(store: MariadbSpamStore): SpamStore {
+  /** A SpamStore that reads token counts through this cache and everything else from STORE (GEN: the generation, when just read). */
+  over(store: MariadbSpamStore, gen?: { uid: number; gen: number }): SpamStore {
     return {
       uidFor: (u) => store.uidFor(u),
       totals: (uid) => store.totals(uid),
-      tokenCounts: (uid, tokens) => this.tokenCounts(store, uid, tokens),
+      tokenCounts: (uid, tokens) => this.tokenCounts(store, uid, tokens, gen?.uid === uid ? gen.gen : undefined),
       signature: (uid, id) => store.signature(uid, id),
       ledger: (uid, key) => store.ledger(uid, key),
       preferences: (uid) => store.preferences(uid),
