@@ -14,7 +14,8 @@
 // Latency: a change is journaled about DEBOUNCE_MS after inotify reports it (up to
 // ROUND_INTERVAL_MIN_MS under sustained change, more for a watcher at its CPU bound); a message
 // SMTP delivered is left alone (SMTP journals it) and one that looks like a delivery
-// whose journal line is not there yet waits DELIVERY_GRACE_MS.
+// whose journal line is not there yet waits DELIVERY_GRACE_MS, and a hard link whose
+// original is still in its folder COPY_GRACE_MS (an IMAP MOVE half done is one move).
 //
 // Bounds: at most WATCHES_MAX inotify watches (the rest of the tree relies on the
 // sweep); a round scans at most USERS_PER_ROUND users (USER_CONCURRENCY at a time), the
