@@ -78,7 +78,9 @@ export async function labFault(configFile: string, fault: Fault, args: string[])
       const which = args[1] ?? "both";
       const devs = which === "service" ? [SERVICE_DEV] : which === "replication" ? [REPLICATION_DEV] : which === "both" ? [SERVICE_DEV, REPLICATION_DEV] : null;
       if (!devs) throw new UsageError("cut-link NODE service|replication|both");
-      for (const d of devs) await run("ip", ["-n", ns(id), "link", "set", d, "down"]);
+      // One ip process for both: the links go down together, so no heartbeat on one
+      // reports what the other's loss began (a peer that heard "writing alone" outdates itself).
+      await run("ip", ["-n", ns(id), "-batch", "-"], { input: devs.map((d) => `link set ${d} down\n`).join("") });
       return { fault, node: id, link: which, at };
     }
     case "partition": {
