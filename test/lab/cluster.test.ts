@@ -296,7 +296,13 @@ describe("cluster: the active node loses both links; the witness sees only b", {
     // b must hold a complete copy first (a takeover never promotes a half-synced disk).
     await waitNode(lab, "a", "the initial sync to finish", (s) => s.volume?.connection === "connected" && s.volume.peer.disk === "uptodate", 120_000);
     const { at } = await fault(lab, "cut-link", "a", "both");
-    await waitNode(lab, "b", "taking over", (x) => x.state === "active", 60_000);
+    try {
+      await waitNode(lab, "b", "taking over", (x) => x.state === "active", 60_000);
+    } catch (e) {
+      // What each node's manager did since the cut (why b did not take over).
+      for (const n of ["a", "b"]) t.diagnostic(`${n} since the cut: ${events(lab, n).filter((x) => x.time >= at).slice(0, 40).map((x) => JSON.stringify(x)).join(" | ")}`);
+      throw e;
+    }
     const aEvents = events(lab, "a").filter((e) => e.time >= at);
     const selfFence = aEvents.find((e) => e.type === "self-fence");
     assert.ok(selfFence, "a logged its self-fencing");
