@@ -6,8 +6,9 @@
 // user's counts since. What the process itself commits moves its copy forward (the
 // same increments, clamped at zero as MariaDB clamps); a commit by anyone else (the
 // spam worker's retraining, `mailha spam train`, the split-brain merge, a purge, an
-// import) makes the next classification read the user's counts afresh. A token the store does not have is kept as absent (most of a
-// message's tokens), so a message of known words costs no token reads at all.
+// import) makes the next classification read the user's counts afresh. A token the
+// store does not have is kept as absent (most of a message's tokens), so a message of
+// known words costs no token reads at all.
 //
 // Bounds: at most maxEntries tokens over all users (least recently used users dropped
 // first; a user alone over the bound is not cached beyond it).
