@@ -56,8 +56,10 @@ describe("mailha init + mailha deploy into two booted Debian machines and a witn
   let dir: string;
   let config: string;
   let pkg: string;
+  /** The package the nodes run after the upgrade test. */
+  let current: string;
   const cli = (args: string[]) => mailha([...args, "--config", config]);
-  const deployArgs = () => ["deploy", "--package", pkg, "--ssh-config", m.sshConfigFile, "--timeout", "600"];
+  const deployArgs = (p = pkg) => ["deploy", "--package", p, "--ssh-config", m.sshConfigFile, "--timeout", "600"];
 
   before(async () => {
     dir = mkdtempSync(join(tmpdir(), "mailha-deploy-test-"));
@@ -165,6 +167,7 @@ describe("mailha init + mailha deploy into two booted Debian machines and a witn
     const next = `${version}.1`;
     writeFileSync(control, readFileSync(control, "utf8").replace(/^Version: .+$/m, `Version: ${next}`));
     const newer = join(dir, `mailha_${next}_amd64.deb`);
+    current = newer;
     await run("dpkg-deb", ["--root-owner-group", "-b", tree, newer], { timeoutMs: 300_000 });
     // The upgrade is the fault of a `mailha failover-test` run, as an operator proves
     // it: real clients (SMTP to the MX hosts in order, IMAP sessions) before, during and
@@ -191,5 +194,41 @@ describe("mailha init + mailha deploy into two booted Debian machines and a witn
     assert.deepEqual(trial.smtp.duplicated, [], "nothing is there twice");
     assert.ok(trial.smtp.acked > 5, `clients sent mail during the upgrade (${trial.smtp.acked} acknowledged)`);
     say(`${trial.smtp.acked} messages acknowledged around the upgrade, every one there once`);
+  });
+
+  test("a deploy that fails on one node leaves the other serving and says how to go on; once fixed, deploy again finishes", async () => {
+    assert.ok(current, "the upgrade test ran first");
+    const states = await Promise.all([m.byName.a!, m.byName.b!].map(async (x) => ({ x, s: (await stateOf(x))?.state })));
+    const active = states.find((v) => v.s === "active")!.x;
+    const broken = states.find((v) => v.x !== active)!.x;
+    // The passive node loses its package (dpkg -r: stops the unit, keeps config and data),
+    // and its dpkg is made to fail, as a full disk or a broken apt would.
+    await must(broken, "export DEBIAN_FRONTEND=noninteractive; dpkg -r mailha >/dev/null 2>&1");
+    await must(broken, `echo 'DPkg::Pre-Invoke { "echo mailha-test: dpkg refused >&2; false"; };' > /etc/apt/apt.conf.d/99mailha-test-fail`);
+    const r = await cli([...deployArgs(current), "--json"]);
+    assert.notEqual(r.code, 0, "a failed node makes deploy fail");
+    const res = JSON.parse(r.stdout) as { healthy: boolean; next: string[]; hosts: { name: string; error?: string; done: string[] }[] };
+    const h = res.hosts.find((x) => x.name === broken.name)!;
+    assert.match(h.error ?? "", /installing the package failed/, `${broken.name}'s error says what failed: ${JSON.stringify(h)}`);
+    assert.ok(res.next.some((n) => n.includes(`${broken.name} failed`) && /run mailha deploy again/.test(n)), `it says how to go on: ${res.next.join("; ")}`);
+    for (const o of res.hosts.filter((x) => x.name !== broken.name)) assert.equal(o.error, undefined, `${o.name} did not fail`);
+    // The other node kept serving: it takes mail and shows it.
+    assert.equal((await stateOf(active))?.state, "active");
+    const sw = await runAll("swaks", ["--server", active.address, "--from", "someone@example.net", "--to", USER, "--header", "Subject: while the other node is broken"]);
+    assert.match(sw.stdout, /250 2\.0\.0/, `mail through ${active.name}: ${sw.stdout.slice(-600)}`);
+    const subjects = async () => (await runAll("curl", ["-sk", "--ssl-reqd", `imap://${active.address}/INBOX`, "-u", `${USER}:${PASSWORD}`, "-X", "SEARCH SUBJECT \"while the other node is broken\""])).stdout;
+    await waitFor(`the message readable on ${active.name}`, 60_000, async () => /\* SEARCH \d+/.test(await subjects()));
+
+    // Fixed, deploy again continues from there: the package, the unit, a healthy cluster.
+    await must(broken, "rm -f /etc/apt/apt.conf.d/99mailha-test-fail");
+    const again = await cli([...deployArgs(current), "--json"]);
+    assert.equal(again.code, 0, `deploy after the fix: ${again.stdout.slice(-3000)}\n${again.stderr.slice(-2000)}`);
+    const res2 = JSON.parse(again.stdout) as { healthy: boolean; changes: number; hosts: { name: string; done: string[] }[] };
+    assert.equal(res2.healthy, true);
+    const done = res2.hosts.find((x) => x.name === broken.name)!.done;
+    assert.ok(done.some((d) => /^install mailha/.test(d)) && done.some((d) => /^start /.test(d)), `${broken.name} got its package and unit back: ${done.join("; ")}`);
+    assert.deepEqual(res2.hosts.filter((x) => x.name !== broken.name).map((x) => x.done), [[], []], "nothing else changed");
+    assert.equal((await stateOf(broken))?.state, "passive");
+    assert.match(await subjects(), /\* SEARCH \d+/, "the message is still there");
   });
 });
