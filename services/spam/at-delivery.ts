@@ -11,7 +11,8 @@
 // never refused, never delayed longer, never lost. Token counts are read through one
 // TokenCache (exact: tagged with each user's learn generation; this process's own
 // commits move it forward); a user's uid is kept, their preferences while their
-// generation stays (a preference change moves it).
+// generation stays (a preference change moves it). Generations are read for all
+// classifications waiting at once in one query (GenerationReads, its own connection).
 // Counters for the metrics page.
 import mysql from "mysql2/promise";
 import type { Logger } from "pino";
@@ -23,7 +24,7 @@ import { applyDeltas, classifyMessage, readPreferences, type SpamAction, type Sp
 import { ChangeJournal } from "../journal/changes.ts";
 import { journalSpamDeltasOf } from "./journal.ts";
 import { MariadbSpamStore, type CommittedChange } from "./store.ts";
-import { TokenCache } from "./token-cache.ts";
+import { GenerationReads, TokenCache } from "./token-cache.ts";
 import { DEFAULT_LIMITS, tokenize } from "./tokenize.ts";
 import type { SpamDelta } from "./training.ts";
 
@@ -71,6 +72,9 @@ export interface AtDeliveryCounters {
   token_cache_misses_total: number;
   token_cache_stale_total: number;
   token_cache_entries: number;
+  /** Statistics served from the cache; generation queries (each answers every classification waiting). */
+  token_cache_totals_hits_total: number;
+  generation_reads_total: number;
 }
 
 /** The folder spam goes to for ACTION: junk files it in Junk; tag only adds the fields. */
@@ -100,11 +104,14 @@ export class SpamAtDelivery implements DeliveryFilter {
   private readonly pool: mysql.Pool;
   /** The writes have their own connections: a commit that blocks never starves the classifications' reads. */
   private readonly learnPool: mysql.Pool;
+  /** The generation reads' own connection: a classification holds one of `pool` while it waits for a read. */
+  private readonly genPool: mysql.Pool;
+  private readonly gens: GenerationReads;
   private readonly changes: ChangeJournal;
   private readonly learning = new Set<Promise<void>>();
   private readonly waiting: Learning[] = [];
   private runners = 0;
-  readonly counters: AtDeliveryCounters = { spam_classified_total: 0, innocent_classified_total: 0, spam_filed_in_junk_total: 0, unclassified_total: 0, timeouts_total: 0, errors_total: 0, learn_errors_total: 0, learn_batches_total: 0, classify_ms_total: 0, token_cache_hits_total: 0, token_cache_misses_total: 0, token_cache_stale_total: 0, token_cache_entries: 0 };
+  readonly counters: AtDeliveryCounters = { spam_classified_total: 0, innocent_classified_total: 0, spam_filed_in_junk_total: 0, unclassified_total: 0, timeouts_total: 0, errors_total: 0, learn_errors_total: 0, learn_batches_total: 0, classify_ms_total: 0, token_cache_hits_total: 0, token_cache_misses_total: 0, token_cache_stale_total: 0, token_cache_entries: 0, token_cache_totals_hits_total: 0, generation_reads_total: 0 };
   /** The counts this process read, kept exact by the learn generation (one cache for all connections). */
   private readonly cache = new TokenCache();
   private readonly uids = new Map<string, number>();
@@ -114,6 +121,15 @@ export class SpamAtDelivery implements DeliveryFilter {
     this.changes = new ChangeJournal(o.dataDir, o.node);
     this.pool = this.newPool(POOL_SIZE);
     this.learnPool = this.newPool(LEARN_POOL_SIZE);
+    this.genPool = this.newPool(1);
+    this.gens = new GenerationReads(async (uids) => {
+      const conn = await this.genPool.getConnection();
+      try {
+        return await new MariadbSpamStore(conn, this.o.database ?? DATABASE).generations(uids);
+      } finally {
+        conn.release();
+      }
+    });
   }
 
   private newPool(size: number): mysql.Pool {
@@ -142,6 +158,8 @@ export class SpamAtDelivery implements DeliveryFilter {
       this.counters.token_cache_misses_total = cs.misses;
       this.counters.token_cache_stale_total = cs.stale;
       this.counters.token_cache_entries = cs.entries;
+      this.counters.token_cache_totals_hits_total = cs.totalsHits;
+      this.counters.generation_reads_total = this.gens.reads;
     }
   }
 
@@ -156,9 +174,9 @@ export class SpamAtDelivery implements DeliveryFilter {
         try {
           const store = new MariadbSpamStore(conn, this.o.database ?? DATABASE);
           const uid = await this.uidOf(store, user);
-          const gen = await store.generation(uid);
+          const gen = await this.gens.generation(uid);
           const prefs = await this.prefsOf(store, uid, gen);
-          const c = await classifyMessage(this.cache.over(store, { uid, gen }), uid, head, prefs, { tokenized });
+          const c = await classifyMessage(this.cache.over(store, { uid, gen }, this.gens), uid, head, prefs, { tokenized });
           if (c.result === "spam") this.counters.spam_classified_total++;
           else this.counters.innocent_classified_total++;
           const folder = folderFor(c.result, prefs.spam_action);
@@ -199,7 +217,7 @@ export class SpamAtDelivery implements DeliveryFilter {
     if (known && known.gen === gen) return known.prefs;
     const prefs = await readPreferences(store, uid);
     // Kept only if nothing changed them while they were read.
-    if ((await store.generation(uid)) === gen) {
+    if ((await this.gens.generation(uid)) === gen) {
       this.prefs.delete(uid);
       if (this.prefs.size >= IDS_MAX) this.prefs.delete(this.prefs.keys().next().value!);
       this.prefs.set(uid, { gen, prefs });
@@ -273,6 +291,6 @@ export class SpamAtDelivery implements DeliveryFilter {
   /** Waits (at most MS) for the learning in progress, then closes. */
   async close(ms = 2000): Promise<void> {
     await Promise.race([Promise.allSettled([...this.learning]), new Promise((r) => setTimeout(r, ms))]);
-    await Promise.all([this.pool.end().catch(() => undefined), this.learnPool.end().catch(() => undefined), this.changes.close().catch(() => undefined)]);
+    await Promise.all([this.pool.end().catch(() => undefined), this.learnPool.end().catch(() => undefined), this.genPool.end().catch(() => undefined), this.changes.close().catch(() => undefined)]);
   }
 }

@@ -54,6 +54,10 @@ export interface Totals {
   innocent_classified: number;
 }
 
+/** What the probabilities divide by (the learn generation moves when they change, store.ts). */
+export type Learned = Pick<Totals, "spam_learned" | "innocent_learned">;
+export const LEARNED_COLUMNS = ["spam_learned", "innocent_learned"] as const satisfies readonly (keyof Totals)[];
+
 export const STAT_COLUMNS = [
   "spam_learned",
   "innocent_learned",

@@ -103,7 +103,7 @@ export async function classifyMessage(store: SpamStore, uid: number, message: Me
     headers["X-DSPAM-Reason"] = [...tokenized.reasons, "no-tokens"].join(", ");
     return { result: "innocent", probability: 0, confidence: 0, score: 0, signatureId: null, headers, deltas: [], tokens: [], reasons: tokenized.reasons, passedThrough: true };
   }
-  const [stats, totals] = await Promise.all([statsOf(store, uid, tokenized), store.totals(uid)]);
+  const [stats, totals] = await Promise.all([statsOf(store, uid, tokenized), store.learned(uid)]);
   const v = classifyTokens(stats, totals, { algorithms: prefs.algorithms, trainingMode: prefs.training_mode });
   const deltas: SpamDelta[] = [];
   let signatureId: string | null = null;
@@ -159,7 +159,7 @@ export async function retrain(store: SpamStore, uid: number, target: string | Bu
   } else {
     return []; // a signature that is gone (purged after 14 days) and no message: nothing to learn from
   }
-  const [prior, totals] = await Promise.all([store.ledger(uid, key), store.totals(uid)]);
+  const [prior, totals] = await Promise.all([store.ledger(uid, key), store.learned(uid)]);
   const d = decideTraining({ uid, key, mode: p.training_mode, source, asClass, tokens, totals, prior, day: dayOf(now) });
   return isEmptyDelta(d) ? [] : [d];
 }

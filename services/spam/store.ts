@@ -8,13 +8,16 @@
 // Token statistics are read in batches of 500. `purge` is DSPAM's purge-4.1.sql
 // (hapaxes 30 days, single hits 15 days, unused 90 days except TOE/TUM/NOTRAIN users,
 // TUM tokens under 50 hits after 90 days, signatures 14 days) in bounded batches.
-// Every commit that changes a user's token counts also adds one to their learn
+// Every commit that changes a user's token counts or learned totals (spam_learned,
+// innocent_learned: what the probabilities divide by) also adds one to their learn
 // generation (mailha_spam_generation; a purge and an import add one for everyone), so
-// a process that caches counts (token-cache.ts) knows when its copy is stale.
+// a process that caches them (token-cache.ts) knows when its copy is stale. The other
+// statistics (classified, misclassified counts) change at nearly every delivery and are
+// not part of it.
 // A MemorySpamStore with the same interface serves the unit tests.
 import type { Connection } from "mysql2/promise";
 import { DATABASE } from "../accounts.ts";
-import { STAT_COLUMNS, ZERO_TOTALS, type StatColumn, type Totals, type TrainingMode } from "./classify.ts";
+import { LEARNED_COLUMNS, STAT_COLUMNS, ZERO_TOTALS, type Learned, type StatColumn, type Totals, type TrainingMode } from "./classify.ts";
 import type { LedgerEntry, SpamDelta } from "./training.ts";
 
 export interface TokenCounts {
@@ -32,7 +35,8 @@ export interface StoredSignature {
 export interface SpamStore {
   /** The uid of USERNAME in dspam_virtual_uids (made on first use). */
   uidFor(username: string): Promise<number>;
-  totals(uid: number): Promise<Totals>;
+  /** What the probabilities divide by: the user's spam and innocent learned (dspam_stats). */
+  learned(uid: number): Promise<Learned>;
   /** Counts of TOKENS (absent ones are not in the map). */
   tokenCounts(uid: number, tokens: readonly string[]): Promise<Map<string, TokenCounts>>;
   signature(uid: number, id: string): Promise<StoredSignature | null>;
@@ -104,8 +108,8 @@ export const SPAM_SCHEMA: readonly string[] = [
     UNIQUE KEY id_virtual_uids_01 (username)
   ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4`,
   // A user's learn generation: one more at every commit that changes their token
-  // counts (and for everyone at a purge or an import), so a process that caches counts
-  // (token-cache.ts) knows when its copy is stale.
+  // counts or learned totals (and for everyone at a purge or an import), so a process
+  // that caches them (token-cache.ts) knows when its copy is stale.
   `CREATE TABLE IF NOT EXISTS mailha_spam_generation (
     uid INT UNSIGNED NOT NULL PRIMARY KEY,
     gen BIGINT UNSIGNED NOT NULL
@@ -191,11 +195,13 @@ const BATCH_WRITE = 500;
 
 // ---- MariaDB --------------------------------------------------------------------
 
-/** A user's token changes that one commit made, and the learn generation it brought them to. */
+/** A user's token and statistics changes that one commit made, and the learn generation it brought them to. */
 export interface CommittedChange {
   readonly uid: number;
   readonly gen: number;
   readonly tokens: readonly { readonly token: string; readonly spamDelta: number; readonly innocentDelta: number }[];
+  /** What the commit added to the user's dspam_stats columns (each clamped at zero, as MariaDB applied it). */
+  readonly stats: Readonly<Partial<Record<StatColumn, number>>>;
 }
 
 export class MariadbSpamStore implements SpamStore {
@@ -217,6 +223,15 @@ export class MariadbSpamStore implements SpamStore {
     return r ? Number(r.gen) : 0;
   }
 
+  /** The learn generations of UIDS in one query (0 for a user without one). */
+  async generations(uids: readonly number[]): Promise<Map<number, number>> {
+    const out = new Map<number, number>(uids.map((u) => [u, 0]));
+    if (!uids.length) return out;
+    const [rows] = await this.db.query(`SELECT uid, gen FROM ${this.t("mailha_spam_generation")} WHERE uid IN (${[...new Set(uids)].map(intLiteral).join(",")})`);
+    for (const r of rows as { uid: number; gen: number | string }[]) out.set(Number(r.uid), Number(r.gen));
+    return out;
+  }
+
   /** Inside a learning transaction: one more generation for each of UIDS (in uid order), and the new values. */
   private async bumpGenerations(uids: readonly number[]): Promise<Map<number, number>> {
     const sorted = [...new Set(uids)].sort((a, b) => a - b);
@@ -224,7 +239,9 @@ export class MariadbSpamStore implements SpamStore {
     if (!sorted.length) return out;
     const gens = this.t("mailha_spam_generation");
     await this.db.query(`INSERT INTO ${gens} (uid, gen) VALUES ${sorted.map((u) => `(${intLiteral(u)}, 1)`).join(",")} ON DUPLICATE KEY UPDATE gen = gen + 1`);
-    const [rows] = await this.db.query(`SELECT uid, gen FROM ${gens} WHERE uid IN (${sorted.map(intLiteral).join(",")})`);
+    // A locking read (the rows are this transaction's already: it holds their locks):
+    // the values as it left them, whatever snapshot an earlier plain read took.
+    const [rows] = await this.db.query(`SELECT uid, gen FROM ${gens} WHERE uid IN (${sorted.map(intLiteral).join(",")}) FOR UPDATE`);
     for (const r of rows as { uid: number; gen: number | string }[]) out.set(Number(r.uid), Number(r.gen));
     return out;
   }
@@ -252,6 +269,12 @@ export class MariadbSpamStore implements SpamStore {
     const out = { ...ZERO_TOTALS };
     for (const c of STAT_COLUMNS) out[c] = Number(r[c]);
     return out;
+  }
+
+  async learned(uid: number): Promise<Learned> {
+    const [rows] = await this.db.query(`SELECT spam_learned, innocent_learned FROM ${this.t("dspam_stats")} WHERE uid = ?`, [uid]);
+    const r = (rows as Record<string, number | string>[])[0];
+    return { spam_learned: Number(r?.spam_learned ?? 0), innocent_learned: Number(r?.innocent_learned ?? 0) };
   }
 
   async tokenCounts(uid: number, tokens: readonly string[]): Promise<Map<string, TokenCounts>> {
@@ -297,7 +320,7 @@ export class MariadbSpamStore implements SpamStore {
         try {
           const gen = await this.applyOne(d, opts);
           await this.db.commit();
-          if (gen !== null) this.committed?.([{ uid: d.uid, gen, tokens: d.tokens }]);
+          if (gen !== null) this.committed?.([{ uid: d.uid, gen, tokens: d.tokens, stats: d.stats }]);
           break;
         } catch (e) {
           await this.db.rollback().catch(() => undefined);
@@ -375,7 +398,8 @@ export class MariadbSpamStore implements SpamStore {
           await this.db.query(`INSERT IGNORE INTO ${this.t("dspam_stats")} (uid, ${STAT_COLUMNS.join(", ")}) VALUES (${intLiteral(uid)}${",0".repeat(STAT_COLUMNS.length)})`);
           await this.db.query(`UPDATE ${this.t("dspam_stats")} SET ${cols.map(([c, v]) => `${c} = ${c} + ${intLiteral(v)}`).join(", ")} WHERE uid = ${intLiteral(uid)}`);
         }
-        const gens = await this.bumpGenerations(inc.map((t) => t.uid));
+        const statsChanged = [...stats].filter(([, st]) => LEARNED_COLUMNS.some((c) => (st[c] ?? 0) !== 0)).map(([uid]) => uid);
+        const gens = await this.bumpGenerations([...inc.map((t) => t.uid), ...statsChanged]);
         const sigs = ledgers.filter((d) => d.signature);
         for (let i = 0; i < sigs.length; i += 100) {
           const part = sigs.slice(i, i + 100).map((d) => ({ d, blob: encodeSignature(d.signature!.tokens) }));
@@ -387,13 +411,9 @@ export class MariadbSpamStore implements SpamStore {
         }
         await this.db.commit();
         if (gens.size && this.committed) {
-          const byUid = new Map<number, CommittedChange["tokens"][number][]>();
-          for (const t of inc) {
-            let l = byUid.get(t.uid);
-            if (!l) byUid.set(t.uid, (l = []));
-            l.push({ token: t.token, spamDelta: t.spam, innocentDelta: t.innocent });
-          }
-          this.committed([...byUid].map(([uid, tokens]) => ({ uid, gen: gens.get(uid)!, tokens })));
+          const byUid = new Map<number, CommittedChange["tokens"][number][]>([...gens.keys()].map((uid) => [uid, []]));
+          for (const t of inc) byUid.get(t.uid)!.push({ token: t.token, spamDelta: t.spam, innocentDelta: t.innocent });
+          this.committed([...byUid].map(([uid, tokens]) => ({ uid, gen: gens.get(uid)!, tokens, stats: stats.get(uid) ?? {} })));
         }
         return;
       } catch (e) {
@@ -405,7 +425,7 @@ export class MariadbSpamStore implements SpamStore {
     }
   }
 
-  /** One delta inside the caller's transaction; the user's new learn generation when token counts changed, else null. */
+  /** One delta inside the caller's transaction; the user's new learn generation when token counts or learned totals changed, else null. */
   private async applyOne(d: SpamDelta, opts: ApplyOptions): Promise<number | null> {
     const uid = intLiteral(d.uid);
     const day = dayLiteral(d.day);
@@ -475,7 +495,7 @@ export class MariadbSpamStore implements SpamStore {
       await this.db.query(`INSERT IGNORE INTO ${this.t("dspam_stats")} (uid, ${STAT_COLUMNS.join(", ")}) VALUES (${uid}${",0".repeat(STAT_COLUMNS.length)})`);
       await this.db.query(`UPDATE ${this.t("dspam_stats")} SET ${cols.map(([c, v]) => `${c} = GREATEST(CAST(${c} AS SIGNED) + (${intLiteral(v)}), 0)`).join(", ")} WHERE uid = ${uid}`);
     }
-    const changed = d.tokens.some((t) => t.spamDelta !== 0 || t.innocentDelta !== 0);
+    const changed = cols.some(([c]) => (LEARNED_COLUMNS as readonly string[]).includes(c)) || d.tokens.some((t) => t.spamDelta !== 0 || t.innocentDelta !== 0);
     const gen = changed ? (await this.bumpGenerations([d.uid])).get(d.uid)! : null;
     if (d.signature) {
       const blob = encodeSignature(d.signature.tokens);
@@ -583,6 +603,10 @@ export class MemorySpamStore implements SpamStore {
   }
   async totals(uid: number): Promise<Totals> {
     return { ...(this.stats.get(uid) ?? ZERO_TOTALS) };
+  }
+  async learned(uid: number): Promise<Learned> {
+    const t = this.stats.get(uid) ?? ZERO_TOTALS;
+    return { spam_learned: t.spam_learned, innocent_learned: t.innocent_learned };
   }
   async tokenCounts(uid: number, tokens: readonly string[]): Promise<Map<string, TokenCounts>> {
     const out = new Map<string, TokenCounts>();

@@ -8,10 +8,18 @@
 // spam worker's retraining, `mailha spam train`, the split-brain merge, a purge, an
 // import) makes the next classification read the user's counts afresh. A token the
 // store does not have is kept as absent (most of a message's tokens), so a message of
-// known words costs no token reads at all.
+// known words costs no token reads at all. A user's learned totals (spam_learned,
+// innocent_learned: what the probabilities divide by) are kept the same way: every
+// commit that changes them moves the generation too.
+//
+// `GenerationReads` shares generation reads between concurrent classifications: a caller
+// is answered by a read that started after it asked (so it sees every commit made
+// before), one query for everyone who asked meanwhile.
 //
 // Bounds: at most maxEntries tokens over all users (least recently used users dropped
-// first; a user alone over the bound is not cached beyond it).
+// first; a user alone over the bound is not cached beyond it); a shared read asks for
+// at most GENERATION_READ_MAX users, the rest wait for the next.
+import { LEARNED_COLUMNS, type Learned } from "./classify.ts";
 import type { CommittedChange, MariadbSpamStore, SpamStore, TokenCounts } from "./store.ts";
 
 export const TOKEN_CACHE_ENTRIES_MAX = 300_000;
@@ -22,6 +30,8 @@ const ABSENT: TokenCounts = Object.freeze({ spam_hits: 0, innocent_hits: 0 });
 interface UserCopy {
   gen: number;
   readonly counts: Map<string, TokenCounts>;
+  /** The user's learned totals at `gen`, once read. */
+  learned?: Learned;
   /** Own commits heard of before the one that precedes them (two learning connections finish in any order), by generation. */
   readonly ahead: Map<number, CommittedChange>;
 }
@@ -36,13 +46,67 @@ export interface TokenCacheStats {
   stale: number;
   /** Own commits applied to a copy. */
   forwarded: number;
+  /** Learned totals served from a copy. */
+  totalsHits: number;
   entries: number;
+}
+
+/** Where a user's generation is read: the store itself, or reads shared between callers. */
+export interface GenerationSource {
+  generation(uid: number): Promise<number>;
+}
+
+/** Users one shared generation read asks for, at most. */
+export const GENERATION_READ_MAX = 500;
+
+/**
+ * Generation reads shared between concurrent callers: whoever asks while no read runs
+ * starts one; whoever asks while one runs waits for the next, which starts after the
+ * running one ends (so every caller's answer was read after it asked). READ returns
+ * the generations of the users given (0 for one without).
+ */
+export class GenerationReads implements GenerationSource {
+  private waiting = new Map<number, { resolve: (g: number) => void; reject: (e: unknown) => void }[]>();
+  private running = false;
+  /** Queries made (each answered everyone waiting for it). */
+  reads = 0;
+
+  constructor(private readonly read: (uids: readonly number[]) => Promise<Map<number, number>>) {}
+
+  generation(uid: number): Promise<number> {
+    return new Promise((resolve, reject) => {
+      let l = this.waiting.get(uid);
+      if (!l) this.waiting.set(uid, (l = []));
+      l.push({ resolve, reject });
+      if (!this.running) void this.next();
+    });
+  }
+
+  private async next(): Promise<void> {
+    this.running = true;
+    try {
+      while (this.waiting.size) {
+        const uids = [...this.waiting.keys()].slice(0, GENERATION_READ_MAX);
+        const asked = uids.map((u) => [u, this.waiting.get(u)!] as const);
+        for (const u of uids) this.waiting.delete(u);
+        this.reads++;
+        try {
+          const gens = await this.read(uids);
+          for (const [u, l] of asked) for (const w of l) w.resolve(gens.get(u) ?? 0);
+        } catch (err) {
+          for (const [, l] of asked) for (const w of l) w.reject(err);
+        }
+      }
+    } finally {
+      this.running = false;
+    }
+  }
 }
 
 export class TokenCache {
   private readonly users = new Map<number, UserCopy>();
   private entries = 0;
-  readonly stats: TokenCacheStats = { hits: 0, misses: 0, stale: 0, forwarded: 0, entries: 0 };
+  readonly stats: TokenCacheStats = { hits: 0, misses: 0, stale: 0, forwarded: 0, totalsHits: 0, entries: 0 };
 
   constructor(readonly maxEntries = TOKEN_CACHE_ENTRIES_MAX) {}
 
@@ -52,18 +116,9 @@ export class TokenCache {
    * copy if it is at that generation, and the tokens it lacks (then the generation
    * again). Absent tokens are not in the map (as SpamStore.tokenCounts).
    */
-  async tokenCounts(store: MariadbSpamStore, uid: number, tokens: readonly string[], known?: number): Promise<Map<string, TokenCounts>> {
-    const gen = known ?? (await store.generation(uid));
-    let copy = this.users.get(uid);
-    if (copy && copy.gen < gen) {
-      this.drop(uid);
-      this.stats.stale++;
-      copy = undefined;
-    } else if (copy && copy.gen > gen) {
-      // Read before an own commit the copy has taken already: this read is
-      // MariaDB's alone, and the copy stays.
-      copy = undefined;
-    }
+  async tokenCounts(store: MariadbSpamStore, uid: number, tokens: readonly string[], known?: number, gens: GenerationSource = store): Promise<Map<string, TokenCounts>> {
+    const gen = known ?? (await gens.generation(uid));
+    const copy = this.copyAt(uid, gen);
     const out = new Map<string, TokenCounts>();
     const misses: string[] = [];
     for (const t of tokens) {
@@ -78,8 +133,36 @@ export class TokenCache {
     for (const [t, c] of got) out.set(t, c);
     // Kept only if no commit changed the user's counts while they were read: every
     // commit that did moved the generation, and a read after the reads sees it.
-    if ((await store.generation(uid)) === gen) this.keep(uid, gen, misses, got);
+    if ((await gens.generation(uid)) === gen) this.keep(uid, gen, misses, got);
     return out;
+  }
+
+  /** UID's learned totals through STORE, kept as the token counts are (GEN: the generation, when just read). */
+  async learned(store: MariadbSpamStore, uid: number, known?: number, gens: GenerationSource = store): Promise<Learned> {
+    const gen = known ?? (await gens.generation(uid));
+    const copy = this.copyAt(uid, gen);
+    if (copy?.learned) {
+      this.stats.totalsHits++;
+      return { ...copy.learned };
+    }
+    const learned = await store.learned(uid);
+    if ((await gens.generation(uid)) === gen) {
+      const c = this.users.get(uid) ?? this.keep(uid, gen, [], new Map());
+      if (c && c.gen === gen) c.learned = { ...learned };
+    }
+    return learned;
+  }
+
+  /** UID's copy if it is at GEN; an older one is dropped (stale). */
+  private copyAt(uid: number, gen: number): UserCopy | undefined {
+    const copy = this.users.get(uid);
+    if (copy && copy.gen < gen) {
+      this.drop(uid);
+      this.stats.stale++;
+      return undefined;
+    }
+    // Newer: read before an own commit the copy has taken already; this read is MariaDB's alone, and the copy stays.
+    return copy && copy.gen === gen ? copy : undefined;
   }
 
   /**
@@ -116,16 +199,21 @@ export class TokenCache {
       if (c === ABSENT && t.spamDelta <= 0 && t.innocentDelta <= 0) continue;
       copy.counts.set(t.token, { spam_hits: Math.max(0, c.spam_hits + t.spamDelta), innocent_hits: Math.max(0, c.innocent_hits + t.innocentDelta) });
     }
+    if (copy.learned) for (const col of LEARNED_COLUMNS) copy.learned[col] = Math.max(0, copy.learned[col] + (ch.stats[col] ?? 0));
     copy.gen = ch.gen;
     this.stats.forwarded++;
   }
 
-  /** A SpamStore that reads token counts through this cache and everything else from STORE (GEN: the generation, when just read). */
-  over(store: MariadbSpamStore, gen?: { uid: number; gen: number }): SpamStore {
+  /**
+   * A SpamStore that reads token counts and statistics through this cache and everything
+   * else from STORE (GEN: the generation, when just read; GENS: where to read it).
+   */
+  over(store: MariadbSpamStore, gen?: { uid: number; gen: number }, gens: GenerationSource = store): SpamStore {
+    const known = (uid: number) => (gen?.uid === uid ? gen.gen : undefined);
     return {
       uidFor: (u) => store.uidFor(u),
-      totals: (uid) => store.totals(uid),
-      tokenCounts: (uid, tokens) => this.tokenCounts(store, uid, tokens, gen?.uid === uid ? gen.gen : undefined),
+      learned: (uid) => this.learned(store, uid, known(uid), gens),
+      tokenCounts: (uid, tokens) => this.tokenCounts(store, uid, tokens, known(uid), gens),
       signature: (uid, id) => store.signature(uid, id),
       ledger: (uid, key) => store.ledger(uid, key),
       preferences: (uid) => store.preferences(uid),
@@ -133,10 +221,10 @@ export class TokenCache {
     };
   }
 
-  private keep(uid: number, gen: number, misses: readonly string[], got: Map<string, TokenCounts>): void {
+  private keep(uid: number, gen: number, misses: readonly string[], got: Map<string, TokenCounts>): UserCopy | undefined {
     let copy = this.users.get(uid);
     // Moved on meanwhile (an own commit forwarded it): what was read is older than the copy.
-    if (copy && copy.gen !== gen) return;
+    if (copy && copy.gen !== gen) return undefined;
     if (!copy) copy = { gen, counts: new Map(), ahead: new Map() };
     // Most recently used last.
     this.users.delete(uid);
@@ -151,6 +239,7 @@ export class TokenCache {
       copy.counts.set(t, got.get(t) ?? ABSENT);
     }
     this.stats.entries = this.entries;
+    return copy;
   }
 
   private drop(uid: number): void {

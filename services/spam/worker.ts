@@ -86,7 +86,7 @@ function storeOf(b: Backend): SpamStore {
   };
   return {
     uidFor: (u) => s().uidFor(u),
-    totals: (uid) => s().totals(uid),
+    learned: (uid) => s().learned(uid),
     tokenCounts: (uid, t) => s().tokenCounts(uid, t),
     signature: (uid, id) => s().signature(uid, id),
     ledger: (uid, k) => s().ledger(uid, k),

@@ -1,14 +1,16 @@
 // The token cache against a real MariaDB (a private mariadbd): what it returns is
 // always what MariaDB holds, through its own commits (forwarded, no token read), other
 // processes' commits (read afresh), decrements clamped at zero, a purge, and its bound;
-// and a seeded random schedule of concurrent reads and both kinds of commits compares
-// every read with MariaDB's own (the seed is printed on a failure).
+// the users' learned totals the same way; generation reads shared between callers; and a
+// seeded random schedule of concurrent reads and both kinds of commits compares every
+// read with MariaDB's own (the seed is printed on a failure).
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import type { Connection } from "mysql2/promise";
 import { startScratchMariadb, type ScratchMariadb } from "../fixtures/spam/mariadb.ts";
 import { MariadbSpamStore, migrateSpam } from "../../services/spam/store.ts";
-import { TokenCache } from "../../services/spam/token-cache.ts";
+import { GenerationReads, TokenCache } from "../../services/spam/token-cache.ts";
+import type { StatColumn } from "../../services/spam/classify.ts";
 import type { SpamDelta } from "../../services/spam/training.ts";
 import { rng } from "../sim/volume-sim.ts";
 
@@ -33,7 +35,7 @@ after(async () => {
 });
 
 let keys = 0;
-const learn = (uid: number, tokens: [string, number, number][], batchable = true): SpamDelta => ({
+const learn = (uid: number, tokens: [string, number, number][], batchable = true, stats: Partial<Record<StatColumn, number>> = {}): SpamDelta => ({
   kind: "spam-delta",
   v: 1,
   uid,
@@ -42,7 +44,7 @@ const learn = (uid: number, tokens: [string, number, number][], batchable = true
   source: "corpus",
   day: "2026-12-03",
   tokens: tokens.map(([token, spamDelta, innocentDelta]) => ({ uid, token, spamDelta, innocentDelta })),
-  stats: {},
+  stats,
   ledger: { before: null, after: batchable ? { key: `k${keys}`, verdict: null, atClassification: null, applied: { cls: "spam", except: [], stats: {} } } : null },
 });
 const plain = (m: Map<string, { spam_hits: number; innocent_hits: number }>) => Object.fromEntries([...m].sort(([a], [b]) => (a < b ? -1 : 1)));
@@ -98,6 +100,72 @@ test("reads come from memory once read, own commits move the copy forward, anyon
   assert.deepEqual(plain(afterPurge), plain(await reader.tokenCounts(uid, toks)));
 });
 
+test("learned totals: read once, moved forward by own commits (clamped at zero), read afresh after anyone else's; classified counts alone move nothing", async () => {
+  const cache = new TokenCache();
+  const reader = new MariadbSpamStore(await connect(), DB);
+  const own = new MariadbSpamStore(await connect(), DB, (ch) => cache.committed(ch));
+  const other = new MariadbSpamStore(await connect(), DB);
+  const uid = 41;
+  await other.apply([learn(uid, [["7", 1, 0]], true, { spam_learned: 3, innocent_classified: 2 })]);
+  assert.deepEqual(await cache.learned(reader, uid), await reader.learned(uid));
+  assert.equal((await cache.learned(reader, uid)).spam_learned, 3);
+  assert.equal(cache.stats.totalsHits, 1, "the second read is the copy's");
+  // Own commits of learned totals alone (no token changes) move the generation and the copy.
+  await own.applyBatch([learn(uid, [], true, { innocent_classified: 1, innocent_learned: 2 }), learn(uid, [["7", 0, 1]], true, { innocent_learned: 1 })]);
+  await own.apply([learn(uid, [], false, { spam_learned: -5, spam_classified: 1 })]);
+  const t = await cache.learned(reader, uid);
+  assert.equal(cache.stats.totalsHits, 2, "own commits need no read");
+  assert.deepEqual(t, await reader.learned(uid));
+  assert.deepEqual(t, { spam_learned: 0, innocent_learned: 3 }, "clamped at zero as MariaDB clamps");
+  // Another process's classified counts: the generation stays, the copy is still right.
+  const g = await reader.generation(uid);
+  await other.apply([learn(uid, [], false, { innocent_classified: 4, spam_misclassified: 1 })]);
+  assert.equal(await reader.generation(uid), g, "classified counts alone do not move the generation");
+  assert.deepEqual(await cache.learned(reader, uid), await reader.learned(uid));
+  assert.equal(cache.stats.totalsHits, 3);
+  // Another process's learned totals alone: the copy is stale.
+  await other.apply([learn(uid, [], false, { innocent_learned: 4 })]);
+  const t2 = await cache.learned(reader, uid);
+  assert.equal(cache.stats.totalsHits, 3, "read afresh");
+  assert.deepEqual(t2, { spam_learned: 0, innocent_learned: 7 });
+  assert.deepEqual(t2, await reader.learned(uid));
+});
+
+test("generation reads are shared: one query for everyone waiting, and each caller's answer was read after it asked", async () => {
+  const reader = new MariadbSpamStore(await connect(), DB);
+  const other = new MariadbSpamStore(await connect(), DB);
+  const asked: number[][] = [];
+  let release: () => void = () => undefined;
+  let gate = Promise.resolve();
+  const reads = new GenerationReads(async (uids) => {
+    asked.push([...uids]);
+    await gate;
+    return reader.generations(uids);
+  });
+  const uid = 51;
+  const g0 = await reader.generation(uid);
+  // The first read is held; meanwhile a commit lands and more callers ask.
+  gate = new Promise((r) => (release = r));
+  const first = reads.generation(uid);
+  await new Promise((r) => setImmediate(r));
+  await other.apply([learn(uid, [["9", 1, 0]])]);
+  const later = [reads.generation(uid), reads.generation(uid), reads.generation(52)];
+  release();
+  const [a, b, c, d] = await Promise.all([first, ...later]);
+  assert.ok(a! >= g0);
+  assert.equal(b, g0 + 1, "asked after the commit: a read that started after it");
+  assert.equal(c, g0 + 1);
+  assert.equal(d, await reader.generation(52));
+  assert.deepEqual(asked, [[51], [51, 52]], "two queries for four callers, the second for everyone who waited");
+  // A failed read fails everyone waiting for it, and the next read runs.
+  const failing = new GenerationReads(async (uids) => {
+    if (uids.includes(99)) throw new Error("gone");
+    return reader.generations(uids);
+  });
+  await assert.rejects(failing.generation(99), /gone/);
+  assert.equal(await failing.generation(uid), g0 + 1);
+});
+
 test("the cache holds at most its bound of tokens and still returns MariaDB's counts", async () => {
   const cache = new TokenCache(50);
   const reader = new MariadbSpamStore(await connect(), DB);
@@ -118,13 +186,22 @@ test("seeded random schedules: every read through the cache equals MariaDB's, wi
   const rnd = rng(seed);
   const cache = new TokenCache(400);
   const readers = [new MariadbSpamStore(await connect(), DB), new MariadbSpamStore(await connect(), DB)];
-  const owns = [new MariadbSpamStore(await connect(), DB, (ch) => cache.committed(ch)), new MariadbSpamStore(await connect(), DB, (ch) => cache.committed(ch))];
-  const other = new MariadbSpamStore(await connect(), DB);
+  // A transaction needs its connection to itself (a second BEGIN on it commits the first
+  // half done): each of a round's concurrent commits has its own, as a pool gives them.
+  const owns: MariadbSpamStore[] = [];
+  const others: MariadbSpamStore[] = [];
+  for (let i = 0; i < 3; i++) {
+    owns.push(new MariadbSpamStore(await connect(), DB, (ch) => cache.committed(ch)));
+    others.push(new MariadbSpamStore(await connect(), DB));
+  }
   const truth = new MariadbSpamStore(await connect(), DB);
   const uids = [31, 32];
   const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rnd() * xs.length)]!;
   const someTokens = () => Array.from({ length: 1 + Math.floor(rnd() * 30) }, () => String(1 + Math.floor(rnd() * 120)));
-  const change = (uid: number, mayDecrement: boolean) => learn(uid, [...new Set(someTokens())].map((t) => [t, Math.floor(rnd() * 3) - (mayDecrement && rnd() < 0.3 ? 2 : 0), Math.floor(rnd() * 2)]), !mayDecrement);
+  const someStats = (mayDecrement: boolean): Partial<Record<StatColumn, number>> => (rnd() < 0.5 ? { spam_learned: Math.floor(rnd() * 2) - (mayDecrement && rnd() < 0.3 ? 3 : 0), innocent_learned: Math.floor(rnd() * 2), innocent_classified: 1 } : {});
+  const change = (uid: number, mayDecrement: boolean) =>
+    learn(uid, rnd() < 0.15 ? [] : [...new Set(someTokens())].map((t) => [t, Math.floor(rnd() * 3) - (mayDecrement && rnd() < 0.3 ? 2 : 0), Math.floor(rnd() * 2)]), !mayDecrement, someStats(mayDecrement));
+  const gens = process.env.NOSHARE ? undefined : new GenerationReads((u) => truth.generations(u));
   try {
     for (let round = 0; round < 40; round++) {
       const uid = pick(uids);
@@ -132,17 +209,19 @@ test("seeded random schedules: every read through the cache equals MariaDB's, wi
       const work: Promise<unknown>[] = [];
       for (let i = 0; i < 3; i++) {
         const r = rnd();
-        if (r < 0.3) work.push(pick(owns).applyBatch([change(uid, false), change(uid, false)]));
-        else if (r < 0.55) work.push(pick(owns).apply([change(uid, true)]));
-        else if (r < 0.7) work.push(other.apply([change(uid, true)]));
-        else work.push(cache.tokenCounts(pick(readers), uid, someTokens()));
+        if (r < 0.3) work.push(owns[i]!.applyBatch([change(uid, false), change(uid, false)]));
+        else if (r < 0.55) work.push(owns[i]!.apply([change(uid, true)]));
+        else if (r < 0.7) work.push(others[i]!.apply([change(uid, true)]));
+        else if (r < 0.85) work.push(cache.tokenCounts(pick(readers), uid, someTokens(), undefined, gens));
+        else work.push(cache.learned(pick(readers), uid, undefined, gens));
       }
       await Promise.all(work);
       const toks = someTokens().concat(someTokens());
-      const got = plain(await cache.tokenCounts(pick(readers), uid, toks));
+      const got = plain(await cache.tokenCounts(pick(readers), uid, toks, undefined, rnd() < 0.5 ? gens : undefined));
       assert.deepEqual(got, plain(await truth.tokenCounts(uid, toks)), `round ${round}`);
+      assert.deepEqual(await cache.learned(pick(readers), uid, undefined, gens), await truth.learned(uid), `round ${round}: learned totals`);
     }
-    assert.ok(cache.stats.forwarded > 0 && cache.stats.hits > 0, "the schedule used the copies");
+    assert.ok(cache.stats.forwarded > 0 && cache.stats.hits > 0 && cache.stats.totalsHits > 0, "the schedule used the copies");
   } catch (e) {
     console.error(`token cache schedule failed with SEED=${seed}`);
     throw e;
