@@ -271,12 +271,15 @@ export class SpamAtDelivery implements DeliveryFilter {
       const conn = await this.learnPool.getConnection();
       try {
         const store = new MariadbSpamStore(conn, this.o.database ?? DATABASE, (changes) => this.committed(changes));
+        this.cache.ownCommitStarted();
         try {
           await store.applyBatch(batch.flatMap((b) => b.deltas));
           this.counters.learn_batches_total++;
         } catch (err) {
           if (batch.length === 1) throw err;
           for (const b of batch) await applyDeltas(store, b.deltas).catch((e: unknown) => failed(b, e));
+        } finally {
+          this.cache.ownCommitEnded();
         }
       } finally {
         conn.release();

@@ -277,6 +277,36 @@ export class MariadbSpamStore implements SpamStore {
     return { spam_learned: Number(r?.spam_learned ?? 0), innocent_learned: Number(r?.innocent_learned ?? 0) };
   }
 
+  /**
+   * Counts of TOKENS and the user's learn generation in ONE statement (one read view):
+   * the counts are exactly those at that generation. Absent tokens are not in the map.
+   */
+  async tokenCountsAt(uid: number, tokens: readonly string[]): Promise<{ counts: Map<string, TokenCounts>; gen: number }> {
+    const u = intLiteral(uid);
+    const parts = [`SELECT 'gen' AS token, gen AS spam_hits, 0 AS innocent_hits FROM ${this.t("mailha_spam_generation")} WHERE uid = ${u}`];
+    for (let i = 0; i < tokens.length; i += BATCH_READ) {
+      parts.push(`SELECT CAST(token AS CHAR), spam_hits, innocent_hits FROM ${this.t("dspam_token_data")} WHERE uid = ${u} AND token IN (${inList(tokens.slice(i, i + BATCH_READ))})`);
+    }
+    const [rows] = await this.db.query(parts.join(" UNION ALL "));
+    const counts = new Map<string, TokenCounts>();
+    let gen = 0;
+    for (const r of rows as { token: string; spam_hits: number | string; innocent_hits: number | string }[]) {
+      if (r.token === "gen") gen = Number(r.spam_hits);
+      else counts.set(r.token, { spam_hits: Number(r.spam_hits), innocent_hits: Number(r.innocent_hits) });
+    }
+    return { counts, gen };
+  }
+
+  /** The learned totals and the learn generation in one statement (as tokenCountsAt). */
+  async learnedAt(uid: number): Promise<{ learned: Learned; gen: number }> {
+    const u = intLiteral(uid);
+    const [rows] = await this.db.query(
+      `SELECT (SELECT gen FROM ${this.t("mailha_spam_generation")} WHERE uid = ${u}) AS gen, (SELECT spam_learned FROM ${this.t("dspam_stats")} WHERE uid = ${u}) AS s, (SELECT innocent_learned FROM ${this.t("dspam_stats")} WHERE uid = ${u}) AS i`,
+    );
+    const r = (rows as { gen: number | string | null; s: number | string | null; i: number | string | null }[])[0];
+    return { learned: { spam_learned: Number(r?.s ?? 0), innocent_learned: Number(r?.i ?? 0) }, gen: Number(r?.gen ?? 0) };
+  }
+
   async tokenCounts(uid: number, tokens: readonly string[]): Promise<Map<string, TokenCounts>> {
     const out = new Map<string, TokenCounts>();
     for (let i = 0; i < tokens.length; i += BATCH_READ) {

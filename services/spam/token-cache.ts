@@ -108,13 +108,26 @@ export class TokenCache {
   private entries = 0;
   readonly stats: TokenCacheStats = { hits: 0, misses: 0, stale: 0, forwarded: 0, totalsHits: 0, entries: 0 };
 
+  /** Own commits under way (between ownCommitStarted and ownCommitEnded). */
+  private ownInFlight = 0;
+
   constructor(readonly maxEntries = TOKEN_CACHE_ENTRIES_MAX) {}
 
+  /** An own commit is about to run: its report (committed) comes before ownCommitEnded. */
+  ownCommitStarted(): void {
+    this.ownInFlight++;
+  }
+
+  ownCommitEnded(): void {
+    this.ownInFlight = Math.max(0, this.ownInFlight - 1);
+  }
+
   /**
-   * Counts of TOKENS for UID through STORE: the user's generation (one query, or KNOWN
-   * when the caller read it just before), the
-   * copy if it is at that generation, and the tokens it lacks (then the generation
-   * again). Absent tokens are not in the map (as SpamStore.tokenCounts).
+   * Counts of TOKENS for UID through STORE: the user's generation (GENS, or KNOWN when
+   * the caller read it just before), the copy if it is at that generation, and the
+   * tokens it lacks with the generation in one statement: they are kept when the copy
+   * is at that generation (no commit came between, or only own ones it has taken).
+   * Absent tokens are not in the map (as SpamStore.tokenCounts).
    */
   async tokenCounts(store: MariadbSpamStore, uid: number, tokens: readonly string[], known?: number, gens: GenerationSource = store): Promise<Map<string, TokenCounts>> {
     const gen = known ?? (await gens.generation(uid));
@@ -129,11 +142,10 @@ export class TokenCache {
     this.stats.hits += tokens.length - misses.length;
     this.stats.misses += misses.length;
     if (!misses.length) return out;
-    const got = await store.tokenCounts(uid, misses);
+    const { counts: got, gen: at } = await store.tokenCountsAt(uid, misses);
     for (const [t, c] of got) out.set(t, c);
-    // Kept only if no commit changed the user's counts while they were read: every
-    // commit that did moved the generation, and a read after the reads sees it.
-    if ((await gens.generation(uid)) === gen) this.keep(uid, gen, misses, got);
+    // What was read is exactly the counts at generation AT: kept if the copy is there.
+    this.keep(uid, at, misses, got);
     return out;
   }
 
@@ -145,17 +157,18 @@ export class TokenCache {
       this.stats.totalsHits++;
       return { ...copy.learned };
     }
-    const learned = await store.learned(uid);
-    if ((await gens.generation(uid)) === gen) {
-      const c = this.users.get(uid) ?? this.keep(uid, gen, [], new Map());
-      if (c && c.gen === gen) c.learned = { ...learned };
-    }
+    const { learned, gen: at } = await store.learnedAt(uid);
+    const c = this.keep(uid, at, [], new Map());
+    if (c) c.learned = { ...learned };
     return learned;
   }
 
   /** UID's copy if it is at GEN; an older one is dropped (stale). */
   private copyAt(uid: number, gen: number): UserCopy | undefined {
     const copy = this.users.get(uid);
+    // Behind while an own commit is under way: most likely that commit, not yet heard of
+    // (it moves the copy when it reports); not used for this read, not dropped either.
+    if (copy && copy.gen < gen && this.ownInFlight > 0) return undefined;
     if (copy && copy.gen < gen) {
       this.drop(uid);
       this.stats.stale++;

@@ -82,6 +82,23 @@ test("reads come from memory once read, own commits move the copy forward, anyon
   assert.deepEqual(plain(await cache.tokenCounts(reader, uid, toks)), plain(await reader.tokenCounts(uid, toks)));
   assert.equal(cache.stats.misses, m0, "no token read");
 
+  // Another process commits while an own commit is under way: the copy behind is not used.
+  cache.ownCommitStarted();
+  await other.apply([learn(uid, [["1", 7, 0]])]);
+  assert.deepEqual(plain(await cache.tokenCounts(reader, uid, toks)), plain(await reader.tokenCounts(uid, toks)), "a copy behind is not used while an own commit runs");
+  cache.ownCommitEnded();
+
+  // A read that began before an own commit and ends after the copy took it: its values are older than the copy, not kept.
+  const fresh = "424242";
+  const g = await reader.generation(uid);
+  const before = await reader.tokenCountsAt(uid, [fresh]);
+  assert.equal(before.gen, g);
+  await cache.tokenCounts(reader, uid, toks); // the copy at g
+  await own.apply([learn(uid, [[fresh, 2, 0]])]);
+  const slow = { tokenCountsAt: async () => before } as unknown as MariadbSpamStore;
+  assert.deepEqual(plain(await cache.tokenCounts(slow, uid, [fresh], g + 1)), {}, "what the slow read saw");
+  assert.deepEqual(plain(await cache.tokenCounts(reader, uid, [fresh])), { [fresh]: { spam_hits: 2, innocent_hits: 0 } }, "the slow read's older value was not kept");
+
   // Another process's commit: the copy is stale and read again.
   const stale0 = cache.stats.stale;
   await other.apply([learn(uid, [["3", 5, 0]])]);
@@ -209,8 +226,10 @@ test("seeded random schedules: every read through the cache equals MariaDB's, wi
       const work: Promise<unknown>[] = [];
       for (let i = 0; i < 3; i++) {
         const r = rnd();
-        if (r < 0.3) work.push(owns[i]!.applyBatch([change(uid, false), change(uid, false)]));
-        else if (r < 0.55) work.push(owns[i]!.apply([change(uid, true)]));
+        // Own commits as SMTP makes them: marked under way, so a copy behind waits for their reports.
+        const own = (p: () => Promise<void>) => (cache.ownCommitStarted(), p().finally(() => cache.ownCommitEnded()));
+        if (r < 0.3) work.push(own(() => owns[i]!.applyBatch([change(uid, false), change(uid, false)])));
+        else if (r < 0.55) work.push(own(() => owns[i]!.apply([change(uid, true)])));
         else if (r < 0.7) work.push(others[i]!.apply([change(uid, true)]));
         else if (r < 0.85) work.push(cache.tokenCounts(pick(readers), uid, someTokens(), undefined, gens));
         else work.push(cache.learned(pick(readers), uid, undefined, gens));
