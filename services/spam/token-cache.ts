@@ -1,12 +1,15 @@
 // The token counts a process has read, kept in memory between classifications, exact:
 // each user's copy is tagged with the learn generation it was read at
 // (mailha_spam_generation, one more at every commit that changes that user's counts,
-// store.ts), read before and after the counts (what was read is kept only when both
-// agree: no commit came between), so a copy is used only while nothing has changed the
-// user's counts since. What the process itself commits moves its copy forward (the
+// store.ts). A classification reads the generation first and uses the copy only at it;
+// the tokens the copy lacks are read with the generation in one statement (one read
+// view), and kept only if the copy is at that generation, so a copy holds the counts of
+// exactly one generation. What the process itself commits moves its copy forward (the
 // same increments, clamped at zero as MariaDB clamps); a commit by anyone else (the
 // spam worker's retraining, `mailha spam train`, the split-brain merge, a purge, an
-// import) makes the next classification read the user's counts afresh. A token the
+// import) makes the next classification read the user's counts afresh (a copy behind
+// while an own commit is under way is only passed over: that commit's report is about to
+// move it). A token the
 // store does not have is kept as absent (most of a message's tokens), so a message of
 // known words costs no token reads at all. A user's learned totals (spam_learned,
 // innocent_learned: what the probabilities divide by) are kept the same way: every
