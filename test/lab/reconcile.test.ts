@@ -24,7 +24,7 @@ const addr = (u: string) => `${u}@mailha.test`;
 
 async function send(host: string, user: string, tag: string): Promise<void> {
   const r = await runAll("swaks", ["--server", host, "--to", addr(user), "--from", "sender@example.org", "--header", `Subject: ${tag}`, "--body", `body of ${tag}`]);
-  assert.match(r.stdout, /\n -> \.\n<-\s+250 /, `message ${tag} to ${host} was not acknowledged:\n${r.stdout.slice(-500)}`);
+  assert.match(r.stdout, /\n -> \.\n<-\s+250 /, `message ${tag} to ${host} was not acknowledged (swaks exit ${r.code}):\n${r.stdout.slice(-500)}\n${r.stderr.slice(-500)}`);
 }
 
 async function imap<T>(host: string, user: string, fn: (c: ImapFlow) => Promise<T>, pass = PW[user]!): Promise<T> {
