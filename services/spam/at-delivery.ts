@@ -72,7 +72,7 @@ export interface AtDeliveryCounters {
   token_cache_misses_total: number;
   token_cache_stale_total: number;
   token_cache_entries: number;
-  /** Statistics served from the cache; generation queries (each answers every classification waiting). */
+  /** Learned totals served from the cache; generation queries (each answers every classification waiting). */
   token_cache_totals_hits_total: number;
   generation_reads_total: number;
 }
