@@ -151,6 +151,8 @@ const schema = z
         // Users' moves into and out of Junk retrain the filter (the spam worker, on the active node).
         learn_from_moves: z.boolean({ error: "true or false" }).default(true),
         // When the spam worker runs DSPAM's purge (cron, the node's local time).
+        // Spam held in quarantine (spam_action quarantine) is deleted after this many days, by the purge.
+        quarantine_days: z.number({ error: "a whole number of days, 1 to 3650" }).int({ error: "a whole number of days, 1 to 3650" }).min(1, { error: "a whole number of days, 1 to 3650" }).max(3650, { error: "a whole number of days, 1 to 3650" }).default(30),
         purge_cron: z.string({ error: "a cron expression (5 fields), e.g. 30 3 * * *" }).regex(/^\S+( \S+){4}$/, { error: "a cron expression of 5 fields, e.g. 30 3 * * *" }).default("30 3 * * *"),
       })
       .prefault({}),

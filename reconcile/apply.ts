@@ -11,20 +11,23 @@
 // flag change, expunge or move whose message is gone is skipped and said so; a folder
 // that exists already is not made again; a rename already done is done.
 // Lookups on the survivor (a folder's directory by GUID, a message's UID by Maildir
-// key) read Dovecot's own files, read only.
+// key) read Dovecot's own files, read only. The spam quarantine is no Dovecot folder:
+// a held message is written there as SMTP writes it (tmp/, fsync, rename into new/).
 import { createHash } from "node:crypto";
-import { readdirSync, readFileSync } from "node:fs";
-import { join } from "node:path";
+import { readdirSync, readFileSync, statSync } from "node:fs";
+import { basename, join } from "node:path";
 import { ImapFlow } from "imapflow";
 import type { Connection } from "mysql2/promise";
 import { run } from "../common/exec.ts";
 import { DATABASE } from "../services/accounts.ts";
 import { MASTER_USER } from "../services/dovecot.ts";
 import { journalAccountChange } from "../services/journal/accounts.ts";
-import { folderName, folderPath, listFolders, readUidlist } from "../services/journal/maildir.ts";
+import { folderName, folderPath, INBOX_DIR, listFolders, readUidlist } from "../services/journal/maildir.ts";
+import { findHeld, QUARANTINE_KIND, quarantineDirOf } from "../services/spam/quarantine.ts";
 import { userRef } from "../services/journal/scanner.ts";
 import type { Operation } from "./model.ts";
-import { standInGuid } from "./sides.ts";
+import { QUARANTINE_GUID, standInGuid } from "./sides.ts";
+import { mailOwner, sha256Hex, unlinkHeld, writeHeld, type QuarantineStep } from "./quarantine.ts";
 import { applySpamStep, SPAM_KIND, type SpamStep } from "./spam.ts";
 import { MariadbSpamStore } from "../services/spam/store.ts";
 import { journalSpamDeltas, spamJournalFor } from "../services/spam/journal.ts";
@@ -130,6 +133,7 @@ export class Applier {
         return { done: true };
       }
       case "extension": {
+        if (op.kind === QUARANTINE_KIND) return this.quarantine(op.payload as unknown as QuarantineStep);
         if (op.kind !== SPAM_KIND) return { done: false, says: `no applier for ${op.kind} operations` };
         // The spam tables live in the account store's MariaDB (services/spam/store.ts).
         const step = op.payload as unknown as SpamStep;
@@ -143,6 +147,46 @@ export class Applier {
         }
       }
     }
+  }
+
+  // ---- the spam quarantine (reconcile/quarantine.ts) ---------------------------------
+
+  private async quarantine(step: QuarantineStep): Promise<ApplyOutcome> {
+    const mailRoot = join(this.ctx.survivorData, "mail");
+    const qdir = quarantineDirOf(mailRoot, step.user);
+    const held = findHeld(mailRoot, step.user, step.key);
+    switch (step.action) {
+      case "hold": {
+        if (held) return { done: true, says: "the survivor holds this message already" };
+        const file = this.ctx.victimFiles.get(step.user)?.get(QUARANTINE_GUID)?.get(step.key);
+        if (!file) return { done: true, says: `message ${step.key} is not in the victim's quarantine (nothing to hold)` };
+        const { body } = await this.ctx.victimFile(file);
+        if (sha256Hex(body) !== step.sha256) return { done: false, says: `message ${step.key} in the victim's quarantine does not have the journaled content` };
+        writeHeld(qdir, basename(file), body, mailOwner(mailRoot));
+        return { done: true };
+      }
+      case "delete":
+        if (!held) return { done: true, says: "not held on the survivor" };
+        unlinkHeld(held.file);
+        return { done: true };
+      case "release": {
+        if (!held) return { done: true, says: "not held on the survivor" };
+        const inbox = this.inboxGuid(step.user);
+        const have = this.contentsOf(step.user, inbox);
+        const body = readFileSync(held.file);
+        const sha = sha256Hex(body);
+        if (!have.has(sha)) {
+          await (await this.session(step.user)).append("INBOX", body, [], statSync(held.file).mtime);
+          have.add(sha);
+        }
+        unlinkHeld(held.file);
+        return { done: true };
+      }
+    }
+  }
+
+  private inboxGuid(user: string): string {
+    return readUidlist(folderPath(this.maildir(user), INBOX_DIR)).guid ?? standInGuid(user, "INBOX");
   }
 
   // ---- accounts --------------------------------------------------------------------

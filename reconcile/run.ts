@@ -28,13 +28,15 @@ import { Applier, type ApplyOutcome } from "./apply.ts";
 import type { Operation, Plan, Report } from "./model.ts";
 import { merge, NO_KINDS, registerKind } from "./rules.ts";
 import { SPAM_KIND, spamHandler } from "./spam.ts";
+import { quarantineHandler } from "./quarantine.ts";
+import { QUARANTINE_KIND } from "../services/spam/quarantine.ts";
 import "../services/spam/journal.ts"; // registers the spam-delta journal kind
 import { FILE_BYTES_MAX, fromWire, type VictimSide } from "./export.ts";
 import { readAccounts, readEntries, readMail, sinceSplit, toEvents, unifyStandIns, victimAccounts, type MailRead } from "./sides.ts";
 
 export const QUEUE = "reconcile";
 /** The journal kinds merged beside mail and accounts. */
-const KINDS = registerKind(NO_KINDS, SPAM_KIND, spamHandler);
+const KINDS = registerKind(registerKind(NO_KINDS, SPAM_KIND, spamHandler), QUARANTINE_KIND, quarantineHandler);
 const JOB_ATTEMPTS = 3;
 const JOB_DEADLINE_MS = 120_000;
 /** The victim mounts and hashes its whole copy before it answers. */

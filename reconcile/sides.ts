@@ -13,18 +13,21 @@
 // Bounds: MESSAGES_MAX messages per side, ENTRIES_MAX journal entries per side.
 import { createHash } from "node:crypto";
 import { createReadStream, readdirSync } from "node:fs";
-import { basename, join } from "node:path";
+import { basename, dirname, join } from "node:path";
 import type { Connection } from "mysql2/promise";
 import { compareHlc } from "../common/hlc.ts";
 import { DATABASE } from "../services/accounts.ts";
 import type { JournalEntry } from "../services/journal/changes.ts";
-import { flagNames, folderName, folderPath, listFolders, parseFileName, readKeywords, readSubscriptions, readUidlist } from "../services/journal/maildir.ts";
+import { flagNames, folderName, folderPath, listFolders, parseFileName, QUARANTINE_DIR, readKeywords, readSubscriptions, readUidlist } from "../services/journal/maildir.ts";
 import { readJournal } from "../services/journal/read.ts";
 import { listUsers } from "../services/journal/scanner.ts";
 import "../services/journal/kinds.ts";
+import { QUARANTINE_KIND } from "../services/spam/quarantine.ts";
 import type { AccountRow, AccountTable, JournalEvent, MailboxState, MessageState, SideState, UserMailState } from "./model.ts";
 
 export const MESSAGES_MAX = 2_000_000;
+/** Where MailRead.files keeps a user's quarantine (not a mailbox: never in the mail state). */
+export const QUARANTINE_GUID = "mailha-quarantine";
 export const ENTRIES_MAX = 5_000_000;
 
 export interface MailRead {
@@ -102,6 +105,16 @@ export async function readMail(dataDir: string): Promise<MailRead> {
       userFiles.set(guid, fileOf);
     }
     mail[u.address] = { mailboxes, subscriptions: readSubscriptions(u.maildir) };
+    // The spam quarantine beside the Maildir: its files only (no Dovecot folder, no
+    // state), so the merge can copy a message the victim held (reconcile/quarantine.ts).
+    const held = new Map<string, string>();
+    const qNew = join(dirname(u.maildir), QUARANTINE_DIR, "new");
+    for (const f of names(qNew)) {
+      if (f.startsWith(".")) continue;
+      if (++count > MESSAGES_MAX) throw new Error(`reconcile: more than ${MESSAGES_MAX} messages under ${dataDir}`);
+      held.set(parseFileName(f).key, join(qNew, f));
+    }
+    if (held.size) userFiles.set(QUARANTINE_GUID, held);
     files.set(u.address, userFiles);
   }
   return { mail, files, messages: count };
@@ -222,9 +235,15 @@ export function toEvents(entries: readonly JournalEntry[], state: SideState, sta
     switch (e.kind) {
       case "delivery": {
         const user = String(x.mailbox);
-        // `file` is relative to the mail root: `domain/local/Maildir/new/<name>`, or
-        // `domain/local/Maildir/.Junk/new/<name>` for spam the filter filed.
+        // `file` is relative to the mail root: `domain/local/Maildir/new/<name>`,
+        // `domain/local/Maildir/.Junk/new/<name>` for spam the filter filed, or
+        // `domain/local/quarantine/new/<name>` for spam it held.
         const parts = String(x.file).split("/");
+        if (parts[2] === QUARANTINE_DIR) {
+          // Held in the spam quarantine, not in a folder: the quarantine's kind.
+          out.push({ ...base, kind: QUARANTINE_KIND, payload: { user, key: parseFileName(basename(String(x.file))).key, action: "hold", sha256: String(x.sha256) } });
+          break;
+        }
         const folder = parts.length === 6 ? folderName(parts[3]!) : "INBOX";
         const key = parseFileName(basename(String(x.file))).key;
         const queueId = typeof x.peerQueueId === "string" ? x.peerQueueId : typeof x.queueId === "string" ? x.queueId : undefined;

@@ -6,7 +6,9 @@
 // single message files), each message once (the ledger); `purge` applies DSPAM's purge
 // rules (under the purge lock the nightly job takes too); `import` loads a DSPAM
 // mysqldump; `status` shows the spam worker's feedback loop and purge schedule;
-// `worker` is the spam worker daemon itself (the node daemon's `spam` resource).
+// `worker` is the spam worker daemon itself (the node daemon's `spam` resource);
+// `quarantine list|release|delete` acts on the held spam of users whose spam_action is
+// quarantine (services/spam/quarantine.ts), each action journaled before it is done.
 // Bounds: at most TRAIN_MESSAGES_MAX messages per run, each read up to the filter's
 // analysis cap; an mbox is split on its "From " lines as it is streamed.
 import { closeSync, createReadStream, existsSync, openSync, readdirSync, readFileSync, readSync, statSync } from "node:fs";
@@ -33,8 +35,10 @@ import { ImportConflict, importDspamDump } from "../../services/spam/dump.ts";
 import { classifyMessage, parsePreferences, readPreferences, retrainAndApply } from "../../services/spam/filter.ts";
 import { MariadbSpamStore, migrateSpam } from "../../services/spam/store.ts";
 import { journalSpamDeltas, spamJournalFor } from "../../services/spam/journal.ts";
-import type { ChangeJournal } from "../../services/journal/changes.ts";
-import { createOutput } from "./output.ts";
+import { ChangeJournal } from "../../services/journal/changes.ts";
+import { journalTarget } from "../../services/journal/accounts.ts";
+import { deleteHeld, findHeld, listHeld, NotHeld, releaseHeld, type QuarantineTarget } from "../../services/spam/quarantine.ts";
+import { createOutput, table } from "./output.ts";
 
 const TRAIN_MESSAGES_MAX = 1_000_000;
 const MESSAGE_BYTES_MAX = 64 * 1024 * 1024;
@@ -126,6 +130,28 @@ export async function* messagesOf(path: string): AsyncGenerator<{ name: string; 
     if (bytes <= MESSAGE_BYTES_MAX) lines.push(line);
   }
   yield* flush();
+}
+
+/** The user's keys to act on: KEYS, or with ALL every one held; at least one asked for. */
+function keysOf(mailRoot: string, user: string, keys: readonly string[], all: boolean): string[] {
+  if (all === keys.length > 0) throw new UsageError("name the messages' keys (see mailha spam quarantine list) or say --all (one of them)");
+  return all ? listHeld(mailRoot, user).map((h) => h.key) : [...keys];
+}
+
+const clip = (s: string, n: number) => (s.length > n ? `${s.slice(0, n - 1)}…` : s);
+
+/** The active node's mail root (`<volume>/mail`). */
+async function activeMailRoot(c: MailhaConfig): Promise<string> {
+  const id = await activeLocalNode(c);
+  if (!id) throw new Error("no active node here: run this on the active node (see mailha status)");
+  return join(nodePaths(nodeStateDir(c, id)).data, "mail");
+}
+
+/** The mail root and the change journal of DB's volume (every quarantine action is journaled before it is done). */
+async function quarantineTarget(db: Connection): Promise<QuarantineTarget & { journal: ChangeJournal }> {
+  const t = await journalTarget(db);
+  if (!t) throw new Error("the change journal is not ready on the active node (the journal resource writes its marker): try again when mailha status shows it running");
+  return { mailRoot: join(t.dataDir, "mail"), journal: new ChangeJournal(t.dataDir, t.node) };
 }
 
 export function spamCommand(defaultConfig: string): Command {
@@ -263,14 +289,113 @@ export function spamCommand(defaultConfig: string): Command {
       out.result(r, () => `${r.user ?? "defaults (uid 0)"}: spam_action ${r.effective.spam_action}, training_mode ${r.effective.training_mode}, algorithms ${r.effective.algorithms.join(" ")}${Object.keys(r.rows).length ? ` (set: ${Object.entries(r.rows).map(([k, v]) => `${k}=${v}`).join(", ")})` : " (all defaults)"}`);
     });
 
+  const quarantine = spam
+    .command("quarantine")
+    .description("spam held for users whose spam_action is quarantine (beside their Maildir, not shown to mail clients): list, release into the INBOX, delete");
+
+  quarantine
+    .command("list")
+    .description("the held messages, oldest first: key, when held, sender, subject, probability")
+    .option("-u, --user <address>", "one user's")
+    .addOption(configOpt(defaultConfig))
+    .addOption(jsonOpt())
+    .action(async (o: { user?: string; config: string; json?: boolean }) => {
+      const out = createOutput(!!o.json);
+      const mailRoot = await activeMailRoot(loadConfig(o.config));
+      const held = listHeld(mailRoot, o.user);
+      out.result(held, () =>
+        held.length === 0
+          ? `nothing in quarantine${o.user ? ` for ${o.user.toLowerCase()}` : ""}`
+          : table([["user", "key", "held", "from", "subject", "probability", "size"], ...held.map((h) => [h.user, h.key, h.held.slice(0, 19).replace("T", " "), clip(h.from, 40), clip(h.subject, 50), h.probability, String(h.size)])]),
+      );
+    });
+
+  quarantine
+    .command("release")
+    .argument("[key...]", "the held messages' keys (from quarantine list)")
+    .description("move held messages into the user's INBOX, and retrain each as innocent (a false positive); journaled, so a split brain's merge carries it")
+    .requiredOption("-u, --user <address>", "whose quarantine")
+    .option("--all", "every message the user has in quarantine")
+    .option("--no-train", "release without retraining")
+    .addOption(configOpt(defaultConfig))
+    .addOption(jsonOpt())
+    .action(async (keys: string[], o: { user: string; all?: boolean; train: boolean; config: string; json?: boolean }) => {
+      const out = createOutput(!!o.json);
+      const user = o.user.toLowerCase();
+      const r = await withStore(o.config, async (store, db) => {
+        const t = await quarantineTarget(db);
+        const todo = keysOf(t.mailRoot, user, keys, !!o.all);
+        const uid = o.train ? await store.uidFor(user) : 0;
+        const released: { key: string; file: string; retrained: boolean }[] = [];
+        try {
+          for (const key of todo) {
+            const h = findHeld(t.mailRoot, user, key);
+            if (!h) throw new UsageError(`${user} has no message ${key} in quarantine (see mailha spam quarantine list --user ${user})`);
+            // Retrained first: a release that fails after it is run again, and the
+            // retraining then changes nothing (the ledger has the message as innocent).
+            let retrained = false;
+            if (o.train) retrained = (await retrainAndApply(store, uid, readFileSync(h.file), "innocent", "error", undefined, 3, (d) => journalSpamDeltas(t.journal, user, d))).length > 0;
+            const done = await releaseHeld(t, user, key);
+            released.push({ key, file: done.file, retrained });
+            if (released.length % 50 === 0) out.progress("releasing", { released: released.length, of: todo.length });
+          }
+        } finally {
+          await t.journal.close();
+        }
+        return { user, released };
+      });
+      out.result(r, () => (r.released.length === 0 ? `nothing in quarantine for ${user}` : r.released.map((x) => `${x.key}: released into ${user}'s INBOX${x.retrained ? ", retrained as innocent" : ""}`).join("\n")));
+    });
+
+  quarantine
+    .command("delete")
+    .argument("[key...]", "the held messages' keys (from quarantine list)")
+    .description("delete held messages (journaled, so a split brain's merge carries it)")
+    .requiredOption("-u, --user <address>", "whose quarantine")
+    .option("--all", "every message the user has in quarantine")
+    .addOption(configOpt(defaultConfig))
+    .addOption(jsonOpt())
+    .action(async (keys: string[], o: { user: string; all?: boolean; config: string; json?: boolean }) => {
+      const out = createOutput(!!o.json);
+      const user = o.user.toLowerCase();
+      const r = await withStore(o.config, async (_store, db) => {
+        const t = await quarantineTarget(db);
+        const todo = keysOf(t.mailRoot, user, keys, !!o.all);
+        const deleted: string[] = [];
+        try {
+          for (const key of todo) {
+            try {
+              await deleteHeld(t, user, key);
+            } catch (err) {
+              if (err instanceof NotHeld) throw new UsageError(err.message);
+              throw err;
+            }
+            deleted.push(key);
+          }
+        } finally {
+          await t.journal.close();
+        }
+        return { user, deleted };
+      });
+      out.result(r, () => (r.deleted.length === 0 ? `nothing in quarantine for ${user}` : `${r.deleted.length} deleted from ${user}'s quarantine`));
+    });
+
   spam
     .command("purge")
-    .description("DSPAM's purge rules: signatures after 14 days, hapaxes after 30, unused tokens after 90")
+    .description("DSPAM's purge rules: signatures after 14 days, hapaxes after 30, unused tokens after 90; held spam after spam.quarantine_days")
     .addOption(configOpt(defaultConfig))
     .addOption(jsonOpt())
     .action(async (o: { config: string; json?: boolean }) => {
       const out = createOutput(!!o.json);
-      const r = await withStore(o.config, (_store, db) => purgeLocked(db));
+      const c = loadConfig(o.config);
+      const r = await withStore(o.config, async (_store, db) => {
+        const t = await quarantineTarget(db);
+        try {
+          return await purgeLocked(db, { quarantine: { target: t, days: c.spam.quarantine_days } });
+        } finally {
+          await t.journal.close();
+        }
+      });
       if (!r.ran) throw new Error(`not purged: ${r.why} (the nightly job, or another mailha spam purge); try again when it is done`);
       out.result({ ...r.counts, day: r.day, deleted: r.deleted, ms: r.ms }, () => `purged: ${Object.entries(r.counts).map(([k, v]) => `${k} ${v}`).join(", ")} (${r.ms} ms)`);
     });

@@ -130,6 +130,8 @@ export class DeliveryIndex {
       // <domain>/<local>/Maildir/new/<name>, or <domain>/<local>/Maildir/<.Folder>/new/<name>
       const parts = e.file.split("/");
       if (parts.length !== 5 && parts.length !== 6) continue;
+      // <domain>/<local>/quarantine/new/<name>: the spam quarantine, no Dovecot folder (no scan sees it).
+      if (parts[2] !== "Maildir") continue;
       const dir = parts.length === 6 ? parts[3]! : "";
       const key = deliveryKey(`${parts[0]}/${parts[1]}`, parts[parts.length - 1]!);
       this.pending.delete(key); // re-inserted: the Map keeps age order

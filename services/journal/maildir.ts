@@ -11,6 +11,13 @@ import { join } from "node:path";
 export const INBOX_DIR = "";
 /** Junk's folder directory: where SMTP files spam (services/spam/at-delivery.ts). */
 export const JUNK_DIR = ".Junk";
+/**
+ * The spam quarantine's directory: beside the Maildir (`<home>/quarantine`, with tmp/
+ * and new/), outside Dovecot's folders, so no IMAP or POP3 client sees it
+ * (services/spam/quarantine.ts). SMTP delivers into it when a user's spam_action is
+ * quarantine; its journal line names `<domain>/<local>/quarantine/new/<name>`.
+ */
+export const QUARANTINE_DIR = "quarantine";
 /** The folders SMTP delivers into (its journal names them; the scanner must not take them for a client's). */
 export const SMTP_DIRS: ReadonlySet<string> = new Set([INBOX_DIR, JUNK_DIR]);
 

@@ -11,10 +11,11 @@ import { createHash } from "node:crypto";
 import { chownSync, closeSync, createReadStream, existsSync, fchownSync, linkSync, mkdirSync, openSync, readSync, renameSync, unlinkSync, writeSync } from "node:fs";
 import type { FileHandle } from "node:fs/promises";
 import { hostname } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { Readable } from "node:stream";
 import { fsyncAsync, fsyncPath } from "../../common/fsutil.ts";
 import { GroupSync } from "../../common/groupsync.ts";
+import { QUARANTINE_DIR } from "../journal/maildir.ts";
 
 export const LINE_MAX = 998;
 
@@ -54,7 +55,8 @@ export interface Delivered {
 /**
  * What a planner (the spam filter) decided for one mailbox: FIELDS (whole header lines,
  * CRLF-terminated, or "") inserted after the delivery's own trace fields, and FOLDER,
- * the Maildir++ folder directory (`.Junk`) or "" for INBOX.
+ * the Maildir++ folder directory (`.Junk`), "" for INBOX, or QUARANTINE_DIR (the spam
+ * quarantine beside the Maildir, services/spam/quarantine.ts).
  */
 export interface MailboxPlan {
   readonly fields: string;
@@ -245,9 +247,27 @@ export function withoutAdded(copy: Copy, headersBytes: number, from = 0): Readab
   );
 }
 
-/** A Maildir++ folder directory of MD (`.Junk`), made like the Maildir itself when missing (Dovecot takes it as it finds it). */
+/**
+ * A Maildir++ folder directory of MD (`.Junk`), made like the Maildir itself when missing
+ * (Dovecot takes it as it finds it); or, for QUARANTINE_DIR, the quarantine beside MD
+ * (no Dovecot folder: no maildirfolder marker).
+ */
 export function folderOf(o: Pick<DeliveryOptions, "uid" | "gid">, md: string, folder: string): string {
   if (!folder) return md;
+  if (folder === QUARANTINE_DIR) {
+    const q = join(dirname(md), QUARANTINE_DIR);
+    if (!existsSync(join(q, "tmp"))) {
+      for (const d of [q, join(q, "new"), join(q, "tmp")]) {
+        if (!existsSync(d)) {
+          mkdirSync(d, { mode: 0o700 });
+          chownSync(d, o.uid, o.gid);
+        }
+      }
+      fsyncPath(q);
+      fsyncPath(dirname(md));
+    }
+    return q;
+  }
   if (!/^\.[A-Za-z0-9&,_-][A-Za-z0-9&,._-]{0,199}$/.test(folder)) throw new Error(`not a Maildir++ folder: ${folder}`);
   const dir = join(md, folder);
   if (!existsSync(join(dir, "tmp"))) {

@@ -1,7 +1,7 @@
 // The spam filter in SMTP's delivery path (services/smtp/delivery.ts's DeliveryFilter):
 // the message is tokenized once, each mailbox's user classified with their own tokens
 // and preferences, and each gets its X-DSPAM-* fields and its folder (Junk for spam when
-// the user's spam_action is junk). What a classification learned is journaled
+// the user's spam_action is junk, the quarantine beside the Maildir when it is quarantine). What a classification learned is journaled
 // (`journal`: the change journal's `spam-delta`, in this process's own segments, beside
 // the delivery journal's round, before the 250) and applied after it, in the background
 // (`learn`: at most LEARN_INFLIGHT_MAX at once, what the deliveries waiting meanwhile
@@ -17,7 +17,7 @@
 import mysql from "mysql2/promise";
 import type { Logger } from "pino";
 import { DATABASE } from "../accounts.ts";
-import { JUNK_DIR } from "../journal/maildir.ts";
+import { JUNK_DIR, QUARANTINE_DIR } from "../journal/maildir.ts";
 import { sqlLogin } from "../mariadb.ts";
 import type { DeliveryFilter, FilterPlan } from "../smtp/delivery.ts";
 import { applyDeltas, classifyMessage, readPreferences, type SpamAction, type SpamPrefs } from "./filter.ts";
@@ -60,6 +60,7 @@ export interface AtDeliveryCounters {
   spam_classified_total: number;
   innocent_classified_total: number;
   spam_filed_in_junk_total: number;
+  spam_quarantined_total: number;
   unclassified_total: number;
   timeouts_total: number;
   errors_total: number;
@@ -77,10 +78,10 @@ export interface AtDeliveryCounters {
   generation_reads_total: number;
 }
 
-/** The folder spam goes to for ACTION: junk files it in Junk; tag only adds the fields. */
+/** The folder spam goes to for ACTION: junk files it in Junk; tag only adds the fields; quarantine holds it outside the Maildir (quarantine.ts). */
 export function folderFor(result: "spam" | "innocent", action: SpamAction): string {
   if (result !== "spam") return "";
-  const table: Record<SpamAction, string> = { junk: JUNK_FOLDER, tag: "", quarantine: JUNK_FOLDER };
+  const table: Record<SpamAction, string> = { junk: JUNK_FOLDER, tag: "", quarantine: QUARANTINE_DIR };
   return table[action];
 }
 
@@ -111,7 +112,7 @@ export class SpamAtDelivery implements DeliveryFilter {
   private readonly learning = new Set<Promise<void>>();
   private readonly waiting: Learning[] = [];
   private runners = 0;
-  readonly counters: AtDeliveryCounters = { spam_classified_total: 0, innocent_classified_total: 0, spam_filed_in_junk_total: 0, unclassified_total: 0, timeouts_total: 0, errors_total: 0, learn_errors_total: 0, learn_batches_total: 0, classify_ms_total: 0, token_cache_hits_total: 0, token_cache_misses_total: 0, token_cache_stale_total: 0, token_cache_entries: 0, token_cache_totals_hits_total: 0, generation_reads_total: 0 };
+  readonly counters: AtDeliveryCounters = { spam_classified_total: 0, innocent_classified_total: 0, spam_filed_in_junk_total: 0, spam_quarantined_total: 0, unclassified_total: 0, timeouts_total: 0, errors_total: 0, learn_errors_total: 0, learn_batches_total: 0, classify_ms_total: 0, token_cache_hits_total: 0, token_cache_misses_total: 0, token_cache_stale_total: 0, token_cache_entries: 0, token_cache_totals_hits_total: 0, generation_reads_total: 0 };
   /** The counts this process read, kept exact by the learn generation (one cache for all connections). */
   private readonly cache = new TokenCache();
   private readonly uids = new Map<string, number>();
@@ -181,6 +182,7 @@ export class SpamAtDelivery implements DeliveryFilter {
           else this.counters.innocent_classified_total++;
           const folder = folderFor(c.result, prefs.spam_action);
           if (folder === JUNK_FOLDER) this.counters.spam_filed_in_junk_total++;
+          else if (folder === QUARANTINE_DIR) this.counters.spam_quarantined_total++;
           return { fields: fieldLines(c.headers), folder, ...(c.deltas.length ? { spam: { user, deltas: c.deltas } } : {}) };
         } finally {
           conn.release();

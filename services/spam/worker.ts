@@ -191,7 +191,10 @@ export async function runSpamWorker(o: SpamWorkerOptions): Promise<SpamWorker> {
       try {
         log.info({ job: job.id, name: job.name }, "spam purge: started");
         await job.updateProgress({ step: "purging" });
-        const r = await purgeLocked(db);
+        // Its own journal (an epoch of its own): every expired quarantine message is journaled first.
+        const journal = await spamJournalFor(db);
+        if (!journal) log.warn("spam purge: the change journal is not ready: held spam is not expired this time");
+        const r = await purgeLocked(db, journal ? { quarantine: { target: { mailRoot: o.mailRoot, journal }, days: c.spam.quarantine_days } } : {}).finally(() => journal?.close());
         await job.updateProgress({ step: "done" });
         return r;
       } finally {

@@ -660,6 +660,54 @@ print(json.dumps(code))`)) as number;
       const tagged = findIn("new", "-204-at@");
       assert.ok(tagged, "with spam_action tag, spam is delivered to INBOX");
       assert.match(tagged!, /^X-DSPAM-Result: Spam\r$/m, "tagged as spam");
+      // spam_action quarantine: spam is held where no mail client sees it, until released or deleted.
+      assert.equal((await cli(["spam", "prefs", "--user", "erin@mailha.test", "--set", "spam_action=quarantine"])).code, 0);
+      const before = await stats();
+      await send(lab.a, msg(spamWords, 205, "deals@spam.example"));
+      await send(lab.a, msg(spamWords, 206, "deals@spam.example"));
+      assert.ok(!findIn("new", "-205-at@") && !findIn(".Junk/new", "-205-at@"), "held spam is in neither INBOX nor Junk");
+      const listed = await cli(["spam", "quarantine", "list", "--user", "erin@mailha.test", "--json"]);
+      assert.equal(listed.code, 0, listed.stderr);
+      const held = JSON.parse(listed.stdout) as { key: string; subject: string; from: string; probability: string }[];
+      const h205 = held.find((h) => h.subject.endsWith(" 205"));
+      const h206 = held.find((h) => h.subject.endsWith(" 206"));
+      assert.ok(h205 && h206, `both are listed: ${listed.stdout}`);
+      assert.equal(h205.from, "deals@spam.example");
+      assert.match(h205.probability, /^(0|1)\.\d{4}$/);
+      assert.match((await cli(["spam", "quarantine", "list"])).stdout, / 205 /, "the text listing shows it too");
+      const im2 = new ImapFlow({ host: lab.a, port: 143, secure: false, doSTARTTLS: true, tls: { rejectUnauthorized: false }, auth: { user: "erin@mailha.test", pass: "erin-password-1" }, logger: false });
+      await im2.connect();
+      try {
+        const boxes = (await im2.list()).map((b) => b.path);
+        assert.ok(!boxes.some((b) => /quarantine/i.test(b)), `IMAP shows no quarantine folder: ${boxes.join(", ")}`);
+        await im2.mailboxOpen("INBOX");
+        assert.equal(((await im2.search({ header: { "message-id": "-205-at@" } })) || []).length, 0, "not in INBOX over IMAP");
+      } finally {
+        await im2.logout();
+      }
+      // Release: into INBOX (IMAP sees it), retrained as innocent.
+      const rel = await cli(["spam", "quarantine", "release", "--user", "erin@mailha.test", h205.key, "--json"]);
+      assert.equal(rel.code, 0, rel.stderr);
+      assert.ok(findIn("new", "-205-at@") ?? findIn("cur", "-205-at@"), "released into INBOX");
+      const im3 = new ImapFlow({ host: lab.a, port: 143, secure: false, doSTARTTLS: true, tls: { rejectUnauthorized: false }, auth: { user: "erin@mailha.test", pass: "erin-password-1" }, logger: false });
+      await im3.connect();
+      try {
+        await im3.mailboxOpen("INBOX");
+        const found = await im3.search({ header: { "message-id": "-205-at@" } });
+        assert.equal((found || []).length, 1, "the released message is in INBOX over IMAP, once");
+      } finally {
+        await im3.logout();
+      }
+      const afterRelease = await stats();
+      assert.equal(afterRelease.innocent_learned! - before.innocent_learned!, 1, `retrained as innocent: ${JSON.stringify(afterRelease)}`);
+      assert.equal((await cli(["spam", "quarantine", "release", "--user", "erin@mailha.test", h205.key])).code, 2, "releasing it again: no such message (a usage error)");
+      // Delete: gone, and not delivered.
+      const del = await cli(["spam", "quarantine", "delete", "--user", "erin@mailha.test", h206.key]);
+      assert.equal(del.code, 0, del.stderr);
+      assert.ok(!(JSON.parse((await cli(["spam", "quarantine", "list", "--user", "erin@mailha.test", "--json"])).stdout) as { key: string }[]).some((h) => h.key === h206.key), "deleted");
+      assert.ok(!findIn("new", "-206-at@") && !findIn(".Junk/new", "-206-at@"));
+      const journaled = readdirSync(join(lab.dir, "a", "data", "journal")).filter((f) => f.startsWith("changes-")).flatMap((f) => readFileSync(join(lab.dir, "a", "data", "journal", f), "utf8").split("\n")).filter((l) => l.includes('"kind":"quarantine"'));
+      assert.deepEqual(journaled.map((l) => (JSON.parse(l) as { action: string; key: string }).action), ["release", "delete"], "each action is in the change journal");
       assert.equal((await cli(["spam", "prefs", "--user", "erin@mailha.test", "--unset", "spam_action"])).code, 0);
       // Broken MIME, 20 MiB, 100,000 parts: delivered (never refused for the filter), with a reason when it stopped early.
       const broken = `From: x@example.net\r\nSubject: broken mime\r\nContent-Type: multipart/mixed; boundary="zz"\r\n\r\n--zz\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\n%%%not base64%%%\r\n--zz\r\nContent-Type: multipart/alternative; boundary=\r\n\r\n`;
