@@ -24,6 +24,7 @@ import { MASTER_USER } from "../services/dovecot.ts";
 import { journalAccountChange } from "../services/journal/accounts.ts";
 import { folderName, folderPath, INBOX_DIR, listFolders, readUidlist } from "../services/journal/maildir.ts";
 import { findHeld, QUARANTINE_KIND, quarantineDirOf } from "../services/spam/quarantine.ts";
+import type { ChangeJournal } from "../services/journal/changes.ts";
 import { userRef } from "../services/journal/scanner.ts";
 import type { Operation } from "./model.ts";
 import { QUARANTINE_GUID, standInGuid } from "./sides.ts";
@@ -48,6 +49,8 @@ export interface ApplyContext {
   readonly victimFile: (file: string) => Promise<{ body: Buffer; mtime: Date }>;
   /** Stand-in GUIDs (folders Dovecot never opened) -> the real GUID the plan uses (sides.ts). */
   readonly standIns: ReadonlyMap<string, string>;
+  /** The survivor's change journal for the quarantine's steps (default: the one beside MariaDB, as the spam filter's). */
+  readonly journal?: () => Promise<Pick<ChangeJournal, "append" | "close"> | null>;
 }
 
 export type ApplyOutcome = { readonly done: true; readonly says?: string } | { readonly done: false; readonly says: string };
@@ -151,7 +154,21 @@ export class Applier {
 
   // ---- the spam quarantine (reconcile/quarantine.ts) ---------------------------------
 
+  /** Applies STEP, then journals it on the survivor (its state is what a later split starts from; planning again skips it). */
   private async quarantine(step: QuarantineStep): Promise<ApplyOutcome> {
+    const r = await this.quarantineStep(step);
+    if (!r.done) return r;
+    const journal = await (this.ctx.journal ?? (() => spamJournalFor(this.ctx.db)))();
+    if (!journal) return { done: false, says: "the survivor's change journal is not ready: the quarantine step was applied, not journaled (run again)" };
+    try {
+      await journal.append(QUARANTINE_KIND, { user: step.user, key: step.key, action: step.action, sha256: step.sha256, reason: "reconcile" });
+    } finally {
+      await journal.close();
+    }
+    return r;
+  }
+
+  private async quarantineStep(step: QuarantineStep): Promise<ApplyOutcome> {
     const mailRoot = join(this.ctx.survivorData, "mail");
     const qdir = quarantineDirOf(mailRoot, step.user);
     const held = findHeld(mailRoot, step.user, step.key);
@@ -245,13 +262,19 @@ export class Applier {
     return userRef(join(this.ctx.survivorData, "mail"), domain, local).maildir;
   }
 
-  /** The directory of the survivor folder with GUID (or a stand-in's name), or null. */
+  /**
+   * The directory of the survivor folder with GUID (or a stand-in's name), or null. A
+   * folder that had no GUID when the plan was made (a stand-in, named by its name) gets
+   * one from Dovecot at this run's first IMAP operation in it: it is still found by its
+   * stand-in, so the run's later operations in it find it too.
+   */
   private folderDir(user: string, guid: string): string | null {
     const md = this.maildir(user);
     for (const dir of listFolders(md)) {
       const path = folderPath(md, dir);
-      const g = readUidlist(path).guid ?? standInGuid(user, folderName(dir));
-      if (g === guid || this.ctx.standIns.get(g) === guid) return dir;
+      const byName = standInGuid(user, folderName(dir));
+      const g = readUidlist(path).guid ?? byName;
+      if (g === guid || this.ctx.standIns.get(g) === guid || byName === guid || this.ctx.standIns.get(byName) === guid) return dir;
     }
     return null;
   }

@@ -11,8 +11,11 @@
 //   INBOX has that content already (the victim's INBOX copy, merged as mail), then it
 //   leaves the survivor's quarantine;
 // - delete: the survivor's held copy is deleted too.
-// The survivor's own actions need no rule: keys are unique per delivery, and an action
-// on a message the survivor released or deleted already finds nothing (idempotent).
+// A message the survivor acted on later than the victim's last action keeps the
+// survivor's state (its later word; keys are unique per delivery, so this is a message
+// held before the split, or one a merge brought). The Applier journals each step it
+// applied on the survivor (the same kind, after acting: a step is idempotent by state),
+// so planning again finds the survivor later and plans nothing.
 // `plan` is pure (a KindHandler of rules.ts); the Applier (apply.ts) runs the steps.
 import { createHash } from "node:crypto";
 import { chownSync, closeSync, existsSync, fsyncSync, mkdirSync, openSync, renameSync, statSync, unlinkSync, writeSync } from "node:fs";
@@ -47,6 +50,14 @@ function parts(e: OtherEvent): QuarantineStep | null {
 
 export const quarantineHandler: KindHandler = {
   plan(ctx: KindContext): readonly KindStep[] {
+    const survivorLast = new Map<string, string>();
+    for (const e of ctx.survivor) {
+      const p = parts(e);
+      if (!p) continue;
+      const k = `${p.user}\0${p.key}`;
+      const prev = survivorLast.get(k);
+      if (!prev || compareHlc(e.hlc, prev) > 0) survivorLast.set(k, e.hlc);
+    }
     const last = new Map<string, { e: OtherEvent; step: QuarantineStep; ids: string[] }>();
     for (const e of ctx.victim) {
       const p = parts(e);
@@ -64,8 +75,10 @@ export const quarantineHandler: KindHandler = {
       }
     }
     const steps: KindStep[] = [];
-    for (const [, g] of [...last].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))) {
+    for (const [k, g] of [...last].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))) {
       if (!(g.step.action in QUARANTINE_RULES)) throw new Error(`reconcile: no quarantine rule for ${g.step.action}`);
+      const s = survivorLast.get(k);
+      if (s && compareHlc(s, g.e.hlc) > 0) continue;
       steps.push({ sources: g.ids, payload: g.step as unknown as Json });
     }
     return steps;

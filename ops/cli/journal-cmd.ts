@@ -51,6 +51,9 @@ function describe(e: JournalEntry): string {
     case "account":
       what = `${f("table")} ${f("key")} ${e.deleted ? "deleted" : Object.keys((e.columns as object) ?? {}).join(",")}`;
       break;
+    case "quarantine":
+      what = `${f("user")} ${f("action")} ${f("key")}`;
+      break;
     default:
       what = [f("user"), f("name"), f("key")].filter(Boolean).join(" ");
   }

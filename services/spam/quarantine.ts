@@ -29,12 +29,13 @@ export const HEAD_BYTES_MAX = 64 * 1024;
 export const EXPIRE_MAX = 100_000;
 export const QUARANTINE_KIND = "quarantine";
 
-export type QuarantineAction = "release" | "delete";
+/** What the journal says of a held message: a hold is SMTP's delivery line, or the split-brain merge's copy. */
+export type QuarantineAction = "hold" | "release" | "delete";
 
 export const quarantineKind = z.strictObject({
   user: z.string().min(1).max(320),
   key: z.string().min(1).max(512),
-  action: z.enum(["release", "delete"]),
+  action: z.enum(["hold", "release", "delete"]),
   sha256: z.string().regex(/^[0-9a-f]{64}$/),
   reason: z.string().max(64).optional(),
 });

@@ -22,8 +22,8 @@ const skip = process.getuid?.() !== 0 ? "needs root" : false;
 const PW: Record<string, string> = { bob: "bob-password-1", carol: "carol-password-1", dave: "dave-password-1" };
 const addr = (u: string) => `${u}@mailha.test`;
 
-async function send(host: string, user: string, tag: string): Promise<void> {
-  const r = await runAll("swaks", ["--server", host, "--to", addr(user), "--from", "sender@example.org", "--header", `Subject: ${tag}`, "--body", `body of ${tag}`]);
+async function send(host: string, user: string, tag: string, body = `body of ${tag}`): Promise<void> {
+  const r = await runAll("swaks", ["--server", host, "--to", addr(user), "--from", "sender@example.org", "--header", `Subject: ${tag}`, "--body", body]);
   assert.match(r.stdout, /\n -> \.\n<-\s+250 /, `message ${tag} to ${host} was not acknowledged (swaks exit ${r.code}):\n${r.stdout.slice(-500)}\n${r.stderr.slice(-500)}`);
 }
 
@@ -72,13 +72,15 @@ async function spamTotals(lab: TestLab): Promise<Record<string, number>> {
   return (JSON.parse(r.stdout) as { totals: Record<string, number> }[])[0]!.totals;
 }
 
-/** `mailha spam train` of small generated messages (one file each, named by TAG) for bob. */
-async function spamTrain(lab: TestLab, cls: "spam" | "ham", tags: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+const SPAM_WORDS = "viagra casino lottery winner prize bitcoin";
+
+/** `mailha spam train` of small generated messages (one file each, named by TAG) for USER (bob). */
+async function spamTrain(lab: TestLab, cls: "spam" | "ham", tags: string[], user = "bob"): Promise<{ code: number; stdout: string; stderr: string }> {
   const dir = mkdtempSync(join(tmpdir(), "mailha-spam-train-"));
   try {
-    const vocab = cls === "spam" ? "viagra casino lottery winner prize bitcoin" : "meeting agenda minutes project budget review";
+    const vocab = cls === "spam" ? SPAM_WORDS : "meeting agenda minutes project budget review";
     for (const t of tags) writeFileSync(join(dir, `${t}.eml`), `From: x@example.net\r\nSubject: ${t}\r\nMessage-ID: <${t}@example.net>\r\n\r\n${t === "both" ? "the same message on both sides" : vocab} ${t}\r\n`);
-    const r = await mailha(["spam", "train", `--${cls}`, "--user", addr("bob"), dir, "--json", "--config", lab.configFile]);
+    const r = await mailha(["spam", "train", `--${cls}`, "--user", addr(user), dir, "--json", "--config", lab.configFile]);
     assert.equal(r.code, 0, `spam train --${cls}: ${r.stderr}`);
     return r;
   } finally {
@@ -114,6 +116,19 @@ describe("split brain: the victim's changes are reconciled into the survivor", {
   });
 
   test("automatic heal, then `mailha reconcile`: every acknowledged message once, flags from both sides, expunges by the rules, UIDs kept", async (t) => {
+    // carol's spam is held in quarantine; one message is held before the split.
+    assert.equal((await cli(lab, ["spam", "prefs", "--user", addr("carol"), "--set", "spam_action=quarantine"])).code, 0);
+    await spamTrain(lab, "spam", Array.from({ length: 10 }, (_, i) => `qs-${i}`), "carol");
+    await spamTrain(lab, "ham", Array.from({ length: 10 }, (_, i) => `qh-${i}`), "carol");
+    await send(lab.a, "carol", "q-pre", SPAM_WORDS);
+    const heldOf = async (node: string) => {
+      const r = await cli(lab, ["spam", "quarantine", "list", "--user", addr("carol"), "--json"]);
+      assert.equal(r.code, 0, `quarantine list on ${node}: ${r.stderr}`);
+      return JSON.parse(r.stdout) as { key: string; subject: string }[];
+    };
+    const qPre = (await heldOf("a")).find((h) => h.subject === "q-pre");
+    assert.ok(qPre, "carol's spam is held before the split");
+
     // --- apart: a keeps serving alone, then dies; b is forced to take over.
     await fault(lab, "cut-link", "a", "replication");
     await waitNode(lab, "b", "marking its disk Outdated", (s) => s.volume?.disk === "outdated", 15_000);
@@ -121,6 +136,12 @@ describe("split brain: the victim's changes are reconciled into the survivor", {
     // in DSPAM's warm-up: the counts move with mail too).
     const spamAtSplit = await spamTotals(lab);
     for (const [u, tag] of [["bob", "a-1"], ["bob", "a-2"], ["carol", "a-3"]] as const) await send(lab.a, u, tag);
+    // The quarantine on a: a new message held, and the one held before the split released (into a's
+    // INBOX: a's watcher journals it as an append a few seconds later).
+    await send(lab.a, "carol", "q-a", SPAM_WORDS);
+    assert.ok((await heldOf("a")).some((h) => h.subject === "q-a"), "q-a is held on a");
+    const rel = await cli(lab, ["spam", "quarantine", "release", "--user", addr("carol"), qPre.key, "--no-train"]);
+    assert.equal(rel.code, 0, rel.stderr);
     await imap(lab.a, "bob", async (c) => {
       await c.mailboxOpen("INBOX");
       await c.messageFlagsAdd(String(await uidOf(c, "pre-1")), ["\\Flagged"], { uid: true });
@@ -162,7 +183,8 @@ describe("split brain: the victim's changes are reconciled into the survivor", {
     const plan = JSON.parse(dry.stdout) as { plan: { ops: { op: string }[]; report: { complete: boolean; entries: { rule: string; outcome: string; says: string }[] } } };
     t.diagnostic(`plan: ${JSON.stringify(plan.plan.report.entries)}`);
     const kinds = plan.plan.ops.map((o) => o.op);
-    assert.equal(kinds.filter((k) => k === "add-message").length, 3, `three messages a accepted must be added: ${kinds.join(", ")}`);
+    assert.equal(kinds.filter((k) => k === "add-message").length, 4, `three messages a accepted and the one it released from quarantine must be added: ${kinds.join(", ")}`);
+    assert.equal(kinds.filter((k) => k === "extension").length >= 2, true, `the quarantine's hold and release are extension operations: ${kinds.join(", ")}`);
     assert.ok(kinds.includes("mailbox-create") && kinds.includes("move") && kinds.includes("set-flags") && kinds.includes("account-set"), `plan: ${kinds.join(", ")}`);
     assert.ok(plan.plan.report.complete);
 
@@ -196,6 +218,12 @@ describe("split brain: the victim's changes are reconciled into the survivor", {
     // carol's password changed on b, after nothing changed it on a: b's stands.
     const carol = await mailOf(lab.b, "carol", "carol-password-2");
     for (const s of ["a-3", "b-2"]) assert.equal(carol.msgs.filter((m) => m.subject === s).length, 1, `carol must have "${s}" once`);
+    // carol's quarantine: what a held is held on b; what a released is in b's INBOX, once.
+    const heldOnB = (await heldOf("b")).map((h) => h.subject);
+    assert.ok(heldOnB.includes("q-a"), `q-a, held on a while apart, is held on b: ${heldOnB.join(", ")}`);
+    assert.ok(!heldOnB.includes("q-pre"), "q-pre, released on a, is no longer held on b");
+    assert.deepEqual(carol.msgs.filter((m) => m.subject === "q-pre").map((m) => m.folder), ["INBOX"], "q-pre is in carol's INBOX on b, once");
+    assert.equal(carol.msgs.filter((m) => m.subject === "q-a").length, 0, "q-a is not in any of carol's folders");
     // The spam filter's counts: a's learning (its deliveries' and its training) added to
     // b's, exactly; "both" learned once (as ham, b's later word: a's spam of it undone).
     const merged = await spamTotals(lab);
