@@ -17,7 +17,7 @@ import { deliver, type Delivered, type MailboxPlan } from "./maildir.ts";
 
 /** One mailbox's plan from the filter, and what its classification learned (to journal, then apply). */
 export interface FilterPlan extends MailboxPlan {
-  readonly spam?: { readonly user: string; readonly deltas: readonly object[] };
+  readonly spam?: { readonly user: string; readonly deltas: readonly object[]; readonly counted?: object };
 }
 
 /** The spam filter as the delivery path sees it (services/spam/at-delivery.ts). */

@@ -13,7 +13,9 @@
 // commits move it forward); a user's uid is kept, their preferences while their
 // generation stays (a preference change moves it). Generations are read for all
 // classifications waiting at once in one query (GenerationReads, its own connection).
-// Counters for the metrics page.
+// A classification that learns nothing (TOE past the warm-up, sure) writes nothing of
+// its own (an unrecorded signature, filter.ts): its count is added up here and journaled
+// and applied as one delta per user every COUNTS_FLUSH_MS. Counters for the metrics page.
 import mysql from "mysql2/promise";
 import type { Logger } from "pino";
 import { DATABASE } from "../accounts.ts";
@@ -26,7 +28,8 @@ import { journalSpamDeltasOf } from "./journal.ts";
 import { MariadbSpamStore, type CommittedChange } from "./store.ts";
 import { GenerationReads, TokenCache } from "./token-cache.ts";
 import { DEFAULT_LIMITS, tokenize } from "./tokenize.ts";
-import type { SpamDelta } from "./training.ts";
+import { dayOf, type SpamDelta } from "./training.ts";
+import type { StatColumn } from "./classify.ts";
 
 const POOL_SIZE = 4;
 const QUEUE_MAX = 500;
@@ -36,6 +39,11 @@ const LEARN_POOL_SIZE = 2;
 const IDS_MAX = 10_000;
 /** Deliveries whose learning one transaction applies at most. */
 const LEARN_BATCH_MAX = 64;
+/** Classifications that learned nothing: their counts are journaled and applied together this often... */
+const COUNTS_FLUSH_MS = 1000;
+/** ...or once this many are waiting. */
+const COUNTS_PENDING_MAX = 1000;
+export const COUNTED_RULE = "classified counts of classifications that learned nothing, added up (SMTP)";
 
 /** One delivery's learning, waiting for a connection. */
 interface Learning {
@@ -76,6 +84,12 @@ export interface AtDeliveryCounters {
   /** Learned totals served from the cache; generation queries (each answers every classification waiting). */
   token_cache_totals_hits_total: number;
   generation_reads_total: number;
+  /** Classifications that learned nothing (no signature, no ledger row: counted apart), and the deltas that added them up. */
+  counted_apart_total: number;
+  count_flushes_total: number;
+  /** Tokens not read because the user's token set lacks them (token-cache.ts); token sets built. */
+  token_set_skips_total: number;
+  token_sets_built_total: number;
 }
 
 /** The folder spam goes to for ACTION: junk files it in Junk; tag only adds the fields; quarantine holds it outside the Maildir (quarantine.ts). */
@@ -112,11 +126,17 @@ export class SpamAtDelivery implements DeliveryFilter {
   private readonly learning = new Set<Promise<void>>();
   private readonly waiting: Learning[] = [];
   private runners = 0;
-  readonly counters: AtDeliveryCounters = { spam_classified_total: 0, innocent_classified_total: 0, spam_filed_in_junk_total: 0, spam_quarantined_total: 0, unclassified_total: 0, timeouts_total: 0, errors_total: 0, learn_errors_total: 0, learn_batches_total: 0, classify_ms_total: 0, token_cache_hits_total: 0, token_cache_misses_total: 0, token_cache_stale_total: 0, token_cache_entries: 0, token_cache_totals_hits_total: 0, generation_reads_total: 0 };
+  readonly counters: AtDeliveryCounters = { spam_classified_total: 0, innocent_classified_total: 0, spam_filed_in_junk_total: 0, spam_quarantined_total: 0, unclassified_total: 0, timeouts_total: 0, errors_total: 0, learn_errors_total: 0, learn_batches_total: 0, classify_ms_total: 0, token_cache_hits_total: 0, token_cache_misses_total: 0, token_cache_stale_total: 0, token_cache_entries: 0, token_cache_totals_hits_total: 0, generation_reads_total: 0, counted_apart_total: 0, count_flushes_total: 0, token_set_skips_total: 0, token_sets_built_total: 0 };
   /** The counts this process read, kept exact by the learn generation (one cache for all connections). */
   private readonly cache = new TokenCache();
   private readonly uids = new Map<string, number>();
   private readonly prefs = new Map<number, { gen: number; prefs: SpamPrefs }>();
+  /** The counts of classifications that learned nothing, per uid, not yet journaled. */
+  private counts = new Map<number, { user: string; stats: Partial<Record<StatColumn, number>> }>();
+  private countsPending = 0;
+  private countsTimer: NodeJS.Timeout | null = null;
+  private countsSeq = 0;
+  private readonly countsEpoch = Date.now();
 
   constructor(private readonly o: AtDeliveryOptions) {
     this.changes = new ChangeJournal(o.dataDir, o.node);
@@ -161,6 +181,8 @@ export class SpamAtDelivery implements DeliveryFilter {
       this.counters.token_cache_entries = cs.entries;
       this.counters.token_cache_totals_hits_total = cs.totalsHits;
       this.counters.generation_reads_total = this.gens.reads;
+      this.counters.token_set_skips_total = cs.setSkips;
+      this.counters.token_sets_built_total = cs.setsBuilt;
     }
   }
 
@@ -177,13 +199,13 @@ export class SpamAtDelivery implements DeliveryFilter {
           const uid = await this.uidOf(store, user);
           const gen = await this.gens.generation(uid);
           const prefs = await this.prefsOf(store, uid, gen);
-          const c = await classifyMessage(this.cache.over(store, { uid, gen }, this.gens), uid, head, prefs, { tokenized });
+          const c = await classifyMessage(this.cache.over(store, { uid, gen }, this.gens), uid, head, prefs, { tokenized, countsApart: true });
           if (c.result === "spam") this.counters.spam_classified_total++;
           else this.counters.innocent_classified_total++;
           const folder = folderFor(c.result, prefs.spam_action);
           if (folder === JUNK_FOLDER) this.counters.spam_filed_in_junk_total++;
           else if (folder === QUARANTINE_DIR) this.counters.spam_quarantined_total++;
-          return { fields: fieldLines(c.headers), folder, ...(c.deltas.length ? { spam: { user, deltas: c.deltas } } : {}) };
+          return { fields: fieldLines(c.headers), folder, ...(c.deltas.length || c.counted ? { spam: { user, deltas: c.deltas, ...(c.counted ? { counted: { uid, stats: c.counted } } : {}) } } : {}) };
         } finally {
           conn.release();
         }
@@ -232,6 +254,7 @@ export class SpamAtDelivery implements DeliveryFilter {
   }
 
   async learn(plans: readonly FilterPlan[], session?: string): Promise<void> {
+    for (const p of plans) if (p.spam?.counted) this.count(p.spam.user, p.spam.counted as { uid: number; stats: Partial<Record<StatColumn, number>> });
     const deltas = plans.flatMap((p) => (p.spam?.deltas ?? []) as SpamDelta[]);
     if (!deltas.length) return;
     // Journaled already, so the 250 does not wait for it: a MariaDB that blocks (its
@@ -244,6 +267,56 @@ export class SpamAtDelivery implements DeliveryFilter {
     void p.finally(() => this.learning.delete(p));
     this.pump();
     if (this.learning.size > LEARN_INFLIGHT_MAX) await p;
+  }
+
+  /**
+   * Adds a delivered classification's count (one that learned nothing, so it has no
+   * signature or ledger row of its own) to USER's pending sum; the sums are journaled
+   * and applied as one delta per user every COUNTS_FLUSH_MS, or at COUNTS_PENDING_MAX.
+   * Known gap: the counts of the last second before a crash are not counted (statistics,
+   * never mail; what was never journaled was never applied either, so both sides of a
+   * split brain still sum exactly).
+   */
+  private count(user: string, c: { uid: number; stats: Partial<Record<StatColumn, number>> }): void {
+    const have = this.counts.get(c.uid) ?? { user, stats: {} };
+    for (const [k, v] of Object.entries(c.stats) as [StatColumn, number][]) have.stats[k] = (have.stats[k] ?? 0) + v;
+    this.counts.set(c.uid, have);
+    this.counters.counted_apart_total++;
+    if (++this.countsPending >= COUNTS_PENDING_MAX) void this.flushCounts();
+    else if (!this.countsTimer) {
+      this.countsTimer = setTimeout(() => void this.flushCounts(), COUNTS_FLUSH_MS);
+      this.countsTimer.unref();
+    }
+  }
+
+  /** Journals the pending counts (one delta per user, a ledger key of their own), then applies them with the learning. */
+  private async flushCounts(): Promise<void> {
+    if (this.countsTimer) clearTimeout(this.countsTimer);
+    this.countsTimer = null;
+    if (!this.counts.size) return;
+    const counts = this.counts;
+    this.counts = new Map();
+    this.countsPending = 0;
+    const key = `counted:${this.o.node}:${this.countsEpoch}:${++this.countsSeq}`;
+    const day = dayOf(new Date());
+    const list = [...counts].map(([uid, { user, stats }]) => {
+      const applied = { cls: null, except: [], stats };
+      const delta: SpamDelta = { kind: "spam-delta", v: 1, uid, key, rule: COUNTED_RULE, source: "classification", day, tokens: [], stats, ledger: { before: null, after: { key, verdict: null, atClassification: null, applied } } };
+      return { user, delta };
+    });
+    try {
+      await journalSpamDeltasOf(this.changes, list);
+    } catch (err) {
+      this.counters.learn_errors_total++;
+      this.o.log.warn({ err, users: list.length }, "spam filter: classified counts could not be journaled; not applied");
+      return;
+    }
+    this.counters.count_flushes_total++;
+    const p = new Promise<void>((done) => this.waiting.push({ deltas: list.map((x) => x.delta), session: undefined, done }));
+    this.learning.add(p);
+    void p.finally(() => this.learning.delete(p));
+    this.pump();
+    await p;
   }
 
   /** Starts a batch on every free learning connection. */
@@ -295,7 +368,8 @@ export class SpamAtDelivery implements DeliveryFilter {
 
   /** Waits (at most MS) for the learning in progress, then closes. */
   async close(ms = 2000): Promise<void> {
-    await Promise.race([Promise.allSettled([...this.learning]), new Promise((r) => setTimeout(r, ms))]);
+    const counted = this.flushCounts();
+    await Promise.race([Promise.allSettled([counted, ...this.learning]), new Promise((r) => setTimeout(r, ms))]);
     await Promise.all([this.pool.end().catch(() => undefined), this.learnPool.end().catch(() => undefined), this.genPool.end().catch(() => undefined), this.changes.close().catch(() => undefined)]);
   }
 }

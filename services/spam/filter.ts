@@ -7,9 +7,9 @@
 // passed through as Innocent with the reason in `X-DSPAM-Reason`: the filter never
 // refuses or loses mail.
 import { createHash, randomBytes } from "node:crypto";
-import { classifyTokens, type Algorithm, type SpamClass, type TokenStat, type TrainingMode, type UsedToken } from "./classify.ts";
+import { classifyTokens, type Algorithm, type SpamClass, type StatColumn, type TokenStat, type TrainingMode, type UsedToken } from "./classify.ts";
 import { DEFAULT_LIMITS, tokenize, type MessageInput, type TokenizeLimits, type TokenizeReason, type Tokenized } from "./tokenize.ts";
-import { dayOf, decideTraining, isEmptyDelta, type SpamDelta, type TrainSource } from "./training.ts";
+import { dayOf, decideTraining, isEmptyDelta, TOE_COUNTS_ONLY_RULE, type Learned, type LedgerEntry, type SpamDelta, type TrainSource } from "./training.ts";
 import { LedgerConflict, type ApplyOptions, type SpamStore } from "./store.ts";
 
 export type SpamAction = "junk" | "tag" | "quarantine";
@@ -65,18 +65,51 @@ export interface Classification {
   readonly reasons: readonly TokenizeReason[];
   /** True when the message was passed through unclassified (nothing readable). */
   readonly passedThrough: boolean;
+  /** With `countsApart`: the `*_classified` count this classification made and did not put in `deltas`. */
+  readonly counted?: Readonly<Partial<Record<StatColumn, number>>>;
 }
 
 export interface ClassifyOptions {
   readonly limits?: TokenizeLimits;
   readonly now?: Date;
+  /**
+   * A classification that learns nothing but its `*_classified` count (TOE after the
+   * warm-up, sure) gets no signature row and no ledger row: its id says so (an
+   * unrecorded signature, `unrecordedSignatureId`) and the count is returned in
+   * `counted` for the caller to add up (SMTP counts many messages in one delta).
+   */
+  readonly countsApart?: boolean;
   /** The message's tokens, when the caller has them already (a delivery to several users tokenizes once). */
   readonly tokenized?: Tokenized;
 }
 
-/** A DSPAM-style signature id (at most 32 characters): uid, time, random. */
+/** This process's part of the ids it makes (random), and a counter: unique without a random draw per message. */
+const ID_BASE = randomBytes(3).toString("hex");
+let idSeq = 0;
+const idTail = (now: Date) => `${Math.floor(now.getTime() / 1000).toString(16)}${ID_BASE}${((idSeq = (idSeq + 1) % 0x1000000)).toString(16).padStart(6, "0")}`;
+
+/** A DSPAM-style signature id (at most 32 characters): uid, time, this process, a counter. */
 export function newSignatureId(uid: number, now: Date): string {
-  return `${uid},${Math.floor(now.getTime() / 1000).toString(16)}${randomBytes(6).toString("hex")}`.slice(0, 32);
+  return `${uid},${idTail(now)}`.slice(0, 32);
+}
+
+/**
+ * The id of a classification that was recorded nowhere (`countsApart`): uid, a dot, the
+ * verdict (s or i), time, random. A retrain of such a message finds no signature and no
+ * ledger row and knows from the id what the classification was and that it learned nothing.
+ */
+export function unrecordedSignatureId(uid: number, now: Date, verdict: SpamClass): string {
+  return `${uid}.${verdict === "spam" ? "s" : "i"}${idTail(now)}`.slice(0, 32);
+}
+
+const UNRECORDED_RE = /^\d+\.([si])[0-9a-f]+$/;
+
+/** The ledger entry an unrecorded signature KEY stands for (its verdict, nothing learned), or null for any other key. */
+export function unrecordedEntry(key: string): LedgerEntry | null {
+  const m = UNRECORDED_RE.exec(key);
+  if (!m) return null;
+  const nothing: Learned = { cls: null, except: [], stats: {} };
+  return { key, verdict: m[1] === "s" ? "spam" : "innocent", atClassification: nothing, applied: nothing };
 }
 
 const fmt = (x: number): string => (Number.isFinite(x) ? x : 0.5).toFixed(4);
@@ -107,17 +140,21 @@ export async function classifyMessage(store: SpamStore, uid: number, message: Me
   const v = classifyTokens(stats, totals, { algorithms: prefs.algorithms, trainingMode: prefs.training_mode });
   const deltas: SpamDelta[] = [];
   let signatureId: string | null = null;
+  let counted: Partial<Record<StatColumn, number>> | undefined;
   if (prefs.training_mode !== "notrain") {
     signatureId = newSignatureId(uid, now);
     const d = decideTraining({ uid, key: signatureId, mode: prefs.training_mode, source: "classification", verdict: v.result, confidence: v.confidence, tokens: stats, totals, prior: null, day: dayOf(now) });
-    deltas.push({ ...d, signature: { id: signatureId, tokens: stats.map((s) => ({ token: s.token, frequency: s.frequency })) } });
+    if (opts.countsApart && d.rule === TOE_COUNTS_ONLY_RULE && d.tokens.length === 0) {
+      signatureId = unrecordedSignatureId(uid, now, v.result);
+      counted = d.stats;
+    } else deltas.push({ ...d, signature: { id: signatureId, tokens: stats.map((s) => ({ token: s.token, frequency: s.frequency })) } });
   }
   headers["X-DSPAM-Result"] = v.result === "spam" ? "Spam" : "Innocent";
   headers["X-DSPAM-Processed"] = now.toUTCString();
   headers["X-DSPAM-Confidence"] = fmt(v.confidence);
   headers["X-DSPAM-Probability"] = fmt(v.probability);
   if (signatureId) headers["X-DSPAM-Signature"] = signatureId;
-  return { result: v.result, probability: v.probability, confidence: v.confidence, score: v.score, signatureId, headers, deltas, tokens: v.tokens, reasons: tokenized.reasons, passedThrough: false };
+  return { result: v.result, probability: v.probability, confidence: v.confidence, score: v.score, signatureId, headers, deltas, tokens: v.tokens, reasons: tokenized.reasons, passedThrough: false, ...(counted ? { counted } : {}) };
 }
 
 /** The X-DSPAM-Signature of a message's header block (bounded look), if any. */
@@ -159,9 +196,14 @@ export async function retrain(store: SpamStore, uid: number, target: string | Bu
   } else {
     return []; // a signature that is gone (purged after 14 days) and no message: nothing to learn from
   }
-  const [prior, totals] = await Promise.all([store.ledger(uid, key), store.learned(uid)]);
-  const d = decideTraining({ uid, key, mode: p.training_mode, source, asClass, tokens, totals, prior, day: dayOf(now) });
-  return isEmptyDelta(d) ? [] : [d];
+  const [stored, totals] = await Promise.all([store.ledger(uid, key), store.learned(uid)]);
+  // An unrecorded classification has no row: it stands for its verdict, nothing learned
+  // (its count was added up apart). The delta is decided from that, and written as a
+  // new row (what the store holds is no row).
+  const implicit = stored === null ? unrecordedEntry(key) : null;
+  const d = decideTraining({ uid, key, mode: p.training_mode, source, asClass, tokens, totals, prior: stored ?? implicit, day: dayOf(now) });
+  if (isEmptyDelta(d)) return [];
+  return [implicit ? { ...d, ledger: { before: null, after: d.ledger.after } } : d];
 }
 
 /** Applies DELTAS (one transaction per message). LedgerConflict: compute them again. */

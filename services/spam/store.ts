@@ -281,6 +281,22 @@ export class MariadbSpamStore implements SpamStore {
    * Counts of TOKENS and the user's learn generation in ONE statement (one read view):
    * the counts are exactly those at that generation. Absent tokens are not in the map.
    */
+  /** Every token UID has (null when more than MAX) and their generation, in one statement (one read view). */
+  async tokenSetAt(uid: number, max: number): Promise<{ tokens: string[] | null; gen: number }> {
+    const u = intLiteral(uid);
+    const [rows] = await this.db.query({
+      sql: `SELECT 'gen' AS token, gen FROM ${this.t("mailha_spam_generation")} WHERE uid = ${u} UNION ALL (SELECT CAST(token AS CHAR), 0 FROM ${this.t("dspam_token_data")} WHERE uid = ${u} LIMIT ${intLiteral(max + 1)})`,
+      rowsAsArray: true,
+    });
+    const tokens: string[] = [];
+    let gen = 0;
+    for (const [t, g] of rows as [string, number | string][]) {
+      if (t === "gen") gen = Number(g);
+      else tokens.push(t);
+    }
+    return { tokens: tokens.length > max ? null : tokens, gen };
+  }
+
   async tokenCountsAt(uid: number, tokens: readonly string[]): Promise<{ counts: Map<string, TokenCounts>; gen: number }> {
     const u = intLiteral(uid);
     const parts = [`SELECT 'gen' AS token, gen AS spam_hits, 0 AS innocent_hits FROM ${this.t("mailha_spam_generation")} WHERE uid = ${u}`];

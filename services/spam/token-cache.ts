@@ -19,6 +19,11 @@
 // is answered by a read that started after it asked (so it sees every commit made
 // before), one query for everyone who asked meanwhile.
 //
+// A user who gets mail (SET_AFTER_READS reads of missing tokens at one copy) gets a
+// token set too (TokenSet: every token they have, as a Bloom filter, read once with the
+// generation and grown by own commits): a token it lacks is not in MariaDB, so the
+// tokens a message alone has (its Message-ID, Date, Received ids) cost no read.
+//
 // Bounds: at most maxEntries tokens over all users (least recently used users dropped
 // first; a user alone over the bound is not cached beyond it); a shared read asks for
 // at most GENERATION_READ_MAX users, the rest wait for the next.
@@ -30,9 +35,71 @@ export const TOKEN_CACHE_ENTRIES_MAX = 300_000;
 /** A token MariaDB does not have (distinct from a row whose counts are zero, as tokenCounts tells them apart). */
 const ABSENT: TokenCounts = Object.freeze({ spam_hits: 0, innocent_hits: 0 });
 
+/**
+ * A superset of a user's token rows (a Bloom filter of their hashes): a token it does
+ * not have is not in MariaDB, so a classification need not read it. Built from one read
+ * of every token of the user at the copy's generation, grown by own commits; it goes
+ * with its copy (anyone else's commit drops both). False positives only cost a read.
+ */
+export class TokenSet {
+  private readonly bits: Uint32Array;
+  private readonly mask: number;
+  size = 0;
+
+  constructor(capacity: number) {
+    let m = 1024;
+    while (m < capacity * SET_BITS_PER_TOKEN && m < 2 ** 31) m *= 2;
+    this.bits = new Uint32Array(m / 32);
+    this.mask = m - 1;
+  }
+
+  get capacityBits(): number {
+    return this.mask + 1;
+  }
+
+  /** TOKEN is an unsigned 64-bit hash in decimal: its digits are uniform, two groups of 9 give two hashes. */
+  private probe(token: string, f: (bit: number) => boolean): boolean {
+    const n = token.length;
+    const h1 = Number(token.slice(Math.max(0, n - 9))) || 0;
+    const h2 = (Number(token.slice(Math.max(0, n - 18), Math.max(0, n - 9))) || 7) * 2 + 1;
+    for (let i = 0; i < SET_HASHES; i++) if (!f((h1 + i * h2) % (this.mask + 1))) return false;
+    return true;
+  }
+
+  add(token: string): void {
+    this.probe(token, (b) => ((this.bits[b >>> 5]! |= 1 << (b & 31)), true));
+    this.size++;
+  }
+
+  has(token: string): boolean {
+    return this.probe(token, (b) => (this.bits[b >>> 5]! & (1 << (b & 31))) !== 0);
+  }
+}
+
+const SET_BITS_PER_TOKEN = 10;
+const SET_HASHES = 7;
+/** A user with more tokens than this gets no token set (reads stay per message). */
+export const SET_TOKENS_MAX = 1_000_000;
+/** Token sets over all users hold at most this many tokens (about 1.25 bytes each); least recently used users' go first. */
+export const SET_TOKENS_TOTAL = 4_000_000;
+/** Reads of missing tokens at one copy before its user's token set is built (a user who gets mail). */
+export const SET_AFTER_READS = 16;
+
+export interface TokenCacheOptions {
+  readonly setAfter?: number;
+  readonly setTokensMax?: number;
+  readonly setTokensTotal?: number;
+}
+
 interface UserCopy {
   gen: number;
   readonly counts: Map<string, TokenCounts>;
+  /** Every token the user has at `gen` (a superset), once built. */
+  set?: TokenSet;
+  /** Reads of missing tokens at this copy (the set is built after SET_AFTER_READS). */
+  missReads: number;
+  /** The user had too many tokens for a set at this copy's generation. */
+  noSet?: boolean;
   /** The user's learned totals at `gen`, once read. */
   learned?: Learned;
   /** Own commits heard of before the one that precedes them (two learning connections finish in any order), by generation. */
@@ -52,6 +119,9 @@ export interface TokenCacheStats {
   /** Learned totals served from a copy. */
   totalsHits: number;
   entries: number;
+  /** Tokens not read because the user's token set does not have them; token sets built. */
+  setSkips: number;
+  setsBuilt: number;
 }
 
 /** Where a user's generation is read: the store itself, or reads shared between callers. */
@@ -109,12 +179,24 @@ export class GenerationReads implements GenerationSource {
 export class TokenCache {
   private readonly users = new Map<number, UserCopy>();
   private entries = 0;
-  readonly stats: TokenCacheStats = { hits: 0, misses: 0, stale: 0, forwarded: 0, totalsHits: 0, entries: 0 };
+  readonly stats: TokenCacheStats = { hits: 0, misses: 0, stale: 0, forwarded: 0, totalsHits: 0, entries: 0, setSkips: 0, setsBuilt: 0 };
 
   /** Own commits under way (between ownCommitStarted and ownCommitEnded). */
   private ownInFlight = 0;
+  /** Tokens the token sets hold, over all users. */
+  private setTokens = 0;
+  private readonly setAfter: number;
+  private readonly setTokensMax: number;
+  private readonly setTokensTotal: number;
 
-  constructor(readonly maxEntries = TOKEN_CACHE_ENTRIES_MAX) {}
+  constructor(
+    readonly maxEntries = TOKEN_CACHE_ENTRIES_MAX,
+    o: TokenCacheOptions = {},
+  ) {
+    this.setAfter = o.setAfter ?? SET_AFTER_READS;
+    this.setTokensMax = o.setTokensMax ?? SET_TOKENS_MAX;
+    this.setTokensTotal = o.setTokensTotal ?? SET_TOKENS_TOTAL;
+  }
 
   /** An own commit is about to run: its report (committed) comes before ownCommitEnded. */
   ownCommitStarted(): void {
@@ -137,19 +219,56 @@ export class TokenCache {
     const copy = this.copyAt(uid, gen);
     const out = new Map<string, TokenCounts>();
     const misses: string[] = [];
+    let skipped = 0;
     for (const t of tokens) {
       const c = copy?.counts.get(t);
-      if (c === undefined) misses.push(t);
-      else if (c !== ABSENT) out.set(t, c);
+      if (c !== undefined) {
+        if (c !== ABSENT) out.set(t, c);
+      } else if (copy?.set && !copy.set.has(t)) skipped++;
+      else misses.push(t);
     }
-    this.stats.hits += tokens.length - misses.length;
+    this.stats.hits += tokens.length - misses.length - skipped;
+    this.stats.setSkips += skipped;
     this.stats.misses += misses.length;
     if (!misses.length) return out;
     const { counts: got, gen: at } = await store.tokenCountsAt(uid, misses);
     for (const [t, c] of got) out.set(t, c);
     // What was read is exactly the counts at generation AT: kept if the copy is there.
-    this.keep(uid, at, misses, got);
+    const kept = this.keep(uid, at, misses, got);
+    if (kept && !kept.set && !kept.noSet && ++kept.missReads >= this.setAfter) await this.buildSet(store, uid, kept);
     return out;
+  }
+
+  /**
+   * Reads every token UID has, with the generation (one statement), into a token set
+   * for COPY, if the copy is still at that generation when the read ends (own commits
+   * moved it on: built again later) and the user has at most setTokensMax tokens.
+   */
+  private async buildSet(store: MariadbSpamStore, uid: number, copy: UserCopy): Promise<void> {
+    copy.missReads = 0;
+    const { tokens, gen } = await store.tokenSetAt(uid, this.setTokensMax);
+    if (this.users.get(uid) !== copy || copy.gen !== gen || copy.set) return;
+    if (tokens === null) {
+      copy.noSet = true;
+      return;
+    }
+    // Room for what own commits add to it before its user's copy goes.
+    const set = new TokenSet(tokens.length + Math.max(10_000, tokens.length >> 1));
+    for (const t of tokens) set.add(t);
+    for (const [u, c] of this.users) {
+      if (this.setTokens + tokens.length <= this.setTokensTotal) break;
+      if (u !== uid && c.set) this.dropSet(c);
+    }
+    if (this.setTokens + tokens.length > this.setTokensTotal) return;
+    copy.set = set;
+    this.setTokens += set.size;
+    this.stats.setsBuilt++;
+  }
+
+  private dropSet(c: UserCopy): void {
+    if (!c.set) return;
+    this.setTokens -= c.set.size;
+    delete c.set;
   }
 
   /** UID's learned totals through STORE, kept as the token counts are (GEN: the generation, when just read). */
@@ -209,6 +328,11 @@ export class TokenCache {
   /** CH applied to COPY (at CH's generation - 1), as MariaDB applied it. */
   private forward(copy: UserCopy, ch: CommittedChange): void {
     for (const t of ch.tokens) {
+      // An increment makes the row: the set must have it (a superset stays one).
+      if (copy.set && (t.spamDelta > 0 || t.innocentDelta > 0) && !copy.set.has(t.token)) {
+        copy.set.add(t.token);
+        this.setTokens++;
+      }
       const c = copy.counts.get(t.token);
       if (c === undefined) continue;
       // MariaDB: an increment makes the row (a decrement alone does not); each column clamps at zero.
@@ -241,7 +365,7 @@ export class TokenCache {
     let copy = this.users.get(uid);
     // Moved on meanwhile (an own commit forwarded it): what was read is older than the copy.
     if (copy && copy.gen !== gen) return undefined;
-    if (!copy) copy = { gen, counts: new Map(), ahead: new Map() };
+    if (!copy) copy = { gen, counts: new Map(), ahead: new Map(), missReads: 0 };
     // Most recently used last.
     this.users.delete(uid);
     this.users.set(uid, copy);
@@ -261,6 +385,7 @@ export class TokenCache {
   private drop(uid: number): void {
     const copy = this.users.get(uid);
     if (!copy) return;
+    this.dropSet(copy);
     this.entries -= copy.counts.size;
     this.users.delete(uid);
     this.stats.entries = this.entries;

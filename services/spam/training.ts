@@ -115,6 +115,9 @@ export const TUM_CONFIDENCE_MIN = 0.7;
 /** TOE after its warm-up learns a verdict whose confidence is below this (unsure; TUM's 0.70). */
 export const TOE_UNSURE_CONFIDENCE = TUM_CONFIDENCE_MIN;
 
+/** The rule of a TOE classification after the warm-up that learns nothing (only `*_classified`). */
+export const TOE_COUNTS_ONLY_RULE = "toe classification after warm-up: counts the verdict only";
+
 /** A classification TOE learns after its warm-up: confidence given and below TOE_UNSURE_CONFIDENCE. */
 export const toeUnsure = (confidence: number | undefined): boolean => confidence !== undefined && confidence < TOE_UNSURE_CONFIDENCE;
 
@@ -168,7 +171,7 @@ export const TRAINING_RULES: readonly Rule[] = [
     then: (c) => classified(c, learnAll(c.cls, { [col(c.cls, "learned")]: 1 })),
   },
   {
-    name: "toe classification after warm-up: counts the verdict only",
+    name: TOE_COUNTS_ONLY_RULE,
     when: (c) => c.source === "classification" && c.mode === "toe" && !inWarmup(c.totals),
     then: (c) => classified(c, { cls: null, except: [], stats: { [col(c.cls, "classified")]: 1 } }),
   },

@@ -204,3 +204,58 @@ test("tokens sort in numeric order without BigInt, and a token over 2^64-1 is re
   assert.throws(() => tokenLiteral("99999999999999999999"), /unsigned 64-bit/);
   assert.throws(() => tokenLiteral("1e5"), /unsigned 64-bit/);
 });
+
+test("a TOE classification that learns nothing is counted apart (no signature, no ledger row); its retrains from the delivered message do what a recorded one's do", async () => {
+  const prefs = { ...DEFAULT_PREFS, training_mode: "toe" as const };
+  const msg = Buffer.from("From: x@spam.example\r\nSubject: cheap pills now\r\n\r\nbuy cheap pills now, limited offer, cheap pills\r\n");
+  // Two users past TOE's warm-up, the same counts: one classified as SMTP does now, one recorded.
+  const setUp = async (user: string) => {
+    const uid = await store.uidFor(user);
+    await store.apply([delta({ uid, key: `warm-${user}`, stats: { spam_learned: 150, innocent_learned: 150 }, ledger: { before: null, after: { ...entry("spam"), key: `warm-${user}`, applied: { cls: null, except: [], stats: { spam_learned: 150, innocent_learned: 150 } } } } })]);
+    return uid;
+  };
+  const [a, r] = [await setUp("apart@mailha.test"), await setUp("recorded@mailha.test")];
+  const ca = await classifyMessage(store, a, msg, prefs, { countsApart: true });
+  const cr = await classifyMessage(store, r, msg, prefs);
+  assert.equal(ca.result, cr.result);
+  assert.deepEqual(ca.deltas, [], "nothing to write for it");
+  assert.deepEqual(ca.counted, { [`${ca.result}_classified`]: 1 }, "its count, for the caller to add up");
+  assert.match(ca.signatureId!, new RegExp(`^${a}\\.${ca.result === "spam" ? "s" : "i"}[0-9a-f]+$`), "an unrecorded signature names its verdict");
+  assert.ok(ca.signatureId!.length <= 32);
+  assert.equal(cr.deltas.length, 1, "a recorded one has its delta");
+  await applyDeltas(store, cr.deltas);
+  assert.equal(await store.signature(a, ca.signatureId!), null);
+  assert.equal(await store.ledger(a, ca.signatureId!), null);
+  // What the mailbox holds: the fields, then the message (retraining finds the signature there).
+  const delivered = (c: typeof ca) => Buffer.concat([Buffer.from(Object.entries(c.headers).map(([k, v]) => `${k}: ${v}\r\n`).join("")), msg]);
+  const other = ca.result === "spam" ? "innocent" : "spam";
+  const step = async (cls: "spam" | "innocent") => {
+    const da = await retrain(store, a, delivered(ca), cls, "error", prefs);
+    const dr = await retrain(store, r, delivered(cr), cls, "error", prefs);
+    await applyDeltas(store, da);
+    await applyDeltas(store, dr);
+    return { da, dr };
+  };
+  const tokensOf = (ds: SpamDelta[]) => ds.flatMap((d) => d.tokens.map((t) => [t.token, t.spamDelta, t.innocentDelta].join(":"))).sort();
+  const statsOf = (ds: SpamDelta[]) => ds.map((d) => d.stats);
+  // The verdict again: nothing, for both.
+  let s = await step(ca.result);
+  assert.deepEqual([s.da, s.dr], [[], []], "a retrain to the verdict changes nothing");
+  // The other class: the right class learned, the error counted; the same for both.
+  s = await step(other);
+  assert.ok(tokensOf(s.da).length > 10);
+  assert.deepEqual(tokensOf(s.da), tokensOf(s.dr), "the same tokens learned");
+  assert.deepEqual(statsOf(s.da), [{ [`${other}_learned`]: 1, [`${other}_misclassified`]: 1 }]);
+  assert.deepEqual(statsOf(s.da), statsOf(s.dr));
+  // Back and forth: one net class each time, the same for both.
+  for (const cls of [ca.result, other, ca.result] as const) {
+    s = await step(cls);
+    assert.deepEqual(tokensOf(s.da), tokensOf(s.dr), `back to ${cls}: the same`);
+  }
+  const [ta, tr] = [await store.totals(a), await store.totals(r)];
+  for (const k of ["spam_learned", "innocent_learned", "spam_misclassified", "innocent_misclassified"] as const) assert.equal(ta[k], tr[k], k);
+  assert.equal(ta[`${ca.result}_classified`], 0, "the apart count is the caller's to add");
+  assert.equal(tr[`${cr.result}_classified`], 1);
+  const counts = await store.tokenCounts(a, cr.deltas[0]!.signature!.tokens.map((t) => t.token));
+  assert.ok([...counts.values()].every((c) => c.spam_hits === 0 && c.innocent_hits === 0), "back at the verdict: nothing learned");
+});

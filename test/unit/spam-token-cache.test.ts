@@ -198,10 +198,65 @@ test("the cache holds at most its bound of tokens and still returns MariaDB's co
   assert.ok(cache.stats.entries <= 50);
 });
 
-test("seeded random schedules: every read through the cache equals MariaDB's, with concurrent own and other commits", async () => {
+test("a user's token set: built after enough reads, the tokens it lacks are not read, own commits grow it, anyone else's drops it; every read is MariaDB's", async () => {
+  const cache = new TokenCache(100_000, { setAfter: 2 });
+  const reader = new MariadbSpamStore(await connect(), DB);
+  const own = new MariadbSpamStore(await connect(), DB, (ch) => cache.committed(ch));
+  const other = new MariadbSpamStore(await connect(), DB);
+  const uid = 41;
+  const known = Array.from({ length: 500 }, (_, i) => String(4_100_000_000 + i * 7919));
+  await other.apply([learn(uid, known.map((t) => [t, 1, 0]))]);
+  const check = async (toks: string[], what: string) => assert.deepEqual(plain(await cache.tokenCounts(reader, uid, toks)), plain(await reader.tokenCounts(uid, toks)), what);
+  const fresh = (n: number, base: number) => Array.from({ length: n }, (_, i) => String(base + i * 104729));
+  await check([...known.slice(0, 50), ...fresh(20, 1e15)], "first read");
+  await check(fresh(20, 2e15), "second read: builds the set");
+  assert.equal(cache.stats.setsBuilt, 1);
+  let misses = cache.stats.misses;
+  await check(fresh(200, 3e15), "a message of new tokens");
+  assert.ok(cache.stats.misses - misses <= 20, `the set answers for new tokens (${cache.stats.misses - misses} of 200 read: its false positives)`);
+  assert.ok(cache.stats.setSkips >= 180);
+  // Own commits add tokens: the set has them, so they are read and counted.
+  const added = fresh(30, 4e15);
+  cache.ownCommitStarted();
+  await own.apply([learn(uid, added.map((t) => [t, 2, 1]))]).finally(() => cache.ownCommitEnded());
+  await check([...added, ...known.slice(100, 150)], "after an own commit: what it added is there");
+  // Anyone else's commit: the copy and its set go; a token they added is read.
+  const theirs = fresh(10, 5e15);
+  await other.apply([learn(uid, theirs.map((t) => [t, 0, 3]))]);
+  misses = cache.stats.misses;
+  await check([...theirs, ...fresh(50, 6e15)], "after another's commit: read afresh");
+  assert.ok(cache.stats.misses - misses >= 60, "everything was read again (no set)");
+  assert.equal(cache.stats.setsBuilt, 1);
+  await check(fresh(20, 7e15), "builds it again");
+  assert.equal(cache.stats.setsBuilt, 2);
+  await check([...theirs, ...added, ...fresh(100, 8e15)], "the new set has everyone's tokens");
+  // A set read at a generation the copy has left meanwhile (an own commit reported during
+  // the read) is not used: it lacks that commit's tokens.
+  const racing = new TokenCache(100_000, { setAfter: 1 });
+  const ownR = new MariadbSpamStore(await connect(), DB, (ch) => racing.committed(ch));
+  const late = fresh(10, 9.5e15);
+  const slow = Object.create(reader) as MariadbSpamStore;
+  slow.tokenSetAt = async (u, max) => {
+    const r = await reader.tokenSetAt(u, max);
+    racing.ownCommitStarted();
+    await ownR.apply([learn(uid, late.map((t) => [t, 1, 1]))]).finally(() => racing.ownCommitEnded());
+    return r;
+  };
+  await racing.tokenCounts(slow, uid, fresh(5, 9.6e15));
+  assert.equal(racing.stats.setsBuilt, 0, "the set read before the commit is not kept");
+  assert.deepEqual(plain(await racing.tokenCounts(reader, uid, late)), plain(await reader.tokenCounts(uid, late)), "the commit's tokens are read");
+  // A user over the bound gets none.
+  const small = new TokenCache(100_000, { setAfter: 1, setTokensMax: 100 });
+  await small.tokenCounts(reader, uid, fresh(5, 9e15));
+  await small.tokenCounts(reader, uid, fresh(5, 9.1e15));
+  assert.equal(small.stats.setsBuilt, 0, "more tokens than setTokensMax: no set");
+});
+
+for (const sets of [false, true])
+test(`seeded random schedules${sets ? " with token sets" : ""}: every read through the cache equals MariaDB's, with concurrent own and other commits`, async () => {
   const seed = Number(process.env.SEED ?? 20261203);
   const rnd = rng(seed);
-  const cache = new TokenCache(400);
+  const cache = new TokenCache(400, sets ? { setAfter: 1 } : { setAfter: Infinity });
   const readers = [new MariadbSpamStore(await connect(), DB), new MariadbSpamStore(await connect(), DB)];
   // A transaction needs its connection to itself (a second BEGIN on it commits the first
   // half done): each of a round's concurrent commits has its own, as a pool gives them.
@@ -235,12 +290,14 @@ test("seeded random schedules: every read through the cache equals MariaDB's, wi
         else work.push(cache.learned(pick(readers), uid, undefined, gens));
       }
       await Promise.all(work);
-      const toks = someTokens().concat(someTokens());
+      // And tokens nobody learned (a message's own: its Message-ID, its Date).
+      const toks = someTokens().concat(someTokens(), Array.from({ length: 5 }, () => String(1000 + Math.floor(rnd() * 1e9))));
       const got = plain(await cache.tokenCounts(pick(readers), uid, toks, undefined, rnd() < 0.5 ? gens : undefined));
       assert.deepEqual(got, plain(await truth.tokenCounts(uid, toks)), `round ${round}`);
       assert.deepEqual(await cache.learned(pick(readers), uid, undefined, gens), await truth.learned(uid), `round ${round}: learned totals`);
     }
     assert.ok(cache.stats.forwarded > 0 && cache.stats.hits > 0 && cache.stats.totalsHits > 0, "the schedule used the copies");
+    if (sets) assert.ok(cache.stats.setsBuilt > 0 && cache.stats.setSkips > 0, `the schedule used token sets (${cache.stats.setsBuilt} built, ${cache.stats.setSkips} skipped)`);
   } catch (e) {
     console.error(`token cache schedule failed with SEED=${seed}`);
     throw e;
