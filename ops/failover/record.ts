@@ -13,6 +13,8 @@ export interface OpRecord {
   readonly ok: boolean;
   readonly host?: string;
   readonly error?: string;
+  /** The message's test id (SMTP sends). */
+  readonly id?: string;
 }
 
 /** Enough for hours of traffic at the default rates; beyond it records are counted, not kept. */

@@ -89,7 +89,8 @@ export class SmtpSender {
           tx.close();
         }
       }
-      this.ctx.rec.add({ proto: "smtp", op: "send", start, end: Date.now(), ok: !!host, host, error: host ? undefined : errors.join("; ").slice(0, 300) });
+      // The hosts that failed before one answered 250 are kept too: a message sent to two MX hosts can be there twice.
+      this.ctx.rec.add({ proto: "smtp", op: "send", start, end: Date.now(), ok: !!host, host, id, error: errors.length ? errors.join("; ").slice(0, 300) : undefined });
       if (host) {
         this.acked.set(id, to);
         this.ackedBy.set(id, { host, at: Date.now() });

@@ -188,10 +188,16 @@ describe("mailha init + mailha deploy into two booted Debian machines and a witn
     assert.equal(res.healthy, true);
     assert.ok(res.steps.some((x) => /switchover/.test(x)), `a switchover: ${res.steps.join("; ")}`);
     for (const x of [a, b]) assert.equal((await must(x, "dpkg-query -W -f '${Version}' mailha")).trim(), next, `${x.name} runs the new package`);
-    const trial = (JSON.parse(r.stdout) as { results: { ok: boolean; notes: string[]; smtp: { acked: number; lost: string[]; duplicated: string[] } }[] }).results[0]!;
+    const trial = (JSON.parse(r.stdout) as { results: { ok: boolean; notes: string[]; smtp: { acked: number; lost: string[]; duplicated: string[] }; timeline: { ops: { id?: string; start: number }[]; events: { time: number }[] } }[] }).results[0]!;
+    // What a duplicate's sends and the cluster's events around them were (to tell why, if one happens).
+    const around = (ids: string[]) => {
+      const sends = trial.timeline.ops.filter((o) => o.id && ids.includes(o.id));
+      const t = sends[0]?.start ?? 0;
+      return JSON.stringify({ sends, events: trial.timeline.events.filter((e) => Math.abs(e.time - t) < 15_000) }).slice(0, 6000);
+    };
     assert.ok(trial.ok, `the trial: ${trial.notes.join("; ")}`);
     assert.deepEqual(trial.smtp.lost, [], "nothing acknowledged is lost");
-    assert.deepEqual(trial.smtp.duplicated, [], "nothing is there twice");
+    assert.deepEqual(trial.smtp.duplicated, [], `nothing is there twice: ${around(trial.smtp.duplicated)}`);
     assert.ok(trial.smtp.acked > 5, `clients sent mail during the upgrade (${trial.smtp.acked} acknowledged)`);
     say(`${trial.smtp.acked} messages acknowledged around the upgrade, every one there once`);
   });
