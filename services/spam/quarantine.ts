@@ -185,9 +185,9 @@ export async function releaseHeld(t: QuarantineTarget, user: string, key: string
   if (!h) throw new NotHeld(`${user} has no message ${key} in quarantine (see mailha spam quarantine list --user ${user})`);
   const body = readFileSync(h.file);
   const sha256 = createHash("sha256").update(body).digest("hex");
-  await t.journal?.append(QUARANTINE_KIND, { user: h.user, key, action: "release", sha256 });
   const inboxNew = join(dirname(dirname(dirname(h.file))), "Maildir", "new");
   if (!existsSync(inboxNew)) throw new Error(`${user}'s INBOX (${inboxNew}) is missing: not released`);
+  await t.journal?.append(QUARANTINE_KIND, { user: h.user, key, action: "release", sha256 });
   const dest = join(inboxNew, h.file.slice(dirname(h.file).length + 1));
   renameSync(h.file, dest);
   fsyncPath(inboxNew);
