@@ -35,6 +35,7 @@ import { ListenerGuard, listenerLimits, recipientLimitError, smtpError } from ".
 import { publishStats } from "../stats.ts";
 import { dsnMessage, headerOf, type Failure } from "./dsn.ts";
 import { relay } from "./relay.ts";
+import { closeTimeoutFor, SessionDrain } from "./drain.ts";
 
 const REFRESH_MS = 10_000;
 const RECHECK_MS = 2000;
@@ -231,7 +232,9 @@ export async function flushSpool(paths: NodePaths, deliverOne: (env: Envelope, f
   return n;
 }
 
-const CLOSE_TIMEOUT_MS = 500;
+// A takeover waits this long for messages being spooled to get their answer (drain.ts):
+// short, the ports go to the active services.
+const DRAIN_WAIT_MS = 1000;
 
 /** A new spool queue id (QUEUE_ID_RE). */
 function newQueueId(): string {
@@ -292,15 +295,16 @@ export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; pat
   const tlsOpts = existsSync(join(tlsDir, "tls.key")) ? { key: readFileSync(join(tlsDir, "tls.key")), cert: readFileSync(join(tlsDir, "tls.crt")) } : { hideSTARTTLS: true };
   const myName = c.mail.mx.find((m) => m.node === o.nodeId)?.name ?? c.mail.host;
   const guard = ListenerGuard.of(c);
+  const drain = new SessionDrain();
   const server = new SMTPServer({
     name: myName,
     banner: "mailha ESMTP (backup MX)",
     onConnect: guard.onConnect,
     onClose: guard.onClose,
     onMailFrom: (_address, session, cb) => cb(guard.mailFromError(session)),
-    // At a takeover the ports go to the active services at once: sessions still open
-    // after this are cut (no 250 was given for their message, so the client retries).
-    closeTimeout: CLOSE_TIMEOUT_MS,
+    // At a takeover the ports go to the active services: idle sessions are told 421 at
+    // once, a message being spooled gets its answer first (at most DRAIN_WAIT_MS).
+    closeTimeout: closeTimeoutFor(DRAIN_WAIT_MS),
     ...tlsOpts,
     secure: false,
     authOptional: true,
@@ -335,7 +339,7 @@ export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; pat
       const fd = openSync(eml, "wx", 0o600);
       // A trace field from the sender is removed: only this node's own, added when it
       // forwards, may reach the active node.
-      copyChecked(stripPeerField(stream, false), fd, headers, listenerLimits(c, "backup-mx").size!)
+      drain.track(session.id, copyChecked(stripPeerField(stream, false), fd, headers, listenerLimits(c, "backup-mx").size!)
         .then(() => {
           fsyncSync(fd);
           closeSync(fd);
@@ -355,7 +359,7 @@ export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; pat
           stream.resume();
           if (err instanceof RejectError) return cb(smtpError(err.responseCode, err.message));
           cb(smtpError(451, "4.3.0 Could not spool the message, try again later"));
-        });
+        }));
     },
   });
   // smtp-server reports a client's failed TLS handshake or reset connection as an
@@ -417,7 +421,9 @@ export async function runBackupMx(o: { config: MailhaConfig; nodeId: string; pat
     async close() {
       stopStats();
       for (const t of timers) clearInterval(t);
-      await new Promise<void>((r) => server.close(() => r()));
+      const inFlight = drain.inFlight;
+      const r = await drain.close([server], DRAIN_WAIT_MS);
+      o.log.info({ ...r, inFlight }, "backup MX listener closed");
     },
   };
 }

@@ -40,15 +40,16 @@ import { prepareStatsDir, publishStats } from "../stats.ts";
 import { ListenerGuard, listenerLimits, recipientLimitError, smtpError } from "./limits.ts";
 import { Transactions } from "./transaction.ts";
 import { SpamAtDelivery } from "../spam/at-delivery.ts";
+import { closeTimeoutFor, SessionDrain } from "./drain.ts";
 import { SmtpAuth } from "./auth.ts";
 import { hashPassword, PasswordVerifier } from "../password.ts";
 import { isRoot, type Ids } from "../privileges.ts";
 import { dropToMailUser, prepareSmtpFiles } from "./run-as.ts";
 
-const CLOSE_TIMEOUT_MS = 1500;
+// A stop waits this long for messages being stored to get their answer (drain.ts).
+const DRAIN_WAIT_MS = 5000;
 
 const prefixed = (p: string, o: object): Record<string, number> => Object.fromEntries(Object.entries(o).map(([k, v]) => [`${p}${k}`, v as number]));
-const INFLIGHT_WAIT_MS = 5000;
 const CLIENT_CLOSE_MS = 1000;
 
 export interface SmtpPorts {
@@ -168,12 +169,9 @@ export async function runSmtp(o: SmtpOptions): Promise<SmtpService> {
     );
   };
 
-  // Deliveries in progress: a stop lets them finish (bounded) before the process ends.
-  const inflight = new Set<Promise<unknown>>();
-  const track = (p: Promise<unknown>) => {
-    inflight.add(p);
-    void p.finally(() => inflight.delete(p));
-  };
+  // Deliveries in progress: a stop lets them finish and answer (bounded) before it
+  // closes their connections.
+  const drain = new SessionDrain();
   // TRUSTPEER: port 25, where the peer's backup MX forwards; only a connection from the
   // peer's service address may name a backup MX queue id (the trace field); it is
   // removed from every message, on every port.
@@ -197,7 +195,7 @@ export async function runSmtp(o: SmtpOptions): Promise<SmtpService> {
       cb(smtpError(451, "4.3.0 Could not store the message, try again later"));
     };
     if (mailboxes.length === 0 && remote.length) {
-      track(outbound
+      drain.track(session.id, outbound
         .enqueue(input, from, remote, headers.slice(returnPath.length), c.mail.message_size_max_bytes, from === "")
         .then((id) => {
           o.log.info({ session: session.id, from, to: remote, queued: id }, "queued for other domains");
@@ -222,7 +220,7 @@ export async function runSmtp(o: SmtpOptions): Promise<SmtpService> {
       o.log.info({ session: session.id, from, to: todo, remote, size: d.size, ms: Date.now() - t0, ...(peerQueueId ? { peerQueueId } : {}) }, "delivered");
       cb(null, `2.0.0 Ok: delivered as ${session.id}`);
     };
-    track(filtered.queueId
+    drain.track(session.id, filtered.queueId
       .then(async (peerQueueId) => {
         if (!peerQueueId) return deliverTo(mailboxes);
         const r = await oncePerQueueId(peerQueueId, mailboxes, (todo) => deliverTo(todo, peerQueueId));
@@ -261,7 +259,7 @@ export async function runSmtp(o: SmtpOptions): Promise<SmtpService> {
     onClose: guard.onClose,
     // A planned stop waits this long for sessions to end, then cuts them: a client
     // without its 250 sends again, to the node that takes over.
-    closeTimeout: CLOSE_TIMEOUT_MS,
+    closeTimeout: closeTimeoutFor(DRAIN_WAIT_MS),
     disableReverseLookup: true,
     logger: false,
   };
@@ -330,8 +328,9 @@ export async function runSmtp(o: SmtpOptions): Promise<SmtpService> {
   return {
     async close() {
       stopStats();
-      await Promise.all(servers.map(([s]) => new Promise<void>((r) => s.close(() => r()))));
-      await Promise.race([Promise.allSettled([...inflight]), sleep(INFLIGHT_WAIT_MS)]);
+      const inFlight = drain.inFlight;
+      const r = await drain.close(servers.map(([s]) => s), DRAIN_WAIT_MS);
+      o.log.info({ ...r, inFlight }, "SMTP listeners closed");
       // Each bounded: a dead Redis or MariaDB (the reason for a restart, often) must
       // not hold the stop until the resource manager's SIGKILL.
       const bounded = (p: Promise<unknown>) => Promise.race([p.catch(() => {}), sleep(CLIENT_CLOSE_MS)]);
