@@ -12,7 +12,8 @@
 // TokenCache (exact: tagged with each user's learn generation; this process's own
 // commits move it forward); a user's uid is kept, their preferences while their
 // generation stays (a preference change moves it). Generations are read for all
-// classifications waiting at once in one query (GenerationReads, its own connection).
+// classifications waiting at once in one query (GenerationReads, its own connection),
+// and a read under GENERATION_FRESH_MS old answers without one.
 // A classification that learns nothing (TOE past the warm-up, sure) writes nothing of
 // its own (an unrecorded signature, filter.ts): its count is added up here and journaled
 // and applied as one delta per user every COUNTS_FLUSH_MS. Counters for the metrics page.
@@ -35,6 +36,13 @@ const POOL_SIZE = 4;
 const QUEUE_MAX = 500;
 const LEARN_INFLIGHT_MAX = 128;
 const LEARN_POOL_SIZE = 2;
+/**
+ * A generation read this recent (ms) answers a classification without a query: what
+ * another process commits (the spam worker's retraining from a user's move, `mailha
+ * spam train`, a preference change, the merge) is used within this bound; this
+ * process's own learning at once. Without it every message waited for a query.
+ */
+export const GENERATION_FRESH_MS = 200;
 /** Users whose uid and preferences are kept, at most. */
 const IDS_MAX = 10_000;
 /** Deliveries whose learning one transaction applies at most. */
@@ -62,6 +70,8 @@ export interface AtDeliveryOptions {
   readonly timeoutMs: number;
   readonly log: Logger;
   readonly database?: string;
+  /** How to log in (default: the SMTP service's account, sqlLogin; a bench's scratch MariaDB gives root's). */
+  readonly login?: { readonly socketPath: string; readonly user: string; readonly password?: string };
 }
 
 export interface AtDeliveryCounters {
@@ -84,6 +94,8 @@ export interface AtDeliveryCounters {
   /** Learned totals served from the cache; generation queries (each answers every classification waiting). */
   token_cache_totals_hits_total: number;
   generation_reads_total: number;
+  /** Classifications answered by a generation read under GENERATION_FRESH_MS old (no query). */
+  generation_fresh_total: number;
   /** Classifications that learned nothing (no signature, no ledger row: counted apart), and the deltas that added them up. */
   counted_apart_total: number;
   count_flushes_total: number;
@@ -126,7 +138,7 @@ export class SpamAtDelivery implements DeliveryFilter {
   private readonly learning = new Set<Promise<void>>();
   private readonly waiting: Learning[] = [];
   private runners = 0;
-  readonly counters: AtDeliveryCounters = { spam_classified_total: 0, innocent_classified_total: 0, spam_filed_in_junk_total: 0, spam_quarantined_total: 0, unclassified_total: 0, timeouts_total: 0, errors_total: 0, learn_errors_total: 0, learn_batches_total: 0, classify_ms_total: 0, token_cache_hits_total: 0, token_cache_misses_total: 0, token_cache_stale_total: 0, token_cache_entries: 0, token_cache_totals_hits_total: 0, generation_reads_total: 0, counted_apart_total: 0, count_flushes_total: 0, token_set_skips_total: 0, token_sets_built_total: 0 };
+  readonly counters: AtDeliveryCounters = { spam_classified_total: 0, innocent_classified_total: 0, spam_filed_in_junk_total: 0, spam_quarantined_total: 0, unclassified_total: 0, timeouts_total: 0, errors_total: 0, learn_errors_total: 0, learn_batches_total: 0, classify_ms_total: 0, token_cache_hits_total: 0, token_cache_misses_total: 0, token_cache_stale_total: 0, token_cache_entries: 0, token_cache_totals_hits_total: 0, generation_reads_total: 0, generation_fresh_total: 0, counted_apart_total: 0, count_flushes_total: 0, token_set_skips_total: 0, token_sets_built_total: 0 };
   /** The counts this process read, kept exact by the learn generation (one cache for all connections). */
   private readonly cache = new TokenCache();
   private readonly uids = new Map<string, number>();
@@ -143,18 +155,21 @@ export class SpamAtDelivery implements DeliveryFilter {
     this.pool = this.newPool(POOL_SIZE);
     this.learnPool = this.newPool(LEARN_POOL_SIZE);
     this.genPool = this.newPool(1);
-    this.gens = new GenerationReads(async (uids) => {
-      const conn = await this.genPool.getConnection();
-      try {
-        return await new MariadbSpamStore(conn, this.o.database ?? DATABASE).generations(uids);
-      } finally {
-        conn.release();
-      }
-    });
+    this.gens = new GenerationReads(
+      async (uids) => {
+        const conn = await this.genPool.getConnection();
+        try {
+          return await new MariadbSpamStore(conn, this.o.database ?? DATABASE).generations(uids);
+        } finally {
+          conn.release();
+        }
+      },
+      { freshMs: GENERATION_FRESH_MS },
+    );
   }
 
   private newPool(size: number): mysql.Pool {
-    const pool = mysql.createPool({ ...sqlLogin(this.o.socket, "smtp"), database: this.o.database ?? DATABASE, connectionLimit: size, queueLimit: QUEUE_MAX, connectTimeout: 3000 });
+    const pool = mysql.createPool({ ...(this.o.login ?? sqlLogin(this.o.socket, "smtp")), database: this.o.database ?? DATABASE, connectionLimit: size, queueLimit: QUEUE_MAX, connectTimeout: 3000 });
     // A pool connection the server closed is replaced; the error must not end the process.
     pool.on("connection", (c) => (c as unknown as { on(e: string, f: (err: Error) => void): void }).on("error", (err) => this.o.log.warn({ err }, "spam filter: a database connection failed")));
     return pool;
@@ -181,6 +196,7 @@ export class SpamAtDelivery implements DeliveryFilter {
       this.counters.token_cache_entries = cs.entries;
       this.counters.token_cache_totals_hits_total = cs.totalsHits;
       this.counters.generation_reads_total = this.gens.reads;
+      this.counters.generation_fresh_total = this.gens.served;
       this.counters.token_set_skips_total = cs.setSkips;
       this.counters.token_sets_built_total = cs.setsBuilt;
     }
@@ -216,6 +232,7 @@ export class SpamAtDelivery implements DeliveryFilter {
   /** This process's learning committed: the token cache and the kept preferences move to the new generations. */
   private committed(changes: readonly CommittedChange[]): void {
     this.cache.committed(changes);
+    this.gens.committed(changes);
     for (const ch of changes) {
       const p = this.prefs.get(ch.uid);
       if (p && p.gen === ch.gen - 1) p.gen = ch.gen;

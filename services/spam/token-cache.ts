@@ -17,7 +17,10 @@
 //
 // `GenerationReads` shares generation reads between concurrent classifications: a caller
 // is answered by a read that started after it asked (so it sees every commit made
-// before), one query for everyone who asked meanwhile.
+// before), one query for everyone who asked meanwhile; or, with a freshness bound (SMTP
+// uses GENERATION_FRESH_MS), by a read that started at most that long before it asked,
+// moved forward by own commits: another process's commit is then seen within the bound,
+// and the counts used are still exactly those of the generation answered.
 //
 // A user who gets mail (SET_AFTER_READS reads of missing tokens at one copy) gets a
 // token set too (TokenSet: every token they have, as a Bloom filter, read once with the
@@ -132,27 +135,75 @@ export interface GenerationSource {
 /** Users one shared generation read asks for, at most. */
 export const GENERATION_READ_MAX = 500;
 
+export interface GenerationReadsOptions {
+  /** A read this recent (ms since it started) answers without a query (0: every caller waits for a read after it asked). */
+  readonly freshMs?: number;
+  readonly now?: () => number;
+  /** Users whose last read is kept for freshMs, at most. */
+  readonly knownMax?: number;
+}
+
 /**
  * Generation reads shared between concurrent callers: whoever asks while no read runs
  * starts one; whoever asks while one runs waits for the next, which starts after the
  * running one ends (so every caller's answer was read after it asked). READ returns
- * the generations of the users given (0 for one without).
+ * the generations of the users given (0 for one without). With freshMs, a caller is
+ * answered at once by a read that started at most freshMs before it asked (a bounded
+ * staleness: what others committed is seen within freshMs), moved forward by this
+ * process's own commits (`committed`, as the token cache is), so its copies stay usable.
  */
 export class GenerationReads implements GenerationSource {
   private waiting = new Map<number, { resolve: (g: number) => void; reject: (e: unknown) => void }[]>();
   private running = false;
+  /** Each user's last generation read (or moved forward by own commits) and when that read started. */
+  private readonly known = new Map<number, { gen: number; at: number }>();
+  private readonly freshMs: number;
+  private readonly now: () => number;
+  private readonly knownMax: number;
   /** Queries made (each answered everyone waiting for it). */
   reads = 0;
+  /** Callers answered by a read under freshMs old, without a query. */
+  served = 0;
 
-  constructor(private readonly read: (uids: readonly number[]) => Promise<Map<number, number>>) {}
+  constructor(
+    private readonly read: (uids: readonly number[]) => Promise<Map<number, number>>,
+    o: GenerationReadsOptions = {},
+  ) {
+    this.freshMs = o.freshMs ?? 0;
+    this.now = o.now ?? Date.now;
+    this.knownMax = o.knownMax ?? 10_000;
+  }
 
   generation(uid: number): Promise<number> {
+    const k = this.freshMs > 0 ? this.known.get(uid) : undefined;
+    if (k && this.now() - k.at <= this.freshMs) {
+      this.served++;
+      return Promise.resolve(k.gen);
+    }
     return new Promise((resolve, reject) => {
       let l = this.waiting.get(uid);
       if (!l) this.waiting.set(uid, (l = []));
       l.push({ resolve, reject });
       if (!this.running) void this.next();
     });
+  }
+
+  /** This process's own commits: a kept generation just before one moves to it; one further behind is dropped (read again). */
+  committed(changes: readonly CommittedChange[]): void {
+    for (const ch of changes) {
+      const k = this.known.get(ch.uid);
+      if (!k || ch.gen <= k.gen) continue;
+      if (ch.gen === k.gen + 1) k.gen = ch.gen;
+      else this.known.delete(ch.uid);
+    }
+  }
+
+  private remember(uid: number, gen: number, at: number): void {
+    const k = this.known.get(uid);
+    // An own commit may have moved it past what the read saw: generations only grow.
+    this.known.delete(uid);
+    this.known.set(uid, { gen: Math.max(gen, k?.gen ?? 0), at });
+    if (this.known.size > this.knownMax) this.known.delete(this.known.keys().next().value!);
   }
 
   private async next(): Promise<void> {
@@ -163,9 +214,14 @@ export class GenerationReads implements GenerationSource {
         const asked = uids.map((u) => [u, this.waiting.get(u)!] as const);
         for (const u of uids) this.waiting.delete(u);
         this.reads++;
+        const at = this.now();
         try {
           const gens = await this.read(uids);
-          for (const [u, l] of asked) for (const w of l) w.resolve(gens.get(u) ?? 0);
+          for (const [u, l] of asked) {
+            const g = gens.get(u) ?? 0;
+            if (this.freshMs > 0) this.remember(u, g, at);
+            for (const w of l) w.resolve(g);
+          }
         } catch (err) {
           for (const [, l] of asked) for (const w of l) w.reject(err);
         }

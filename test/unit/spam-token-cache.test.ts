@@ -183,6 +183,54 @@ test("generation reads are shared: one query for everyone waiting, and each call
   assert.equal(await failing.generation(uid), g0 + 1);
 });
 
+test("with a freshness bound, a read under it answers without a query; own commits move it forward; another's commit is seen once the read is older", async () => {
+  const cache = new TokenCache();
+  const reader = new MariadbSpamStore(await connect(), DB);
+  const other = new MariadbSpamStore(await connect(), DB);
+  let now = 1_000;
+  let queries = 0;
+  const reads = new GenerationReads(
+    async (uids) => {
+      queries++;
+      return reader.generations(uids);
+    },
+    { freshMs: 200, now: () => now },
+  );
+  const own = new MariadbSpamStore(await connect(), DB, (ch) => (cache.committed(ch), reads.committed(ch)));
+  const uid = 61;
+  const toks = ["61001", "61002", "61003"];
+  await other.apply([learn(uid, [["61001", 1, 0]])]);
+  const g0 = await reads.generation(uid);
+  assert.equal(queries, 1);
+  assert.deepEqual(plain(await cache.tokenCounts(reader, uid, toks, undefined, reads)), plain(await reader.tokenCounts(uid, toks)));
+  // Another process commits: within the bound the read before it still answers.
+  await other.apply([learn(uid, [["61002", 0, 1]])]);
+  now += 150;
+  assert.equal(await reads.generation(uid), g0, "under 200 ms old: no query, the generation read then");
+  assert.equal(queries, 1);
+  const stale = plain(await cache.tokenCounts(reader, uid, toks, undefined, reads));
+  assert.deepEqual(stale, { "61001": { spam_hits: 1, innocent_hits: 0 } }, "the counts of exactly that generation, from memory");
+  now += 100;
+  assert.equal(await reads.generation(uid), g0 + 1, "older than the bound: read again");
+  assert.equal(queries, 2);
+  assert.deepEqual(plain(await cache.tokenCounts(reader, uid, toks, undefined, reads)), plain(await reader.tokenCounts(uid, toks)));
+  // An own commit moves the kept generation with the copy: still no query, and exact.
+  await own.apply([learn(uid, [["61003", 2, 0]])]);
+  now += 50;
+  assert.equal(await reads.generation(uid), g0 + 2, "moved forward by the own commit");
+  assert.equal(queries, 2);
+  const hits = cache.stats.hits;
+  assert.deepEqual(plain(await cache.tokenCounts(reader, uid, toks, undefined, reads)), plain(await reader.tokenCounts(uid, toks)));
+  assert.equal(cache.stats.hits, hits + 3, "all three from the forwarded copy");
+  // An own commit whose generation is not the next (another's came between): forgotten, read again.
+  await other.apply([learn(uid, [["61001", 1, 0]])]);
+  await own.apply([learn(uid, [["61002", 1, 0]])]);
+  now += 10;
+  assert.equal(await reads.generation(uid), await reader.generation(uid));
+  assert.equal(queries, 3);
+  assert.ok(reads.served >= 2);
+});
+
 test("the cache holds at most its bound of tokens and still returns MariaDB's counts", async () => {
   const cache = new TokenCache(50);
   const reader = new MariadbSpamStore(await connect(), DB);
@@ -252,18 +300,23 @@ test("a user's token set: built after enough reads, the tokens it lacks are not 
   assert.equal(small.stats.setsBuilt, 0, "more tokens than setTokensMax: no set");
 });
 
-for (const sets of [false, true])
-test(`seeded random schedules${sets ? " with token sets" : ""}: every read through the cache equals MariaDB's, with concurrent own and other commits`, async () => {
+for (const [sets, fresh] of [[false, false], [true, false], [true, true]] as const)
+test(`seeded random schedules${sets ? " with token sets" : ""}${fresh ? " and generation reads under a freshness bound" : ""}: every read through the cache equals MariaDB's${fresh ? " once the bound has passed" : ""}, with concurrent own and other commits`, async () => {
   const seed = Number(process.env.SEED ?? 20261203);
   const rnd = rng(seed);
   const cache = new TokenCache(400, sets ? { setAfter: 1 } : { setAfter: Infinity });
+  // A clock the schedule moves: reads in a round may be up to FRESH ms old; the quiet read comes after it.
+  const FRESH = 200;
+  let now = 0;
+  const gensOf = (truth: MariadbSpamStore) => (process.env.NOSHARE ? undefined : new GenerationReads((u) => truth.generations(u), fresh ? { freshMs: FRESH, now: () => now } : {}));
+  let gensRef: GenerationReads | undefined;
   const readers = [new MariadbSpamStore(await connect(), DB), new MariadbSpamStore(await connect(), DB)];
   // A transaction needs its connection to itself (a second BEGIN on it commits the first
   // half done): each of a round's concurrent commits has its own, as a pool gives them.
   const owns: MariadbSpamStore[] = [];
   const others: MariadbSpamStore[] = [];
   for (let i = 0; i < 3; i++) {
-    owns.push(new MariadbSpamStore(await connect(), DB, (ch) => cache.committed(ch)));
+    owns.push(new MariadbSpamStore(await connect(), DB, (ch) => (cache.committed(ch), gensRef?.committed(ch))));
     others.push(new MariadbSpamStore(await connect(), DB));
   }
   const truth = new MariadbSpamStore(await connect(), DB);
@@ -273,10 +326,12 @@ test(`seeded random schedules${sets ? " with token sets" : ""}: every read throu
   const someStats = (mayDecrement: boolean): Partial<Record<StatColumn, number>> => (rnd() < 0.5 ? { spam_learned: Math.floor(rnd() * 2) - (mayDecrement && rnd() < 0.3 ? 3 : 0), innocent_learned: Math.floor(rnd() * 2), innocent_classified: 1 } : {});
   const change = (uid: number, mayDecrement: boolean) =>
     learn(uid, rnd() < 0.15 ? [] : [...new Set(someTokens())].map((t) => [t, Math.floor(rnd() * 3) - (mayDecrement && rnd() < 0.3 ? 2 : 0), Math.floor(rnd() * 2)]), !mayDecrement, someStats(mayDecrement));
-  const gens = process.env.NOSHARE ? undefined : new GenerationReads((u) => truth.generations(u));
+  const gens = gensOf(truth);
+  gensRef = gens;
   try {
     for (let round = 0; round < 40; round++) {
       const uid = pick(uids);
+      now += Math.floor(rnd() * 150);
       // Commits in flight while reads run; afterwards a quiet read must equal MariaDB's.
       const work: Promise<unknown>[] = [];
       for (let i = 0; i < 3; i++) {
@@ -290,6 +345,7 @@ test(`seeded random schedules${sets ? " with token sets" : ""}: every read throu
         else work.push(cache.learned(pick(readers), uid, undefined, gens));
       }
       await Promise.all(work);
+      now += fresh ? FRESH + 1 : 0;
       // And tokens nobody learned (a message's own: its Message-ID, its Date).
       const toks = someTokens().concat(someTokens(), Array.from({ length: 5 }, () => String(1000 + Math.floor(rnd() * 1e9))));
       const got = plain(await cache.tokenCounts(pick(readers), uid, toks, undefined, rnd() < 0.5 ? gens : undefined));
@@ -297,6 +353,7 @@ test(`seeded random schedules${sets ? " with token sets" : ""}: every read throu
       assert.deepEqual(await cache.learned(pick(readers), uid, undefined, gens), await truth.learned(uid), `round ${round}: learned totals`);
     }
     assert.ok(cache.stats.forwarded > 0 && cache.stats.hits > 0 && cache.stats.totalsHits > 0, "the schedule used the copies");
+    if (fresh && gens) assert.ok(gens.served > 0, `the schedule used fresh generation reads (${gens.served} served, ${gens.reads} queries)`);
     if (sets) assert.ok(cache.stats.setsBuilt > 0 && cache.stats.setSkips > 0, `the schedule used token sets (${cache.stats.setsBuilt} built, ${cache.stats.setSkips} skipped)`);
   } catch (e) {
     console.error(`token cache schedule failed with SEED=${seed}`);
