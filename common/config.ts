@@ -150,10 +150,12 @@ const schema = z
         classify_timeout_ms: ms(100, 60_000).default(2000),
         // Users' moves into and out of Junk retrain the filter (the spam worker, on the active node).
         learn_from_moves: z.boolean({ error: "true or false" }).default(true),
-        // When the spam worker runs DSPAM's purge (cron, the node's local time).
         // Spam held in quarantine (spam_action quarantine) is deleted after this many days, by the purge.
         quarantine_days: z.number({ error: "a whole number of days, 1 to 3650" }).int({ error: "a whole number of days, 1 to 3650" }).min(1, { error: "a whole number of days, 1 to 3650" }).max(3650, { error: "a whole number of days, 1 to 3650" }).default(30),
+        // When the spam worker runs DSPAM's purge (cron, the node's local time).
         purge_cron: z.string({ error: "a cron expression (5 fields), e.g. 30 3 * * *" }).regex(/^\S+( \S+){4}$/, { error: "a cron expression of 5 fields, e.g. 30 3 * * *" }).default("30 3 * * *"),
+        // When users with spam held since their last notice get one in their INBOX (cron, the node's local time), or off.
+        quarantine_digest_cron: z.string({ error: 'a cron expression (5 fields), e.g. 0 7 * * *, or "off"' }).regex(/^(off|\S+( \S+){4})$/, { error: 'a cron expression of 5 fields, e.g. 0 7 * * *, or "off"' }).default("0 7 * * *"),
       })
       .prefault({}),
     heartbeat: z.strictObject({

@@ -7,12 +7,13 @@
 // rules (under the purge lock the nightly job takes too); `import` loads a DSPAM
 // mysqldump; `status` shows the spam worker's feedback loop and purge schedule;
 // `worker` is the spam worker daemon itself (the node daemon's `spam` resource);
-// `quarantine list|release|delete` acts on the held spam of users whose spam_action is
-// quarantine (services/spam/quarantine.ts), each action journaled before it is done.
+// `quarantine list|digest|release|delete` acts on the held spam of users whose spam_action is
+// quarantine (services/spam/quarantine.ts), each release or deletion journaled before it
+// is done; `digest` sends the users' notices now (quarantine-digest.ts).
 // Bounds: at most TRAIN_MESSAGES_MAX messages per run, each read up to the filter's
 // analysis cap; an mbox is split on its "From " lines as it is streamed.
 import { closeSync, createReadStream, existsSync, openSync, readdirSync, readFileSync, readSync, statSync } from "node:fs";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { createInterface } from "node:readline";
 import { Command, Option } from "commander";
 import type { Connection } from "mysql2/promise";
@@ -27,7 +28,7 @@ import { resolveNode } from "../../replication/client.ts";
 import { dovecotPaths } from "../../services/dovecot.ts";
 import { redisConnection, redisPaths } from "../../services/redis.ts";
 import { purgeLocked } from "../../services/spam/purge.ts";
-import { PURGE_QUEUE, PURGE_SCHEDULER, runSpamWorker, type SpamWorker } from "../../services/spam/worker.ts";
+import { DIGEST_SCHEDULER, PURGE_QUEUE, PURGE_SCHEDULER, runSpamWorker, type SpamWorker } from "../../services/spam/worker.ts";
 import { readSpamWorkerStatus, spamWorkerStatusFile } from "../../services/spam/worker-status.ts";
 import { DATABASE } from "../../services/accounts.ts";
 import { connectMariadb, mariadbPaths } from "../../services/mariadb.ts";
@@ -38,6 +39,7 @@ import { journalSpamDeltas, spamJournalFor } from "../../services/spam/journal.t
 import { ChangeJournal } from "../../services/journal/changes.ts";
 import { journalTarget } from "../../services/journal/accounts.ts";
 import { deleteHeld, findHeld, listHeld, NotHeld, releaseHeld, type QuarantineTarget } from "../../services/spam/quarantine.ts";
+import { sendDigests } from "../../services/spam/quarantine-digest.ts";
 import { createOutput, table } from "./output.ts";
 
 const TRAIN_MESSAGES_MAX = 1_000_000;
@@ -311,6 +313,22 @@ export function spamCommand(defaultConfig: string): Command {
     });
 
   quarantine
+    .command("digest")
+    .description("send now the notice each user gets (spam.quarantine_digest_cron): into their INBOX, what was held for them since the last notice; nothing new, no notice")
+    .option("-u, --user <address>", "one user's")
+    .addOption(configOpt(defaultConfig))
+    .addOption(jsonOpt())
+    .action(async (o: { user?: string; config: string; json?: boolean }) => {
+      const out = createOutput(!!o.json);
+      const c = loadConfig(o.config);
+      const mailRoot = await activeMailRoot(c);
+      const sent = sendDigests({ mailRoot, dataDir: dirname(mailRoot), uid: c.mail.mail_uid, gid: c.mail.mail_gid, quarantineDays: c.spam.quarantine_days, ...(o.user ? { user: o.user } : {}) });
+      out.result(sent, () =>
+        sent.length === 0 ? `nothing in quarantine${o.user ? ` for ${o.user.toLowerCase()}` : ""}: no notice` : sent.map((d) => `${d.user}: ${d.listed ? `a notice of ${d.listed} held since the last one (${d.held} in all)` : `nothing new (${d.held} held, listed before): no notice`}`).join("\n"),
+      );
+    });
+
+  quarantine
     .command("release")
     .argument("[key...]", "the held messages' keys (from quarantine list)")
     .description("move held messages into the user's INBOX, and retrain each as innocent (a false positive); journaled, so a split brain's merge carries it")
@@ -414,18 +432,23 @@ export function spamCommand(defaultConfig: string): Command {
       const worker = readSpamWorkerStatus(spamWorkerStatusFile(paths.run));
       const queue = new Queue(PURGE_QUEUE, { connection: redisConnection(redisPaths(paths).socket) });
       try {
-        const s = await queue.getJobScheduler(PURGE_SCHEDULER);
+        const schedulerOf = async (name: string) => {
+          const s = await queue.getJobScheduler(name);
+          return s ? { id: name, pattern: s.pattern ?? null, next: s.next ? new Date(s.next).toISOString() : null } : null;
+        };
+        const scheduler = await schedulerOf(PURGE_SCHEDULER);
+        const digestScheduler = await schedulerOf(DIGEST_SCHEDULER);
         const recent = await queue.getJobs(["completed", "failed"], 0, 4);
-        const scheduler = s ? { id: PURGE_SCHEDULER, pattern: s.pattern ?? null, next: s.next ? new Date(s.next).toISOString() : null } : null;
-        const jobs = recent.map((j) => ({ id: j.id, state: j.failedReason ? "failed" : "completed", finishedOn: j.finishedOn ? new Date(j.finishedOn).toISOString() : null, result: j.returnvalue ?? null, error: j.failedReason ?? null }));
-        const data = { node: id, worker, purge: { scheduler, recent: jobs } };
+        const jobs = recent.map((j) => ({ id: j.id, name: j.name, state: j.failedReason ? "failed" : "completed", finishedOn: j.finishedOn ? new Date(j.finishedOn).toISOString() : null, result: j.returnvalue ?? null, error: j.failedReason ?? null }));
+        const data = { node: id, worker, purge: { scheduler, recent: jobs }, digest: { scheduler: digestScheduler } };
         out.result(data, () => {
           const f = worker?.feedback;
           return [
             worker ? `spam worker on ${id} (pid ${worker.pid}, reported ${worker.at}): retraining from moves ${f?.enabled ? "on" : "off"}${f?.error ? ` - failing: ${f.error}` : ""}` : `spam worker on ${id}: no status yet`,
             ...(f ? [`  moves read ${f.counts.entries}: learned ${f.counts.spam} spam, ${f.counts.innocent} innocent, ${f.counts.unchanged} already known; ${f.counts.none} not feedback, ${f.counts.reconciler} by the reconciler, ${f.counts.missing} gone; lag ${f.counts.lag_ms} ms`] : []),
             scheduler ? `purge: ${scheduler.pattern}, next ${scheduler.next ?? "?"}` : "purge: not scheduled",
-            ...jobs.map((j) => `  ${j.finishedOn ?? "?"} ${j.state}${j.error ? `: ${j.error}` : ""}`),
+            digestScheduler ? `quarantine notices: ${digestScheduler.pattern}, next ${digestScheduler.next ?? "?"}` : "quarantine notices: not scheduled",
+            ...jobs.map((j) => `  ${j.finishedOn ?? "?"} ${j.name} ${j.state}${j.error ? `: ${j.error}` : ""}`),
           ].join("\n");
         });
       } finally {

@@ -14,11 +14,21 @@ export interface PurgeStatus {
   readonly last?: { readonly at: string; readonly job: string; readonly outcome: PurgeOutcome | { readonly ran: false; readonly why: "failed"; readonly error: string } };
 }
 
+/** The quarantine's notices (quarantine-digest.ts): their schedule and the last run. */
+export interface DigestStatus {
+  readonly pattern: string;
+  readonly scheduled: boolean;
+  readonly error?: string;
+  readonly last?: { readonly at: string; readonly job: string; readonly notices: number; readonly listed: number };
+}
+
 export interface SpamWorkerStatus {
   readonly at: string;
   readonly pid: number;
   readonly feedback: { readonly enabled: boolean; readonly last: RoundResult["t"] | "not-run"; readonly error?: string; readonly counts: FeedbackCounts };
   readonly purge: PurgeStatus;
+  /** Absent in a status written before the notices existed. */
+  readonly digest?: DigestStatus;
 }
 
 export function spamWorkerStatusFile(runDir: string): string {

@@ -4,7 +4,10 @@
 // `spam.learn_from_moves`, so a user's move into or out of Junk is learned within a
 // few seconds; (b) DSPAM's purge as a repeatable BullMQ job (queue `spam-purge`, job
 // scheduler `spam-purge-nightly`, `pattern: spam.purge_cron`) on the node's Redis,
-// whose worker runs here, one job at a time, each under the purge lock (purge.ts).
+// whose worker runs here, one job at a time, each under the purge lock (purge.ts);
+// (c) on the same queue, the quarantine's notices to its users (quarantine-digest.ts;
+// job scheduler `spam-quarantine-digest`, `pattern: spam.quarantine_digest_cron`, none
+// when it is `off`).
 // It logs in to MariaDB as its own account (`mailha_spam`), journals every delta it
 // applies (its own change segment on the volume, open while it runs: it stops before
 // the file system), writes its status for the resource monitor
@@ -28,11 +31,13 @@ import { cursorFile } from "./feedback-cursor.ts";
 import { FeedbackLoop, type RoundResult } from "./feedback-loop.ts";
 import { journalSpamDeltas, spamJournalFor } from "./journal.ts";
 import { purgeLocked, type PurgeOutcome } from "./purge.ts";
+import { sendDigests, type DigestSent } from "./quarantine-digest.ts";
 import { MariadbSpamStore, type SpamStore } from "./store.ts";
-import { spamWorkerStatusFile, writeSpamWorkerStatus, type PurgeStatus, type SpamWorkerStatus } from "./worker-status.ts";
+import { spamWorkerStatusFile, writeSpamWorkerStatus, type DigestStatus, type PurgeStatus, type SpamWorkerStatus } from "./worker-status.ts";
 
 export const PURGE_QUEUE = "spam-purge";
 export const PURGE_SCHEDULER = "spam-purge-nightly";
+export const DIGEST_SCHEDULER = "spam-quarantine-digest";
 export const FEEDBACK_EVERY_MS = 1000;
 /** Rounds run back to back in one tick while there is more to read. */
 const ROUNDS_PER_TICK_MAX = 20;
@@ -130,7 +135,8 @@ export async function runSpamWorker(o: SpamWorkerOptions): Promise<SpamWorker> {
   let lastError: string | undefined;
   let purge: PurgeStatus = { pattern: c.spam.purge_cron, scheduled: false };
   const purgeStats = { runs: 0, skipped: 0, failed: 0, last_end_s: 0, last_ms: 0, last_deleted: 0 } as Record<string, number>;
-  const status = (): SpamWorkerStatus => ({ at: new Date().toISOString(), pid: process.pid, feedback: { enabled, last, ...(lastError ? { error: lastError } : {}), counts: loop.counts }, purge });
+  let digest: DigestStatus = { pattern: c.spam.quarantine_digest_cron, scheduled: false };
+  const status = (): SpamWorkerStatus => ({ at: new Date().toISOString(), pid: process.pid, feedback: { enabled, last, ...(lastError ? { error: lastError } : {}), counts: loop.counts }, purge, digest });
   const stopStats = publishStats(paths, "spam", () => {
     const out: Record<string, number> = { feedback_enabled: enabled ? 1 : 0, purge_scheduled: purge.scheduled ? 1 : 0 };
     for (const [k, v] of Object.entries(loop.counts)) out[`feedback_${k}`] = v;
@@ -186,6 +192,10 @@ export async function runSpamWorker(o: SpamWorkerOptions): Promise<SpamWorker> {
   const worker = new Worker(
     PURGE_QUEUE,
     async (job: Job) => {
+      if (job.name === "digest") {
+        await job.updateProgress({ step: "sending" });
+        return sendDigests({ mailRoot: o.mailRoot, dataDir: paths.data, uid: c.mail.mail_uid, gid: c.mail.mail_gid, quarantineDays: c.spam.quarantine_days });
+      }
       // The account store's database as the default: MariaDB's multi-table DELETE of the purge needs one.
       const db = await connectMariadbAs(socket, "spam", DATABASE);
       try {
@@ -204,7 +214,16 @@ export async function runSpamWorker(o: SpamWorkerOptions): Promise<SpamWorker> {
     { connection, concurrency: 1, lockDuration: PURGE_LOCK_MS, autorun: true },
   );
   worker.on("error", (err) => log.warn({ err }, "spam purge: worker"));
-  worker.on("completed", (job, r: PurgeOutcome) => {
+  worker.on("completed", (job, out: PurgeOutcome | DigestSent[]) => {
+    if (job.name === "digest") {
+      const sent = out as DigestSent[];
+      const listed = sent.reduce((n, d) => n + d.listed, 0);
+      digest = { ...digest, last: { at: new Date().toISOString(), job: String(job.id), notices: sent.filter((d) => d.file).length, listed } };
+      log.info({ job: job.id, notices: digest.last!.notices, listed }, "spam quarantine: notices sent");
+      writeSpamWorkerStatus(statusFile, status());
+      return;
+    }
+    const r = out as PurgeOutcome;
     purge = { ...purge, last: { at: new Date().toISOString(), job: String(job.id), outcome: r } };
     if (r.ran) {
       purgeStats.runs!++;
@@ -220,21 +239,35 @@ export async function runSpamWorker(o: SpamWorkerOptions): Promise<SpamWorker> {
     writeSpamWorkerStatus(statusFile, status());
   });
   worker.on("failed", (job, err) => {
+    if (job?.name === "digest") {
+      digest = { ...digest, error: err.message };
+      log.error({ job: job.id, err }, "spam quarantine: the notices failed");
+      writeSpamWorkerStatus(statusFile, status());
+      return;
+    }
     purgeStats.failed!++;
     purge = { ...purge, last: { at: new Date().toISOString(), job: String(job?.id), outcome: { ran: false, why: "failed", error: err.message } } };
     log.error({ job: job?.id, err }, "spam purge: failed");
     writeSpamWorkerStatus(statusFile, status());
   });
-  try {
-    await queue.upsertJobScheduler(PURGE_SCHEDULER, { pattern: c.spam.purge_cron }, { name: "purge", data: {}, opts: { attempts: 2, backoff: { type: "fixed", delay: 60_000 }, removeOnComplete: { count: PURGE_JOBS_KEPT }, removeOnFail: { count: PURGE_JOBS_KEPT } } });
-    purge = { ...purge, scheduled: true };
-    const s = await queue.getJobScheduler(PURGE_SCHEDULER);
-    log.info({ pattern: c.spam.purge_cron, next: s?.next ? new Date(s.next).toISOString() : null }, "spam purge: scheduled");
-  } catch (err) {
-    // A pattern cron-parser refuses: the feedback loop still runs; the status says why.
-    purge = { ...purge, error: (err as Error).message };
-    log.error({ err, pattern: c.spam.purge_cron }, "spam purge: not scheduled");
-  }
+  // A pattern cron-parser refuses leaves that job unscheduled: the rest still runs; the status says why.
+  const scheduleJob = async (id: string, pattern: string, name: string, what: string): Promise<{ scheduled: boolean; error?: string }> => {
+    try {
+      if (pattern === "off") {
+        await queue.removeJobScheduler(id);
+        return { scheduled: false };
+      }
+      await queue.upsertJobScheduler(id, { pattern }, { name, data: {}, opts: { attempts: 2, backoff: { type: "fixed", delay: 60_000 }, removeOnComplete: { count: PURGE_JOBS_KEPT }, removeOnFail: { count: PURGE_JOBS_KEPT } } });
+      const s = await queue.getJobScheduler(id);
+      log.info({ pattern, next: s?.next ? new Date(s.next).toISOString() : null }, `${what}: scheduled`);
+      return { scheduled: true };
+    } catch (err) {
+      log.error({ err, pattern }, `${what}: not scheduled`);
+      return { scheduled: false, error: (err as Error).message };
+    }
+  };
+  purge = { ...purge, ...(await scheduleJob(PURGE_SCHEDULER, c.spam.purge_cron, "purge", "spam purge")) };
+  digest = { ...digest, ...(await scheduleJob(DIGEST_SCHEDULER, c.spam.quarantine_digest_cron, "digest", "spam quarantine notices")) };
   writeSpamWorkerStatus(statusFile, status());
   schedule();
 

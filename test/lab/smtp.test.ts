@@ -685,6 +685,26 @@ print(json.dumps(code))`)) as number;
       } finally {
         await im2.logout();
       }
+      // The quarantine's notice (DSPAM's dspam_notify): into erin's INBOX, listing what was held, once.
+      const dg = await cli(["spam", "quarantine", "digest", "--user", "erin@mailha.test", "--json"]);
+      assert.equal(dg.code, 0, dg.stderr);
+      assert.deepEqual((JSON.parse(dg.stdout) as { user: string; listed: number }[]).map((d) => [d.user, d.listed]), [["erin@mailha.test", 2]]);
+      const im4 = new ImapFlow({ host: lab.a, port: 143, secure: false, doSTARTTLS: true, tls: { rejectUnauthorized: false }, auth: { user: "erin@mailha.test", pass: "erin-password-1" }, logger: false });
+      await im4.connect();
+      try {
+        await im4.mailboxOpen("INBOX");
+        const notices = (await im4.search({ header: { "x-mailha-digest": "quarantine" } })) || [];
+        assert.equal(notices.length, 1, "one notice in INBOX over IMAP");
+        const fetched = await im4.fetchOne(String(notices[0]), { source: true }, { uid: false });
+        assert.ok(fetched && fetched.source, "the notice can be fetched");
+        const text = fetched.source.toString("utf8");
+        assert.match(text, /^Subject: 2 messages held as spam for you\r$/m);
+        for (const h of [h205, h206]) assert.ok(text.includes(`Key:     ${h.key}`) && text.includes(h.subject), `the notice lists ${h.subject} and its key`);
+      } finally {
+        await im4.logout();
+      }
+      const again = await cli(["spam", "quarantine", "digest", "--user", "erin@mailha.test"]);
+      assert.match(again.stdout, /nothing new \(2 held, listed before\): no notice/, "listed once");
       // Release: into INBOX (IMAP sees it), retrained as innocent.
       const rel = await cli(["spam", "quarantine", "release", "--user", "erin@mailha.test", h205.key, "--json"]);
       assert.equal(rel.code, 0, rel.stderr);

@@ -84,8 +84,9 @@ describe("retraining from IMAP moves, the spam worker, the nightly purge", { ski
     const r = await cli(["spam", "status", "--json"]);
     assert.equal(r.code, 0, `spam status: ${r.stderr}`);
     return JSON.parse(r.stdout) as {
-      worker: { feedback: { enabled: boolean; counts: Record<string, number> }; purge: { scheduled: boolean; last?: { outcome: { ran: boolean } } } } | null;
+      worker: { feedback: { enabled: boolean; counts: Record<string, number> }; purge: { scheduled: boolean; last?: { outcome: { ran: boolean } } }; digest?: { scheduled: boolean } } | null;
       purge: { scheduler: { pattern: string | null; next: string | null } | null };
+      digest: { scheduler: { pattern: string | null; next: string | null } | null };
     };
   };
   /** Waits until the worker has read N more move/copy entries than BEFORE. */
@@ -148,13 +149,15 @@ describe("retraining from IMAP moves, the spam worker, the nightly purge", { ski
     const s = await status();
     assert.equal(s.worker?.feedback.enabled, true);
     assert.equal(s.worker?.purge.scheduled, true);
+    assert.equal(s.worker?.digest?.scheduled, true, "the quarantine's notices are scheduled too");
+    assert.equal(s.digest.scheduler?.pattern, "0 7 * * *");
     assert.equal(s.purge.scheduler?.pattern, "30 3 * * *", "the job scheduler has spam.purge_cron's pattern");
     assert.ok(s.purge.scheduler?.next && Date.parse(s.purge.scheduler.next) > Date.now(), "its next run is in the future");
     // The same, read by BullMQ from the node's Redis as any client would.
     const q = new Queue("spam-purge", { connection: redisConnection(redisPaths(paths).socket) });
     try {
       const all = await q.getJobSchedulers();
-      assert.deepEqual(all.map((j) => [j.key, j.pattern]), [["spam-purge-nightly", "30 3 * * *"]]);
+      assert.deepEqual(all.map((j) => [j.key, j.pattern]).sort(), [["spam-purge-nightly", "30 3 * * *"], ["spam-quarantine-digest", "0 7 * * *"]], "the purge and the quarantine's notices (spam.quarantine_digest_cron)");
     } finally {
       await q.close();
     }
@@ -212,6 +215,15 @@ describe("retraining from IMAP moves, the spam worker, the nightly purge", { ski
         state = await job.getState();
       }
       assert.equal(state, "completed", `the purge job is ${state}: ${(await q.getJob(job.id!))?.failedReason ?? ""}`);
+      // The quarantine's notices, a job of the same queue: done by the worker (nobody here has held spam: no notice).
+      const dj = await q.add("digest", {}, { removeOnComplete: 10 });
+      let dstate = "";
+      for (let i = 0; i < 100 && dstate !== "completed" && dstate !== "failed"; i++) {
+        await sleep(300);
+        dstate = await dj.getState();
+      }
+      assert.equal(dstate, "completed", `the digest job is ${dstate}: ${(await q.getJob(dj.id!))?.failedReason ?? ""}`);
+      assert.deepEqual((await q.getJob(dj.id!))?.returnvalue, [], "no user with held spam: no notice");
     } finally {
       await q.close();
     }

@@ -20,6 +20,7 @@ import { ChangeJournal } from "../../services/journal/changes.ts";
 import { listFolders, QUARANTINE_DIR } from "../../services/journal/maildir.ts";
 import { DeliveryIndex } from "../../services/journal/deliveries.ts";
 import { deleteHeld, expireHeld, findHeld, listHeld, NotHeld, releaseHeld } from "../../services/spam/quarantine.ts";
+import { DIGEST_FIELD, DIGEST_ITEMS_MAX, digestMessage, digestStateFile, sendDigests } from "../../services/spam/quarantine-digest.ts";
 import { readEntries, readMail, sinceSplit, toEvents } from "../../reconcile/sides.ts";
 import { merge, NO_KINDS, registerKind } from "../../reconcile/rules.ts";
 import { quarantineHandler } from "../../reconcile/quarantine.ts";
@@ -191,4 +192,60 @@ test("after a split brain: the victim's holds are copied into the survivor, its 
       await x.changes.close();
     }
   }
+});
+
+test("the quarantine's notice: each user with spam held since the last notice gets one in the INBOX (sender, subject, key, expiry), listed once; nothing new, no notice", async () => {
+  const s = side("digest");
+  await s.send("Cheap pills 1");
+  await s.send("Casino \u0007bonus\r 2");
+  const md = maildir(s.mailRoot);
+  const inbox = () => readdirSync(join(md, "new")).map((n) => readFileSync(join(md, "new", n), "utf8")).filter((m) => m.includes(`${DIGEST_FIELD}:`));
+  const o = { mailRoot: s.mailRoot, dataDir: s.dataDir, uid, gid, quarantineDays: 30 };
+  const first = sendDigests(o);
+  assert.deepEqual(first.map((d) => [d.user, d.listed, d.held]), [[USER, 2, 2]]);
+  const notices = inbox();
+  assert.equal(notices.length, 1, "one notice");
+  const n = notices[0]!;
+  const cut = n.indexOf("\r\n\r\n");
+  const head = n.slice(0, cut);
+  const body = n.slice(cut + 4);
+  assert.match(head, /^Subject: 2 messages held as spam for you$/m);
+  assert.match(head, /^To: <carol@mailha\.test>$/m);
+  assert.match(head, /^Auto-Submitted: auto-generated$/m);
+  assert.match(head, /^Content-Type: text\/plain; charset=utf-8$/m);
+  assert.ok(!/[^\r]\n/.test(n), "CRLF line ends only");
+  for (const h of listHeld(s.mailRoot, USER)) {
+    assert.ok(body.includes(`Key:     ${h.key}`), `lists ${h.key}`);
+    assert.ok(body.includes(`mailha spam quarantine release --user ${USER} KEY`));
+  }
+  assert.match(body, /^Subject: Cheap pills 1$/m);
+  assert.match(body, /^Subject: Casino bonus 2$/m, "control characters out of a spammer's subject");
+  assert.match(body, /^From:    "?Deals"? <deals@spam\.example>$/m);
+  assert.match(body, /deleted after \d{4}-\d\d-\d\d \d\d:\d\d UTC/);
+  // Again: nothing new, no second notice.
+  assert.deepEqual(sendDigests(o).map((d) => [d.listed, d.file]), [[0, null]]);
+  assert.equal(inbox().length, 1);
+  // A new one held: the next notice lists only it (and says how many in all).
+  await s.send("Lottery 3");
+  const third = sendDigests(o);
+  assert.deepEqual(third.map((d) => [d.listed, d.held]), [[1, 3]]);
+  const latest = inbox().find((m) => m.includes("Lottery 3"))!;
+  assert.match(latest, /^Subject: 1 message held as spam for you$/m);
+  assert.ok(!latest.includes("Cheap pills 1"), "what was listed before is not listed again");
+  assert.match(latest, /In all, 3 messages are held for you\./);
+  // Released or deleted messages leave the state; a user with none left is forgotten.
+  for (const h of listHeld(s.mailRoot, USER)) await deleteHeld(s.target, USER, h.key);
+  assert.deepEqual(sendDigests(o), []);
+  assert.deepEqual(JSON.parse(readFileSync(digestStateFile(s.dataDir), "utf8")), { v: 1, told: {} });
+  // A damaged state file is named, with the remedy, not silently reset.
+  writeFileSync(digestStateFile(s.dataDir), "{ not json");
+  assert.throws(() => sendDigests(o), /quarantine-digest\.json/);
+});
+
+test("the quarantine's notice is bounded: at most DIGEST_ITEMS_MAX listed, the rest counted", () => {
+  const held = Array.from({ length: DIGEST_ITEMS_MAX + 5 }, (_, i) => ({ user: USER, key: `k${i}`, file: "", size: 1, held: "2026-12-06T07:00:00.000Z", from: "x@y.z", subject: `s${i}`, date: "", probability: "1.0000", signature: "" }));
+  const m = digestMessage(USER, held, held.length, { now: new Date("2026-12-06T08:00:00Z"), quarantineDays: 30, host: "a.mailha.test" }).toString("utf8");
+  assert.equal(m.match(/^Key: /gm)?.length, DIGEST_ITEMS_MAX);
+  assert.match(m, /\.\.\. and 5 more held since the last notice\./);
+  assert.match(m, /deleted after 2027-01-05 07:00 UTC/);
 });
