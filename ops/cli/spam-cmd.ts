@@ -38,8 +38,9 @@ import { MariadbSpamStore, migrateSpam } from "../../services/spam/store.ts";
 import { journalSpamDeltas, spamJournalFor } from "../../services/spam/journal.ts";
 import { ChangeJournal } from "../../services/journal/changes.ts";
 import { journalTarget } from "../../services/journal/accounts.ts";
-import { deleteHeld, findHeld, listHeld, NotHeld, releaseHeld, type QuarantineTarget } from "../../services/spam/quarantine.ts";
+import { deleteHeld, listHeld, NotHeld, type QuarantineTarget } from "../../services/spam/quarantine.ts";
 import { sendDigests } from "../../services/spam/quarantine-digest.ts";
+import { releaseAndRetrain } from "../../services/spam/release.ts";
 import { createOutput, table } from "./output.ts";
 
 const TRAIN_MESSAGES_MAX = 1_000_000;
@@ -343,24 +344,17 @@ export function spamCommand(defaultConfig: string): Command {
       const r = await withStore(o.config, async (store, db) => {
         const t = await quarantineTarget(db);
         const todo = keysOf(t.mailRoot, user, keys, !!o.all);
-        const uid = o.train ? await store.uidFor(user) : 0;
-        const released: { key: string; file: string; retrained: boolean }[] = [];
         try {
-          for (const key of todo) {
-            const h = findHeld(t.mailRoot, user, key);
-            if (!h) throw new UsageError(`${user} has no message ${key} in quarantine (see mailha spam quarantine list --user ${user})`);
-            // Retrained first: a release that fails after it is run again, and the
-            // retraining then changes nothing (the ledger has the message as innocent).
-            let retrained = false;
-            if (o.train) retrained = (await retrainAndApply(store, uid, readFileSync(h.file), "innocent", "error", undefined, 3, (d) => journalSpamDeltas(t.journal, user, d))).length > 0;
-            const done = await releaseHeld(t, user, key);
-            released.push({ key, file: done.file, retrained });
-            if (released.length % 50 === 0) out.progress("releasing", { released: released.length, of: todo.length });
-          }
+          const released = await releaseAndRetrain(store, t, user, todo, o.train, (_r, n) => {
+            if (n % 50 === 0) out.progress("releasing", { released: n, of: todo.length });
+          });
+          return { user, released };
+        } catch (err) {
+          if (err instanceof NotHeld) throw new UsageError(err.message);
+          throw err;
         } finally {
           await t.journal.close();
         }
-        return { user, released };
       });
       out.result(r, () => (r.released.length === 0 ? `nothing in quarantine for ${user}` : r.released.map((x) => `${x.key}: released into ${user}'s INBOX${x.retrained ? ", retrained as innocent" : ""}`).join("\n")));
     });

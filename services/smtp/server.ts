@@ -18,7 +18,10 @@ import { createReadStream, readFileSync } from "node:fs";
 import { flushSpool, stripPeerField } from "./backup-mx.ts";
 import { DeliveredIndex } from "./delivered-index.ts";
 import { Outbound } from "./outbound.ts";
-import { redisPaths } from "../redis.ts";
+import { redisConnection, redisPaths } from "../redis.ts";
+import { Queue } from "bullmq";
+import { ReleaseRequests } from "./release-request.ts";
+import { RELEASE_LOCAL_PART, SPAM_WORKER_QUEUE } from "../spam/release.ts";
 import { join } from "node:path";
 import { SMTPServer, type SMTPServerAuthentication, type SMTPServerDataStream, type SMTPServerSession, type SMTPServerOptions } from "smtp-server";
 import type { Logger } from "pino";
@@ -112,6 +115,10 @@ export async function runSmtp(o: SmtpOptions): Promise<SmtpService> {
     if (r.kind !== "local" || !r.mailboxes.length) throw new Error(`${to} is not a local mailbox`);
     await deliverLocal(createReadStream(file), r.mailboxes, `Return-Path: <${from}>\r\n`);
   };
+  // Users' own quarantine releases by mail (release-request.ts), done by the spam worker.
+  const releaseQueue = c.spam.enabled ? new Queue(SPAM_WORKER_QUEUE, { connection: redisConnection(redisPaths(o.paths).socket) }) : null;
+  releaseQueue?.on("error", (err) => o.log.warn({ err }, "the spam worker's queue (quarantine release requests)"));
+  const releases = releaseQueue ? new ReleaseRequests({ mailRoot, queue: releaseQueue, isLocalDomain: (d) => dir.isLocalDomain(d), log: o.log }) : null;
   const outbound = new Outbound(c, o.paths.data, redisPaths(o.paths).socket, myName, localDeliver, (a) => dir.isLocalDomain(a.slice(a.lastIndexOf("@") + 1)), o.log);
 
   // Submission: an address of a local domain may be the envelope sender (MAIL FROM) only
@@ -147,6 +154,8 @@ export async function runSmtp(o: SmtpOptions): Promise<SmtpService> {
     const full = recipientLimitError(session, address.address, c.mail.message_recipients_max);
     if (full) return cb(full);
     const rcpt = recipientAddress(address.address, c.mail.domains[0]!);
+    if (submission && releases?.isReleaseAddress(rcpt)) return cb(releases.rcpt(session));
+    if (releases?.has(session)) return cb(smtpError(550, `5.5.1 A release request goes to ${RELEASE_LOCAL_PART}@ alone`));
     void dir.resolve(rcpt).then(
       (r) => {
         if (r.kind === "not-local") {
@@ -185,6 +194,21 @@ export async function runSmtp(o: SmtpOptions): Promise<SmtpService> {
     const filtered = stripPeerField(stream, trustPeer && session.remoteAddress === peer.service_address);
     // Submission: a message without Date: or Message-ID: gets them (as an MSA does).
     const input = session.user ? completeHeaders(filtered, { date: () => rfc2822(new Date()), messageId: () => `<${randomUUID()}@${myName}>` }) : filtered;
+    if (releases?.has(session)) {
+      drain.track(
+        session.id,
+        releases.data(input, session).then(
+          (text) => cb(null, text),
+          (err: Error & { responseCode?: number }) => {
+            input.resume();
+            if (err.responseCode) return cb(err);
+            o.log.error({ err, session: session.id }, "a quarantine release request failed");
+            cb(smtpError(451, "4.3.0 Could not take the release request, try again later"));
+          },
+        ),
+      );
+      return;
+    }
     const { mailboxes, remote } = transactions.targets(session);
     const fail = (err: Error) => {
       // Drain whatever the client still sends, then answer.
@@ -334,7 +358,7 @@ export async function runSmtp(o: SmtpOptions): Promise<SmtpService> {
       // Each bounded: a dead Redis or MariaDB (the reason for a restart, often) must
       // not hold the stop until the resource manager's SIGKILL.
       const bounded = (p: Promise<unknown>) => Promise.race([p.catch(() => {}), sleep(CLIENT_CLOSE_MS)]);
-      await Promise.all([bounded(outbound.close()), bounded(dir.close()), bounded(verifier.close()), bounded(spam?.close() ?? Promise.resolve())]);
+      await Promise.all([bounded(outbound.close()), bounded(dir.close()), bounded(verifier.close()), bounded(spam?.close() ?? Promise.resolve()), bounded(releaseQueue?.close() ?? Promise.resolve())]);
       await bounded(journal.close());
     },
   };

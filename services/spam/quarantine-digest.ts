@@ -1,7 +1,7 @@
 // The quarantine's notice to its users (DSPAM's dspam_notify, the quarantine summary):
 // a user whose spam is held (spam_action quarantine) gets a plain-text message in their
 // INBOX listing what was held since the last notice (when, sender, subject, its key, when
-// it expires) and how to get one released, so a false positive is not silently gone
+// it expires, a mailto link that asks for its release: release.ts) so a false positive is not silently gone
 // after `spam.quarantine_days`. Sent by the spam worker on `spam.quarantine_digest_cron`
 // (a repeatable BullMQ job beside the purge) and by `mailha spam quarantine digest`.
 // What each user was told is kept on the volume (`<data>/spam/quarantine-digest.json`:
@@ -16,6 +16,7 @@ import { hostname } from "node:os";
 import { dirname, join } from "node:path";
 import { fsyncPath, isObject, readJsonState, writeFileDurable } from "../../common/fsutil.ts";
 import { listHeld, quarantineDirOf, type Held } from "./quarantine.ts";
+import { RELEASE_LOCAL_PART } from "./release.ts";
 
 export const DIGEST_ITEMS_MAX = 200;
 const TEXT_MAX = 70;
@@ -91,15 +92,18 @@ export function digestMessage(user: string, fresh: readonly Held[], total: numbe
     body.push(`From:    ${oneLine(h.from) || "(none)"}`);
     body.push(`Subject: ${oneLine(h.subject) || "(none)"}`);
     body.push(`Key:     ${h.key}`);
+    body.push(`Release: mailto:${RELEASE_LOCAL_PART}@${domain}?subject=${encodeURIComponent(`release ${h.key}`)}`);
     body.push("");
   }
   if (n > listed.length) body.push(`... and ${n - listed.length} more held since the last notice.`, "");
   body.push(
     `In all, ${total} message${total === 1 ? " is" : "s are"} held for you.`,
     "",
-    "If one of them is mail you wanted, ask your mail administrator to release it",
-    "(it then arrives in your inbox, and the filter learns it was not spam):",
-    `  mailha spam quarantine release --user ${user} KEY`,
+    "If one of them is mail you wanted, send a message from your own account to",
+    `${RELEASE_LOCAL_PART}@${domain} with the subject "release KEY" (its Release link`,
+    "fills that in; several keys may follow one \"release\"). It then arrives in your",
+    "inbox within seconds, and the filter learns it was not spam. Or ask your mail",
+    `administrator: mailha spam quarantine release --user ${user} KEY`,
     "",
     "-- ",
     `mailha on ${host}`,

@@ -82,7 +82,12 @@ export function headFields(file: string): Map<string, string> {
   } finally {
     closeSync(fd);
   }
-  const text = buf.subarray(0, n).toString("utf8");
+  return headFieldsOf(buf.subarray(0, n));
+}
+
+/** The header block at the start of HEAD (a message's first bytes), as headFields. */
+export function headFieldsOf(head: Buffer): Map<string, string> {
+  const text = head.toString("utf8");
   const end = text.search(/\r?\n\r?\n/);
   const lines = (end >= 0 ? text.slice(0, end) : text).split(/\r?\n/);
   const out = new Map<string, string>();
@@ -105,7 +110,7 @@ export function headFields(file: string): Map<string, string> {
   return out;
 }
 
-const decoded = (v: string | undefined): string => {
+export const decoded = (v: string | undefined): string => {
   if (!v) return "";
   try {
     return libmime.decodeWords(v);

@@ -7,7 +7,8 @@
 // whose worker runs here, one job at a time, each under the purge lock (purge.ts);
 // (c) on the same queue, the quarantine's notices to its users (quarantine-digest.ts;
 // job scheduler `spam-quarantine-digest`, `pattern: spam.quarantine_digest_cron`, none
-// when it is `off`).
+// when it is `off`), and (d) users' own release requests (`release` jobs SMTP adds:
+// release.ts).
 // It logs in to MariaDB as its own account (`mailha_spam`), journals every delta it
 // applies (its own change segment on the volume, open while it runs: it stops before
 // the file system), writes its status for the resource monitor
@@ -32,10 +33,11 @@ import { FeedbackLoop, type RoundResult } from "./feedback-loop.ts";
 import { journalSpamDeltas, spamJournalFor } from "./journal.ts";
 import { purgeLocked, type PurgeOutcome } from "./purge.ts";
 import { sendDigests, type DigestSent } from "./quarantine-digest.ts";
+import { releaseAndRetrain, RELEASE_JOB, RELEASE_KEYS_MAX, SPAM_WORKER_QUEUE, type Released } from "./release.ts";
 import { MariadbSpamStore, type SpamStore } from "./store.ts";
 import { spamWorkerStatusFile, writeSpamWorkerStatus, type DigestStatus, type PurgeStatus, type SpamWorkerStatus } from "./worker-status.ts";
 
-export const PURGE_QUEUE = "spam-purge";
+export const PURGE_QUEUE = SPAM_WORKER_QUEUE;
 export const PURGE_SCHEDULER = "spam-purge-nightly";
 export const DIGEST_SCHEDULER = "spam-quarantine-digest";
 export const FEEDBACK_EVERY_MS = 1000;
@@ -192,6 +194,24 @@ export async function runSpamWorker(o: SpamWorkerOptions): Promise<SpamWorker> {
   const worker = new Worker(
     PURGE_QUEUE,
     async (job: Job) => {
+      if (job.name === RELEASE_JOB) {
+        // A user's own release request (SMTP took it: release.ts), with their retraining.
+        const { user, keys } = job.data as { user: string; keys: string[] };
+        const db = await connectMariadbAs(socket, "spam", DATABASE);
+        try {
+          const journal = await spamJournalFor(db);
+          if (!journal) throw new Error("the change journal is not ready: not released (the job is tried again)");
+          try {
+            const r = await releaseAndRetrain(new MariadbSpamStore(db), { mailRoot: o.mailRoot, journal }, user, keys.slice(0, RELEASE_KEYS_MAX), true);
+            log.info({ job: job.id, user, released: r.map((x) => x.key) }, "spam quarantine: released at the user's request");
+            return r;
+          } finally {
+            await journal.close();
+          }
+        } finally {
+          await db.end().catch(() => undefined);
+        }
+      }
       if (job.name === "digest") {
         await job.updateProgress({ step: "sending" });
         return sendDigests({ mailRoot: o.mailRoot, dataDir: paths.data, uid: c.mail.mail_uid, gid: c.mail.mail_gid, quarantineDays: c.spam.quarantine_days });
@@ -214,7 +234,8 @@ export async function runSpamWorker(o: SpamWorkerOptions): Promise<SpamWorker> {
     { connection, concurrency: 1, lockDuration: PURGE_LOCK_MS, autorun: true },
   );
   worker.on("error", (err) => log.warn({ err }, "spam purge: worker"));
-  worker.on("completed", (job, out: PurgeOutcome | DigestSent[]) => {
+  worker.on("completed", (job, out: PurgeOutcome | DigestSent[] | Released[]) => {
+    if (job.name === RELEASE_JOB) return;
     if (job.name === "digest") {
       const sent = out as DigestSent[];
       const listed = sent.reduce((n, d) => n + d.listed, 0);
@@ -239,6 +260,7 @@ export async function runSpamWorker(o: SpamWorkerOptions): Promise<SpamWorker> {
     writeSpamWorkerStatus(statusFile, status());
   });
   worker.on("failed", (job, err) => {
+    if (job?.name === RELEASE_JOB) return void log.error({ job: job.id, err, user: (job.data as { user?: string }).user }, "spam quarantine: a user's release request failed");
     if (job?.name === "digest") {
       digest = { ...digest, error: err.message };
       log.error({ job: job.id, err }, "spam quarantine: the notices failed");

@@ -705,10 +705,28 @@ print(json.dumps(code))`)) as number;
       }
       const again = await cli(["spam", "quarantine", "digest", "--user", "erin@mailha.test"]);
       assert.match(again.stdout, /nothing new \(2 held, listed before\): no notice/, "listed once");
-      // Release: into INBOX (IMAP sees it), retrained as innocent.
-      const rel = await cli(["spam", "quarantine", "release", "--user", "erin@mailha.test", h205.key, "--json"]);
-      assert.equal(rel.code, 0, rel.stderr);
-      assert.ok(findIn("new", "-205-at@") ?? findIn("cur", "-205-at@"), "released into INBOX");
+      // Release by erin herself: a message from her account (587) to the notice's address
+      // with "release KEY" (its mailto link); the spam worker releases it within seconds,
+      // into INBOX (IMAP sees it), retrained as innocent.
+      const tx = nodemailer.createTransport({ host: lab.a, port: 587, secure: false, requireTLS: true, tls: { rejectUnauthorized: false }, auth: { user: "erin@mailha.test", pass: "erin-password-1" } });
+      try {
+        await assert.rejects(tx.sendMail({ from: "erin@mailha.test", to: "quarantine-release@mailha.test", subject: "release 1234.M5P6Q7.nowhere", text: "" }), /550 5\.1\.1 Not held for erin@mailha\.test/, "a key not held for her: refused, nothing asked");
+        await assert.rejects(tx.sendMail({ from: "erin@mailha.test", to: "quarantine-release@mailha.test", subject: "please let my mail out", text: "" }), /550 5\.5\.2 Not a release request/);
+        const mixed = await tx.sendMail({ from: "erin@mailha.test", to: ["bob@mailha.test", "quarantine-release@mailha.test"], subject: `release ${h205.key}`, text: "" });
+        assert.deepEqual(mixed.rejected, ["quarantine-release@mailha.test"], "a request with other recipients: the request address is refused (5.5.1), bob gets the mail");
+        assert.match(JSON.stringify(mixed.rejectedErrors ?? []), /5\.5\.1 A release request goes to quarantine-release@ alone/);
+        assert.ok(!findIn("new", "-205-at@"), "none of those released anything");
+        const info = await tx.sendMail({ from: "erin@mailha.test", to: "quarantine-release@mailha.test", subject: `release ${h205.key}`, text: "" });
+        assert.match(info.response, /^250 2\.0\.0 Ok: the message will be in your inbox within seconds/);
+      } finally {
+        tx.close();
+      }
+      // On port 25 the address is nothing special: nobody there.
+      const outside = await runAll("swaks", ["--server", lab.a, "--from", "someone@example.net", "--to", "quarantine-release@mailha.test", "--header", `Subject: release ${h206.key}`]);
+      assert.match(outside.stdout, /550 5\.1\.1 <quarantine-release@mailha\.test>: Recipient address rejected: User unknown/, outside.stdout.slice(-400));
+      for (let i = 0; i < 100 && !(findIn("new", "-205-at@") ?? findIn("cur", "-205-at@")); i++) await sleep(100);
+      assert.ok(findIn("new", "-205-at@") ?? findIn("cur", "-205-at@"), "released into INBOX within 10 s");
+      assert.ok((JSON.parse((await cli(["spam", "quarantine", "list", "--user", "erin@mailha.test", "--json"])).stdout) as { key: string }[]).some((h) => h.key === h206.key), "the other held message is still held");
       const im3 = new ImapFlow({ host: lab.a, port: 143, secure: false, doSTARTTLS: true, tls: { rejectUnauthorized: false }, auth: { user: "erin@mailha.test", pass: "erin-password-1" }, logger: false });
       await im3.connect();
       try {

@@ -21,6 +21,7 @@ import { listFolders, QUARANTINE_DIR } from "../../services/journal/maildir.ts";
 import { DeliveryIndex } from "../../services/journal/deliveries.ts";
 import { deleteHeld, expireHeld, findHeld, listHeld, NotHeld, releaseHeld } from "../../services/spam/quarantine.ts";
 import { DIGEST_FIELD, DIGEST_ITEMS_MAX, digestMessage, digestStateFile, sendDigests } from "../../services/spam/quarantine-digest.ts";
+import { releaseKeysOf } from "../../services/spam/release.ts";
 import { readEntries, readMail, sinceSplit, toEvents } from "../../reconcile/sides.ts";
 import { merge, NO_KINDS, registerKind } from "../../reconcile/rules.ts";
 import { quarantineHandler } from "../../reconcile/quarantine.ts";
@@ -217,6 +218,12 @@ test("the quarantine's notice: each user with spam held since the last notice ge
   for (const h of listHeld(s.mailRoot, USER)) {
     assert.ok(body.includes(`Key:     ${h.key}`), `lists ${h.key}`);
     assert.ok(body.includes(`mailha spam quarantine release --user ${USER} KEY`));
+    const link = body.split("\r\n").find((l) => l.startsWith("Release: ") && l.includes(encodeURIComponent(h.key)))!;
+    assert.ok(link, `a release link for ${h.key}`);
+    const url = new URL(link.slice("Release: ".length));
+    assert.equal(url.protocol, "mailto:");
+    assert.equal(url.pathname, "quarantine-release@mailha.test");
+    assert.deepEqual(releaseKeysOf(url.searchParams.get("subject")!), [h.key], "the link's subject is a release request for that key");
   }
   assert.match(body, /^Subject: Cheap pills 1$/m);
   assert.match(body, /^Subject: Casino bonus 2$/m, "control characters out of a spammer's subject");
@@ -248,4 +255,10 @@ test("the quarantine's notice is bounded: at most DIGEST_ITEMS_MAX listed, the r
   assert.equal(m.match(/^Key: /gm)?.length, DIGEST_ITEMS_MAX);
   assert.match(m, /\.\.\. and 5 more held since the last notice\./);
   assert.match(m, /deleted after 2027-01-05 07:00 UTC/);
+});
+
+test("a release request's subject: `release KEY...` (any case, after Re:), keys of a Maildir key's characters; anything else is not one", () => {
+  assert.deepEqual(releaseKeysOf("release 1796594063.M142230P2292Q10.vm,S=238"), ["1796594063.M142230P2292Q10.vm,S=238"]);
+  assert.deepEqual(releaseKeysOf("Re: RE: Release  a.b  c.d a.b"), ["a.b", "c.d"], "case, replies, repeats");
+  for (const no of ["", "release", "release   ", "please release a.b", "release <script>", "1 message held as spam for you"]) assert.equal(releaseKeysOf(no), null, no);
 });
