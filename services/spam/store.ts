@@ -587,18 +587,21 @@ export class MariadbSpamStore implements SpamStore {
     const mode = `COALESCE((SELECT p.value FROM ${this.t("dspam_preferences")} p WHERE p.preference IN ('trainingMode', 'training_mode') AND p.uid = t.uid ORDER BY p.preference = 'training_mode' DESC LIMIT 1),
                            (SELECT d.value FROM ${this.t("dspam_preferences")} d WHERE d.preference IN ('trainingMode', 'training_mode') AND d.uid = 0 ORDER BY d.preference = 'training_mode' DESC LIMIT 1), '${defaultMode.toUpperCase()}')`;
     const tokens = this.t("dspam_token_data");
+    // The multi-table DELETEs name their target table in full, without an alias: MariaDB
+    // resolves a DELETE target alias in the default database ("No database selected"
+    // on a connection without one).
     const rules: [keyof PurgeCounts, string][] = [
       ["hapaxes", `DELETE FROM ${tokens} WHERE last_hit < DATE_SUB(${td}, INTERVAL ${PURGE_DAYS.hapaxes} DAY) AND 2 * innocent_hits + spam_hits < 5 LIMIT ${batch}`],
       ["singleSpam", `DELETE FROM ${tokens} WHERE last_hit < DATE_SUB(${td}, INTERVAL ${PURGE_DAYS.hits1} DAY) AND innocent_hits = 0 AND spam_hits = 1 LIMIT ${batch}`],
       ["singleInnocent", `DELETE FROM ${tokens} WHERE last_hit < DATE_SUB(${td}, INTERVAL ${PURGE_DAYS.hits1} DAY) AND innocent_hits = 1 AND spam_hits = 0 LIMIT ${batch}`],
       [
         "unused",
-        `DELETE t FROM ${tokens} t JOIN (SELECT uid, token FROM ${tokens} t WHERE last_hit < DATE_SUB(${td}, INTERVAL ${PURGE_DAYS.unused} DAY)
+        `DELETE ${tokens} FROM ${tokens} JOIN (SELECT uid, token FROM ${tokens} t WHERE last_hit < DATE_SUB(${td}, INTERVAL ${PURGE_DAYS.unused} DAY)
            AND UPPER(${mode}) NOT IN ('TOE', 'TUM', 'NOTRAIN') LIMIT ${batch}) x USING (uid, token)`,
       ],
       [
         "tumUnused",
-        `DELETE t FROM ${tokens} t JOIN (SELECT uid, token FROM ${tokens} t WHERE last_hit < DATE_SUB(${td}, INTERVAL ${PURGE_DAYS.unused} DAY)
+        `DELETE ${tokens} FROM ${tokens} JOIN (SELECT uid, token FROM ${tokens} t WHERE last_hit < DATE_SUB(${td}, INTERVAL ${PURGE_DAYS.unused} DAY)
            AND innocent_hits + spam_hits < 50 AND UPPER(${mode}) = 'TUM' LIMIT ${batch}) x USING (uid, token)`,
       ],
       ["signatures", `DELETE FROM ${this.t("dspam_signature_data")} WHERE created_on < DATE_SUB(${td}, INTERVAL ${PURGE_DAYS.signatures} DAY) LIMIT ${batch}`],

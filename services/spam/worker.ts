@@ -216,7 +216,6 @@ export async function runSpamWorker(o: SpamWorkerOptions): Promise<SpamWorker> {
         await job.updateProgress({ step: "sending" });
         return sendDigests({ mailRoot: o.mailRoot, dataDir: paths.data, uid: c.mail.mail_uid, gid: c.mail.mail_gid, quarantineDays: c.spam.quarantine_days });
       }
-      // The account store's database as the default: MariaDB's multi-table DELETE of the purge needs one.
       const db = await connectMariadbAs(socket, "spam", DATABASE);
       try {
         log.info({ job: job.id, name: job.name }, "spam purge: started");

@@ -76,14 +76,16 @@ test("classify then retrain through the filter: the counts are exactly one net c
   assert.equal(totals.spam_misclassified, 1);
 });
 
-test("purge follows DSPAM's purge-4.1.sql", async () => {
+test("purge follows DSPAM's purge-4.1.sql, on any connection (no default database needed)", async () => {
   await conn.query("DELETE FROM spamtest.dspam_token_data WHERE uid = 9");
   await conn.query(`INSERT INTO spamtest.dspam_token_data VALUES
     (9, 1, 1, 1, '2026-01-01'), (9, 2, 1, 1, '2026-05-10'), (9, 3, 1, 0, '2026-04-20'), (9, 4, 0, 1, '2026-04-20'),
     (9, 5, 20, 20, '2026-01-01'), (9, 6, 20, 20, '2026-05-01'), (9, 7, 1, 0, '2026-05-10')`);
   await conn.query("INSERT INTO spamtest.dspam_preferences VALUES (9, 'trainingMode', 'TEFT')");
   await conn.query("INSERT INTO spamtest.dspam_signature_data VALUES (9, 'old', '', 0, '2026-04-01'), (9, 'new', '', 0, '2026-05-10')");
-  const n = await store.purge("2026-05-16");
+  // On a connection without a default database (the store names every table in full).
+  const bare = await db.connect();
+  const n = await new MariadbSpamStore(bare, "spamtest").purge("2026-05-16").finally(() => bare.end());
   const [rows] = await conn.query("SELECT CAST(token AS CHAR) AS t FROM spamtest.dspam_token_data WHERE uid = 9 ORDER BY token");
   // 1: hapax older than 30 days; 3, 4: a single hit older than 15 days; 5: unused 90 days (TEFT user)
   assert.deepEqual((rows as { t: string }[]).map((r) => r.t), ["2", "6", "7"]);
