@@ -2,7 +2,7 @@
 // sessions, a POP3 reader), inject the fault on the active node after a while, keep
 // the traffic going, undo the fault and bring every node back, wait for the volume to
 // be in sync and the backup MX spools to drain, then count what the users would:
-// acknowledged messages found by their unique id (none may be lost), duplicates,
+// acknowledged messages found by their unique id (none may be lost or there twice),
 // \Seen flags the server acknowledged and then forgot, UIDVALIDITY and the UIDs of
 // older messages (which must not change), the outage each protocol saw, and
 // detection and takeover from the cluster event logs.
@@ -236,6 +236,8 @@ export async function runTrial(o: TrialOptions): Promise<TrialResult> {
     };
   }
   const smtp = { ...fig("smtp"), sent: sender.sent.length, acked: sender.acked.size, found: imapAcked.length - lost.length + (pop3?.retrieved ?? 0), lost: [...lost, ...(pop3?.lost ?? [])], duplicated: [...duplicated, ...(pop3?.duplicated ?? [])] };
+  // Nothing acknowledged may be there twice either (a client that resends after a lost 250 makes one).
+  if (smtp.duplicated.length) notes.push(`${smtp.duplicated.length} acknowledged message(s) are there twice: ${smtp.duplicated.slice(0, 5).join(", ")}`);
   const imap = { ...fig("imap"), flagsSet: flaggedIds.size + flaggedOld.size, flagsLost, uidValidityStable, oldUidsStable };
   let splitBrain: NonNullable<TrialResult["splitBrain"]> | null = null;
   if (plan.splitBrain) {
@@ -264,7 +266,7 @@ export async function runTrial(o: TrialOptions): Promise<TrialResult> {
     splitBrain,
     healthyAfter,
     notes,
-    ok: smtp.lost.length === 0 && uidValidityStable && oldUidsStable && healthyAfter && (!splitBrain || !!splitBrain.reconcile?.complete),
+    ok: smtp.lost.length === 0 && smtp.duplicated.length === 0 && uidValidityStable && oldUidsStable && healthyAfter && (!splitBrain || !!splitBrain.reconcile?.complete),
     timeline: { ops: rec.ops, events, initialStates },
   };
 }
