@@ -183,19 +183,30 @@ describe("mailha init + mailha deploy into two booted Debian machines and a witn
     const r = await mailha(["failover-test", "--config", ft, "--fault", "upgrade", "--fault-after", "5", "--duration", "20", "--smtp-interval", "300", "--imap-sessions", "1", "--no-pop3", "--user", USER, "--password-file", join(dir, "erin.pw"), "--report", join(dir, "report.html"), "--json"], 1_500_000);
     say(`failover-test --fault upgrade took ${((Date.now() - t0) / 1000).toFixed(0)} s`);
     const up = existsSync(result) ? readFileSync(result, "utf8") : "";
-    assert.equal(r.code, 0, `failover-test: ${r.stdout.slice(-3000)}\n${r.stderr.slice(-3000)}\nupgrade: ${up.slice(-2000)}`);
+    type Trial = { ok: boolean; notes: string[]; healthyAfter: boolean; smtp: { acked: number; lost: string[]; duplicated: string[] }; imap: { uidValidityStable: boolean; oldUidsStable: boolean }; timeline: { ops: { id?: string; start: number }[]; events: { time: number }[] } };
+    let trial: Trial | undefined;
+    try {
+      trial = (JSON.parse(r.stdout) as { results: Trial[] }).results[0];
+    } catch {
+      // not JSON: the exit code's message below shows what it printed
+    }
+    // What a duplicate's sends and the cluster's events around them were (to tell why, if one happens).
+    const around = (ids: string[]) => {
+      const sends = trial!.timeline.ops.filter((o) => o.id && ids.includes(o.id));
+      const t = sends[0]?.start ?? 0;
+      return JSON.stringify({ sends, events: trial!.timeline.events.filter((e) => Math.abs(e.time - t) < 15_000) }).slice(0, 6000);
+    };
+    // The trial's own verdict first (a failed one is why the exit code is 1), with what failed.
+    const why = trial
+      ? `notes: ${trial.notes.join("; ")}; lost ${JSON.stringify(trial.smtp.lost)}; duplicated ${around(trial.smtp.duplicated)}; healthy after ${trial.healthyAfter}; UIDVALIDITY stable ${trial.imap.uidValidityStable}, old UIDs stable ${trial.imap.oldUidsStable}`
+      : r.stdout.slice(-3000);
+    assert.equal(r.code, 0, `failover-test: ${why}\n${r.stderr.slice(-3000)}\nupgrade: ${up.slice(-2000)}`);
+    assert.ok(trial, "failover-test printed its results");
     const res = JSON.parse(up) as { healthy: boolean; steps: string[]; active: string };
     assert.equal(res.healthy, true);
     assert.ok(res.steps.some((x) => /switchover/.test(x)), `a switchover: ${res.steps.join("; ")}`);
     for (const x of [a, b]) assert.equal((await must(x, "dpkg-query -W -f '${Version}' mailha")).trim(), next, `${x.name} runs the new package`);
-    const trial = (JSON.parse(r.stdout) as { results: { ok: boolean; notes: string[]; smtp: { acked: number; lost: string[]; duplicated: string[] }; timeline: { ops: { id?: string; start: number }[]; events: { time: number }[] } }[] }).results[0]!;
-    // What a duplicate's sends and the cluster's events around them were (to tell why, if one happens).
-    const around = (ids: string[]) => {
-      const sends = trial.timeline.ops.filter((o) => o.id && ids.includes(o.id));
-      const t = sends[0]?.start ?? 0;
-      return JSON.stringify({ sends, events: trial.timeline.events.filter((e) => Math.abs(e.time - t) < 15_000) }).slice(0, 6000);
-    };
-    assert.ok(trial.ok, `the trial: ${trial.notes.join("; ")}`);
+    assert.ok(trial.ok, `the trial: ${why}`);
     assert.deepEqual(trial.smtp.lost, [], "nothing acknowledged is lost");
     assert.deepEqual(trial.smtp.duplicated, [], `nothing is there twice: ${around(trial.smtp.duplicated)}`);
     assert.ok(trial.smtp.acked > 5, `clients sent mail during the upgrade (${trial.smtp.acked} acknowledged)`);
