@@ -323,7 +323,7 @@ export function spamCommand(defaultConfig: string): Command {
       const out = createOutput(!!o.json);
       const c = loadConfig(o.config);
       const mailRoot = await activeMailRoot(c);
-      const sent = sendDigests({ mailRoot, dataDir: dirname(mailRoot), uid: c.mail.mail_uid, gid: c.mail.mail_gid, quarantineDays: c.spam.quarantine_days, ...(o.user ? { user: o.user } : {}) });
+      const sent = await sendDigests({ mailRoot, dataDir: dirname(mailRoot), uid: c.mail.mail_uid, gid: c.mail.mail_gid, quarantineDays: c.spam.quarantine_days, ...(o.user ? { user: o.user } : {}) });
       out.result(sent, () =>
         sent.length === 0 ? `nothing in quarantine${o.user ? ` for ${o.user.toLowerCase()}` : ""}: no notice` : sent.map((d) => `${d.user}: ${d.listed ? `a notice of ${d.listed} held since the last one (${d.held} in all)` : `nothing new (${d.held} held, listed before): no notice`}`).join("\n"),
       );

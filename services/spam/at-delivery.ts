@@ -70,8 +70,6 @@ export interface AtDeliveryOptions {
   readonly timeoutMs: number;
   readonly log: Logger;
   readonly database?: string;
-  /** How to log in (default: the SMTP service's account, sqlLogin; a bench's scratch MariaDB gives root's). */
-  readonly login?: { readonly socketPath: string; readonly user: string; readonly password?: string };
 }
 
 export interface AtDeliveryCounters {
@@ -169,7 +167,7 @@ export class SpamAtDelivery implements DeliveryFilter {
   }
 
   private newPool(size: number): mysql.Pool {
-    const pool = mysql.createPool({ ...(this.o.login ?? sqlLogin(this.o.socket, "smtp")), database: this.o.database ?? DATABASE, connectionLimit: size, queueLimit: QUEUE_MAX, connectTimeout: 3000 });
+    const pool = mysql.createPool({ ...sqlLogin(this.o.socket, "smtp"), database: this.o.database ?? DATABASE, connectionLimit: size, queueLimit: QUEUE_MAX, connectTimeout: 3000 });
     // A pool connection the server closed is replaced; the error must not end the process.
     pool.on("connection", (c) => (c as unknown as { on(e: string, f: (err: Error) => void): void }).on("error", (err) => this.o.log.warn({ err }, "spam filter: a database connection failed")));
     return pool;

@@ -7,15 +7,17 @@
 // What each user was told is kept on the volume (`<data>/spam/quarantine-digest.json`:
 // the keys already listed and still held), so a message is listed once; the notice is
 // written into the INBOX before that file, so a crash between the two lists it again
-// (never not at all). The notice goes straight into the Maildir (tmp/, fsync, new/), not
-// through SMTP: it is never classified, and the Maildir scanner journals it as any
-// delivery. Bounds: at most DIGEST_ITEMS_MAX messages listed per notice (the rest
+// (never not at all). The notice goes straight into the Maildir (SMTP's Maildir delivery,
+// services/smtp/maildir.ts), not through an SMTP session: it is never classified, and
+// the Maildir scanner journals it as any delivery. Bounds: at most DIGEST_ITEMS_MAX messages listed per notice (the rest
 // counted), subjects and senders cleaned of control characters and cut to a line.
-import { chownSync, closeSync, existsSync, fsyncSync, mkdirSync, openSync, renameSync, writeSync } from "node:fs";
+import { mkdirSync } from "node:fs";
 import { hostname } from "node:os";
 import { dirname, join } from "node:path";
-import { fsyncPath, isObject, readJsonState, writeFileDurable } from "../../common/fsutil.ts";
-import { listHeld, quarantineDirOf, type Held } from "./quarantine.ts";
+import { Readable } from "node:stream";
+import { isObject, readJsonState, writeFileDurable } from "../../common/fsutil.ts";
+import { deliver } from "../smtp/maildir.ts";
+import { listHeld, type Held } from "./quarantine.ts";
 import { RELEASE_LOCAL_PART } from "./release.ts";
 
 export const DIGEST_ITEMS_MAX = 200;
@@ -124,29 +126,8 @@ export function digestMessage(user: string, fresh: readonly Held[], total: numbe
   return Buffer.from(`${head.join("\r\n")}\r\n\r\n${body.join("\r\n")}\r\n`, "utf8");
 }
 
-let seq = 0;
-
-/** MESSAGE into the Maildir MD (tmp/, written and fsynced, owned by UID:GID, then new/, which is fsynced). */
-function intoMaildir(md: string, message: Buffer, uid: number, gid: number): string {
-  const now = Date.now();
-  const name = `${Math.floor(now / 1000)}.M${(now % 1000) * 1000}P${process.pid}D${++seq}.${hostname()},S=${message.length}`;
-  const tmp = join(md, "tmp", name);
-  const fd = openSync(tmp, "wx", 0o600);
-  try {
-    for (let off = 0; off < message.length; ) off += writeSync(fd, message, off);
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
-  }
-  chownSync(tmp, uid, gid);
-  const dest = join(md, "new", name);
-  renameSync(tmp, dest);
-  fsyncPath(join(md, "new"));
-  return dest;
-}
-
 /** Sends each user (or O.user) with spam held since their last notice a notice into their INBOX; see the header. */
-export function sendDigests(o: DigestOptions): DigestSent[] {
+export async function sendDigests(o: DigestOptions): Promise<DigestSent[]> {
   const now = o.now ?? new Date();
   const state = readState(o.dataDir);
   const held = listHeld(o.mailRoot, o.user);
@@ -162,9 +143,9 @@ export function sendDigests(o: DigestOptions): DigestSent[] {
     const fresh = hs.filter((h) => !told.has(h.key));
     let file: string | null = null;
     if (fresh.length) {
-      const md = join(dirname(quarantineDirOf(o.mailRoot, user)), "Maildir");
-      if (!existsSync(join(md, "new"))) throw new Error(`${user}'s INBOX (${md}) is missing: no notice sent`);
-      file = intoMaildir(md, digestMessage(user, fresh, hs.length, { now, quarantineDays: o.quarantineDays }), o.uid, o.gid);
+      const notice = digestMessage(user, fresh, hs.length, { now, quarantineDays: o.quarantineDays });
+      // SMTP's own Maildir delivery (written, fsynced, owned by the mail user, then in new/).
+      file = (await deliver(Readable.from([notice]), [user], { mailRoot: o.mailRoot, uid: o.uid, gid: o.gid, headers: "", sizeMax: notice.length })).files[0]!;
     }
     // Only keys still held are kept: the state stays as small as the quarantine.
     state.told[user] = hs.map((h) => h.key);

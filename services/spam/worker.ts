@@ -40,6 +40,8 @@ import { spamWorkerStatusFile, writeSpamWorkerStatus, type DigestStatus, type Pu
 export const PURGE_QUEUE = SPAM_WORKER_QUEUE;
 export const PURGE_SCHEDULER = "spam-purge-nightly";
 export const DIGEST_SCHEDULER = "spam-quarantine-digest";
+/** The quarantine notices' job (quarantine-digest.ts). */
+export const DIGEST_JOB = "digest";
 export const FEEDBACK_EVERY_MS = 1000;
 /** Rounds run back to back in one tick while there is more to read. */
 const ROUNDS_PER_TICK_MAX = 20;
@@ -212,7 +214,7 @@ export async function runSpamWorker(o: SpamWorkerOptions): Promise<SpamWorker> {
           await db.end().catch(() => undefined);
         }
       }
-      if (job.name === "digest") {
+      if (job.name === DIGEST_JOB) {
         await job.updateProgress({ step: "sending" });
         return sendDigests({ mailRoot: o.mailRoot, dataDir: paths.data, uid: c.mail.mail_uid, gid: c.mail.mail_gid, quarantineDays: c.spam.quarantine_days });
       }
@@ -235,7 +237,7 @@ export async function runSpamWorker(o: SpamWorkerOptions): Promise<SpamWorker> {
   worker.on("error", (err) => log.warn({ err }, "spam purge: worker"));
   worker.on("completed", (job, out: PurgeOutcome | DigestSent[] | Released[]) => {
     if (job.name === RELEASE_JOB) return;
-    if (job.name === "digest") {
+    if (job.name === DIGEST_JOB) {
       const sent = out as DigestSent[];
       const listed = sent.reduce((n, d) => n + d.listed, 0);
       digest = { ...digest, last: { at: new Date().toISOString(), job: String(job.id), notices: sent.filter((d) => d.file).length, listed } };
@@ -260,7 +262,7 @@ export async function runSpamWorker(o: SpamWorkerOptions): Promise<SpamWorker> {
   });
   worker.on("failed", (job, err) => {
     if (job?.name === RELEASE_JOB) return void log.error({ job: job.id, err, user: (job.data as { user?: string }).user }, "spam quarantine: a user's release request failed");
-    if (job?.name === "digest") {
+    if (job?.name === DIGEST_JOB) {
       digest = { ...digest, error: err.message };
       log.error({ job: job.id, err }, "spam quarantine: the notices failed");
       writeSpamWorkerStatus(statusFile, status());
@@ -288,7 +290,7 @@ export async function runSpamWorker(o: SpamWorkerOptions): Promise<SpamWorker> {
     }
   };
   purge = { ...purge, ...(await scheduleJob(PURGE_SCHEDULER, c.spam.purge_cron, "purge", "spam purge")) };
-  digest = { ...digest, ...(await scheduleJob(DIGEST_SCHEDULER, c.spam.quarantine_digest_cron, "digest", "spam quarantine notices")) };
+  digest = { ...digest, ...(await scheduleJob(DIGEST_SCHEDULER, c.spam.quarantine_digest_cron, DIGEST_JOB, "spam quarantine notices")) };
   writeSpamWorkerStatus(statusFile, status());
   schedule();
 

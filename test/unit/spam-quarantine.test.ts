@@ -202,7 +202,7 @@ test("the quarantine's notice: each user with spam held since the last notice ge
   const md = maildir(s.mailRoot);
   const inbox = () => readdirSync(join(md, "new")).map((n) => readFileSync(join(md, "new", n), "utf8")).filter((m) => m.includes(`${DIGEST_FIELD}:`));
   const o = { mailRoot: s.mailRoot, dataDir: s.dataDir, uid, gid, quarantineDays: 30 };
-  const first = sendDigests(o);
+  const first = await sendDigests(o);
   assert.deepEqual(first.map((d) => [d.user, d.listed, d.held]), [[USER, 2, 2]]);
   const notices = inbox();
   assert.equal(notices.length, 1, "one notice");
@@ -230,11 +230,11 @@ test("the quarantine's notice: each user with spam held since the last notice ge
   assert.match(body, /^From:    "?Deals"? <deals@spam\.example>$/m);
   assert.match(body, /deleted after \d{4}-\d\d-\d\d \d\d:\d\d UTC/);
   // Again: nothing new, no second notice.
-  assert.deepEqual(sendDigests(o).map((d) => [d.listed, d.file]), [[0, null]]);
+  assert.deepEqual((await sendDigests(o)).map((d) => [d.listed, d.file]), [[0, null]]);
   assert.equal(inbox().length, 1);
   // A new one held: the next notice lists only it (and says how many in all).
   await s.send("Lottery 3");
-  const third = sendDigests(o);
+  const third = await sendDigests(o);
   assert.deepEqual(third.map((d) => [d.listed, d.held]), [[1, 3]]);
   const latest = inbox().find((m) => m.includes("Lottery 3"))!;
   assert.match(latest, /^Subject: 1 message held as spam for you$/m);
@@ -242,11 +242,11 @@ test("the quarantine's notice: each user with spam held since the last notice ge
   assert.match(latest, /In all, 3 messages are held for you\./);
   // Released or deleted messages leave the state; a user with none left is forgotten.
   for (const h of listHeld(s.mailRoot, USER)) await deleteHeld(s.target, USER, h.key);
-  assert.deepEqual(sendDigests(o), []);
+  assert.deepEqual(await sendDigests(o), []);
   assert.deepEqual(JSON.parse(readFileSync(digestStateFile(s.dataDir), "utf8")), { v: 1, told: {} });
   // A damaged state file is named, with the remedy, not silently reset.
   writeFileSync(digestStateFile(s.dataDir), "{ not json");
-  assert.throws(() => sendDigests(o), /quarantine-digest\.json/);
+  await assert.rejects(sendDigests(o), /quarantine-digest\.json/);
 });
 
 test("the quarantine's notice is bounded: at most DIGEST_ITEMS_MAX listed, the rest counted", () => {
